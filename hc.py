@@ -1,0 +1,445 @@
+"""Residual schemes for hcgpt: plain, HC, mHC, mHC-lite, KromHC behind one interface.
+
+Every sublayer F (attention or MLP, with its own pre-norm) is wrapped by a *connection*
+acting on n parallel residual streams h of shape (B, T, n, C):
+
+    x_in     = sum_j H_pre[j] * h[j]                          branch input   (B, T, C)
+    y        = F(x_in)
+    h_new[i] = sum_j H_res[i, j] * h[j] + H_post[i] * y        new streams    (B, T, n, C)
+
+Convention, everywhere in hcgpt: ``H_res[..., i, j]`` is the weight of INPUT stream j in
+OUTPUT stream i (rows = outputs, as in the papers). Coefficients are computed in fp32 and
+may depend on the token: H_pre, H_post are (B, T, n), H_res is (B, T, n, n). The stream keeps
+the dtype it was given.
+
+References (the spec with formulas, init and parameter counts is docs/residual-schemes.md
+of the project's shared docs):
+  HC        Zhu et al., Hyper-Connections, arXiv 2409.19606, Eqs. 10-14
+  mHC       Xie et al., Manifold-Constrained Hyper-Connections, arXiv 2512.24880, Eqs. 7-9, 14-19
+  mHC-lite  Yang & Gao, arXiv 2601.05732 (Birkhoff-von Neumann: convex hull of permutations)
+  KromHC    Zhou et al., arXiv 2601.21579 (Kronecker product of small doubly stochastic factors)
+"""
+
+import itertools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SCHEMES = ("plain", "hc", "mhc", "mhc_lite", "kromhc")
+MAX_PERM_SIZE = 6  # n! permutation logits: 720 at 6, 40,320 at 8 (248 M parameters at C = 768)
+OPTIONS = {"sinkhorn_iters": 20, "kron_factors": None, "res_logit_init": -8.0, "gate_init": 0.01}
+
+
+# ----------------------------------------------------------------------------------------
+# streams in and out
+
+def expand_streams(x, n):
+    """(B, T, C) -> (B, T, n, C): n copies of the embedding."""
+    if x.dim() != 3:
+        raise ValueError(f"expand_streams expects x of shape (B, T, C), got {tuple(x.shape)}")
+    return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
+
+
+def reduce_streams(h):
+    """(B, T, n, C) -> (B, T, C): the mean of the streams (HC paper: sum then norm)."""
+    if h.dim() != 4:
+        raise ValueError(f"reduce_streams expects h of shape (B, T, n, C), got {tuple(h.shape)}")
+    return h.mean(dim=-2)
+
+
+def rms(x, eps=1e-6):
+    """Root mean square over the last dimension, kept for broadcasting."""
+    return torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+# ----------------------------------------------------------------------------------------
+# the shared form of section 1
+
+class Connection(nn.Module):
+    """One residual connection around a sublayer; subclasses define ``coefficients``."""
+
+    def __init__(self, dim, n_streams, layer_idx):
+        super().__init__()
+        self.dim, self.n, self.layer_idx = dim, n_streams, layer_idx
+        self.home = layer_idx % n_streams  # the stream this connection reads/writes most at init
+
+    def coefficients(self, h):
+        """-> H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n), all fp32."""
+        raise NotImplementedError
+
+    def decay_parameters(self):
+        """Parameters that take weight decay: the dynamic projections (none by default)."""
+        return []
+
+    def check(self, h):
+        if h.dim() != 4 or h.shape[-2:] != (self.n, self.dim):
+            raise ValueError(
+                f"{type(self).__name__} expects streams of shape (B, T, n={self.n}, C={self.dim}), "
+                f"got {tuple(h.shape)}; build the streams with expand_streams(x, {self.n})")
+
+    def forward(self, h, branch):
+        self.check(h)
+        H_pre, H_post, H_res = self.coefficients(h)
+        # Mixing as broadcast-multiply-sum over the n axis: with n ~ 4 this beats tiny
+        # batched matmuls (einsum) by a wide margin once compiled.
+        x_in = (H_pre.unsqueeze(-1) * h).sum(dim=-2)                        # sum_j H_pre[j] h[j]
+        y = branch(x_in.to(h.dtype))
+        mixed = (H_res.unsqueeze(-1) * h.unsqueeze(-3)).sum(dim=-2)         # sum_j H_res[i,j] h[j]
+        return (mixed + H_post.unsqueeze(-1) * y.unsqueeze(-2)).to(h.dtype)
+
+    def extra_repr(self):
+        return f"dim={self.dim}, n_streams={self.n}, layer_idx={self.layer_idx}"
+
+
+class Plain(Connection):
+    """The standard pre-norm residual h + F(h): H_pre = H_post = H_res = 1, n = 1."""
+
+    def coefficients(self, h):
+        self.check(h)
+        ones = h.new_ones(h.shape[:-1], dtype=torch.float32)
+        return ones, ones, ones.unsqueeze(-1)
+
+    def forward(self, h, branch):
+        self.check(h)
+        x = h[..., 0, :]
+        return (x + branch(x)).unsqueeze(-2)  # bit for bit nanoGPT's x = x + F(x)
+
+
+# ----------------------------------------------------------------------------------------
+# HC: dynamic Hyper-Connections (HC paper Eqs. 10-13, init Eq. 14)
+
+class HyperConnection(Connection):
+    """Dynamic HC, coefficients per stream from the normalised stream H̄:
+
+        A_m(h) = s_α tanh(H̄ W_m) + A_m      (n,)      -> H_pre  = A_m
+        A_r(h) = s_α tanh(H̄ W_r) + A_r      (n, n)    -> H_res  = A_rᵀ
+        B(h)   = s_β tanh(H̄ W_β) + B        (n,)      -> H_post = B
+    """
+
+    def __init__(self, dim, n_streams, layer_idx, gate_init=0.01, **_):
+        super().__init__(dim, n_streams, layer_idx)
+        n = n_streams
+        self.norm_gain = nn.Parameter(torch.ones(dim))          # H̄ = norm(h), per stream
+        self.W_m = nn.Parameter(torch.zeros(dim, 1))             # Eq. 14: dynamic weights start at 0
+        self.W_r = nn.Parameter(torch.zeros(dim, n))
+        self.W_beta = nn.Parameter(torch.zeros(dim, 1))
+        self.s_alpha = nn.Parameter(torch.tensor(float(gate_init)))
+        self.s_beta = nn.Parameter(torch.tensor(float(gate_init)))
+        self.A_m = nn.Parameter(F.one_hot(torch.tensor(self.home), n).float())  # e_(layer mod n)
+        self.A_r = nn.Parameter(torch.eye(n))
+        self.B = nn.Parameter(torch.ones(n))
+
+    def decay_parameters(self):
+        return [self.W_m, self.W_r, self.W_beta]
+
+    def coefficients(self, h):
+        self.check(h)
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.float()
+            H_bar = h / rms(h) * self.norm_gain                                     # (B, T, n, C)
+            A_m = self.s_alpha * torch.tanh(H_bar @ self.W_m).squeeze(-1) + self.A_m  # (B, T, n)
+            A_r = self.s_alpha * torch.tanh(H_bar @ self.W_r) + self.A_r              # (B, T, n, n)
+            B = self.s_beta * torch.tanh(H_bar @ self.W_beta).squeeze(-1) + self.B    # (B, T, n)
+        # A_r[j, i] is what input stream j sends to output stream i, so H_res = A_rᵀ
+        return A_m, B, A_r.transpose(-1, -2)
+
+
+# ----------------------------------------------------------------------------------------
+# mHC family: coefficients from all streams at once, H_res on the Birkhoff polytope
+
+class ManifoldConnection(Connection):
+    """The shared part of mHC, mHC-lite and KromHC (mHC Eqs. 7-8, fused form 14-18):
+
+        x      = flatten(h)                                  (B, T, nC)
+        m      = (x · γ) φ / rms(x)                          φ: nC x (r + 2n)
+        H_pre  = σ(α_pre · m_pre + b_pre)                    in (0, 1)
+        H_post = 2 σ(α_post · m_post + b_post)               in (0, 2)
+        H_res  = self.residual_matrix(α_res · m_res + b_res) doubly stochastic (per subclass)
+
+    Init (published mHC-lite / KromHC code): φ = 0, γ = 1, α = gate_init, b_pre = b_post =
+    +1 on the home stream and -1 elsewhere (breaks the symmetry of identical streams),
+    b_res = 0 on the identity and ``res_logit_init`` elsewhere.
+    """
+
+    def __init__(self, dim, n_streams, layer_idx, n_res_logits, gate_init=0.01, res_logit_init=-8.0):
+        super().__init__(dim, n_streams, layer_idx)
+        n, r = n_streams, n_res_logits
+        self.r = r
+        self.phi = nn.Parameter(torch.zeros(n * dim, r + 2 * n))
+        self.gamma = nn.Parameter(torch.ones(n * dim))
+        self.alpha_pre = nn.Parameter(torch.tensor(float(gate_init)))
+        self.alpha_post = nn.Parameter(torch.tensor(float(gate_init)))
+        self.alpha_res = nn.Parameter(torch.tensor(float(gate_init)))
+        home = 2 * F.one_hot(torch.tensor(self.home), n).float() - 1     # +1 home, -1 elsewhere
+        self.b_pre = nn.Parameter(home.clone())
+        self.b_post = nn.Parameter(home.clone())
+        self.b_res = nn.Parameter(self.identity_logits(float(res_logit_init)))
+
+    def identity_logits(self, off):
+        """b_res at init: 0 where the logit selects the identity, ``off`` elsewhere."""
+        raise NotImplementedError
+
+    def residual_matrix(self, z):
+        """(B, T, r) logits -> H_res (B, T, n, n)."""
+        raise NotImplementedError
+
+    def decay_parameters(self):
+        return [self.phi]
+
+    def coefficients(self, h):
+        self.check(h)
+        n = self.n
+        with torch.autocast(h.device.type, enabled=False):
+            x = h.float().flatten(-2)                                   # (B, T, nC)
+            m = ((x * self.gamma) @ self.phi) / rms(x)                  # (B, T, r + 2n)
+            m_pre, m_post, m_res = m.split([n, n, self.r], dim=-1)
+            H_pre = torch.sigmoid(self.alpha_pre * m_pre + self.b_pre)
+            H_post = 2 * torch.sigmoid(self.alpha_post * m_post + self.b_post)
+            H_res = self.residual_matrix(self.alpha_res * m_res + self.b_res)
+        return H_pre, H_post, H_res
+
+
+class SinkhornLog(torch.autograd.Function):
+    """Log-space Sinkhorn-Knopp (mHC Eq. 9) with a recomputing backward.
+
+    Each half-step is L <- L - logsumexp(L) over columns, then over rows; ending on the rows
+    makes every output stream an exact convex combination. Autograd through the loop would
+    save 2·iters (…, n, n) tensors per connection; instead only the logits are saved and the
+    iterates are recomputed in backward, where d(L - lse(L))ᵀ g = g - softmax(L) · Σ g.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, iters):
+        L = logits
+        for _ in range(iters):
+            L = L - torch.logsumexp(L, dim=-2, keepdim=True)   # columns sum to 1
+            L = L - torch.logsumexp(L, dim=-1, keepdim=True)   # rows sum to 1
+        out = torch.exp(L)
+        ctx.save_for_backward(logits, out)
+        ctx.iters = iters
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, out = ctx.saved_tensors
+        steps, L = [], logits                      # recompute the iterates
+        for _ in range(ctx.iters):
+            steps.append((L, -2))
+            L = L - torch.logsumexp(L, dim=-2, keepdim=True)
+            steps.append((L, -1))
+            L = L - torch.logsumexp(L, dim=-1, keepdim=True)
+        g = grad_out * out                         # through exp
+        for L, dim in reversed(steps):
+            g = g - torch.softmax(L, dim=dim) * g.sum(dim=dim, keepdim=True)
+        return g, None
+
+
+def sinkhorn(logits, iters=20):
+    """Doubly stochastic matrix from logits (…, n, n): rows exact, columns to within the error of ``iters``."""
+    return SinkhornLog.apply(logits, iters)
+
+
+def sinkhorn_reference(logits, iters=20):
+    """The same iteration with plain autograd through the loop (the reference for tests)."""
+    L = logits
+    for _ in range(iters):
+        L = L - torch.logsumexp(L, dim=-2, keepdim=True)
+        L = L - torch.logsumexp(L, dim=-1, keepdim=True)
+    return torch.exp(L)
+
+
+class MHC(ManifoldConnection):
+    """mHC: H_res = SinkhornKnopp(α_res · mat(m_res) + b_res), r = n² logits."""
+
+    def __init__(self, dim, n_streams, layer_idx, sinkhorn_iters=20, **opts):
+        if int(sinkhorn_iters) < 1:
+            raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
+        self.sinkhorn_iters = int(sinkhorn_iters)
+        super().__init__(dim, n_streams, layer_idx, n_streams ** 2, **opts)
+
+    def identity_logits(self, off):
+        n = self.n
+        return (off * (1 - torch.eye(n))).flatten()          # 0 on the diagonal, `off` elsewhere
+
+    def residual_matrix(self, z):
+        return sinkhorn(z.unflatten(-1, (self.n, self.n)), self.sinkhorn_iters)
+
+
+def permutation_matrices(n):
+    """All n! permutation matrices (n!, n, n), identity first: P[k, i, perm_k[i]] = 1."""
+    perms = torch.tensor(list(itertools.permutations(range(n))))
+    return F.one_hot(perms, n).float()
+
+
+class MHCLite(ManifoldConnection):
+    """mHC-lite: H_res = Σ_k a_k P_k with a = softmax(α_res · m_res + b_res) over all n! permutations."""
+
+    def __init__(self, dim, n_streams, layer_idx, **opts):
+        super().__init__(dim, n_streams, layer_idx, math.factorial(n_streams), **opts)
+        self.register_buffer("P", permutation_matrices(n_streams), persistent=False)
+
+    def identity_logits(self, off):
+        b = torch.full((math.factorial(self.n),), off)
+        b[0] = 0.0                                            # permutations() yields the identity first
+        return b
+
+    def residual_matrix(self, z):
+        a = torch.softmax(z, dim=-1)                          # convex weights over n! permutations
+        return (a @ self.P.flatten(1)).unflatten(-1, (self.n, self.n))
+
+
+def prime_factors(n):
+    factors, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            factors.append(p)
+            n //= p
+        p += 1
+    return tuple(factors)
+
+
+class KromHC(ManifoldConnection):
+    """KromHC: H_res = U¹ ⊗ U² ⊗ … ⊗ Uᴷ with n = i_1 · … · i_K and
+
+        a^k = softmax(α_res · m^k + b^k)      over i_k! entries (one α_res shared by all k)
+        U^k = Σ_m a^k_m P_m                   doubly stochastic i_k x i_k
+
+    A Kronecker product of doubly stochastic matrices is doubly stochastic, so H_res is exact.
+    """
+
+    def __init__(self, dim, n_streams, layer_idx, kron_factors=None, **opts):
+        self.factors = tuple(int(f) for f in (kron_factors or prime_factors(n_streams)))
+        perms = [permutation_matrices(f) for f in self.factors]
+        super().__init__(dim, n_streams, layer_idx, sum(p.shape[0] for p in perms), **opts)
+        for k, p in enumerate(perms):
+            self.register_buffer(f"P{k}", p, persistent=False)
+
+    def identity_logits(self, off):
+        return torch.cat([self.factor_identity_logits(f, off) for f in self.factors])
+
+    @staticmethod
+    def factor_identity_logits(size, off):
+        b = torch.full((math.factorial(size),), off)
+        b[0] = 0.0
+        return b
+
+    def residual_matrix(self, z):
+        H = None
+        for k, z_k in enumerate(z.split([math.factorial(f) for f in self.factors], dim=-1)):
+            P = getattr(self, f"P{k}")
+            f = P.shape[-1]
+            U = (torch.softmax(z_k, dim=-1) @ P.flatten(1)).unflatten(-1, (f, f))
+            if H is None:
+                H = U
+            else:  # (A ⊗ U)[(a, u), (b, v)] = A[a, b] · U[u, v]
+                m = H.shape[-1]
+                H = (H[..., :, None, :, None] * U[..., None, :, None, :]).reshape(*U.shape[:-2], m * f, m * f)
+        return H
+
+
+# ----------------------------------------------------------------------------------------
+# construction
+
+def make_connection(scheme, dim, n_streams, layer_idx, **options):
+    """Build the connection of one sublayer.
+
+    scheme: one of SCHEMES; dim: C; n_streams: n; layer_idx: index of the connection in depth
+    (block i: attention 2i, MLP 2i+1), which picks the home stream layer_idx mod n.
+    options: sinkhorn_iters (mhc, 20), kron_factors (kromhc, prime factors of n),
+    res_logit_init (off-identity H_res logit, -8.0), gate_init (0.01). Options a scheme does
+    not use are ignored, so one model config can carry them all.
+    """
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown connection option(s) {sorted(unknown)}; known: {sorted(OPTIONS)}")
+    opts = {**OPTIONS, **{k: v for k, v in options.items() if v is not None}}
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown residual scheme {scheme!r}; choose one of {SCHEMES}")
+    if not isinstance(n_streams, int) or isinstance(n_streams, bool) or n_streams < 1:
+        raise ValueError(f"n_streams must be a positive integer, got {n_streams!r}")
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    if scheme == "plain":
+        if n_streams != 1:
+            raise ValueError(f"scheme 'plain' is the single-stream residual: it takes n_streams=1, "
+                             f"got {n_streams}; use 'hc', 'mhc', 'mhc_lite' or 'kromhc' for n > 1")
+        return Plain(dim, 1, layer_idx)
+    if n_streams < 2:
+        raise ValueError(f"scheme {scheme!r} needs n_streams >= 2 (got {n_streams}); "
+                         f"n_streams=1 is the plain residual: use scheme='plain'")
+    gates = dict(gate_init=opts["gate_init"])
+    if scheme == "hc":
+        return HyperConnection(dim, n_streams, layer_idx, **gates)
+    res = dict(gates, res_logit_init=opts["res_logit_init"])
+    if scheme == "mhc":
+        return MHC(dim, n_streams, layer_idx, sinkhorn_iters=opts["sinkhorn_iters"], **res)
+    if scheme == "mhc_lite":
+        if n_streams > MAX_PERM_SIZE:
+            raise ValueError(
+                f"mhc_lite needs n! = {math.factorial(n_streams)} permutation logits at n_streams={n_streams} "
+                f"({n_streams * dim * (math.factorial(n_streams) + 2 * n_streams):,} projection parameters per "
+                f"connection); it takes n_streams <= {MAX_PERM_SIZE}: use kromhc or mhc for larger n")
+        return MHCLite(dim, n_streams, layer_idx, **res)
+    factors = opts["kron_factors"] or prime_factors(n_streams)
+    factors = tuple(factors)
+    if not factors or not all(isinstance(f, int) and 2 <= f <= MAX_PERM_SIZE for f in factors) \
+            or math.prod(factors) != n_streams:
+        raise ValueError(
+            f"kron_factors={factors} do not fit n_streams={n_streams}: factors must be integers in "
+            f"[2, {MAX_PERM_SIZE}] whose product is n_streams (default: prime factors "
+            f"{prime_factors(n_streams)})")
+    return KromHC(dim, n_streams, layer_idx, kron_factors=factors, **res)
+
+
+# ----------------------------------------------------------------------------------------
+# diagnostics (spec section 5)
+
+def doubly_stochastic_error(H_res):
+    """max |row sum - 1|, max |column sum - 1| and the min entry of H_res (…, n, n), as floats."""
+    H = H_res.detach().float()
+    return {
+        "ds_row_err": (H.sum(-1) - 1).abs().max().item(),
+        "ds_col_err": (H.sum(-2) - 1).abs().max().item(),
+        "min_entry": H.min().item(),
+    }
+
+
+def amax_gain(H):
+    """Amax gain of (…, n, n): max absolute row sum (forward) and column sum (backward)."""
+    H = H.detach().float().abs()
+    return {"amax_fwd": H.sum(-1).max().item(), "amax_bwd": H.sum(-2).max().item()}
+
+
+@torch.no_grad()
+def diagnostics(coeffs, names):
+    """Dashboard diagnostics for a stack of connections evaluated on one batch.
+
+    coeffs: list of (H_pre, H_post, H_res) in depth order; names: one label per connection.
+    Returns {"scalars": {name/metric: float}, "matrices": {name: token-averaged H_res},
+    "composite": token-averaged product H_res^(L) … H_res^(1)}.
+    """
+    if len(coeffs) != len(names):
+        raise ValueError(f"diagnostics got {len(coeffs)} coefficient sets but {len(names)} names")
+    scalars, matrices, composite = {}, {}, None
+    for name, (H_pre, H_post, H_res) in zip(names, coeffs):
+        H_res = H_res.float()
+        n = H_res.shape[-1]
+        eye = torch.eye(n, device=H_res.device)
+        s = {**doubly_stochastic_error(H_res), **amax_gain(H_res),
+             "dist_identity": (H_res - eye).flatten(-2).norm(dim=-1).mean().item()}
+        for label, H in (("h_pre", H_pre), ("h_post", H_post)):
+            H = H.float().flatten(0, -2)                                   # (tokens, n)
+            for i in range(n):
+                s[f"{label}_mean/{i}"] = H[:, i].mean().item()
+                s[f"{label}_min/{i}"] = H[:, i].min().item()
+                s[f"{label}_max/{i}"] = H[:, i].max().item()
+        scalars.update({f"{name}/{k}": v for k, v in s.items()})
+        matrices[name] = H_res.flatten(0, -3).mean(0).tolist()
+        composite = H_res if composite is None else H_res @ composite     # later layers act on the left
+    if composite is not None:
+        scalars.update({f"composite/{k}": v for k, v in {**amax_gain(composite),
+                                                           **doubly_stochastic_error(composite)}.items()})
+        composite = composite.flatten(0, -3).mean(0).tolist()
+    return {"scalars": scalars, "matrices": matrices, "composite": composite}

@@ -1,0 +1,82 @@
+"""
+Config files and command-line overrides, nanoGPT style but strict.
+
+    python train.py configs/quickstart.py --scheme=hc --n_streams=2 --learning_rate=1e-3
+
+Arguments are applied left to right on top of the defaults: a path is a Python config file
+whose top-level assignments set keys; `--key=value` sets one key (the value is a Python
+literal, or a bare string); `--key` alone sets a bool key to True. An unknown key, or a
+value whose type does not match the default's, is an error naming the key. Names in a config
+file that start with "_", and imported modules, are not config keys.
+"""
+
+import ast
+import difflib
+import types
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _unknown(key, defaults, where):
+    close = difflib.get_close_matches(key, list(defaults), n=3)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"{where}: unknown config key {key!r}{hint}")
+
+
+def check_type(key, value, default, allowed=None):
+    """Return value, converted if harmless (int -> float, list -> tuple), or raise ConfigError.
+    allowed: the accepted types when the default alone does not say (e.g. a None default)."""
+    if allowed is None:
+        allowed = (type(default),)
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tuple in allowed and isinstance(value, list):
+        return tuple(value)
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if not ok:
+        names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+        raise ConfigError(f"config key {key!r} must be {names}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def parse_value(s):
+    try:
+        return ast.literal_eval(s)
+    except (ValueError, SyntaxError):
+        return s  # a bare string, e.g. --scheme=kromhc
+
+
+def load(defaults, argv, allowed_types=None):
+    """Apply config files and --key=value overrides in argv to a copy of defaults."""
+    allowed_types = allowed_types or {}
+    config = dict(defaults)
+
+    def set_key(key, value, where):
+        if key not in defaults:
+            raise _unknown(key, defaults, where)
+        config[key] = check_type(key, value, defaults[key], allowed_types.get(key))
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, val = arg[2:].partition("=")
+            if not eq:
+                if key in defaults and isinstance(defaults[key], bool):
+                    val = "True"
+                else:
+                    raise ConfigError(f"override {arg!r}: expected --{key}=VALUE")
+            set_key(key, parse_value(val), f"override {arg!r}")
+        else:
+            namespace = {}
+            try:
+                with open(arg) as f:
+                    code = compile(f.read(), arg, "exec")
+            except FileNotFoundError:
+                raise ConfigError(f"config file {arg!r} not found") from None
+            exec(code, namespace)
+            for key, value in namespace.items():
+                if key.startswith("_") or isinstance(value, types.ModuleType):
+                    continue
+                set_key(key, value, f"config file {arg!r}")
+    return config

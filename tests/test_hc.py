@@ -1,0 +1,390 @@
+"""Correctness of the residual schemes in hc.py against the equations of their papers."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hc
+
+C = 16  # small width keeps the tests fast; the formulas do not depend on it
+
+
+def cases(schemes=("hc", "mhc", "mhc_lite", "kromhc"), ns=(2, 4, 8)):
+    return [(s, n) for s in schemes for n in ns if not (s == "mhc_lite" and n > hc.MAX_PERM_SIZE)]
+
+
+def randomize(conn, seed=0, logit_std=3.0):
+    """Give every parameter a random non-trivial value: gates open, projections non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in conn.named_parameters():
+            if p.dim() == 0:                               # gates s_α, s_β, α_*
+                p.fill_(1.0 + torch.rand((), generator=g).item())
+            elif name in ("phi", "W_m", "W_r", "W_beta"):  # projections: logits of std ~ logit_std
+                p.copy_(torch.randn(p.shape, generator=g) * logit_std / math.sqrt(p.shape[0]))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) + (1.0 if name in ("norm_gain", "gamma") else 0.0))
+    return conn
+
+
+def streams(n, B=2, T=5, seed=1, dtype=torch.float32):
+    return torch.randn(B, T, n, C, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+class Branch(nn.Module):
+    """A stand-in sublayer with its own pre-norm."""
+
+    def __init__(self, seed=2):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.ln, self.fc = nn.LayerNorm(C), nn.Linear(C, C)
+
+    def forward(self, x):
+        return self.fc(self.ln(x))
+
+
+# ---------------------------------------------------------------------------------------
+# the one form: conn(h, branch) applies exactly the coefficients it reports
+
+@pytest.mark.parametrize("scheme,n", cases() + [("plain", 1)])
+def test_forward_applies_its_coefficients(scheme, n):
+    conn = randomize(hc.make_connection(scheme, C, n, layer_idx=1), seed=n)
+    h, branch = streams(n), Branch()
+    H_pre, H_post, H_res = conn.coefficients(h)
+    x_in = torch.einsum("btj,btjc->btc", H_pre, h)
+    expected = torch.einsum("btij,btjc->btic", H_res, h) + H_post[..., None] * branch(x_in)[..., None, :]
+    out = conn(h, branch)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    if scheme != "plain":
+        # H_res really matters: replacing it by the identity changes the output
+        ident = h + H_post[..., None] * branch(x_in)[..., None, :]
+        assert (out - ident).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------
+# the manifold: doubly stochastic H_res, bounded H_pre and H_post
+
+@pytest.mark.parametrize("scheme,n", cases(("mhc_lite", "kromhc")))
+def test_exactly_doubly_stochastic(scheme, n):
+    conn = randomize(hc.make_connection(scheme, C, n, layer_idx=0), seed=3)
+    H_pre, H_post, H_res = conn.coefficients(streams(n))
+    assert H_res.dtype == torch.float32
+    err = hc.doubly_stochastic_error(H_res)
+    assert err["ds_row_err"] < 1e-5 and err["ds_col_err"] < 1e-5
+    assert err["min_entry"] >= 0
+    assert (H_res - torch.eye(n)).abs().max() > 0.05  # far from the identity: the test is not trivial
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_mhc_rows_exact_columns_reported(n):
+    conn = randomize(hc.make_connection("mhc", C, n, layer_idx=0, sinkhorn_iters=20), seed=4, logit_std=5.0)
+    H_res = conn.coefficients(streams(n))[2]
+    err = hc.doubly_stochastic_error(H_res)
+    assert err["ds_row_err"] < 1e-5            # ends on the rows (mHC Eq. 9 order)
+    assert err["min_entry"] >= 0
+    assert math.isfinite(err["ds_col_err"]) and err["ds_col_err"] > 0
+    # the reported column error is the real one: more iterations shrink it
+    conn.sinkhorn_iters = 500
+    assert hc.doubly_stochastic_error(conn.coefficients(streams(n))[2])["ds_col_err"] < err["ds_col_err"]
+
+
+def test_sinkhorn_column_error_on_sharp_logits():
+    """20 iterations on logits of std 5 leave the column sums visibly off; diagnostics must see it."""
+    logits = 5 * torch.randn(4096, 4, 4, generator=torch.Generator().manual_seed(0))
+    err = hc.doubly_stochastic_error(hc.sinkhorn(logits, 20))
+    assert err["ds_row_err"] < 1e-5
+    assert err["ds_col_err"] > 1e-3
+
+
+@pytest.mark.parametrize("scheme,n", cases(("mhc", "mhc_lite", "kromhc")))
+def test_pre_post_ranges(scheme, n):
+    conn = randomize(hc.make_connection(scheme, C, n, layer_idx=0), seed=5)
+    H_pre, H_post, _ = conn.coefficients(streams(n))
+    assert ((H_pre > 0) & (H_pre < 1)).all()
+    assert ((H_post > 0) & (H_post < 2)).all()
+    assert H_pre.std() > 0.05 and H_post.std() > 0.05
+
+
+# ---------------------------------------------------------------------------------------
+# independent computations of H_res
+
+def res_logits(conn, h):
+    """α_res · m_res + b_res, recomputed from the parameters."""
+    x = h.flatten(-2)
+    m = (x * conn.gamma) @ conn.phi / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return conn.alpha_res * m[..., 2 * conn.n:] + conn.b_res
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_mhc_lite_is_convex_combination_of_all_permutations(n):
+    conn = randomize(hc.make_connection("mhc_lite", C, n, layer_idx=0), seed=6)
+    h = streams(n)
+    a = torch.softmax(res_logits(conn, h), dim=-1)
+    expected = torch.zeros(*h.shape[:2], n, n)
+    for k, perm in enumerate(itertools.permutations(range(n))):
+        P = torch.zeros(n, n)
+        for i, j in enumerate(perm):
+            P[i, j] = 1.0
+        expected += a[..., k, None, None] * P
+    torch.testing.assert_close(conn.coefficients(h)[2], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,factors", [(2, None), (4, None), (8, None), (6, (2, 3)), (6, (3, 2)), (12, None)])
+def test_kromhc_is_kronecker_product_of_factors(n, factors):
+    conn = randomize(hc.make_connection("kromhc", C, n, layer_idx=0, kron_factors=factors), seed=7)
+    h = streams(n)
+    z = res_logits(conn, h)
+    sizes = factors or hc.prime_factors(n)
+    Us, start = [], 0
+    for f in sizes:
+        a = torch.softmax(z[..., start:start + math.factorial(f)], dim=-1)
+        start += math.factorial(f)
+        U = torch.zeros(*z.shape[:-1], f, f)
+        for k, perm in enumerate(itertools.permutations(range(f))):
+            for i, j in enumerate(perm):
+                U[..., i, j] += a[..., k]
+        Us.append(U)
+    H_res = conn.coefficients(h)[2]
+    for b, t in itertools.product(range(h.shape[0]), range(h.shape[1])):
+        K = Us[0][b, t]
+        for U in Us[1:]:
+            K = torch.kron(K, U[b, t])
+        torch.testing.assert_close(H_res[b, t], K, rtol=1e-5, atol=1e-6)
+    err = hc.doubly_stochastic_error(H_res)
+    assert err["ds_row_err"] < 1e-5 and err["ds_col_err"] < 1e-5
+
+
+def test_kromhc_two_by_two_factor_form():
+    """For i_k = 2 a factor is [[p, 1-p], [1-p, p]]."""
+    conn = randomize(hc.make_connection("kromhc", C, 2, layer_idx=0), seed=8)
+    h = streams(2)
+    p = torch.softmax(res_logits(conn, h), dim=-1)[..., 0]
+    H = conn.coefficients(h)[2]
+    torch.testing.assert_close(H, torch.stack([torch.stack([p, 1 - p], -1), torch.stack([1 - p, p], -1)], -2))
+
+
+def test_hc_coefficients_follow_equations_10_13():
+    n = 4
+    conn = randomize(hc.make_connection("hc", C, n, layer_idx=0), seed=9)
+    h = streams(n)
+    H_bar = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * conn.norm_gain
+    A_m = conn.s_alpha * torch.tanh(H_bar @ conn.W_m)[..., 0] + conn.A_m
+    A_r = conn.s_alpha * torch.tanh(H_bar @ conn.W_r) + conn.A_r
+    B = conn.s_beta * torch.tanh(H_bar @ conn.W_beta)[..., 0] + conn.B
+    H_pre, H_post, H_res = conn.coefficients(h)
+    torch.testing.assert_close(H_pre, A_m)
+    torch.testing.assert_close(H_post, B)
+    torch.testing.assert_close(H_res, A_r.transpose(-1, -2))
+    # HC is unconstrained: H_res leaves the Birkhoff polytope
+    assert hc.doubly_stochastic_error(H_res)["ds_row_err"] > 1e-2
+
+
+# ---------------------------------------------------------------------------------------
+# init
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("layer_idx", [0, 3])
+def test_hc_at_init_is_plain_pre_norm_residual(n, layer_idx):
+    x = torch.randn(2, 5, C)
+    branch = Branch()
+    plain = hc.make_connection("plain", C, 1, layer_idx)(hc.expand_streams(x, 1), branch)
+    out = hc.make_connection("hc", C, n, layer_idx)(hc.expand_streams(x, n), branch)
+    for i in range(n):
+        assert torch.equal(out[:, :, i], plain[:, :, 0])
+    assert torch.equal(hc.reduce_streams(plain), x + branch(x))
+
+
+@pytest.mark.parametrize("scheme", ["mhc", "mhc_lite", "kromhc"])
+def test_constrained_init(scheme):
+    n, layer_idx = 4, 6  # home stream 6 mod 4 = 2
+    conn = hc.make_connection(scheme, C, n, layer_idx)
+    H_pre, H_post, H_res = conn.coefficients(streams(n))
+    sig = torch.sigmoid
+    expected_pre = torch.tensor([sig(torch.tensor(-1.0)).item()] * n)
+    expected_pre[2] = sig(torch.tensor(1.0))
+    torch.testing.assert_close(H_pre[0, 0], expected_pre)
+    torch.testing.assert_close(H_post[0, 0], 2 * expected_pre)
+    assert (H_res.diagonal(dim1=-2, dim2=-1) > 0.99).all()             # near the identity at -8
+    # the off-identity logit option moves it off the identity
+    soft = hc.make_connection(scheme, C, n, layer_idx, res_logit_init=-2.0).coefficients(streams(n))[2]
+    assert (soft.diagonal(dim1=-2, dim2=-1) < 0.9).all()
+
+
+# ---------------------------------------------------------------------------------------
+# parameter counts (spec section 4) and gradients
+
+def spec_count(scheme, n, C, factors=None):
+    if scheme == "plain":
+        return 0
+    if scheme == "hc":
+        return C * (n + 2) + n * (n + 2) + 2 + C
+    r = {"mhc": n * n, "mhc_lite": math.factorial(n),
+         "kromhc": sum(math.factorial(f) for f in (factors or hc.prime_factors(n)))}[scheme]
+    return n * C * (r + 2 * n) + n * C + r + 2 * n + 3
+
+
+def n_params(conn):
+    return sum(p.numel() for p in conn.parameters())
+
+
+def test_parameter_counts_gpt2_small():
+    got = {s: n_params(hc.make_connection(s, 768, 4, 0)) for s in ("hc", "mhc", "mhc_lite", "kromhc")}
+    assert got == {"hc": 5402, "mhc": 76827, "mhc_lite": 101411, "kromhc": 39951}
+    # whole GPT-2 small: 12 blocks x 2 connections, the KromHC paper's figures
+    assert round(24 * got["mhc"] / 1e3, 1) == 1843.8
+    assert round(24 * got["mhc_lite"] / 1e3, 1) == 2433.9
+    assert round(24 * got["kromhc"] / 1e3, 1) == 958.8
+
+
+@pytest.mark.parametrize("scheme,n", cases() + [("kromhc", 6), ("mhc_lite", 3), ("plain", 1)])
+def test_parameter_counts_match_formulas(scheme, n):
+    assert n_params(hc.make_connection(scheme, 24, n, 0)) == spec_count(scheme, n, 24)
+
+
+@pytest.mark.parametrize("scheme,n", cases(ns=(2, 4)))
+def test_grads_reach_every_parameter(scheme, n):
+    conn = randomize(hc.make_connection(scheme, C, n, layer_idx=1), seed=10)
+    h = streams(n).requires_grad_()
+    out = conn(h, Branch())
+    (out * torch.randn_like(out)).sum().backward()
+    for name, p in conn.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    assert torch.isfinite(h.grad).all()
+
+
+def test_decay_parameters_are_the_dynamic_projections():
+    c = hc.make_connection("hc", C, 4, 0)
+    assert [id(p) for p in c.decay_parameters()] == [id(c.W_m), id(c.W_r), id(c.W_beta)]
+    for s in ("mhc", "mhc_lite", "kromhc"):
+        c = hc.make_connection(s, C, 4, 0)
+        assert [id(p) for p in c.decay_parameters()] == [id(c.phi)]
+    assert hc.make_connection("plain", C, 1, 0).decay_parameters() == []
+
+
+# ---------------------------------------------------------------------------------------
+# Sinkhorn: the recomputing backward is the gradient of the loop
+
+def test_sinkhorn_backward_gradcheck():
+    logits = torch.randn(3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    logits.requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: hc.sinkhorn(z, 7), (logits,))
+
+
+@pytest.mark.parametrize("n,iters", [(2, 1), (4, 20), (8, 20)])
+def test_sinkhorn_backward_matches_autograd_through_loop(n, iters):
+    z = 3 * torch.randn(5, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    w = torch.randn(5, n, n, dtype=torch.float64)
+    a = z.clone().requires_grad_()
+    b = z.clone().requires_grad_()
+    out_a, out_b = hc.sinkhorn(a, iters), hc.sinkhorn_reference(b, iters)
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+    (out_a * w).sum().backward()
+    (out_b * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# dtypes and compile
+
+@pytest.mark.parametrize("scheme,n", cases(ns=(4,)) + [("plain", 1)])
+def test_bf16_stream_fp32_coefficients(scheme, n):
+    conn = randomize(hc.make_connection(scheme, C, n, layer_idx=0), seed=11)
+    h = streams(n, dtype=torch.bfloat16)
+    branch = Branch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conn(h, branch)
+        coeffs = conn.coefficients(h)
+    assert out.dtype == torch.bfloat16
+    assert all(c.dtype == torch.float32 for c in coeffs)
+    ref = conn(h.float(), branch)
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+@pytest.mark.parametrize("scheme,n", cases(ns=(4,)) + [("plain", 1)])
+def test_compile_fullgraph(scheme, n):
+    torch._dynamo.reset()
+    conn = randomize(hc.make_connection(scheme, C, n, layer_idx=0), seed=12)
+    branch = Branch()
+    compiled = torch.compile(lambda h: conn(h, branch), fullgraph=True, backend="aot_eager")
+    h1 = streams(n).requires_grad_()
+    h2 = h1.detach().clone().requires_grad_()
+    out_c, out_e = compiled(h1), conn(h2, branch)
+    torch.testing.assert_close(out_c, out_e)
+    out_c.pow(2).sum().backward()
+    out_e.pow(2).sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad)
+
+
+# ---------------------------------------------------------------------------------------
+# streams in and out, diagnostics
+
+def test_expand_reduce():
+    x = torch.randn(2, 3, C)
+    h = hc.expand_streams(x, 4)
+    assert h.shape == (2, 3, 4, C) and all(torch.equal(h[:, :, i], x) for i in range(4))
+    torch.testing.assert_close(hc.reduce_streams(h), x)
+    torch.testing.assert_close(hc.reduce_streams(torch.stack([x, 3 * x], dim=2)), 2 * x)
+
+
+def test_diagnostics_composite_and_gain():
+    n, names = 4, ["blk0.attn", "blk0.mlp", "blk1.attn"]
+    conns = [randomize(hc.make_connection("hc", C, n, i), seed=i) for i in range(3)]
+    h = streams(n)
+    coeffs = [c.coefficients(h) for c in conns]
+    d = hc.diagnostics(coeffs, names)
+    H = [c[2] for c in coeffs]
+    composite = H[2] @ H[1] @ H[0]
+    assert d["scalars"]["composite/amax_fwd"] == pytest.approx(composite.abs().sum(-1).max().item(), rel=1e-5)
+    assert d["scalars"]["composite/amax_bwd"] == pytest.approx(composite.abs().sum(-2).max().item(), rel=1e-5)
+    torch.testing.assert_close(torch.tensor(d["composite"]), composite.mean((0, 1)))
+    torch.testing.assert_close(torch.tensor(d["matrices"]["blk0.mlp"]), H[1].mean((0, 1)))
+    assert d["scalars"]["blk1.attn/ds_row_err"] == pytest.approx(hc.doubly_stochastic_error(H[2])["ds_row_err"])
+    assert d["scalars"]["blk0.attn/h_pre_max/3"] == pytest.approx(coeffs[0][0][..., 3].max().item())
+    assert d["scalars"]["blk0.attn/dist_identity"] > 0
+    # a doubly stochastic stack keeps its gain at 1
+    kron = [hc.make_connection("kromhc", C, n, i) for i in range(3)]
+    dk = hc.diagnostics([randomize(c, seed=i).coefficients(h) for i, c in enumerate(kron)], names)
+    assert dk["scalars"]["composite/amax_fwd"] == pytest.approx(1.0, abs=1e-5)
+    assert dk["scalars"]["composite/amax_bwd"] == pytest.approx(1.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# bad arguments
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    (("residual", C, 4, 0), {}, "unknown residual scheme"),
+    (("plain", C, 4, 0), {}, "n_streams=1"),
+    (("hc", C, 1, 0), {}, "n_streams >= 2"),
+    (("mhc", C, 0, 0), {}, "positive integer"),
+    (("mhc_lite", C, 8, 0), {}, "n_streams <= 6"),
+    (("kromhc", C, 4, 0), {"kron_factors": (2, 3)}, "product is n_streams"),
+    (("kromhc", C, 7, 0), {}, r"\[2, 6\]"),
+    (("kromhc", C, 4, 0), {"kron_factors": (4, 1)}, "do not fit"),
+    (("mhc", C, 4, 0), {"sinkhorn_iters": 0}, "sinkhorn_iters"),
+    (("mhc", C, 4, 0), {"sinkhorn_iter": 5}, "unknown connection option"),
+])
+def test_bad_arguments(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hc.make_connection(*args, **kwargs)
+
+
+def test_kromhc_general_factors():
+    assert hc.make_connection("kromhc", C, 6, 0).factors == (2, 3)
+    assert hc.make_connection("kromhc", C, 12, 0).factors == (2, 2, 3)
+    assert hc.make_connection("kromhc", C, 4, 0, kron_factors=(4,)).factors == (4,)
+
+
+@pytest.mark.parametrize("scheme,n", [("plain", 1), ("hc", 4), ("kromhc", 4)])
+def test_wrong_stream_shape(scheme, n):
+    conn = hc.make_connection(scheme, C, n, 0)
+    with pytest.raises(ValueError, match=r"expects streams of shape \(B, T, n=%d, C=%d\)" % (n, C)):
+        conn(torch.randn(2, 3, C), Branch())
+    with pytest.raises(ValueError, match="expects streams"):
+        conn.coefficients(torch.randn(2, 3, n + 1, C))
+    with pytest.raises(ValueError, match=r"\(B, T, C\)"):
+        hc.expand_streams(torch.randn(3, C, 1, 1), n)

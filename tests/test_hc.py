@@ -388,3 +388,18 @@ def test_wrong_stream_shape(scheme, n):
         conn.coefficients(torch.randn(2, 3, n + 1, C))
     with pytest.raises(ValueError, match=r"\(B, T, C\)"):
         hc.expand_streams(torch.randn(3, C, 1, 1), n)
+
+
+def test_param_table_script(capsys):
+    import importlib.util, pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "param_table.py"
+    spec = importlib.util.spec_from_file_location("param_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--n-streams", "4", "8"])
+    out = capsys.readouterr().out
+    assert "| mhc | 4 | 76,827 | 1,843,848 | 1,843.8 |" in out
+    assert "| mhc_lite | 4 | 101,411 | 2,433,864 | 2,433.9 |" in out
+    assert "| kromhc | 4 | 39,951 | 958,824 | 958.8 |" in out
+    assert "| hc | 4 | 5,402 |" in out
+    assert "| mhc_lite | 8 | refused |" in out

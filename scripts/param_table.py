@@ -1,0 +1,50 @@
+"""Extra parameters of each residual scheme, counted on the real hc.py modules.
+
+    python scripts/param_table.py                       # GPT-2 small: C = 768, 12 layers, n = 2, 4, 6, 8
+    python scripts/param_table.py --dim 1024 --n-layer 24 --n-streams 4
+
+Per connection and per model (two connections per block: attention and MLP), to check
+against the papers (KromHC reports 1,843.8 K / 2,433.9 K / 958.8 K extra for mHC / mHC-lite /
+KromHC on GPT-2 small at n = 4).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hc  # noqa: E402
+
+
+def count(scheme, dim, n):
+    """Parameters of one connection, or None where the scheme refuses this n."""
+    try:
+        conn = hc.make_connection(scheme, dim, n, layer_idx=0)
+    except ValueError:
+        return None
+    return sum(p.numel() for p in conn.parameters())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=int, default=768, help="model width C")
+    ap.add_argument("--n-layer", type=int, default=12, help="transformer blocks (2 connections each)")
+    ap.add_argument("--n-streams", type=int, nargs="+", default=[2, 4, 6, 8])
+    args = ap.parse_args(argv)
+
+    print(f"extra parameters per connection / per model (C = {args.dim}, {args.n_layer} layers, "
+          f"{2 * args.n_layer} connections)\n")
+    print(f"| scheme | n | per connection | per model | per model (K) |")
+    print(f"|---|---|---|---|---|")
+    for scheme in hc.SCHEMES[1:]:
+        for n in args.n_streams:
+            c = count(scheme, args.dim, n)
+            if c is None:
+                print(f"| {scheme} | {n} | refused | refused | - |")
+                continue
+            total = 2 * args.n_layer * c
+            print(f"| {scheme} | {n} | {c:,} | {total:,} | {total / 1e3:,.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,487 @@
+"""Tokenize a text dataset into GPT-2 token shards.
+
+    python data/prepare.py pydocs                  # embedded corpus, no download, seconds
+    python data/prepare.py openwebtext             # Skylion007/openwebtext (parquet revision)
+    python data/prepare.py fineweb_edu             # HuggingFaceFW/fineweb-edu, sample-10BT
+    python data/prepare.py fineweb_edu --subset sample-100BT
+    python data/prepare.py fineweb_edu --data-files shards/*.parquet --out-dir data/my_fwe
+
+Output in ``data/<DATASET>/`` (or ``--out-dir``): ``val_000000.bin, ...``,
+``train_000000.bin, ...`` (llm.c format, see ``data/shards.py``; ``--shard-tokens`` per shard,
+100 M by default) and ``meta.json``. Every document is preceded by the EOT token (50256), and
+documents run on across shard boundaries: the concatenation of a split's shards is its token
+stream.
+
+Train/val split: ``Dataset.train_test_split(test_size=val_fraction, seed=seed)`` on the
+document list (openwebtext: 0.05 %, seed 2357 as in nanoGPT; fineweb_edu: 0.5 %, seed 42;
+pydocs: 10 %, seed 1337). ``--data-files`` feeds local parquet / json(l) / text files that have a
+``text`` column through the same path as the hub download, with the dataset's split settings.
+
+Resumable and atomic: shards are written as ``*.bin.tmp`` and renamed when complete, and
+``progress.json`` records the completed shards and the document cursor after each one. A
+rerun of the same command continues after the last completed shard; a rerun with other
+settings starts clean. ``meta.json`` is written last: a directory without it is not a
+prepared dataset, and the loader refuses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `import data.x` work
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from data import shards as shardlib
+from data import tokenizer as toklib
+
+DATA_ROOT = Path(__file__).resolve().parent
+META_FORMAT = "hcgpt-token-shards/1"
+DEFAULT_SHARD_TOKENS = 100_000_000
+
+DATASETS = {
+    "openwebtext": dict(hub="Skylion007/openwebtext", revision="refs/convert/parquet", subset=None,
+                        val_fraction=0.0005, seed=2357),
+    "fineweb_edu": dict(hub="HuggingFaceFW/fineweb-edu", revision=None, subset="sample-10BT",
+                        val_fraction=0.005, seed=42),
+    "pydocs": dict(hub=None, revision=None, subset=None, val_fraction=0.1, seed=1337),
+}
+SPLITS = ("val", "train")  # order of preparation (val is small and ready first)
+_SHARD_RE = re.compile(r"^(train|val)_\d{6}\.bin(\.tmp)?$")
+_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".ndjson": "json",
+            ".txt": "text", ".text": "text", ".md": "text"}
+
+
+# ----------------------------------------------------------------------------- sources
+
+def _file_format(path: str) -> str | None:
+    name = path.lower()
+    for comp in (".gz", ".bz2", ".xz", ".zst"):
+        if name.endswith(comp):
+            name = name[: -len(comp)]
+    return _FORMATS.get(os.path.splitext(name)[1])
+
+
+def expand_data_files(patterns: list[str]) -> tuple[list[str], str]:
+    """Expand globs / directories into a file list (order kept, globs sorted) and its format."""
+    files: list[str] = []
+    for pat in patterns:
+        if os.path.isdir(pat):
+            found = sorted(str(p) for p in Path(pat).rglob("*") if p.is_file() and _file_format(str(p)))
+        elif any(c in pat for c in "*?["):
+            found = sorted(glob.glob(pat, recursive=True))
+        else:
+            found = [pat]
+        if not found:
+            raise FileNotFoundError(f"--data-files {pat}: no matching files")
+        for f in found:
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"--data-files: {f} does not exist")
+        files.extend(os.path.abspath(f) for f in found)
+    fmts = {_file_format(f) for f in files}
+    if None in fmts:
+        bad = [f for f in files if _file_format(f) is None]
+        raise ValueError(f"--data-files: cannot tell the format of {bad[0]} "
+                         f"(use .parquet, .json/.jsonl or .txt files)")
+    if len(fmts) != 1:
+        raise ValueError(f"--data-files: mixed formats {sorted(fmts)}; pass files of one format")
+    return files, fmts.pop()
+
+
+def source_spec(dataset: str, data_files=None, subset=None, revision=None, max_docs=None) -> dict:
+    """What will be read: recorded in meta.json and used to decide whether a rerun may resume."""
+    cfg = DATASETS[dataset]
+    if data_files:
+        files, fmt = expand_data_files(list(data_files))
+        st = [os.stat(f) for f in files]
+        return {"kind": "data_files", "format": fmt, "max_docs": max_docs,
+                "data_files": [{"path": f, "bytes": s.st_size, "mtime_ns": s.st_mtime_ns}
+                               for f, s in zip(files, st)]}
+    if cfg["hub"] is None:
+        from data import pydocs
+        return {"kind": "embedded", **pydocs.source_info(), "max_docs": max_docs}
+    return {"kind": "hub", "name": cfg["hub"],
+            "revision": revision if revision is not None else cfg["revision"],
+            "subset": subset if subset is not None else cfg["subset"], "max_docs": max_docs}
+
+
+def load_documents(source: dict, cache_dir=None, num_proc=None, progress=True):
+    """A ``datasets.Dataset`` with one ``text`` column, one row per document."""
+    import datasets
+
+    if not progress:
+        datasets.disable_progress_bars()
+    kind = source["kind"]
+    if kind == "embedded":
+        from data import pydocs
+        ds = datasets.Dataset.from_dict({"text": pydocs.documents()})
+        where = "the pydocs corpus"
+    elif kind == "data_files":
+        files = [d["path"] for d in source["data_files"]]
+        kw = {"sample_by": "document"} if source["format"] == "text" else {}
+        ds = datasets.load_dataset(source["format"], data_files=files, split="train",
+                                   cache_dir=cache_dir, **kw)
+        where = ", ".join(files[:3]) + (" ..." if len(files) > 3 else "")
+    else:
+        kw = {}
+        if source.get("subset"):
+            kw["name"] = source["subset"]
+        if source.get("revision"):
+            kw["revision"] = source["revision"]
+        ds = datasets.load_dataset(source["name"], split="train", cache_dir=cache_dir,
+                                   num_proc=num_proc if num_proc and num_proc > 1 else None, **kw)
+        where = source["name"]
+    if "text" not in ds.column_names:
+        raise ValueError(f"{where}: no 'text' column (columns: {ds.column_names}); "
+                         f"the input needs one document per row in a column named 'text'")
+    ds = ds.select_columns(["text"])
+    if source.get("max_docs"):
+        ds = ds.select(range(min(int(source["max_docs"]), len(ds))))
+    return ds
+
+
+def split_documents(ds, val_fraction: float, seed: int) -> dict:
+    """{'train': Dataset, 'val': Dataset}: a fixed-seed shuffled split of the documents."""
+    if len(ds) < 2:
+        raise ValueError(f"need at least 2 documents to make a train/val split, got {len(ds)}")
+    parts = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+    return {"train": parts["train"], "val": parts["test"]}
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+_W: dict = {}
+
+
+def _worker_init(splits: dict) -> None:
+    _W["splits"] = splits
+    _W["enc"] = toklib.get_encoding()
+
+
+def _tokenize_range(task: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of documents [a, b) of a split, EOT before each; and each document's length."""
+    split, a, b = task
+    texts = _W["splits"][split][a:b]["text"]
+    ids = _W["enc"].encode_ordinary_batch([t or "" for t in texts], num_threads=1)
+    lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    flat: list[int] = []
+    for x in ids:
+        flat.append(toklib.EOT)
+        flat.extend(x)
+    return np.array(flat, dtype=np.uint16), lens
+
+
+# ----------------------------------------------------------------------------- output dir
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _clean_dir(out_dir: Path) -> None:
+    for p in out_dir.iterdir():
+        if _SHARD_RE.match(p.name) or p.name in ("meta.json", "progress.json", "meta.json.tmp",
+                                                 "progress.json.tmp"):
+            p.unlink()
+
+
+@contextlib.contextmanager
+def _dir_lock(out_dir: Path):
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(out_dir / ".prepare.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RuntimeError(f"another `prepare.py` is writing into {out_dir}; wait for it to finish")
+        yield
+
+
+def _resume_state(out_dir: Path, fingerprint: dict, log) -> dict | None:
+    """The saved progress if it belongs to the same settings and its shards are intact."""
+    path = out_dir / "progress.json"
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log(f"{path} unreadable; starting clean")
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log(f"{out_dir} holds an unfinished preparation with other settings; starting clean")
+        return None
+    try:
+        for split in SPLITS:
+            for sh in state["splits"][split]["shards"]:
+                if shardlib.read_header(out_dir / sh["file"]) != sh["tokens"]:
+                    raise ValueError(sh["file"])
+    except (KeyError, OSError, ValueError) as e:
+        log(f"completed shards in {out_dir} do not match progress.json ({e}); starting clean")
+        return None
+    return state
+
+
+# ----------------------------------------------------------------------------- main routine
+
+def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=None,
+            val_fraction=None, seed=None, shard_tokens=DEFAULT_SHARD_TOKENS, workers=None,
+            chunk_docs=None, cache_dir=None, max_docs=None, restart=False, progress=True,
+            on_shard=None, log=print) -> dict:
+    """Prepare ``dataset`` into ``out_dir``; returns the meta dict. See the module docstring.
+
+    ``on_shard(split, index, path)`` is called after each shard is committed.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+    cfg = DATASETS[dataset]
+    val_fraction = cfg["val_fraction"] if val_fraction is None else float(val_fraction)
+    seed = cfg["seed"] if seed is None else int(seed)
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val fraction must be in (0, 1), got {val_fraction}")
+    shard_tokens = int(shard_tokens)
+    if not 1 <= shard_tokens < 2**31:
+        raise ValueError(f"--shard-tokens must be in [1, 2**31), got {shard_tokens}")
+    workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
+    out_dir = Path(out_dir) if out_dir is not None else DATA_ROOT / dataset
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    enc = toklib.get_encoding()  # fail early (and clearly) if the rank file is missing
+    token_bytes = toklib.token_byte_lengths(enc)
+    source = source_spec(dataset, data_files, subset, revision, max_docs)
+    fingerprint = {"format": META_FORMAT, "dataset": dataset, "source": source,
+                   "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
+                   "tokenizer_sha256": toklib.RANK_FILE_SHA256}
+
+    with _dir_lock(out_dir):
+        meta_path = out_dir / "meta.json"
+        if meta_path.is_file() and not restart:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("fingerprint") == fingerprint:
+                log(f"{out_dir} is already prepared with these settings (use --restart to rebuild)")
+                return meta
+            raise ValueError(f"{out_dir} already holds a dataset prepared with other settings; "
+                             f"pass --restart to replace it, or --out-dir to write elsewhere")
+        state = None if restart else _resume_state(out_dir, fingerprint, log)
+        if state is None:
+            _clean_dir(out_dir)
+            state = {"fingerprint": fingerprint,
+                     "splits": {s: {"shards": [], "next_doc": 0, "skip_tokens": 0, "done": False}
+                                for s in SPLITS}}
+        else:
+            done = sum(len(state["splits"][s]["shards"]) for s in SPLITS)
+            log(f"resuming {out_dir}: {done} shards already complete")
+            keep = {sh["file"] for s in SPLITS for sh in state["splits"][s]["shards"]}
+            for p in out_dir.iterdir():  # leftovers of the killed run
+                if _SHARD_RE.match(p.name) and p.name not in keep:
+                    p.unlink()
+
+        t0 = time.time()
+        ds = load_documents(source, cache_dir=cache_dir, num_proc=workers, progress=progress)
+        splits = split_documents(ds, val_fraction, seed)
+        n_tok_new = 0
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(splits,)) if workers > 1 else None
+        if pool is None:
+            _worker_init(splits)
+        t1 = time.time()
+        try:
+            for split in SPLITS:
+                n_tok_new += _prepare_split(split, splits[split], state, out_dir, shard_tokens,
+                                            token_bytes, pool, workers, chunk_docs, progress,
+                                            on_shard, fingerprint)
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        dt = time.time() - t1
+
+        meta = _build_meta(dataset, source, state, token_bytes, val_fraction, seed, shard_tokens,
+                           fingerprint)
+        _atomic_json(meta_path, meta)
+        (out_dir / "progress.json").unlink(missing_ok=True)
+    rate = n_tok_new / max(dt, 1e-9)
+    log(f"prepared {dataset} in {out_dir} ({time.time() - t0:.1f}s total, tokenizing "
+        f"{n_tok_new:,} tokens in {dt:.1f}s = {rate / 1e6:.2f} M tokens/s with {workers} workers)")
+    for s in SPLITS:
+        c = meta["splits"][s]
+        log(f"  {s:5s}: {c['documents']:>12,} documents {c['tokens']:>15,} tokens "
+            f"{c['bytes']:>16,} bytes in {len(c['shards'])} shards")
+    return meta
+
+
+def _prepare_split(split, ds, state, out_dir, shard_tokens, token_bytes, pool, workers,
+                   chunk_docs, progress, on_shard, fingerprint) -> int:
+    st = state["splits"][split]
+    if st["done"]:
+        return 0
+    n_docs = len(ds)
+    if n_docs == 0:
+        raise ValueError(f"the {split} split is empty; use more documents or another val fraction")
+    chunk = int(chunk_docs) if chunk_docs else max(1, min(1024, math.ceil(n_docs / (8 * workers))))
+    start, skip = int(st["next_doc"]), int(st["skip_tokens"])
+    tasks = [(split, a, min(a + chunk, n_docs)) for a in range(start, n_docs, chunk)]
+    results = pool.imap(_tokenize_range, tasks) if pool is not None else map(_tokenize_range, tasks)
+
+    buf = np.empty(shard_tokens, dtype=np.uint16)
+    fill = 0
+    written = 0
+
+    def commit(nd: int, sk: int) -> None:
+        nonlocal fill, written
+        tokens = buf[:fill]
+        index = len(st["shards"])
+        name = shardlib.shard_name(split, index)
+        shardlib.write_shard(out_dir / name, tokens)
+        counts = np.bincount(tokens, minlength=toklib.VOCAB_SIZE)
+        st["shards"].append({"file": name, "tokens": int(fill),
+                             "documents": int(counts[toklib.EOT]),
+                             "bytes": int(counts[: token_bytes.size] @ token_bytes)})
+        st["next_doc"], st["skip_tokens"] = int(nd), int(sk)
+        _atomic_json(out_dir / "progress.json", state)
+        written += fill
+        fill = 0
+        if on_shard is not None:
+            on_shard(split, index, out_dir / name)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=n_docs, initial=start, desc=f"{split}", unit="doc", disable=not progress,
+               dynamic_ncols=True, smoothing=0.05)
+    ntok = 0
+    try:
+        for (_, a, b), (toks, lens) in zip(tasks, results):
+            pos = skip if a == start else 0
+            ends = None
+            while pos < toks.size:
+                take = min(shard_tokens - fill, toks.size - pos)
+                buf[fill:fill + take] = toks[pos:pos + take]
+                fill += take
+                pos += take
+                if fill == shard_tokens:
+                    if pos == toks.size:
+                        commit(b, 0)
+                    else:  # shard ends inside document j of this chunk
+                        if ends is None:
+                            ends = np.cumsum(lens)
+                        j = int(np.searchsorted(ends, pos, side="right"))
+                        commit(a + j, pos - (int(ends[j - 1]) if j else 0))
+            ntok += toks.size
+            bar.update(b - a)
+            if progress:
+                bar.set_postfix_str(f"{ntok / max(bar.format_dict['elapsed'], 1e-9) / 1e6:.2f}M tok/s",
+                                    refresh=False)
+        if fill:
+            commit(n_docs, 0)
+    finally:
+        bar.close()
+    st["done"] = True
+    _atomic_json(out_dir / "progress.json", state)
+    return written
+
+
+def _build_meta(dataset, source, state, token_bytes, val_fraction, seed, shard_tokens, fingerprint):
+    splits = {}
+    for s in SPLITS:
+        shards = state["splits"][s]["shards"]
+        splits[s] = {"documents": sum(x["documents"] for x in shards),
+                     "tokens": sum(x["tokens"] for x in shards),
+                     "bytes": sum(x["bytes"] for x in shards),
+                     "shards": shards}
+    return {
+        "format": META_FORMAT,
+        "dataset": dataset,
+        "tokenizer": {"name": toklib.NAME, "encoding": "tiktoken gpt2 (r50k_base ranks)",
+                      "rank_file_sha256": toklib.RANK_FILE_SHA256, "eot": toklib.EOT},
+        "vocab_size": toklib.VOCAB_SIZE,
+        "eot": toklib.EOT,
+        "shard_format": {"magic": shardlib.MAGIC, "version": shardlib.VERSION,
+                         "header_bytes": shardlib.HEADER_BYTES, "dtype": "uint16"},
+        "source": source,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "shard_tokens": shard_tokens,
+        "splits": splits,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "fingerprint": fingerprint,
+        "token_bytes": [int(x) for x in token_bytes],
+    }
+
+
+def verify(out_dir) -> dict:
+    """Full check of a prepared dir: every shard's header, size and token ids; counts vs meta."""
+    from data.loader import load_meta
+
+    out_dir = Path(out_dir)
+    meta = load_meta(out_dir)
+    token_bytes = np.asarray(meta["token_bytes"], dtype=np.int64)
+    fix = f"Re-run `python data/prepare.py {meta.get('dataset', out_dir.name)} --restart`."
+    for s in SPLITS:
+        for sh in meta["splits"][s]["shards"]:
+            path = out_dir / sh["file"]
+            n = shardlib.verify_shard(path, meta["vocab_size"], fix)
+            counts = np.bincount(shardlib.open_shard(path), minlength=meta["vocab_size"])
+            got = (n, int(counts[meta["eot"]]), int(counts @ token_bytes))
+            want = (sh["tokens"], sh["documents"], sh["bytes"])
+            if got != want:
+                raise ValueError(f"shard {path}: (tokens, documents, bytes) = {got} but meta.json "
+                                 f"says {want}. {fix}")
+    return meta
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dataset", choices=sorted(DATASETS))
+    ap.add_argument("--out-dir", default=None, help="output directory (default: data/<dataset>)")
+    ap.add_argument("--data-files", nargs="+", default=None, metavar="PATH",
+                    help="local parquet/json(l)/txt files (globs, dirs) with a 'text' column, "
+                         "instead of the hub download")
+    ap.add_argument("--subset", default=None, help="hub config (fineweb_edu: sample-10BT, sample-100BT, ...)")
+    ap.add_argument("--revision", default=None, help="hub revision (openwebtext: refs/convert/parquet)")
+    ap.add_argument("--val-fraction", type=float, default=None, help="override the dataset's val fraction")
+    ap.add_argument("--seed", type=int, default=None, help="override the dataset's split seed")
+    ap.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
+    ap.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    ap.add_argument("--chunk-docs", type=int, default=None, help="documents per tokenizer task")
+    ap.add_argument("--max-docs", type=int, default=None, help="use only the first N documents (trials)")
+    ap.add_argument("--cache-dir", default=None, help="Hugging Face datasets cache directory")
+    ap.add_argument("--restart", action="store_true", help="discard previous output and start clean")
+    ap.add_argument("--verify", action="store_true", help="only check an already prepared directory")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+
+    if args.verify:
+        out = Path(args.out_dir) if args.out_dir else DATA_ROOT / args.dataset
+        meta = verify(out)
+        counts = ", ".join(f"{s}: {meta['splits'][s]['tokens']:,} tokens" for s in SPLITS)
+        print(f"{out}: ok ({counts})")
+        return 0
+    prepare(args.dataset, out_dir=args.out_dir, data_files=args.data_files, subset=args.subset,
+            revision=args.revision, val_fraction=args.val_fraction, seed=args.seed,
+            shard_tokens=args.shard_tokens, workers=args.workers, chunk_docs=args.chunk_docs,
+            cache_dir=args.cache_dir, max_docs=args.max_docs, restart=args.restart,
+            progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    from data import prepare as _module  # run the importable copy, so workers can pickle its functions
+
+    sys.exit(_module.main())

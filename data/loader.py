@@ -221,9 +221,9 @@ class ValLoader:
 
     def __iter__(self):
         n = self.window_range[1] - self.window_range[0]
-        toks = torch.from_numpy(self._tokens.astype(np.int64))
+        cols = np.arange(self.T + 1)
         for i in range(0, n, self.B):
             b = min(self.B, n - i)
-            idx = (torch.arange(b) * self.T + i * self.T)[:, None] + torch.arange(self.T + 1)
-            w = toks[idx]
+            idx = ((np.arange(b) + i) * self.T)[:, None] + cols
+            w = torch.from_numpy(self._tokens[idx].astype(np.int64))
             yield w[:, :-1].contiguous(), w[:, 1:].contiguous()

@@ -215,6 +215,11 @@ def _dir_lock(out_dir: Path):
         yield
 
 
+def _fresh_state(fingerprint: dict) -> dict:
+    return {"fingerprint": fingerprint,
+            "splits": {s: {"shards": [], "next_doc": 0, "skip_tokens": 0, "done": False} for s in SPLITS}}
+
+
 def _resume_state(out_dir: Path, fingerprint: dict, log) -> dict | None:
     """The saved progress if it belongs to the same settings and its shards are intact."""
     path = out_dir / "progress.json"
@@ -282,9 +287,7 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
         state = None if restart else _resume_state(out_dir, fingerprint, log)
         if state is None:
             _clean_dir(out_dir)
-            state = {"fingerprint": fingerprint,
-                     "splits": {s: {"shards": [], "next_doc": 0, "skip_tokens": 0, "done": False}
-                                for s in SPLITS}}
+            state = _fresh_state(fingerprint)
         else:
             done = sum(len(state["splits"][s]["shards"]) for s in SPLITS)
             log(f"resuming {out_dir}: {done} shards already complete")
@@ -296,6 +299,12 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
         t0 = time.time()
         ds = load_documents(source, cache_dir=cache_dir, num_proc=workers, progress=progress)
         splits = split_documents(ds, val_fraction, seed)
+        sizes = {s: len(splits[s]) for s in SPLITS}
+        if state.setdefault("num_docs", sizes) != sizes:  # the source changed under a resume
+            log("the source now has other documents than the unfinished run saw; starting clean")
+            _clean_dir(out_dir)
+            state = _fresh_state(fingerprint)
+            state["num_docs"] = sizes
         n_tok_new = 0
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         pool = ctx.Pool(workers, initializer=_worker_init, initargs=(splits,)) if workers > 1 else None
@@ -467,17 +476,21 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
 
-    if args.verify:
-        out = Path(args.out_dir) if args.out_dir else DATA_ROOT / args.dataset
-        meta = verify(out)
-        counts = ", ".join(f"{s}: {meta['splits'][s]['tokens']:,} tokens" for s in SPLITS)
-        print(f"{out}: ok ({counts})")
-        return 0
-    prepare(args.dataset, out_dir=args.out_dir, data_files=args.data_files, subset=args.subset,
-            revision=args.revision, val_fraction=args.val_fraction, seed=args.seed,
-            shard_tokens=args.shard_tokens, workers=args.workers, chunk_docs=args.chunk_docs,
-            cache_dir=args.cache_dir, max_docs=args.max_docs, restart=args.restart,
-            progress=not args.no_progress)
+    try:
+        if args.verify:
+            out = Path(args.out_dir) if args.out_dir else DATA_ROOT / args.dataset
+            meta = verify(out)
+            counts = ", ".join(f"{s}: {meta['splits'][s]['tokens']:,} tokens" for s in SPLITS)
+            print(f"{out}: ok ({counts})")
+            return 0
+        prepare(args.dataset, out_dir=args.out_dir, data_files=args.data_files, subset=args.subset,
+                revision=args.revision, val_fraction=args.val_fraction, seed=args.seed,
+                shard_tokens=args.shard_tokens, workers=args.workers, chunk_docs=args.chunk_docs,
+                cache_dir=args.cache_dir, max_docs=args.max_docs, restart=args.restart,
+                progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:  # bad input: the message says what to do
+        print(f"prepare.py: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

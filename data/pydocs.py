@@ -7,14 +7,17 @@ Documents, in a fixed order:
     side-effect-free modules): the module docstring followed by the signatures and
     docstrings of its public classes, methods and functions, sorted by name.
 
-Modules that fail to import on this platform are skipped. The corpus is deterministic for a
-given CPython version (recorded in meta.json); object reprs that contain memory addresses
-are left out of signatures.
+Modules that fail to import on this platform are skipped. The corpus is collected in a fresh
+``python -I -S`` subprocess, so nothing the calling process imported or patched (and no
+site-packages ``.pth`` hook) can change it: it is deterministic for a given CPython version
+(recorded in meta.json). Object reprs that contain memory addresses are left out of signatures.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
 import importlib
 import inspect
 import io
@@ -117,6 +120,13 @@ def module_document(module) -> str:
 
 def documents() -> list[str]:
     """The corpus, in a fixed order (deterministic for a given CPython version)."""
+    res = subprocess.run([sys.executable, "-I", "-S", __file__], capture_output=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"collecting the pydocs corpus failed:\n{res.stderr.decode(errors='replace')}")
+    return json.loads(res.stdout)
+
+
+def _collect() -> list[str]:
     from pydoc_data.topics import topics
 
     docs = [f"{key}\n\n{topics[key].strip()}" for key in sorted(topics)]
@@ -136,3 +146,7 @@ def documents() -> list[str]:
 
 def source_info() -> dict:
     return {"name": "pydocs", "description": SOURCE, "python": sys.version.split()[0]}
+
+
+if __name__ == "__main__":  # the clean child process of documents()
+    sys.stdout.write(json.dumps(_collect()))

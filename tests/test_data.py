@@ -404,6 +404,16 @@ def test_train_loader_resume_is_exact(fineweb_dir):
     resumed.load_state_dict(state)
     for (x0, y0), (x1, y1) in zip(expected, (resumed.next_batch() for _ in range(5))):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    # resuming on another number of ranks continues the same window stream
+    ranks = [TrainLoader(fineweb_dir, B, T, rank=r, world_size=2, seed=7) for r in range(2)]
+    for ld in ranks:
+        ld.load_state_dict(state)
+    one = TrainLoader(fineweb_dir, 2 * B, T, seed=7)
+    one.load_state_dict(state)
+    for _ in range(3):
+        x1, y1 = one.next_batch()
+        x2, y2 = zip(*(ld.next_batch() for ld in ranks))
+        assert torch.equal(x1, torch.cat(x2)) and torch.equal(y1, torch.cat(y2))
     with pytest.raises(ValueError, match="seq_len"):
         TrainLoader(fineweb_dir, B, 32, seed=7).load_state_dict(state)
     with pytest.raises(ValueError, match="seed"):

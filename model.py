@@ -84,8 +84,9 @@ class Block(nn.Module):
                                          **config.hc_options())
 
     def forward(self, h):  # h: (B, T, n, C)
-        h = self.hc_attn(h, lambda x: self.attn(self.ln_1(x)))
-        h = self.hc_mlp(h, lambda x: self.mlp(self.ln_2(x)))
+        dt = self.ln_1.weight.dtype  # the branches compute in the weights' dtype (or autocast's), whatever the stream's
+        h = self.hc_attn(h, lambda x: self.attn(self.ln_1(x.to(dt))))
+        h = self.hc_mlp(h, lambda x: self.mlp(self.ln_2(x.to(dt))))
         return h
 
 
@@ -190,7 +191,7 @@ class GPT(nn.Module):
         h = hc.expand_streams(x, self.config.n_streams).to(getattr(torch, self.config.stream_dtype))
         for block in self.transformer.h:
             h = block(h)
-        x = self.transformer.ln_f(hc.reduce_streams(h))
+        x = self.transformer.ln_f(hc.reduce_streams(h).to(self.lm_head.weight.dtype))
         logits = self.lm_head(x)
         loss = None
         if targets is not None:

@@ -184,6 +184,47 @@ def hres_figure(matrices, composite):
     return fig
 
 
+@torch.no_grad()
+def evaluate(model, batches, token_bytes, ctx, device, ddp=False):
+    """(val loss, val BPB) over batches of (x, y), summed over ranks. Loss: mean nats per target
+    token. BPB = nats / (ln 2 x bytes) over the target tokens that are text: special tokens have
+    0 bytes in token_bytes and count in neither sum (as in nanochat)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, nats of text, bytes
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with ctx:
+            _, loss = model(x, y, reduction="none")
+        loss = loss.double()
+        valid = y >= 0
+        nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0)
+        sums += torch.stack([loss.sum(), valid.sum(), (loss * (nbytes > 0)).sum(), nbytes.sum()])
+    if ddp:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    nats, count, text_nats, nbytes = sums.tolist()
+    return nats / count, text_nats / (math.log(2) * nbytes)
+
+
+@torch.no_grad()
+def residual_diagnostics(raw_model, x, ctx):
+    """hc.diagnostics of every connection of the (uncompiled) model on the batch x."""
+    coeffs = []
+    hooks = [c.register_forward_pre_hook(lambda mod, args: coeffs.append(mod.coefficients(args[0])))
+             for c in raw_model.connections()]
+    was_training = raw_model.training
+    raw_model.eval()
+    try:
+        with ctx:
+            raw_model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        raw_model.train(was_training)
+    return hc.diagnostics(coeffs, raw_model.connection_names())
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = configurator.load(DEFAULTS, argv, ALLOWED_TYPES)
@@ -277,14 +318,18 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
     peak = peak_flops(device_type)
 
     # ---- data ----
-    train_loader = TrainLoader(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], rank, world_size, cfg["seed"])
-    token_bytes = load_token_bytes(cfg["data_dir"]).to(device)
     eval_batch_size = cfg["eval_batch_size"] or cfg["batch_size"]
-    diag_x = None
-    if master and cfg["scheme"] != "plain":  # the fixed batch for the diagnostics: the first val windows
-        diag_x, _ = next(iter(ValLoader(cfg["data_dir"], cfg["diag_batch_size"], cfg["block_size"],
-                                        cfg["diag_batch_size"] * cfg["block_size"])))
-        diag_x = diag_x.to(device)
+    try:
+        train_loader = TrainLoader(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], rank, world_size, cfg["seed"])
+        val_loader = ValLoader(cfg["data_dir"], eval_batch_size, cfg["block_size"], cfg["eval_tokens"], rank, world_size)
+        token_bytes = load_token_bytes(cfg["data_dir"]).to(device)
+        diag_x = None
+        if master and cfg["scheme"] != "plain":  # the fixed batch for the diagnostics: the first val windows
+            diag_x, _ = next(iter(ValLoader(cfg["data_dir"], cfg["diag_batch_size"], cfg["block_size"],
+                                            cfg["diag_batch_size"] * cfg["block_size"])))
+            diag_x = diag_x.to(device)
+    except (ValueError, FileNotFoundError) as e:  # e.g. eval_tokens larger than the val split
+        raise ConfigError(f"data ({cfg['data_dir']}): {e}") from None
 
     # ---- state: fresh, or from the checkpoint ----
     step = 0
@@ -334,43 +379,6 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
         if wandb_run is not None:
             wandb_run.log({**(wandb_data or {}), "tokens": record["tokens"]}, step=record["step"])
 
-    @torch.no_grad()
-    def evaluate():
-        """Val loss (mean nats per token) and BPB over the fixed val windows, summed over ranks.
-        BPB = nats / (ln 2 x bytes), over the target tokens that are text (special tokens have 0
-        bytes and count in neither sum, as in nanochat)."""
-        eval_model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, nats of text, bytes
-        for x, y in ValLoader(cfg["data_dir"], eval_batch_size, cfg["block_size"], cfg["eval_tokens"], rank, world_size):
-            x, y = x.to(device), y.to(device)
-            with ctx:
-                _, loss = eval_model(x, y, reduction="none")
-            loss = loss.double()
-            valid = y >= 0
-            nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0)
-            sums += torch.stack([loss.sum(), valid.sum(), (loss * (nbytes > 0)).sum(), nbytes.sum()])
-        if ddp:
-            dist.all_reduce(sums)
-        eval_model.train()
-        nats, count, text_nats, nbytes = sums.tolist()
-        return nats / count, text_nats / (math.log(2) * nbytes)
-
-    @torch.no_grad()
-    def diagnostics():
-        """hc.diagnostics on the fixed val batch, from the uncompiled model's connections."""
-        coeffs = []
-        hooks = [c.register_forward_pre_hook(lambda mod, args: coeffs.append(mod.coefficients(args[0])))
-                 for c in raw_model.connections()]
-        raw_model.eval()
-        try:
-            with ctx:
-                raw_model(diag_x)
-        finally:
-            for h in hooks:
-                h.remove()
-            raw_model.train()
-        return hc.diagnostics(coeffs, raw_model.connection_names())
-
     def save_checkpoint():
         mine = {"rng": rng_state(), "loader": train_loader.state_dict()}
         ranks = [None] * world_size
@@ -396,11 +404,11 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
     while True:
         # evaluate (and checkpoint) every eval_interval steps and at the end
         if (step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]) and not (ckpt is not None and step == start_step):
-            val_loss, val_bpb = evaluate()
+            val_loss, val_bpb = evaluate(eval_model, val_loader, token_bytes, ctx, device, ddp)
             record = {"type": "eval", "step": step, "tokens": step * tokens_per_step, "val_loss": val_loss, "val_bpb": val_bpb}
             wandb_data = {"val/loss": val_loss, "val/bpb": val_bpb}
             if diag_x is not None:
-                d = diagnostics()
+                d = residual_diagnostics(raw_model, diag_x, ctx)
                 record.update(diag=d["scalars"], hres=d["matrices"], hres_composite=d["composite"])
                 wandb_data.update({f"diag/{k}": v for k, v in d["scalars"].items()})
                 if wandb_run is not None:

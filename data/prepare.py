@@ -36,6 +36,7 @@ import os
 import re
 import sys
 import time
+from itertools import chain
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `import data.x` work
@@ -175,11 +176,9 @@ def _tokenize_range(task: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray]
     texts = _W["splits"][split][a:b]["text"]
     ids = _W["enc"].encode_ordinary_batch([t or "" for t in texts], num_threads=1)
     lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    flat: list[int] = []
-    for x in ids:
-        flat.append(toklib.EOT)
-        flat.extend(x)
-    return np.array(flat, dtype=np.uint16), lens
+    eot = (toklib.EOT,)
+    flat = chain.from_iterable(chain(eot, x) for x in ids)  # consumed in C by fromiter
+    return np.fromiter(flat, dtype=np.uint16, count=int(lens.sum())), lens
 
 
 # ----------------------------------------------------------------------------- output dir
@@ -315,7 +314,7 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
             for split in SPLITS:
                 n_tok_new += _prepare_split(split, splits[split], state, out_dir, shard_tokens,
                                             token_bytes, pool, workers, chunk_docs, progress,
-                                            on_shard, fingerprint)
+                                            on_shard)
         finally:
             if pool is not None:
                 pool.terminate()
@@ -337,7 +336,7 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
 
 
 def _prepare_split(split, ds, state, out_dir, shard_tokens, token_bytes, pool, workers,
-                   chunk_docs, progress, on_shard, fingerprint) -> int:
+                   chunk_docs, progress, on_shard) -> int:
     st = state["splits"][split]
     if st["done"]:
         return 0

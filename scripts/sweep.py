@@ -1,0 +1,89 @@
+"""
+A grid of training runs: every (config, scheme, n_streams, seed), one torchrun command each,
+with distinct run names (<config>-<scheme>-n<n>-s<seed>) and out dirs (out/<run name>).
+Prints the commands (default), or runs them one after another with --run.
+
+    python scripts/sweep.py --configs configs/fwe_s.py configs/fwe_m.py \\
+        --schemes plain hc mhc mhc_lite kromhc --n 4 --seeds 0 1 2
+    python scripts/sweep.py --configs configs/quickstart.py --schemes plain kromhc --nproc 0 --run -- --max_iters=50
+
+plain always runs with n = 1 (once per config and seed, whatever --n says). Arguments after
+`--` are passed to every run as extra overrides. With --nnodes > 1 the commands use c10d
+rendezvous at $MASTER_ADDR:$MASTER_PORT; run each one on every node.
+"""
+
+import argparse
+import itertools
+import os
+import shlex
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import hc  # noqa: E402
+
+
+def grid(configs, schemes, ns, seeds):
+    """[(config, scheme, n, seed)] with plain collapsed to n = 1, in a stable order, no duplicates."""
+    runs = []
+    for config, scheme, n, seed in itertools.product(configs, schemes, ns, seeds):
+        run = (config, scheme, 1 if scheme == "plain" else n, seed)
+        if run not in runs:
+            runs.append(run)
+    return runs
+
+
+def run_name(config, scheme, n, seed):
+    return f"{os.path.splitext(os.path.basename(config))[0]}-{scheme}-n{n}-s{seed}"
+
+
+def command(config, scheme, n, seed, nproc=8, nnodes=1, out_root="out", extra=()):
+    name = run_name(config, scheme, n, seed)
+    if nproc == 0:
+        launcher = ["python", "train.py"]
+    elif nnodes == 1:
+        launcher = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+    else:
+        launcher = ["torchrun", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+                    "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT", f"--rdzv_id={name}", "train.py"]
+    return launcher + [config, f"--scheme={scheme}", f"--n_streams={n}", f"--seed={seed}",
+                       f"--wandb_run_name={name}", f"--out_dir={os.path.join(out_root, name)}", *extra]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", required=True, help="config files")
+    p.add_argument("--schemes", nargs="+", default=list(hc.SCHEMES), choices=hc.SCHEMES)
+    p.add_argument("--n", nargs="+", type=int, default=[4], help="n_streams for the non-plain schemes")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--nproc", type=int, default=8, help="GPUs per node; 0 runs plain `python train.py`")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--out_root", default="out")
+    p.add_argument("--run", action="store_true", help="run the commands one after another (default: print them)")
+    args = p.parse_args(argv)
+    for c in args.configs:
+        if not os.path.exists(c):
+            p.error(f"config file {c} not found")
+    if args.run and args.nnodes > 1:
+        p.error("--run launches on this machine only; print the multi-node commands and start them on every node")
+    cmds = [command(*run, nproc=args.nproc, nnodes=args.nnodes, out_root=args.out_root, extra=extra)
+            for run in grid(args.configs, args.schemes, args.n, args.seeds)]
+    for cmd in cmds:
+        line = " ".join(a if "$" in a else shlex.quote(a) for a in cmd)
+        print(line, flush=True)
+        if args.run:
+            rc = subprocess.call(cmd, cwd=REPO)
+            if rc != 0:
+                print(f"sweep: command failed with exit code {rc}: {line}", file=sys.stderr)
+                return rc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -101,7 +101,7 @@ NON_NEGATIVE = ("eval_batch_size", "vocab_size", "n_streams", "max_iters", "weig
                 "warmup_iters", "lr_decay_iters", "learning_rate")
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 REPO = os.path.dirname(os.path.abspath(__file__))
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
 
 
 class Diverged(RuntimeError):

@@ -1,0 +1,70 @@
+"""2-process gloo DDP (torchrun) == one process with the same global batch: losses, val loss, weights."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from data.prepare import prepare
+    out = tmp_path_factory.mktemp("pydocs")
+    prepare("pydocs", out_dir=out, workers=1, progress=False, log=lambda *a, **k: None)
+    return str(out)
+
+
+def args(data_dir, out_dir):
+    # global batch 2 x 2 x 32 tokens: 2 micro-steps in one process, 1 micro-step on each of 2 ranks
+    return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--device=cpu", "--scheme=kromhc", "--n_layer=2",
+            "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2", "--total_batch_tokens=128",
+            "--eval_tokens=640", "--eval_batch_size=3", "--eval_interval=3", "--log_interval=1", "--max_iters=6",
+            "--warmup_iters=2", "--learning_rate=1e-2", "--diag_batch_size=2"]
+
+
+def records(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_ddp_two_processes_match_one(data_dir, tmp_path):
+    single = tmp_path / "single"
+    train.main(args(data_dir, single))
+    ddp = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *args(data_dir, ddp)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+    one, two = records(single), records(ddp)
+    assert (one[0]["world_size"], one[0]["grad_accum"]) == (1, 2)
+    assert (two[0]["world_size"], two[0]["grad_accum"]) == (2, 1)
+    t1 = [(r["step"], r["tokens"], r["loss"], r["grad_norm"]) for r in one if r["type"] == "train"]
+    t2 = [(r["step"], r["tokens"], r["loss"], r["grad_norm"]) for r in two if r["type"] == "train"]
+    assert len(t1) == len(t2) == 6
+    for a, b in zip(t1, t2):
+        assert a[:2] == b[:2]
+        assert a[2] == pytest.approx(b[2], abs=1e-5) and a[3] == pytest.approx(b[3], rel=1e-4)
+    e1 = [r for r in one if r["type"] == "eval"]
+    e2 = [r for r in two if r["type"] == "eval"]
+    assert [e["step"] for e in e1] == [e["step"] for e in e2] == [0, 3, 6]
+    for a, b in zip(e1, e2):  # the val windows are the same set whatever the number of ranks
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+        assert a["val_bpb"] == pytest.approx(b["val_bpb"], abs=1e-5)
+    assert e1[0]["val_loss"] == pytest.approx(e2[0]["val_loss"], abs=1e-9)  # identical weights at step 0
+    torch.testing.assert_close(torch.tensor(e1[-1]["hres_composite"]), torch.tensor(e2[-1]["hres_composite"]),
+                               atol=1e-5, rtol=0)
+
+    c1 = torch.load(single / "ckpt.pt", weights_only=False)
+    c2 = torch.load(ddp / "ckpt.pt", weights_only=False)
+    assert c1["loader"] == c2["loader"] and len(c2["ranks"]) == 2
+    for k, v in c1["model"].items():
+        torch.testing.assert_close(v, c2["model"][k], atol=2e-5, rtol=1e-4, msg=k)

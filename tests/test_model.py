@@ -191,3 +191,16 @@ def test_generate():
     out = model.generate(idx, 20, temperature=0.8, top_k=10)  # runs past block_size (16): crops the context
     assert out.shape == (2, 25) and torch.equal(out[:, :5], idx)
     assert int(out.max()) < 96
+
+
+@pytest.mark.parametrize("scheme", ["mhc", "kromhc"])
+def test_compiles_without_graph_breaks(scheme):
+    """The whole model is one graph for torch.compile (checked with the aot_eager backend: no C++ or GPU needed)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(scheme=scheme, n_streams=4))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    idx = torch.randint(0, 96, (2, 16))
+    loss = compiled(idx, idx)[1]
+    loss.backward()
+    torch.testing.assert_close(loss, model(idx, idx)[1])
+    assert compiled(idx, idx, reduction="none")[1].shape == (2, 16)

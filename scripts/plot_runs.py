@@ -1,0 +1,433 @@
+"""
+Figures and a results table from train.py run directories (their log.jsonl).
+
+    python scripts/plot_runs.py out/quickstart-*-s1337 --out-dir plots
+    python scripts/plot_runs.py out/a out/b --labels "mHC n=4" "KromHC n=4" --formats png svg --step 200
+
+Writes into --out-dir:
+    curves.{png,svg}          train loss, val loss and val BPB vs tokens, all runs on each panel
+    hres_<run>.{png,svg}      the token-averaged H_res of every connection (rows: attention, MLP;
+                              columns: layers) and the composite through the whole stack, at the
+                              last eval (or --step)
+    depth.{png,svg}           Amax gain (forward: max |row sum|, backward: max |column sum|) of each
+                              connection's H_res and of the composite up to that depth, and the
+                              doubly-stochastic error max(|row sum - 1|, |col sum - 1|) vs depth
+    results.md                markdown table: final val loss and BPB, HellaSwag acc_norm and CORE
+                              (from <run>/hellaswag.json and core.json when they exist), training
+                              tokens/s, parameters and the residual scheme's extra parameters
+
+The composite-by-depth curve multiplies the logged token-averaged matrices (H_L ... H_1), which is
+not the same as averaging the per-token products; the exact composite of the whole stack, as
+logged by train.py, is drawn as a marker at the last depth. Plain runs have no H_res: they appear
+in the curves and the table only.
+"""
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+# -----------------------------------------------------------------------------
+# reading runs
+
+def read_run(path, label=None):
+    """A run from its directory (or its log.jsonl) -> dict with config, train and eval records,
+    and the HellaSwag / CORE results found next to it."""
+    path = Path(path)
+    log = path / "log.jsonl" if path.is_dir() else path
+    if not log.is_file():
+        raise FileNotFoundError(f"{log}: no log.jsonl (is {path} a train.py out_dir?)")
+    config, train, evals = {}, [], []
+    with open(log, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"warning: {log}:{lineno}: skipping a line that is not JSON (a run still writing?)",
+                      file=sys.stderr)
+                continue
+            kind = r.get("type")
+            if kind in ("config", "resume"):
+                config.update({k: v for k, v in r.items() if k not in ("type", "step")})
+            elif kind == "train":
+                train.append(r)
+            elif kind == "eval":
+                evals.append(r)
+    run_dir = log.parent
+    run = {"dir": run_dir, "config": config, "train": train, "eval": evals,
+           "label": label or default_label(config, run_dir)}
+    for name in ("hellaswag", "core"):
+        p = run_dir / f"{name}.json"
+        run[name] = json.loads(p.read_text()) if p.is_file() else None
+    return run
+
+
+def default_label(config, run_dir):
+    if "scheme" not in config:
+        return run_dir.name
+    return config["scheme"] if config["scheme"] == "plain" else f"{config['scheme']} n={config.get('n_streams')}"
+
+
+def unique_labels(runs):
+    """Tell runs with the same label apart: by directory name, else by position."""
+    for attempt in (lambda r, i: f"{r['label']} ({r['dir'].name})", lambda r, i: f"{r['label']} #{i + 1}"):
+        groups = {}
+        for i, r in enumerate(runs):
+            groups.setdefault(r["label"], []).append(i)
+        for idxs in groups.values():
+            if len(idxs) > 1:
+                for i in idxs:
+                    runs[i]["label"] = attempt(runs[i], i)
+
+
+def extra_params(config):
+    """Parameters of the residual connections (2 per block): what a scheme adds over plain."""
+    import torch
+    import hc
+    scheme = config.get("scheme")
+    if scheme is None or scheme == "plain":
+        return 0 if scheme == "plain" else None
+    opts = {k: config.get(k) for k in ("sinkhorn_iters", "res_logit_init", "gate_init", "kron_factors")}
+    if opts["kron_factors"] is not None:
+        opts["kron_factors"] = tuple(opts["kron_factors"])
+    with torch.device("meta"):
+        conns = [hc.make_connection(scheme, config["n_embd"], config["n_streams"], i, **opts)
+                 for i in range(2 * config["n_layer"])]
+    return sum(p.numel() for c in conns for p in c.parameters())
+
+
+def pick_eval(run, step=None):
+    """The eval record at step (default: the last one with H_res matrices, else the last)."""
+    evals = run["eval"]
+    if step is not None:
+        match = [e for e in evals if e["step"] == step]
+        if not match:
+            raise ValueError(f"{run['dir']}: no eval at step {step}; evals at {[e['step'] for e in evals]}")
+        return match[-1]
+    with_hres = [e for e in evals if e.get("hres")]
+    return (with_hres or evals or [None])[-1]
+
+
+# -----------------------------------------------------------------------------
+# plotting helpers
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def fmt_tokens(x, _pos=None):
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            return f"{x / div:g}{suffix}"
+    return f"{x:g}"
+
+
+def save(fig, out_dir, name, formats):
+    paths = []
+    for ext in formats:
+        p = Path(out_dir) / f"{name}.{ext}"
+        fig.savefig(p, dpi=150, bbox_inches="tight")
+        paths.append(p)
+    _plt().close(fig)
+    return paths
+
+
+def ema(values, alpha=None):
+    """Exponential moving average; alpha None: a window of about 1/25 of the points."""
+    if alpha is None:
+        alpha = 1.0 - 1.0 / max(1.0, len(values) / 25)
+    out, s = [], None
+    for v in values:
+        s = v if s is None else alpha * s + (1 - alpha) * v
+        out.append(s)
+    return out
+
+
+def focus_ylim(ax, series, skip_frac=0.1):
+    """y-limits that ignore the first skip_frac of training (the initial loss ~ ln(vocab) would
+    squash everything else)."""
+    lo, hi = math.inf, -math.inf
+    for xs, ys in series:
+        if not xs:
+            continue
+        cut = skip_frac * max(xs)
+        kept = [y for x, y in zip(xs, ys) if x >= cut and math.isfinite(y)] or [y for y in ys if math.isfinite(y)]
+        if kept:
+            lo, hi = min(lo, min(kept)), max(hi, max(kept))
+    if math.isfinite(lo) and hi > lo:
+        pad = 0.05 * (hi - lo)
+        ax.set_ylim(lo - pad, hi + pad)
+
+
+def plot_curves(runs, out_dir, formats, smooth=None):
+    plt = _plt()
+    from matplotlib.ticker import FuncFormatter
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [("train loss", [], "nats / token"), ("val loss", [], "nats / token"), ("val BPB", [], "bits / byte")]
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        tr = [r for r in run["train"] if r.get("loss") is not None]
+        xs, ys = [r["tokens"] for r in tr], [r["loss"] for r in tr]
+        if xs:
+            axes[0].plot(xs, ys, color=color, alpha=0.25, lw=0.8)
+            axes[0].plot(xs, ema(ys, smooth), color=color, lw=1.6, label=run["label"])
+            panels[0][1].append((xs, ys))
+        for ax, key, panel in ((axes[1], "val_loss", panels[1]), (axes[2], "val_bpb", panels[2])):
+            ev = [e for e in run["eval"] if e.get(key) is not None]
+            xs, ys = [e["tokens"] for e in ev], [e[key] for e in ev]
+            if xs:
+                ax.plot(xs, ys, "o-", color=color, ms=3, lw=1.6, label=run["label"])
+                panel[1].append((xs, ys))
+    for ax, (title, series, ylabel) in zip(axes, panels):
+        ax.set_title(title + (" (EMA)" if title == "train loss" and smooth != 0 else ""))
+        ax.set_xlabel("tokens")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_formatter(FuncFormatter(fmt_tokens))
+        ax.grid(alpha=0.3)
+        focus_ylim(ax, series)
+        if series:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save(fig, out_dir, "curves", formats)
+
+
+def connection_grid(names):
+    """Place connection names like 'L03.attn' on a (sublayer, layer) grid; other names fill
+    rows of the same width in order."""
+    parsed = [re.match(r"\D*(\d+)\D*?(attn|mlp)", n) for n in names]
+    if all(parsed):
+        layers = sorted({int(m.group(1)) for m in parsed})
+        col = {layer: j for j, layer in enumerate(layers)}
+        return 2, len(layers), {n: ((0 if m.group(2) == "attn" else 1), col[int(m.group(1))])
+                                for n, m in zip(names, parsed)}
+    cols = min(8, len(names))
+    return math.ceil(len(names) / cols), cols, {n: divmod(i, cols) for i, n in enumerate(names)}
+
+
+def plot_hres(run, out_dir, formats, step=None, annotate=None):
+    """Heatmaps of every connection's token-averaged H_res and of the composite."""
+    e = pick_eval(run, step)
+    if not e or not e.get("hres"):
+        return []
+    plt = _plt()
+    names = list(e["hres"])
+    mats = {k: np.array(v, dtype=float) for k, v in e["hres"].items()}
+    comp = np.array(e["hres_composite"], dtype=float) if e.get("hres_composite") is not None else None
+    rows, cols, where = connection_grid(names)
+    allv = np.concatenate([m.ravel() for m in mats.values()] + ([comp.ravel()] if comp is not None else []))
+    n = next(iter(mats.values())).shape[0]
+    if annotate is None:
+        annotate = n <= 4
+    if allv.min() < -1e-6:  # HC: unconstrained, signed entries
+        vmax = float(np.abs(allv).max())
+        cmap, vmin = "RdBu_r", -vmax
+    else:
+        cmap, vmin, vmax = "viridis", 0.0, max(1.0, float(allv.max()))
+    extra = 1 if comp is not None else 0
+    fig, axes = plt.subplots(rows, cols + extra, figsize=(1.35 * (cols + extra) + 1.0, 1.45 * rows + 0.6),
+                             squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    im = None
+
+    def draw(ax, m, title):
+        nonlocal im
+        ax.axis("on")
+        im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=8)
+        if annotate:
+            for (i, j), v in np.ndenumerate(m):
+                bright = (v - vmin) / (vmax - vmin + 1e-12) > 0.6
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5.5,
+                        color="black" if bright else "white")
+
+    for name in names:
+        r, c = where[name]
+        draw(axes[r, c], mats[name], name)
+    if comp is not None:
+        draw(axes[0, cols], comp, "composite")
+    fig.suptitle(f"{run['label']}: token-averaged H_res (rows = outputs) at step {e['step']:,} "
+                 f"({fmt_tokens(e['tokens'])} tokens)", fontsize=10)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, pad=0.02)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", run["label"]).strip("_")
+    return save(fig, out_dir, f"hres_{slug}", formats)
+
+
+def depth_profile(e):
+    """From an eval record -> per-connection names and arrays of Amax gains, DS errors, and the
+    gains of the composite product up to each depth (of the token-averaged matrices)."""
+    names = list(e["hres"])
+    diag = e.get("diag") or {}
+    H = [np.array(e["hres"][n], dtype=float) for n in names]
+
+    def gains(m):
+        a = np.abs(m)
+        return a.sum(1).max(), a.sum(0).max()
+
+    def ds_err(m):
+        return max(np.abs(m.sum(1) - 1).max(), np.abs(m.sum(0) - 1).max())
+
+    prof = {"names": names, "fwd": [], "bwd": [], "ds_err": [], "comp_fwd": [], "comp_bwd": []}
+    P = np.eye(H[0].shape[0])
+    for n, m in zip(names, H):
+        P = m @ P  # later connections act on the left
+        f, b = gains(m)
+        prof["fwd"].append(diag.get(f"{n}/amax_fwd", f))
+        prof["bwd"].append(diag.get(f"{n}/amax_bwd", b))
+        row, col = diag.get(f"{n}/ds_row_err"), diag.get(f"{n}/ds_col_err")
+        prof["ds_err"].append(max(row, col) if row is not None and col is not None else ds_err(m))
+        cf, cb = gains(P)
+        prof["comp_fwd"].append(cf)
+        prof["comp_bwd"].append(cb)
+    prof["exact_comp"] = (diag.get("composite/amax_fwd"), diag.get("composite/amax_bwd"))
+    return prof
+
+
+def plot_depth(runs, out_dir, formats, step=None):
+    runs = [(r, pick_eval(r, step)) for r in runs]
+    runs = [(r, e) for r, e in runs if e and e.get("hres")]
+    if not runs:
+        return []
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    floor = 1e-9
+    for i, (run, e) in enumerate(runs):
+        color = f"C{i % 10}"
+        p = depth_profile(e)
+        d = np.arange(1, len(p["names"]) + 1)
+        for ax, key in ((axes[0], "fwd"), (axes[1], "bwd")):
+            ax.plot(d, p[key], "--", color=color, lw=1, alpha=0.8)
+            ax.plot(d, p[f"comp_{key}"], "-", color=color, lw=1.8, label=run["label"])
+            exact = p["exact_comp"][0 if key == "fwd" else 1]
+            if exact is not None:
+                ax.plot([d[-1]], [exact], "*", color=color, ms=11, mec="black", mew=0.5)
+        axes[2].plot(d, np.maximum(p["ds_err"], floor), "o-", color=color, ms=3, lw=1.4, label=run["label"])
+    titles = ("Amax gain, forward (max |row sum|)", "Amax gain, backward (max |column sum|)",
+              "doubly-stochastic error of H_res")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("connection depth (2 per layer: attention, MLP)")
+        ax.grid(alpha=0.3, which="both")
+    gains = [v for line in axes[0].lines + axes[1].lines for v in line.get_ydata() if np.isfinite(v) and v > 0]
+    for ax in axes[:2]:
+        if gains and max(gains) / min(gains) > 10:  # HC-style blow-up: a log axis
+            ax.set_yscale("log")
+        elif gains:  # near 1 (doubly stochastic): linear, at least 0.95 to 1.05 so float noise stays flat
+            ax.set_ylim(min(0.95, 0.98 * min(gains)), max(1.05, 1.02 * max(gains)))
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    axes[2].set_yscale("log")
+    for ax in axes[:2]:
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.plot([], [], "k--", lw=1, label="single connection")
+        ax.plot([], [], "k-", lw=1.8, label="composite up to depth")
+        ax.plot([], [], "k*", ms=9, lw=0, label="composite, exact (logged)")
+        ax.legend(fontsize=7)
+    axes[2].set_ylabel(f"max(|row sum - 1|, |col sum - 1|), floored at {floor:g}")
+    axes[2].legend(fontsize=7)
+    steps = sorted({e["step"] for _, e in runs})
+    fig.suptitle(f"H_res through depth at step {', '.join(f'{s:,}' for s in steps)}", fontsize=11)
+    fig.tight_layout()
+    return save(fig, out_dir, "depth", formats)
+
+
+# -----------------------------------------------------------------------------
+# the table
+
+def results_rows(runs):
+    rows = []
+    for run in runs:
+        cfg = run["config"]
+        last = next((e for e in reversed(run["eval"]) if e.get("val_loss") is not None), None)
+        tps = [r["tok_per_s"] for r in run["train"][1:] if r.get("tok_per_s")]  # the first includes warm-up
+        hs = run["hellaswag"] or {}
+        hs_acc = hs.get("acc_norm", last.get("hellaswag_acc_norm") if last else None)
+        core = run["core"] or {}
+        try:
+            extra = extra_params(cfg)
+        except Exception:  # a config this hc.py cannot build
+            extra = None
+        rows.append({
+            "run": run["label"], "scheme": cfg.get("scheme"), "n": cfg.get("n_streams"),
+            "params": cfg.get("num_params"), "extra_params": extra,
+            "tokens": last["tokens"] if last else None, "val_loss": last["val_loss"] if last else None,
+            "val_bpb": last.get("val_bpb") if last else None, "hellaswag": hs_acc,
+            "hellaswag_n": hs.get("n"), "core": core.get("core"), "core_complete": core.get("complete"),
+            "tok_per_s": statistics.median(tps) if tps else None,
+        })
+    return rows
+
+
+def markdown_table(rows):
+    def f(v, spec):
+        return "–" if v is None else format(v, spec)
+
+    lines = ["| run | scheme | n | tokens | val loss | val BPB | HellaSwag acc_norm | CORE | tok/s | params | extra params |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        hs = f(r["hellaswag"], ".4f") + (f" ({r['hellaswag_n']:,})" if r["hellaswag"] is not None and r["hellaswag_n"]
+                                         and r["hellaswag_n"] != 10042 else "")
+        core = f(r["core"], ".4f") + ("*" if r["core"] is not None and not r["core_complete"] else "")
+        params = "–" if r["params"] is None else f"{r['params'] / 1e6:.2f}M"
+        extra = "–" if r["extra_params"] is None else f"{r['extra_params']:,}"
+        tokens = "–" if r["tokens"] is None else fmt_tokens(r["tokens"])
+        lines.append(f"| {r['run']} | {r['scheme'] or '–'} | {r['n'] or '–'} | {tokens} | {f(r['val_loss'], '.4f')} | "
+                     f"{f(r['val_bpb'], '.4f')} | {hs} | {core} | {f(r['tok_per_s'], ',.0f')} | {params} | {extra} |")
+    notes = []
+    if any(r["hellaswag"] is not None and r["hellaswag_n"] and r["hellaswag_n"] != 10042 for r in rows):
+        notes.append("HellaSwag (N): scored on N items, not the full 10,042-item validation set.")
+    if any(r["core"] is not None and not r["core_complete"] for r in rows):
+        notes.append("CORE*: not all 22 tasks in full (a subset or --max-per-task), so not comparable to CORE.")
+    notes.append("tok/s: median training throughput; val loss in nats/token; extra params: the residual "
+                 "connections' parameters (0 for plain).")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"{n}  " for n in notes) + "\n"
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="run directories (train.py out_dir) or their log.jsonl files")
+    ap.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: scheme and n)")
+    ap.add_argument("--out-dir", default="plots")
+    ap.add_argument("--formats", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"])
+    ap.add_argument("--step", type=int, default=None, help="eval step for the H_res figures (default: the last)")
+    ap.add_argument("--smooth", type=float, default=None,
+                    help="EMA factor for the train loss (0: none; default: a window of 1/25 of the points)")
+    args = ap.parse_args(argv)
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        ap.error(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
+
+    runs = [read_run(p, label) for p, label in zip(args.runs, args.labels or [None] * len(args.runs))]
+    unique_labels(runs)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = plot_curves(runs, out, args.formats, args.smooth)
+    for run in runs:
+        written += plot_hres(run, out, args.formats, args.step)
+    written += plot_depth(runs, out, args.formats, args.step)
+    table = markdown_table(results_rows(runs))
+    (out / "results.md").write_text(table)
+    written.append(out / "results.md")
+    print(table)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""
+Sample text from a checkpoint.
+
+    python scripts/sample.py --ckpt out/quickstart-kromhc-n4-s1337 --prompt "The list type" \\
+        --num-samples 3 --max-new-tokens 100 --temperature 0.8 --top-k 200 --seed 1337
+    python scripts/sample.py --ckpt out/run/ckpt.pt --prompt FILE:prompt.txt
+
+An empty prompt starts from <|endoftext|>, i.e. a fresh document. --temperature 0 is greedy
+decoding. Sampling is reproducible for a given --seed on a given device.
+"""
+
+import argparse
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_hellaswag import autocast, load_model  # noqa: E402
+
+
+def decode(enc, ids):
+    """Text of ids; ids beyond the tokenizer's vocabulary (the padded rows of the embedding) are dropped."""
+    return enc.decode([i for i in ids if i < enc.n_vocab])
+
+
+@torch.no_grad()
+def sample(model, enc, prompt="", num_samples=1, max_new_tokens=100, temperature=0.8, top_k=200, seed=1337,
+           device="cpu", ctx=None):
+    """-> list of num_samples generated texts (prompt excluded)."""
+    ids = enc.encode_ordinary(prompt) if prompt else [enc.eot_token]
+    block_size = model.config.block_size
+    if len(ids) > block_size:
+        ids = ids[-block_size:]
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(seed)
+    with ctx or nullcontext():
+        if temperature == 0:  # greedy: top-1 at any temperature
+            y = model.generate(x, max_new_tokens, temperature=1.0, top_k=1)
+        else:
+            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
+    return [decode(enc, row[len(ids):].tolist()) for row in y]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="checkpoint file, or the run directory holding ckpt.pt")
+    ap.add_argument("--prompt", default="", help="text to continue, or FILE:path to read it from a file")
+    ap.add_argument("--num-samples", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=100)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    ap.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0: all)")
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    args = ap.parse_args(argv)
+
+    from data.tokenizer import get_encoding
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    prompt = args.prompt
+    if prompt.startswith("FILE:"):
+        prompt = Path(prompt[5:]).read_text(encoding="utf-8")
+    model, meta = load_model(args.ckpt, device)
+    cfg = meta["model_config"]
+    print(f"# {cfg['scheme']} n={cfg['n_streams']}, step {meta.get('step')}, temperature {args.temperature}, "
+          f"top-k {args.top_k or 'all'}, seed {args.seed}")
+    texts = sample(model, get_encoding(), prompt, args.num_samples, args.max_new_tokens, args.temperature,
+                   args.top_k or None, args.seed, device, autocast(device_type, args.dtype))
+    for text in texts:
+        print(prompt + text)
+        print("-" * 80)
+    return texts
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,7 @@ The eval bundle (core.yaml, eval_meta_data.csv, eval_data/**.jsonl, from the Mos
 Gauntlet, as packaged for nanochat) is read from a local directory:
 
     python scripts/eval_core.py --ckpt out/run --bundle-dir /path/to/eval_bundle
-    python scripts/eval_core.py --ckpt out/run --download          # fetch the zip once (~160 MB)
+    python scripts/eval_core.py --ckpt out/run --download          # fetch the bundle once (~160 MB unpacked)
     torchrun --standalone --nproc_per_node=8 scripts/eval_core.py --ckpt out/run --bundle-dir ...
 
 Default bundle directory: $HCGPT_CACHE_DIR/eval_bundle (~/.cache/hcgpt/eval_bundle). Results go

@@ -6,6 +6,8 @@ Figures and a results table from train.py run directories (their log.jsonl).
 
 Writes into --out-dir:
     curves.{png,svg}          train loss, val loss and val BPB vs tokens, all runs on each panel
+                              (and HellaSwag acc_norm when the eval records carry
+                              "hellaswag_acc_norm")
     hres_<run>.{png,svg}      the token-averaged H_res of every connection (rows: attention, MLP;
                               columns: layers) and the composite through the whole stack, at the
                               last eval (or --step)
@@ -173,11 +175,19 @@ def focus_ylim(ax, series, skip_frac=0.1):
         ax.set_ylim(lo - pad, hi + pad)
 
 
+EVAL_PANELS = [("val_loss", "val loss", "nats / token"), ("val_bpb", "val BPB", "bits / byte"),
+               ("hellaswag_acc_norm", "HellaSwag acc_norm", "accuracy")]  # the last if logged at eval time
+
+
 def plot_curves(runs, out_dir, formats, smooth=None):
+    """One panel per metric, every run on each: train loss (raw, faint, and EMA), then the eval
+    metrics present in the logs."""
     plt = _plt()
     from matplotlib.ticker import FuncFormatter
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = [("train loss", [], "nats / token"), ("val loss", [], "nats / token"), ("val BPB", [], "bits / byte")]
+    evals = [p for p in EVAL_PANELS if any(e.get(p[0]) is not None for r in runs for e in r["eval"])]
+    fig, axes = plt.subplots(1, 1 + len(evals), figsize=(5 * (1 + len(evals)), 4.2), squeeze=False)
+    axes = axes[0]
+    series = [[] for _ in axes]
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
         tr = [r for r in run["train"] if r.get("loss") is not None]
@@ -185,21 +195,23 @@ def plot_curves(runs, out_dir, formats, smooth=None):
         if xs:
             axes[0].plot(xs, ys, color=color, alpha=0.25, lw=0.8)
             axes[0].plot(xs, ema(ys, smooth), color=color, lw=1.6, label=run["label"])
-            panels[0][1].append((xs, ys))
-        for ax, key, panel in ((axes[1], "val_loss", panels[1]), (axes[2], "val_bpb", panels[2])):
+            series[0].append((xs, ys))
+        for j, (key, _, _) in enumerate(evals, 1):
             ev = [e for e in run["eval"] if e.get(key) is not None]
             xs, ys = [e["tokens"] for e in ev], [e[key] for e in ev]
             if xs:
-                ax.plot(xs, ys, "o-", color=color, ms=3, lw=1.6, label=run["label"])
-                panel[1].append((xs, ys))
-    for ax, (title, series, ylabel) in zip(axes, panels):
-        ax.set_title(title + (" (EMA)" if title == "train loss" and smooth != 0 else ""))
+                axes[j].plot(xs, ys, "o-", color=color, ms=3, lw=1.6, label=run["label"])
+                series[j].append((xs, ys))
+    titles = [("train loss" + (" (EMA)" if smooth != 0 else ""), "nats / token")] + [(t, y) for _, t, y in evals]
+    for ax, (title, ylabel), ser in zip(axes, titles, series):
+        ax.set_title(title)
         ax.set_xlabel("tokens")
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_formatter(FuncFormatter(fmt_tokens))
         ax.grid(alpha=0.3)
-        focus_ylim(ax, series)
-        if series:
+        if ylabel != "accuracy":
+            focus_ylim(ax, ser)
+        if ser:
             ax.legend(fontsize=8)
     fig.tight_layout()
     return save(fig, out_dir, "curves", formats)

@@ -166,3 +166,19 @@ def test_decode_drops_padded_vocabulary_ids():
     from data.tokenizer import get_encoding
     enc = get_encoding()
     assert sample.decode(enc, [31373, 50300, 995]) == "hello world"
+
+
+def test_curves_panels(runs, monkeypatch):
+    """Train loss, val loss, val BPB; a HellaSwag panel when eval records carry it."""
+    figs = []
+    monkeypatch.setattr(plot_runs, "save", lambda fig, *a: figs.append(fig) or [])
+    run = plot_runs.read_run(runs["plain"])
+    plot_runs.plot_curves([run], "unused", ["png"])
+    assert [ax.get_title() for ax in figs[-1].axes] == ["train loss (EMA)", "val loss", "val BPB"]
+    for e in run["eval"]:
+        e["hellaswag_acc_norm"] = 0.25 + e["step"] / 100
+    plot_runs.plot_curves([run], "unused", ["png"], smooth=0)
+    axes = figs[-1].axes
+    assert [ax.get_title() for ax in axes] == ["train loss", "val loss", "val BPB", "HellaSwag acc_norm"]
+    assert list(axes[3].lines[0].get_ydata()) == [0.25, 0.28, 0.31]
+    assert list(axes[1].lines[0].get_xdata()) == [e["tokens"] for e in run["eval"]]

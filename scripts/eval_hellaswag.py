@@ -167,7 +167,7 @@ def evaluate_hellaswag(model, examples, device, enc=None, batch_size=8, ctx=None
     was_training = model.training
     model.eval()
     mine = list(range(rank, len(examples), world_size))
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # n, correct (sum), correct_norm (mean)
+    n = correct = correct_norm = 0
     try:
         for b in range(0, len(mine), batch_size):
             chunk = mine[b:b + batch_size]
@@ -177,15 +177,16 @@ def evaluate_hellaswag(model, examples, device, enc=None, batch_size=8, ctx=None
             for j, (i, (r, label)) in enumerate(zip(chunk, rendered)):
                 s, m = sum_loss[4 * j:4 * j + 4], mean_loss[4 * j:4 * j + 4]
                 pred, pred_norm = int(s.argmin()), int(m.argmin())
-                counts += torch.tensor([1.0, pred == label, pred_norm == label], dtype=torch.float64, device=device)
+                n, correct, correct_norm = n + 1, correct + (pred == label), correct_norm + (pred_norm == label)
                 if predictions is not None:
                     predictions.append({"index": i, "label": label, "pred": pred, "pred_norm": pred_norm,
                                         "sum_loss": s.tolist(), "mean_loss": m.tolist()})
     finally:
         model.train(was_training)
     if world_size > 1:
+        counts = torch.tensor([n, correct, correct_norm], dtype=torch.long, device=device)
         dist.all_reduce(counts)
-    n, correct, correct_norm = (int(round(c)) for c in counts.tolist())
+        n, correct, correct_norm = counts.tolist()
     return {"acc_norm": correct_norm / n, "acc": correct / n, "n": n,
             "correct_norm": correct_norm, "correct": correct}
 

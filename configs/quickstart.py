@@ -14,9 +14,9 @@ dropout = 0.0
 
 batch_size = 16
 total_batch_tokens = 2048  # one micro-step of 16 x 128
-max_iters = 250
+max_iters = 150
 learning_rate = 2e-3
-warmup_iters = 20
+warmup_iters = 15
 min_lr_ratio = 0.1
 weight_decay = 0.1
 

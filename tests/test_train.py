@@ -240,3 +240,14 @@ def test_sweep_prints_distinct_runs(capsys):
     for line in lines:  # every printed command is a valid config
         args = line.split("train.py ", 1)[1].split()
         configurator.load(train.DEFAULTS, [os.path.join(REPO, args[0])] + args[1:], train.ALLOWED_TYPES)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scheme", ["plain", "kromhc"])
+def test_cuda_bf16_compile_trains(scheme, data_dir, tmp_path):
+    out = tmp_path / scheme
+    train.main(tiny_args(data_dir, out, "--device=cuda", f"--scheme={scheme}", "--compile=True", "--dtype=bfloat16"))
+    log = read_log(out)
+    assert log[0]["compile"] is True and log[0]["dtype"] == "bfloat16"
+    evals = [r for r in log if r["type"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0

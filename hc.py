@@ -31,6 +31,19 @@ SCHEMES = ("plain", "hc", "mhc", "mhc_lite", "kromhc")
 MAX_PERM_SIZE = 6  # n! permutation logits: 720 at 6, 40,320 at 8 (248 M parameters at C = 768)
 OPTIONS = {"sinkhorn_iters": 20, "kron_factors": None, "res_logit_init": -8.0, "gate_init": 0.01}
 
+# The fused Triton kernels of hc_kernels.py compute the same equations as the torch code below
+# with fewer passes over the streams. "auto": on CUDA where they apply (warns once where they do
+# not); "on": always, or raise (CPU needs TRITON_INTERPRET=1); "off": this file's torch code only.
+FUSED = "auto"
+
+
+def _kernels(t, conn=None):
+    """hc_kernels if its fused kernels run for this connection (conn None: Sinkhorn) on t, else None."""
+    if FUSED == "off" or (FUSED == "auto" and not t.is_cuda):
+        return None
+    import hc_kernels  # Triton is imported here only: the torch path needs none
+    return hc_kernels if hc_kernels.use_fused(t, conn, FUSED) else None
+
 
 # ----------------------------------------------------------------------------------------
 # streams in and out
@@ -81,6 +94,9 @@ class Connection(nn.Module):
 
     def forward(self, h, branch):
         self.check(h)
+        kernels = _kernels(h, self)
+        if kernels:
+            return kernels.connection_forward(self, h, branch)
         H_pre, H_post, H_res = self.coefficients(h)
         # Mixing as broadcast-multiply-sum over the n axis: with n ~ 4 this beats tiny
         # batched matmuls (einsum) by a wide margin once compiled.
@@ -139,9 +155,13 @@ class HyperConnection(Connection):
         with torch.autocast(h.device.type, enabled=False):
             h = h.float()
             H_bar = h / rms(h) * self.norm_gain                                     # (B, T, n, C)
-            A_m = self.s_alpha * torch.tanh(H_bar @ self.W_m).squeeze(-1) + self.A_m  # (B, T, n)
-            A_r = self.s_alpha * torch.tanh(H_bar @ self.W_r) + self.A_r              # (B, T, n, n)
-            B = self.s_beta * torch.tanh(H_bar @ self.W_beta).squeeze(-1) + self.B    # (B, T, n)
+            return self.gates(H_bar @ self.W_m, H_bar @ self.W_r, H_bar @ self.W_beta)
+
+    def gates(self, p_m, p_r, p_beta):
+        """Eqs. 10-13 from the projections H̄ W_m (B, T, n, 1), H̄ W_r (B, T, n, n), H̄ W_β (B, T, n, 1)."""
+        A_m = self.s_alpha * torch.tanh(p_m).squeeze(-1) + self.A_m      # (B, T, n)
+        A_r = self.s_alpha * torch.tanh(p_r) + self.A_r                   # (B, T, n, n)
+        B = self.s_beta * torch.tanh(p_beta).squeeze(-1) + self.B         # (B, T, n)
         # A_r[j, i] is what input stream j sends to output stream i, so H_res = A_rᵀ
         return A_m, B, A_r.transpose(-1, -2)
 
@@ -190,14 +210,18 @@ class ManifoldConnection(Connection):
 
     def coefficients(self, h):
         self.check(h)
-        n = self.n
         with torch.autocast(h.device.type, enabled=False):
             x = h.float().flatten(-2)                                   # (B, T, nC)
             m = ((x * self.gamma) @ self.phi) / rms(x)                  # (B, T, r + 2n)
-            m_pre, m_post, m_res = m.split([n, n, self.r], dim=-1)
-            H_pre = torch.sigmoid(self.alpha_pre * m_pre + self.b_pre)
-            H_post = 2 * torch.sigmoid(self.alpha_post * m_post + self.b_post)
-            H_res = self.residual_matrix(self.alpha_res * m_res + self.b_res)
+            return self.gates(m)
+
+    def gates(self, m):
+        """H_pre, H_post, H_res from the projection m (B, T, r + 2n)."""
+        n = self.n
+        m_pre, m_post, m_res = m.split([n, n, self.r], dim=-1)
+        H_pre = torch.sigmoid(self.alpha_pre * m_pre + self.b_pre)
+        H_post = 2 * torch.sigmoid(self.alpha_post * m_post + self.b_post)
+        H_res = self.residual_matrix(self.alpha_res * m_res + self.b_res)
         return H_pre, H_post, H_res
 
 
@@ -238,6 +262,9 @@ class SinkhornLog(torch.autograd.Function):
 
 def sinkhorn(logits, iters=20):
     """Doubly stochastic matrix from logits (…, n, n): rows exact, columns to within the error of ``iters``."""
+    kernels = _kernels(logits)
+    if kernels:
+        return kernels.sinkhorn(logits, iters)
     return SinkhornLog.apply(logits, iters)
 
 

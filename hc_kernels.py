@@ -1,0 +1,714 @@
+"""Fused Triton kernels for the n-stream connections of hc.py, with their autograd wrappers.
+
+hc.py is the reference: these kernels compute its equations (residual-schemes.md section 1),
+
+    x_in     = sum_j H_pre[j] h[j]
+    h_new[i] = sum_j H_res[i, j] h[j] + H_post[i] y,        y = branch(x_in)
+
+with fewer passes over the stream h (B, T, n, C), which is what the stream ops cost: they are
+memory-bound (performance.md). Per connection:
+
+  (a) pre_mix   one read of h: the RMS, the coefficient projection m (mHC Eqs. 14-15; HC Eqs.
+                10-13 per stream) and, while the token's n x C values are on chip (the second
+                pass over them hits L2), x_in = sum_j H_pre[j] h[j]. H_pre's gate is applied
+                inside the kernel; H_post and H_res come from m in torch (conn.gates), since m
+                is only r + 2n floats per token.
+  (b) post_mix  one read-modify-write: h_new = H_res h + H_post y.
+  (c) sinkhorn  log-space Sinkhorn-Knopp (mHC Eq. 9), all iterations on chip; the backward
+                recomputes the iterates from the logits instead of saving 2 x iters matrices.
+
+Backward saves h (once: the same tensor for (a) and (b)), y, and the small per-token m, rstd,
+H_res, H_post; the mixes are recomputed. The backward of (a) reduces the projection's gradient
+per tile with fp32 atomics, so phi/W and gamma gradients are summed in a nondeterministic order.
+
+Bytes per token and sublayer at n = 4, C = 768, bf16 streams (a state is 6 KB): forward (a)
+6 KB read + 1.5 KB written, (b) 7.5 KB read + 6 KB written; backward (b) 13.5 KB read + 7.5 KB
+written, (a) 7.5 KB read + 6 KB written, plus autograd's sum of the two gradients of h (12 KB
+read, 6 KB written) and the projection gradient's atomics (in L2). Not fused yet, in the order
+they would pay: that sum (route (b)'s gradient into (a)'s backward), and (b) of one sublayer
+with (a) of the next (one kernel per sublayer boundary, performance.md).
+
+The kernels are torch.library custom ops (torch.compile sees them as opaque ops). They run on
+CUDA, or on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1 set before Triton is first
+imported; for tests). hc.py imports this module only when the fused path is asked for. hc.FUSED picks
+the path: "auto" (these kernels on CUDA where they apply, warning once where they do not),
+"on" (these kernels or an error), "off" (the torch reference).
+"""
+
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+# Triton's interpreter works only if TRITON_INTERPRET=1 was set before Triton was imported
+# (its library functions are built for one mode or the other then)
+INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+try:
+    import triton
+    import triton.language as tl
+    TRITON_ERROR = None
+except ImportError as e:  # the torch path of hc.py needs no Triton
+    triton, TRITON_ERROR = None, f"{type(e).__name__}: {e}"
+
+    class tl:  # only so that the kernel signatures below parse; the kernels cannot run
+        constexpr = None
+
+EPS = 1e-6            # hc.rms
+MAX_STREAMS = 16      # n per token held on chip
+MAX_COLUMNS = 128     # projection columns per token (r + 2n; n + 2 for HC): mhc_lite stops at n = 4
+
+# Tile shapes. (a) is autotuned on CUDA over (BLOCK_M tokens, BLOCK_C channels, warps, stages)
+# that compile for sm_90 without register spills at n <= 8 (tl.dot needs BLOCK_M >= 16); more
+# tokens per program means fewer re-reads of the projection weight. (b) keeps few tokens and wide
+# channel chunks, TILE elements of (tokens, streams, channels) per step. The interpreter (CPU)
+# uses small fixed tiles so that tests cross tile edges.
+PRE_CONFIGS = [(32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2)]
+PRE_CPU = dict(BLOCK_M=16, BLOCK_C=32)
+TILE = 2048
+
+
+# ----------------------------------------------------------------------------------------
+# (a) RMS + coefficient projection + H_pre mix
+
+def _pre_mix_fwd_kernel(
+        h_ptr, w_ptr, g_ptr, a_ptr, b_ptr,          # h (M, N, C) strided; weight (K, R); gain (K,); gate scale (); gate bias (N,)
+        m_ptr, rstd_ptr, x_ptr,                     # out: m (M, R) | (M, N, R) fp32; rstd (M,) | (M, N); x_in (M, C)
+        M, C, R, s_hm, s_hn, s_hc, eps,
+        N: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr, HC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+    """HC=False (mHC family): m = (x γ) φ / rms(x) over the token's N C values (K = N C rows of φ),
+    H_pre = σ(α m[:N] + b). HC=True: per stream j, m_j = (h_j g / rms(h_j)) W (K = C),
+    H_pre[j] = s tanh(m_j[0]) + A_m[j]. Both: x_in = Σ_j H_pre[j] h_j."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    rc = tl.arange(0, R_PAD)
+    rc_ok = rc < R
+    st = tl.arange(0, N_PAD)
+    scale = tl.load(a_ptr).to(tl.float32)
+    H_pre = tl.zeros([BLOCK_M, N_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # pass 1: the projection and the sum of squares, one read of the token's n x C values
+    for j in range(N):
+        if HC:
+            acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+            ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + cols
+            c_ok = cc < C
+            x = tl.load(h_ptr + rows64[:, None] * s_hm + j * s_hn + cc[None, :] * s_hc,
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            if HC:
+                k = cc              # one C x R weight shared by the streams
+            else:
+                k = j * C + cc      # row of φ for flatten(h)[j C + c]
+            gain = tl.load(g_ptr + k, mask=c_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + k[:, None] * R + rc[None, :], mask=c_ok[:, None] & rc_ok[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.dot(x * gain[None, :], w, input_precision=PRECISION)
+            ss += tl.sum(x * x, axis=1)
+        if HC:
+            rstd = 1.0 / tl.sqrt(ss / C + eps)
+            m = acc * rstd[:, None]                                      # H̄_j W
+            tl.store(m_ptr + (rows64[:, None] * N + j) * R + rc[None, :], m, mask=row_ok[:, None] & rc_ok[None, :])
+            tl.store(rstd_ptr + rows64 * N + j, rstd, mask=row_ok)
+            p = tl.sum(tl.where(rc[None, :] == 0, m, 0.0), axis=1)      # H̄_j W_m
+            H_j = scale * (2.0 * tl.sigmoid(2.0 * p) - 1.0) + tl.load(b_ptr + j).to(tl.float32)  # s tanh(.) + A_m
+            H_pre = tl.where(st[None, :] == j, H_j[:, None], H_pre)
+    if not HC:
+        rstd = 1.0 / tl.sqrt(ss / (N * C) + eps)
+        m = acc * rstd[:, None]
+        tl.store(m_ptr + rows64[:, None] * R + rc[None, :], m, mask=row_ok[:, None] & rc_ok[None, :])
+        tl.store(rstd_ptr + rows64, rstd, mask=row_ok)
+        tl.debug_barrier()  # m[:, :N] is read back by other threads of this program
+        m_pre = tl.load(m_ptr + rows64[:, None] * R + st[None, :], mask=row_ok[:, None] & (st[None, :] < N), other=0.0)
+        b = tl.load(b_ptr + st, mask=st < N, other=0.0).to(tl.float32)
+        H_pre = tl.sigmoid(scale * m_pre + b[None, :])
+    # pass 2: x_in = Σ_j H_pre[j] h_j; this program read the same tile just now, so it comes from L2
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + cols
+        c_ok = cc < C
+        x_in = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for j in range(N):
+            x = tl.load(h_ptr + rows64[:, None] * s_hm + j * s_hn + cc[None, :] * s_hc,
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            H_j = tl.sum(tl.where(st[None, :] == j, H_pre, 0.0), axis=1)
+            x_in += H_j[:, None] * x
+        tl.store(x_ptr + rows64[:, None] * C + cc[None, :], x_in.to(x_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & c_ok[None, :])
+
+
+def _pre_mix_bwd_kernel(
+        h_ptr, w_ptr, g_ptr, a_ptr, b_ptr, m_ptr, rstd_ptr, gm_ptr, gx_ptr,
+        gh_ptr, gw_ptr, dH_ptr, gu_ptr,   # out: grad h (M, N, C); G = Σ_tokens x ⊗ grad_u (K, R) fp32, atomic;
+        M, C, R, s_hm, s_hn, s_hc,        #      dL/dH_pre (M, N) fp32; scratch grad_u (M, R) fp32 (mHC family)
+        N: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr, HC: tl.constexpr, HAS_GM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+    """With u = (x γ) W and m = rstd u: grad_u = rstd grad_m, and
+    dL/dx = γ (grad_u Wᵀ) - (Σ_k grad_m_k m_k) rstd² x / K + H_pre[j] grad_x_in,
+    where grad_m includes the H_pre gate's share. dW = γ G and dγ = rowsum(W G) are formed outside."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    rc = tl.arange(0, R_PAD)
+    rc_ok = rc < R
+    st = tl.arange(0, N_PAD)
+    st_ok = st < N
+    scale = tl.load(a_ptr).to(tl.float32)
+    # pass 1: dL/dH_pre[j] = Σ_c grad_x_in[c] h_j[c]
+    dH = tl.zeros([BLOCK_M, N_PAD], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + cols
+        c_ok = cc < C
+        gx = tl.load(gx_ptr + rows64[:, None] * C + cc[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                     other=0.0).to(tl.float32)
+        for j in range(N):
+            x = tl.load(h_ptr + rows64[:, None] * s_hm + j * s_hn + cc[None, :] * s_hc,
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            dH += tl.where(st[None, :] == j, tl.sum(gx * x, axis=1)[:, None], 0.0)
+    tl.store(dH_ptr + rows64[:, None] * N + st[None, :], dH, mask=row_ok[:, None] & st_ok[None, :])
+    if not HC:
+        # through H_pre = σ(α m[:N] + b) into grad_m[:N]; the whole token shares one rstd
+        rmask = row_ok[:, None] & rc_ok[None, :]
+        pmask = row_ok[:, None] & st_ok[None, :]
+        m = tl.load(m_ptr + rows64[:, None] * R + rc[None, :], mask=rmask, other=0.0)
+        m_pre = tl.load(m_ptr + rows64[:, None] * R + st[None, :], mask=pmask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows64, mask=row_ok, other=0.0)
+        b = tl.load(b_ptr + st, mask=st_ok, other=0.0).to(tl.float32)
+        H_pre = tl.sigmoid(scale * m_pre + b[None, :])
+        dz = dH * H_pre * (1.0 - H_pre) * scale
+        if HAS_GM:
+            gm = tl.load(gm_ptr + rows64[:, None] * R + rc[None, :], mask=rmask, other=0.0)
+            gm_pre = tl.load(gm_ptr + rows64[:, None] * R + st[None, :], mask=pmask, other=0.0)
+        else:
+            gm = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+            gm_pre = tl.zeros([BLOCK_M, N_PAD], dtype=tl.float32)
+        # grad_u = rstd (grad_m + the gate's share in columns < N), assembled in the scratch row
+        tl.store(gu_ptr + rows64[:, None] * R + rc[None, :], gm * rstd[:, None], mask=rmask)
+        tl.debug_barrier()
+        tl.store(gu_ptr + rows64[:, None] * R + st[None, :], (gm_pre + dz) * rstd[:, None], mask=pmask)
+        tl.debug_barrier()
+        gu = tl.load(gu_ptr + rows64[:, None] * R + rc[None, :], mask=rmask, other=0.0)
+        coef = tl.sum(gu * m, axis=1) * rstd / (N * C)
+    # pass 2: grad of h, and G += xᵀ grad_u for the weight (the tile comes from L2 again)
+    for j in range(N):
+        if HC:
+            rmask = row_ok[:, None] & rc_ok[None, :]
+            m = tl.load(m_ptr + (rows64[:, None] * N + j) * R + rc[None, :], mask=rmask, other=0.0)
+            if HAS_GM:
+                gm = tl.load(gm_ptr + (rows64[:, None] * N + j) * R + rc[None, :], mask=rmask, other=0.0)
+            else:
+                gm = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+            rstd = tl.load(rstd_ptr + rows64 * N + j, mask=row_ok, other=0.0)
+            p = tl.sum(tl.where(rc[None, :] == 0, m, 0.0), axis=1)
+            t = 2.0 * tl.sigmoid(2.0 * p) - 1.0                            # tanh(H̄_j W_m)
+            H_j = scale * t + tl.load(b_ptr + j).to(tl.float32)
+            dH_j = tl.sum(tl.where(st[None, :] == j, dH, 0.0), axis=1)
+            gm += tl.where(rc[None, :] == 0, (dH_j * scale * (1.0 - t * t))[:, None], 0.0)
+            gu = gm * rstd[:, None]
+            coef = tl.sum(gm * m, axis=1) * rstd * rstd / C
+        else:
+            H_j = tl.sum(tl.where(st[None, :] == j, H_pre, 0.0), axis=1)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + cols
+            c_ok = cc < C
+            xmask = row_ok[:, None] & c_ok[None, :]
+            x = tl.load(h_ptr + rows64[:, None] * s_hm + j * s_hn + cc[None, :] * s_hc, mask=xmask,
+                        other=0.0).to(tl.float32)
+            gx = tl.load(gx_ptr + rows64[:, None] * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
+            if HC:
+                k = cc
+            else:
+                k = j * C + cc
+            gain = tl.load(g_ptr + k, mask=c_ok, other=0.0).to(tl.float32)
+            wmask = c_ok[:, None] & rc_ok[None, :]
+            w = tl.load(w_ptr + k[:, None] * R + rc[None, :], mask=wmask, other=0.0).to(tl.float32)
+            gh = tl.dot(gu, tl.trans(w), input_precision=PRECISION) * gain[None, :] \
+                - coef[:, None] * x + H_j[:, None] * gx
+            tl.store(gh_ptr + (rows64[:, None] * N + j) * C + cc[None, :], gh.to(gh_ptr.dtype.element_ty), mask=xmask)
+            G = tl.dot(tl.trans(x), gu, input_precision=PRECISION)          # (BLOCK_C, R_PAD)
+            tl.atomic_add(gw_ptr + k[:, None] * R + rc[None, :], G, mask=wmask)
+
+
+# ----------------------------------------------------------------------------------------
+# (b) H_res mix + H_post add
+
+def _post_mix_fwd_kernel(h_ptr, y_ptr, res_ptr, post_ptr, out_ptr, M, C, s_hm, s_hn, s_hc,
+                         N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[i] = Σ_j H_res[i, j] h[j] + H_post[i] y, in fp32, rounded once to h's dtype."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    st = tl.arange(0, N_PAD)
+    st_ok = st < N
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + cols
+        c_ok = cc < C
+        h = tl.load(h_ptr + rows64[:, None, None] * s_hm + st[None, :, None] * s_hn + cc[None, None, :] * s_hc,
+                    mask=row_ok[:, None, None] & st_ok[None, :, None] & c_ok[None, None, :], other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + rows64[:, None] * C + cc[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                    other=0.0).to(tl.float32)
+        for i in range(N):
+            res_i = tl.load(res_ptr + rows64[:, None] * (N * N) + i * N + st[None, :],
+                            mask=row_ok[:, None] & st_ok[None, :], other=0.0)          # H_res[i, :]
+            post_i = tl.load(post_ptr + rows64 * N + i, mask=row_ok, other=0.0)
+            out = tl.sum(res_i[:, :, None] * h, axis=1) + post_i[:, None] * y
+            tl.store(out_ptr + (rows64[:, None] * N + i) * C + cc[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & c_ok[None, :])
+
+
+def _post_mix_bwd_kernel(g_ptr, h_ptr, y_ptr, res_ptr, post_ptr, gh_ptr, gy_ptr, gres_ptr, gpost_ptr,
+                         M, C, s_hm, s_hn, s_hc,
+                         N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grad h[j] = Σ_i H_res[i, j] g[i], grad y = Σ_i H_post[i] g[i],
+    grad H_res[i, j] = Σ_c g[i, c] h[j, c], grad H_post[i] = Σ_c g[i, c] y[c]; one pass over C."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    st = tl.arange(0, N_PAD)
+    st_ok = st < N
+    smask = row_ok[:, None] & st_ok[None, :]
+    post = tl.load(post_ptr + rows64[:, None] * N + st[None, :], mask=smask, other=0.0)
+    d_res = tl.zeros([BLOCK_M, N_PAD, N_PAD], dtype=tl.float32)
+    d_post = tl.zeros([BLOCK_M, N_PAD], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + cols
+        c_ok = cc < C
+        xmask = row_ok[:, None] & c_ok[None, :]
+        g = tl.load(g_ptr + (rows64[:, None, None] * N + st[None, :, None]) * C + cc[None, None, :],
+                    mask=row_ok[:, None, None] & st_ok[None, :, None] & c_ok[None, None, :], other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + rows64[:, None] * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
+        gy = tl.sum(post[:, :, None] * g, axis=1)
+        tl.store(gy_ptr + rows64[:, None] * C + cc[None, :], gy.to(gy_ptr.dtype.element_ty), mask=xmask)
+        d_post += tl.sum(g * y[:, None, :], axis=2)
+        for j in range(N):
+            res_j = tl.load(res_ptr + rows64[:, None] * (N * N) + st[None, :] * N + j, mask=smask, other=0.0)  # H_res[:, j]
+            gh = tl.sum(res_j[:, :, None] * g, axis=1)
+            tl.store(gh_ptr + (rows64[:, None] * N + j) * C + cc[None, :], gh.to(gh_ptr.dtype.element_ty), mask=xmask)
+            x = tl.load(h_ptr + rows64[:, None] * s_hm + j * s_hn + cc[None, :] * s_hc, mask=xmask,
+                        other=0.0).to(tl.float32)
+            d = tl.sum(g * x[:, None, :], axis=2)                            # column j of grad H_res
+            d_res += tl.where(st[None, None, :] == j, d[:, :, None], 0.0)
+    tl.store(gres_ptr + rows64[:, None, None] * (N * N) + st[None, :, None] * N + st[None, None, :], d_res,
+             mask=row_ok[:, None, None] & st_ok[None, :, None] & st_ok[None, None, :])
+    tl.store(gpost_ptr + rows64[:, None] * N + st[None, :], d_post, mask=smask)
+
+
+# ----------------------------------------------------------------------------------------
+# (c) Sinkhorn-Knopp in log space
+
+def _sinkhorn_fwd_kernel(z_ptr, out_ptr, M, ITERS,
+                         N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """L <- L - lse_columns(L), then L <- L - lse_rows(L), ITERS times; out = exp(L)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    st = tl.arange(0, N_PAD)
+    ok = (st[None, :, None] < N) & (st[None, None, :] < N)
+    offs = rows.to(tl.int64)[:, None, None] * (N * N) + st[None, :, None] * N + st[None, None, :]
+    # padded entries are -inf (weight 0); padded tokens are 0 (finite, never stored)
+    L = tl.load(z_ptr + offs, mask=row_ok[:, None, None] & ok, other=0.0)
+    L = tl.where(ok, L, float("-inf"))
+    line_ok = st[None, :] < N
+    for _ in range(ITERS):
+        # logsumexp per column, then per row; a padded line (all -inf) gets 0: max 0, sum clamped to 1,
+        # which a real line never needs (its max term alone is exp(0) = 1)
+        mx = tl.where(line_ok, tl.max(L, axis=1), 0.0)
+        L = L - (mx + tl.log(tl.maximum(tl.sum(tl.exp(L - mx[:, None, :]), axis=1), 1.0)))[:, None, :]
+        mx = tl.where(line_ok, tl.max(L, axis=2), 0.0)
+        L = L - (mx + tl.log(tl.maximum(tl.sum(tl.exp(L - mx[:, :, None]), axis=2), 1.0)))[:, :, None]
+    tl.store(out_ptr + offs, tl.exp(L), mask=row_ok[:, None, None] & ok)
+
+
+def _sinkhorn_bwd_kernel(z_ptr, gout_ptr, gz_ptr, lse_ptr, M, ITERS,
+                         N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Recompute the iterates keeping each half-step's normaliser (N floats, in scratch), then walk
+    back: a half-step L' = L - lse(L) has vector-Jacobian g <- g - exp(L') Σ g (softmax(L) = exp(L')),
+    and L = L' + lse(L) restores its input."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    st = tl.arange(0, N_PAD)
+    ok = (st[None, :, None] < N) & (st[None, None, :] < N)
+    offs = rows64[:, None, None] * (N * N) + st[None, :, None] * N + st[None, None, :]
+    lse_offs = rows64[:, None] * (2 * ITERS * N_PAD) + st[None, :]
+    L = tl.load(z_ptr + offs, mask=row_ok[:, None, None] & ok, other=0.0)
+    L = tl.where(ok, L, float("-inf"))
+    line_ok = st[None, :] < N
+    for k in range(ITERS):   # the forward iteration, as in _sinkhorn_fwd_kernel
+        mx = tl.where(line_ok, tl.max(L, axis=1), 0.0)
+        col = mx + tl.log(tl.maximum(tl.sum(tl.exp(L - mx[:, None, :]), axis=1), 1.0))
+        tl.store(lse_ptr + lse_offs + (2 * k) * N_PAD, col)
+        L = L - col[:, None, :]
+        mx = tl.where(line_ok, tl.max(L, axis=2), 0.0)
+        row = mx + tl.log(tl.maximum(tl.sum(tl.exp(L - mx[:, :, None]), axis=2), 1.0))
+        tl.store(lse_ptr + lse_offs + (2 * k + 1) * N_PAD, row)
+        L = L - row[:, :, None]
+    P = tl.exp(L)
+    g = tl.load(gout_ptr + offs, mask=row_ok[:, None, None] & ok, other=0.0) * P
+    for kk in range(ITERS):
+        k = ITERS - 1 - kk
+        g = g - tl.exp(L) * tl.sum(g, axis=2)[:, :, None]                   # back through the row step
+        L = L + tl.load(lse_ptr + lse_offs + (2 * k + 1) * N_PAD)[:, :, None]
+        g = g - tl.exp(L) * tl.sum(g, axis=1)[:, None, :]                   # back through the column step
+        L = L + tl.load(lse_ptr + lse_offs + (2 * k) * N_PAD)[:, None, :]
+    tl.store(gz_ptr + offs, g, mask=row_ok[:, None, None] & ok)
+
+
+# ----------------------------------------------------------------------------------------
+# launching: compiled for CUDA tensors, Triton's interpreter for CPU tensors
+
+_KERNELS = {}
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _kernel(fn, device):
+    if TRITON_ERROR is not None:
+        raise RuntimeError(f"the fused kernels need Triton: {TRITON_ERROR}")
+    key = (fn, device.type, _interpreting())
+    if key not in _KERNELS:
+        if device.type == "cpu" or _interpreting():  # numpy on the host; slow, for tests
+            from triton.runtime.interpreter import InterpretedFunction
+            _KERNELS[key] = InterpretedFunction(fn)
+        elif fn in (_pre_mix_fwd_kernel, _pre_mix_bwd_kernel):
+            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=st)
+                       for bm, bc, w, st in PRE_CONFIGS]
+            reset = ["gw_ptr"] if fn is _pre_mix_bwd_kernel else None  # G is accumulated atomically
+            _KERNELS[key] = triton.autotune(configs, key=["C", "R", "N", "HC"], reset_to_zero=reset)(triton.jit(fn))
+        else:
+            _KERNELS[key] = triton.jit(fn)
+    return _KERNELS[key]
+
+
+def _launch_pre(fn, M, device, *args, **meta):
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
+    if device.type == "cpu" or _interpreting():
+        meta.update(PRE_CPU)
+    _kernel(fn, device)[grid](*args, **meta)
+
+
+def _launch(fn, grid, device, *args, **meta):
+    _kernel(fn, device)[grid](*args, **meta)
+
+
+def _pow2(x, lo=1):
+    return max(lo, 1 << (int(x) - 1).bit_length())
+
+
+def _rows(t, *tail):
+    """t as (M, *tail) over its leading dims, a view where the strides allow (expanded streams do)."""
+    return t.reshape(-1, *tail)
+
+
+# ----------------------------------------------------------------------------------------
+# custom ops and their autograd
+
+@torch.library.custom_op("hcgpt::pre_mix", mutates_args=())
+def pre_mix(h: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, gate_scale: torch.Tensor,
+            gate_bias: torch.Tensor, per_stream: bool, tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a): h (..., n, C) -> m (..., R) [(..., n, R) per stream], rstd (...) [(..., n)], x_in (..., C)."""
+    *lead, n, C = h.shape
+    R = weight.shape[1]
+    hr = _rows(h, n, C)
+    M = hr.shape[0]
+    mshape = (*lead, n, R) if per_stream else (*lead, R)
+    m = h.new_empty(mshape, dtype=torch.float32)
+    rstd = h.new_empty(mshape[:-1], dtype=torch.float32)
+    x_in = h.new_empty((*lead, C))
+    if M > 0:
+        _launch_pre(_pre_mix_fwd_kernel, M, h.device,
+                    hr, weight.contiguous(), gain.contiguous(), gate_scale, gate_bias.contiguous(), m, rstd, x_in,
+                    M, C, R, *hr.stride(), EPS, N=n, N_PAD=_pow2(n), R_PAD=_pow2(R, 16), HC=per_stream,
+                    PRECISION="tf32" if tf32 else "ieee")
+    return m, rstd, x_in
+
+
+@pre_mix.register_fake
+def _(h, weight, gain, gate_scale, gate_bias, per_stream, tf32):
+    *lead, n, C = h.shape
+    mshape = (*lead, n, weight.shape[1]) if per_stream else (*lead, weight.shape[1])
+    return (h.new_empty(mshape, dtype=torch.float32), h.new_empty(mshape[:-1], dtype=torch.float32),
+            h.new_empty((*lead, C)))
+
+
+@torch.library.custom_op("hcgpt::pre_mix_backward", mutates_args=())
+def pre_mix_backward(h: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, gate_scale: torch.Tensor,
+                     gate_bias: torch.Tensor, m: torch.Tensor, rstd: torch.Tensor, grad_m: Optional[torch.Tensor],
+                     grad_x: torch.Tensor, per_stream: bool, tf32: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> grad h, G = Σ_tokens x ⊗ grad_u (K, R) fp32, dL/dH_pre (..., n) fp32."""
+    *lead, n, C = h.shape
+    R = weight.shape[1]
+    hr = _rows(h, n, C)
+    M = hr.shape[0]
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    G = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+    dH = h.new_empty((*lead, n), dtype=torch.float32)
+    if M > 0:
+        gu = torch.empty((1,) if per_stream else (M, R), dtype=torch.float32, device=h.device)
+        gm = grad_m.contiguous() if grad_m is not None else m
+        _launch_pre(_pre_mix_bwd_kernel, M, h.device,
+                    hr, weight.contiguous(), gain.contiguous(), gate_scale, gate_bias.contiguous(), m, rstd, gm,
+                    grad_x.contiguous(), grad_h, G, dH, gu, M, C, R, *hr.stride(),
+                    N=n, N_PAD=_pow2(n), R_PAD=_pow2(R, 16), HC=per_stream, HAS_GM=grad_m is not None,
+                    PRECISION="tf32" if tf32 else "ieee")
+    return grad_h, G, dH
+
+
+@pre_mix_backward.register_fake
+def _(h, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, per_stream, tf32):
+    return (torch.empty_like(h, memory_format=torch.contiguous_format),
+            weight.new_empty(weight.shape, dtype=torch.float32), h.new_empty(h.shape[:-1], dtype=torch.float32))
+
+
+def _pre_mix_setup(ctx, inputs, output):
+    h, weight, gain, gate_scale, gate_bias, per_stream, tf32 = inputs
+    m, rstd, _ = output
+    ctx.save_for_backward(h, weight, gain, gate_scale, gate_bias, m, rstd)
+    ctx.per_stream, ctx.tf32 = per_stream, tf32
+
+
+def _pre_mix_grad(ctx, grad_m, grad_rstd, grad_x):
+    h, weight, gain, gate_scale, gate_bias, m, rstd = ctx.saved_tensors
+    n = h.shape[-2]
+    if grad_x is None:
+        grad_x = h.new_zeros((*h.shape[:-2], h.shape[-1]))
+    grad_h, G, dH = pre_mix_backward(h, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x,
+                                     ctx.per_stream, ctx.tf32)
+    # m = rstd (x γ) W: dW = γ G, dγ = Σ_r W G
+    gf = gain.float()
+    grad_weight = (gf[:, None] * G).to(weight.dtype)
+    grad_gain = (weight.float() * G).sum(1).to(gain.dtype)
+    # the H_pre gate, recomputed from m (the same formula as in the kernel and in conn.gates)
+    if ctx.per_stream:   # H_pre = s tanh(p) + A_m with p = m[..., 0]
+        t = torch.tanh(m[..., 0])
+        grad_scale, grad_bias = (dH * t).sum(), dH.reshape(-1, n).sum(0)
+    else:                # H_pre = σ(α m[:n] + b)
+        s = torch.sigmoid(gate_scale.float() * m[..., :n] + gate_bias.float())
+        dz = dH * s * (1 - s)
+        grad_scale, grad_bias = (dz * m[..., :n]).sum(), dz.reshape(-1, n).sum(0)
+    return (grad_h, grad_weight, grad_gain, grad_scale.to(gate_scale.dtype), grad_bias.to(gate_bias.dtype),
+            None, None)
+
+
+pre_mix.register_autograd(_pre_mix_grad, setup_context=_pre_mix_setup)
+
+
+def _post_blocks(n, C):
+    """(N_PAD, BLOCK_M, BLOCK_C) for (b): up to 256 channels, then as many tokens as fit in TILE."""
+    N_PAD = _pow2(n)
+    BLOCK_C = min(256, _pow2(C, 16))
+    return N_PAD, max(1, TILE // (N_PAD * BLOCK_C)), BLOCK_C
+
+
+@torch.library.custom_op("hcgpt::post_mix", mutates_args=())
+def post_mix(h: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: torch.Tensor) -> torch.Tensor:
+    """(b): h (..., n, C), y (..., C), H_res (..., n, n), H_post (..., n) -> H_res h + H_post y in h.dtype."""
+    *lead, n, C = h.shape
+    hr = _rows(h, n, C)
+    M = hr.shape[0]
+    out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    if M > 0:
+        N_PAD, BLOCK_M, BLOCK_C = _post_blocks(n, C)
+        _launch(_post_mix_fwd_kernel, (triton.cdiv(M, BLOCK_M),), h.device,
+                hr, y.contiguous(), H_res.contiguous(), H_post.contiguous(), out, M, C, *hr.stride(),
+                N=n, N_PAD=N_PAD, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    return out
+
+
+@post_mix.register_fake
+def _(h, y, H_res, H_post):
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("hcgpt::post_mix_backward", mutates_args=())
+def post_mix_backward(grad_out: torch.Tensor, h: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor,
+                      H_post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    *lead, n, C = h.shape
+    hr = _rows(h, n, C)
+    M = hr.shape[0]
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    grad_res = torch.empty(H_res.shape, dtype=torch.float32, device=h.device)
+    grad_post = torch.empty(H_post.shape, dtype=torch.float32, device=h.device)
+    if M > 0:
+        N_PAD, BLOCK_M, BLOCK_C = _post_blocks(n, C)
+        _launch(_post_mix_bwd_kernel, (triton.cdiv(M, BLOCK_M),), h.device,
+                grad_out.contiguous(), hr, y.contiguous(), H_res.contiguous(), H_post.contiguous(),
+                grad_h, grad_y, grad_res, grad_post, M, C, *hr.stride(),
+                N=n, N_PAD=N_PAD, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+    return grad_h, grad_y, grad_res.to(H_res.dtype), grad_post.to(H_post.dtype)
+
+
+@post_mix_backward.register_fake
+def _(grad_out, h, y, H_res, H_post):
+    return (torch.empty_like(h, memory_format=torch.contiguous_format),
+            torch.empty_like(y, memory_format=torch.contiguous_format),
+            torch.empty_like(H_res, memory_format=torch.contiguous_format),
+            torch.empty_like(H_post, memory_format=torch.contiguous_format))
+
+
+def _post_mix_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _post_mix_grad(ctx, grad_out):
+    return post_mix_backward(grad_out, *ctx.saved_tensors)
+
+
+post_mix.register_autograd(_post_mix_grad, setup_context=_post_mix_setup)
+
+
+def _sinkhorn_block(n):
+    return max(1, 1024 // (_pow2(n) ** 2))
+
+
+@torch.library.custom_op("hcgpt::sinkhorn", mutates_args=())
+def sinkhorn_op(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """(c): doubly stochastic (..., n, n) from fp32 logits; the iteration of hc.SinkhornLog."""
+    n = logits.shape[-1]
+    z = _rows(logits, n, n).contiguous()
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if z.shape[0] > 0:
+        B = _sinkhorn_block(n)
+        _launch(_sinkhorn_fwd_kernel, (triton.cdiv(z.shape[0], B),), z.device, z, out, z.shape[0], iters,
+                N=n, N_PAD=_pow2(n), BLOCK_M=B)
+    return out
+
+
+@sinkhorn_op.register_fake
+def _(logits, iters):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("hcgpt::sinkhorn_backward", mutates_args=())
+def sinkhorn_backward(logits: torch.Tensor, grad_out: torch.Tensor, iters: int) -> torch.Tensor:
+    n = logits.shape[-1]
+    z = _rows(logits, n, n).contiguous()
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    M = z.shape[0]
+    if M > 0:
+        B = _sinkhorn_block(n)
+        lse = torch.empty((triton.cdiv(M, B) * B, 2 * iters, _pow2(n)), dtype=torch.float32, device=z.device)
+        _launch(_sinkhorn_bwd_kernel, (triton.cdiv(M, B),), z.device, z, grad_out.contiguous(), grad, lse, M, iters,
+                N=n, N_PAD=_pow2(n), BLOCK_M=B)
+    return grad
+
+
+@sinkhorn_backward.register_fake
+def _(logits, grad_out, iters):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _sinkhorn_setup(ctx, inputs, output):
+    logits, iters = inputs
+    ctx.save_for_backward(logits)   # the iterates are recomputed
+    ctx.iters = iters
+
+
+def _sinkhorn_grad(ctx, grad_out):
+    (logits,) = ctx.saved_tensors
+    return sinkhorn_backward(logits, grad_out, ctx.iters), None
+
+
+sinkhorn_op.register_autograd(_sinkhorn_grad, setup_context=_sinkhorn_setup)
+
+
+# ----------------------------------------------------------------------------------------
+# what hc.py calls
+
+def projection_columns(conn):
+    """Columns of the coefficient projection: n + 2 per stream (HC), r + 2n per token (mHC family)."""
+    return conn.n + 2 if hasattr(conn, "W_r") else conn.r + 2 * conn.n
+
+
+def unsupported(conn, h):
+    """Why the fused kernels cannot run ``conn`` on streams ``h``, or None when they can."""
+    if TRITON_ERROR is not None:
+        return f"Triton is not importable ({TRITON_ERROR})"
+    if not (hasattr(conn, "W_r") or hasattr(conn, "phi")):
+        return f"there is no fused kernel for {type(conn).__name__}"
+    reason = _device_unsupported(h)
+    if reason:
+        return reason
+    if h.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"streams of dtype {h.dtype} (fused: float32, bfloat16, float16)"
+    if conn.n > MAX_STREAMS:
+        return f"n_streams={conn.n} > {MAX_STREAMS}"
+    cols = projection_columns(conn)
+    if _pow2(cols) > MAX_COLUMNS:
+        return (f"{type(conn).__name__} at n_streams={conn.n} projects to {cols} coefficients per token, "
+                f"more than the kernel holds on chip ({MAX_COLUMNS})")
+    return None
+
+
+def sinkhorn_unsupported(logits):
+    if TRITON_ERROR is not None:
+        return f"Triton is not importable ({TRITON_ERROR})"
+    reason = _device_unsupported(logits)
+    if reason:
+        return reason
+    if logits.dtype != torch.float32:
+        return f"Sinkhorn logits of dtype {logits.dtype} (fused: float32)"
+    if logits.shape[-1] > MAX_STREAMS:
+        return f"n_streams={logits.shape[-1]} > {MAX_STREAMS}"
+    return None
+
+
+def _device_unsupported(t):
+    if t.device.type == "cpu" and _interpreting() and not INTERPRET_AT_IMPORT:
+        return "TRITON_INTERPRET=1 was set after Triton was imported; set it before the first import"
+    if t.device.type == "cuda" or (t.device.type == "cpu" and _interpreting()):
+        return None
+    if t.device.type == "cpu":
+        return "tensors are on the CPU: the kernels need CUDA, or TRITON_INTERPRET=1 for Triton's interpreter"
+    return f"tensors on {t.device.type} (fused: cuda)"
+
+
+_WARNED = set()
+
+
+def use_fused(t, conn, mode):
+    """Whether the fused path runs, following hc.FUSED = mode; conn None asks about Sinkhorn."""
+    if mode not in ("auto", "on"):
+        raise ValueError(f"hc.FUSED must be 'auto', 'on' or 'off', got {mode!r}")
+    reason = sinkhorn_unsupported(t) if conn is None else unsupported(conn, t)
+    if reason is None:
+        return True
+    what = "Sinkhorn" if conn is None else type(conn).__name__
+    if mode == "on":
+        raise RuntimeError(f"hc.FUSED = 'on' but the fused {what} kernels cannot run: {reason}. "
+                           f"Set hc.FUSED = 'auto' or 'off' for the torch reference path.")
+    if (what, reason) not in _WARNED:  # 'auto': the torch path, said once
+        _WARNED.add((what, reason))
+        warnings.warn(f"hc: the torch reference path runs {what}: {reason}", stacklevel=3)
+    return False
+
+
+def connection_forward(conn, h, branch):
+    """conn(h, branch) through (a) and (b): the equations of hc.Connection.forward."""
+    n = conn.n
+    tf32 = h.is_cuda and torch.backends.cuda.matmul.allow_tf32   # as the torch path's matmul would
+    with torch.autocast(h.device.type, enabled=False):
+        if hasattr(conn, "W_r"):   # HC: per-stream norm, W = [W_m | W_r | W_β]
+            W = torch.cat([conn.W_m, conn.W_r, conn.W_beta], dim=1)
+            m, _, x_in = pre_mix(h, W, conn.norm_gain, conn.s_alpha, conn.A_m, True, tf32)
+            _, H_post, H_res = conn.gates(*m.split([1, n, 1], dim=-1))
+        else:                      # mHC family: one norm and projection over the token's n C values
+            m, _, x_in = pre_mix(h, conn.phi, conn.gamma, conn.alpha_pre, conn.b_pre, False, tf32)
+            _, H_post, H_res = conn.gates(m)
+    y = branch(x_in)
+    return post_mix(h, y, H_res.contiguous(), H_post.contiguous())
+
+
+def sinkhorn(logits, iters):
+    """(c) on (..., n, n) fp32 logits."""
+    return sinkhorn_op(logits, int(iters))

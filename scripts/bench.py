@@ -1,0 +1,211 @@
+"""Step time, throughput, MFU and peak memory of each residual scheme against plain, in one process.
+
+    python scripts/bench.py                                    # GPT-2 small, B 16, T 1024, n 4, bf16, compiled
+    python scripts/bench.py --schemes kromhc mhc --model d2048 --batch-size 8
+    python scripts/bench.py --fused off                        # the torch reference path of hc.py
+    python scripts/bench.py --device cpu --json                # CPU: tiny model, fp32, eager (tests the code path)
+
+Method (performance.md): plain and every scheme are built from model.py with the same size,
+batch, sequence length and compile mode, trained on the same random tokens with AdamW (fused
+on CUDA), warmed up (compile, autotune), then timed over --steps optimizer steps with the device
+synchronized around the timed region. Ratios to plain come from this one run; absolute times
+only mean something on the GPU. MFU = (6 x parameters except position embeddings + 12 x layers
+x d_model x seq_len) x tokens/s / the device's dense bf16 peak, printed only for known devices.
+Peak memory is torch.cuda.max_memory_allocated; on CPU it is not measured (n/a).
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hc  # noqa: E402
+import hc_kernels  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+MODELS = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512),      # CPU, tests
+    "S": dict(n_layer=6, n_head=8, n_embd=512),                         # mHC-lite paper's S
+    "M": dict(n_layer=12, n_head=12, n_embd=768),                       # GPT-2 small
+    "L": dict(n_layer=24, n_head=16, n_embd=1024),                      # GPT-2 medium
+    "774M": dict(n_layer=36, n_head=20, n_embd=1280),
+    "1.5B": dict(n_layer=48, n_head=25, n_embd=1600),
+    "d2048": dict(n_layer=24, n_head=16, n_embd=2048),                  # the d_model 2048, 24-layer target
+}
+MODELS.update({"124M": MODELS["M"], "350M": MODELS["L"]})
+
+# dense bf16 peak FLOP/s by device name (chip, part of the name); an unknown device gets no MFU
+PEAK_BF16 = [("H100", "PCIe", 756e12), ("H100", "HBM3", 989e12), ("H100", "SXM", 989e12),
+             ("H200", "", 989e12), ("A100", "", 312e12)]
+
+
+def bf16_peak(name):
+    """Dense bf16 FLOP/s of a device by its name, or None where it is not known."""
+    for chip, part, flops in PEAK_BF16:
+        if chip in name and part in name:
+            return flops
+    return None
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def residual_path(model, device):
+    """'fused' or 'torch': which path hc.py takes for this model's connections ('-' for plain)."""
+    conn = model.connections()[0]
+    if model.config.scheme == "plain":
+        return "-"
+    if hc.FUSED == "off" or (hc.FUSED == "auto" and device.type != "cuda"):
+        return "torch"
+    probe = torch.empty(1, 1, conn.n, conn.dim, device=device, dtype=getattr(torch, model.config.stream_dtype))
+    return "fused" if hc_kernels.unsupported(conn, probe) is None else "torch"
+
+
+def bench_one(scheme, args, device):
+    torch.manual_seed(args.seed)
+    cfg = dict(MODELS[args.model])
+    cfg = GPTConfig(**cfg, block_size=args.seq_len, dropout=0.0, scheme=scheme,
+                    n_streams=1 if scheme == "plain" else args.n_streams, stream_dtype=args.stream_dtype)
+    model = GPT(cfg).to(device)
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
+    forward = torch.compile(model) if args.compile else model
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randint(cfg.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
+    y = torch.randint(cfg.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                else contextlib.nullcontext())
+
+    def step():
+        with autocast:
+            _, loss = forward(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    result = dict(scheme=scheme, n_streams=cfg.n_streams, path=residual_path(model, device),
+                  params=model.num_params(non_embedding=False))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / args.steps
+    tokens_per_s = args.batch_size * args.seq_len / dt
+    peak = bf16_peak(device_name(device))
+    flops_per_token = model.estimate_flops_per_token(args.seq_len)
+    result.update(
+        ms_per_step=1e3 * dt,
+        tokens_per_s=tokens_per_s,
+        mfu=flops_per_token * tokens_per_s / peak if peak else None,
+        peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        loss=loss.item(),
+    )
+    del model, optimizer, forward
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()  # a fresh compile per scheme, as separate runs would have
+    return result
+
+
+def run(args):
+    device = torch.device(args.device)
+    hc.FUSED = args.fused
+    torch.backends.cuda.matmul.allow_tf32 = True  # as nanoGPT's train.py; the fused kernels follow it
+    torch.backends.cudnn.allow_tf32 = True
+    results = []
+    for scheme in ["plain"] + [s for s in args.schemes if s != "plain"]:
+        try:
+            results.append(bench_one(scheme, args, device))
+        except torch.cuda.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+            results.append(dict(scheme=scheme, n_streams=args.n_streams, error="out of memory"))
+    base = results[0]
+    for r in results:
+        if "error" in r or "error" in base:
+            continue
+        r["x_plain"] = r["ms_per_step"] / base["ms_per_step"]
+        r["mem_x_plain"] = r["peak_mem_gib"] / base["peak_mem_gib"] if base["peak_mem_gib"] else None
+    config = dict(device=device_name(device), torch=torch.__version__, model=args.model, **MODELS[args.model],
+                  batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, stream_dtype=args.stream_dtype,
+                  compile=args.compile, fused=args.fused, warmup=args.warmup, steps=args.steps,
+                  peak_bf16_flops=bf16_peak(device_name(device)))
+    return dict(config=config, results=results)
+
+
+def table(report):
+    c = report["config"]
+    lines = [f"{c['device']}, torch {c['torch']}: model {c['model']} ({c['n_layer']} layers, d_model {c['n_embd']}), "
+             f"B {c['batch_size']}, T {c['seq_len']}, {c['dtype']} compute, {c['stream_dtype']} streams, "
+             f"{'compiled' if c['compile'] else 'eager'}, hc.FUSED={c['fused']}, "
+             f"{c['warmup']} warmup + {c['steps']} timed steps", "",
+             "| scheme | n | path | ms/step | x plain | tokens/s | MFU | peak GiB | mem x plain |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['scheme']} | {r['n_streams']} | | {r['error']} | | | | | |")
+            continue
+        lines.append(f"| {r['scheme']} | {r['n_streams']} | {r['path']} | {r['ms_per_step']:.1f} | "
+                     f"{fmt(r.get('x_plain'), '.2f')} | {r['tokens_per_s'] / 1e3:,.1f}k | {fmt(r['mfu'], '.1%')} | "
+                     f"{fmt(r['peak_mem_gib'], '.2f')} | {fmt(r.get('mem_x_plain'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--schemes", nargs="+", default=["hc", "mhc", "mhc_lite", "kromhc"], choices=hc.SCHEMES,
+                    help="schemes to compare with plain (always run first)")
+    ap.add_argument("--n-streams", type=int, default=4)
+    ap.add_argument("--model", default=None, choices=sorted(MODELS), help="default: 124M on CUDA, tiny on CPU")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 16 on CUDA, 4 on CPU")
+    ap.add_argument("--seq-len", type=int, default=None, help="default: 1024 on CUDA, 64 on CPU")
+    ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default: 20 on CUDA, 3 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on CUDA, 1 on CPU)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the model (default: on CUDA only)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                    help="compute: bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--stream-dtype", choices=["bfloat16", "float32"], default=None,
+                    help="residual stream dtype, plain and n-stream alike (default: the compute dtype)")
+    ap.add_argument("--fused", choices=["auto", "on", "off"], default="auto", help="hc.FUSED")
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    args = ap.parse_args(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    defaults = dict(model="124M" if cuda else "tiny", batch_size=16 if cuda else 4, seq_len=1024 if cuda else 64,
+                    steps=20 if cuda else 3, warmup=5 if cuda else 1, compile=cuda,
+                    dtype="bfloat16" if cuda else "float32")
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.stream_dtype is None:
+        args.stream_dtype = args.dtype
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+    report = run(args)
+    print(json.dumps(report, indent=2) if args.json else table(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -77,4 +77,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, RuntimeError) as e:  # missing data or checkpoint: the message says what to do
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -41,13 +41,13 @@ from typing import Optional
 
 import torch
 
-# Triton's interpreter works only if TRITON_INTERPRET=1 was set before Triton was imported
-# (its library functions are built for one mode or the other then)
-INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 try:
     import triton
     import triton.language as tl
     TRITON_ERROR = None
+    # Triton's interpreter works only if TRITON_INTERPRET=1 was set before Triton's first import,
+    # which builds its library functions (tl.sum, ...) for one mode or the other
+    INTERPRETER_READY = type(tl.sum).__name__ == "InterpretedFunction"
 except ImportError as e:  # the torch path of hc.py needs no Triton
     triton, TRITON_ERROR = None, f"{type(e).__name__}: {e}"
 
@@ -72,7 +72,8 @@ TILE = 2048
 # (a) RMS + coefficient projection + H_pre mix
 
 def _pre_mix_fwd_kernel(
-        h_ptr, w_ptr, g_ptr, a_ptr, b_ptr,          # h (M, N, C) strided; weight (K, R); gain (K,); gate scale (); gate bias (N,)
+        h_ptr, w_ptr, g_ptr, a_ptr, b_ptr,          # h (M, N, C) strided; weight (K, R); gain (K,);
+                                                    # gate scale (); gate bias (N,)
         m_ptr, rstd_ptr, x_ptr,                     # out: m (M, R) | (M, N, R) fp32; rstd (M,) | (M, N); x_in (M, C)
         M, C, R, s_hm, s_hn, s_hc, eps,
         N: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr, HC: tl.constexpr,
@@ -288,7 +289,8 @@ def _post_mix_bwd_kernel(g_ptr, h_ptr, y_ptr, res_ptr, post_ptr, gh_ptr, gy_ptr,
         tl.store(gy_ptr + rows64[:, None] * C + cc[None, :], gy.to(gy_ptr.dtype.element_ty), mask=xmask)
         d_post += tl.sum(g * y[:, None, :], axis=2)
         for j in range(N):
-            res_j = tl.load(res_ptr + rows64[:, None] * (N * N) + st[None, :] * N + j, mask=smask, other=0.0)  # H_res[:, j]
+            res_j = tl.load(res_ptr + rows64[:, None] * (N * N) + st[None, :] * N + j,   # H_res[:, j]
+                            mask=smask, other=0.0)
             gh = tl.sum(res_j[:, :, None] * g, axis=1)
             tl.store(gh_ptr + (rows64[:, None] * N + j) * C + cc[None, :], gh.to(gh_ptr.dtype.element_ty), mask=xmask)
             x = tl.load(h_ptr + rows64[:, None] * s_hm + j * s_hn + cc[None, :] * s_hc, mask=xmask,
@@ -664,7 +666,7 @@ def sinkhorn_unsupported(logits):
 
 
 def _device_unsupported(t):
-    if t.device.type == "cpu" and _interpreting() and not INTERPRET_AT_IMPORT:
+    if t.device.type == "cpu" and _interpreting() and not INTERPRETER_READY:
         return "TRITON_INTERPRET=1 was set after Triton was imported; set it before the first import"
     if t.device.type == "cuda" or (t.device.type == "cpu" and _interpreting()):
         return None

@@ -160,12 +160,13 @@ def table(report):
              "| scheme | n | path | ms/step | x plain | tokens/s | MFU | peak GiB | mem x plain |",
              "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    rate = lambda v: f"{v / 1e3:,.1f}k" if v >= 1e3 else f"{v:.1f}"  # noqa: E731
     for r in report["results"]:
         if "error" in r:
             lines.append(f"| {r['scheme']} | {r['n_streams']} | | {r['error']} | | | | | |")
             continue
         lines.append(f"| {r['scheme']} | {r['n_streams']} | {r['path']} | {r['ms_per_step']:.1f} | "
-                     f"{fmt(r.get('x_plain'), '.2f')} | {r['tokens_per_s'] / 1e3:,.1f}k | {fmt(r['mfu'], '.1%')} | "
+                     f"{fmt(r.get('x_plain'), '.2f')} | {rate(r['tokens_per_s'])} | {fmt(r['mfu'], '.1%')} | "
                      f"{fmt(r['peak_mem_gib'], '.2f')} | {fmt(r.get('mem_x_plain'), '.2f')} |")
     return "\n".join(lines)
 

@@ -265,9 +265,10 @@ def plot_hres(run, out_dir, formats, step=None, annotate=None):
         ax.set_title(title, fontsize=8)
         if annotate:
             for (i, j), v in np.ndenumerate(m):
-                bright = (v - vmin) / (vmax - vmin + 1e-12) > 0.6
+                r, g, b, _ = im.cmap(im.norm(v))
+                light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5  # text in the contrasting colour
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5.5,
-                        color="black" if bright else "white")
+                        color="black" if light else "white")
 
     for name in names:
         r, c = where[name]

@@ -189,7 +189,7 @@ def plot_curves(runs, out_dir, formats, smooth=None):
     axes = axes[0]
     series = [[] for _ in axes]
     for i, run in enumerate(runs):
-        color = f"C{i % 10}"
+        color = run.get("color", f"C{i % 10}")
         tr = [r for r in run["train"] if r.get("loss") is not None]
         xs, ys = [r["tokens"] for r in tr], [r["loss"] for r in tr]
         if xs:
@@ -321,7 +321,7 @@ def plot_depth(runs, out_dir, formats, step=None):
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     floor = 1e-9
     for i, (run, e) in enumerate(runs):
-        color = f"C{i % 10}"
+        color = run.get("color", f"C{i % 10}")
         p = depth_profile(e)
         d = np.arange(1, len(p["names"]) + 1)
         for ax, key in ((axes[0], "fwd"), (axes[1], "bwd")):
@@ -428,6 +428,8 @@ def main(argv=None):
 
     runs = [read_run(p, label) for p, label in zip(args.runs, args.labels or [None] * len(args.runs))]
     unique_labels(runs)
+    for i, run in enumerate(runs):
+        run["color"] = f"C{i % 10}"  # the same colour for a run in every figure
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = plot_curves(runs, out, args.formats, args.smooth)

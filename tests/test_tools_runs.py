@@ -3,11 +3,9 @@ plain on a tiny pydocs dataset), with HellaSwag and CORE results from the evalua
 the same checkpoints feeding the results table."""
 
 import json
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -46,6 +46,9 @@ DEFAULTS = dict(
     eval_batch_size=0,  # sequences per rank per eval forward; 0 -> batch_size
     diag_batch_size=4,  # sequences of the fixed val batch for the residual diagnostics
     checkpoint=True,  # write <out_dir>/ckpt.pt at every eval
+    hellaswag=False,  # also HellaSwag acc_norm at every eval (scripts/eval_hellaswag.py)
+    hellaswag_file="",  # "" -> the cached / downloaded validation jsonl
+    hellaswag_limit=0,  # items scored per eval; 0 -> all 10,042
     resume=False,  # continue from <out_dir>/ckpt.pt
     # wandb
     wandb_log=False,
@@ -101,7 +104,7 @@ CHOICES = {
 }
 POSITIVE = ("eval_interval", "log_interval", "eval_tokens", "diag_batch_size", "batch_size", "block_size",
             "total_batch_tokens", "n_layer", "n_head", "n_embd", "sinkhorn_iters")
-NON_NEGATIVE = ("eval_batch_size", "vocab_size", "n_streams", "max_iters", "weight_decay", "grad_clip",
+NON_NEGATIVE = ("hellaswag_limit", "eval_batch_size", "vocab_size", "n_streams", "max_iters", "weight_decay", "grad_clip",
                 "warmup_iters", "lr_decay_iters", "learning_rate")
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -334,6 +337,14 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
             diag_x = diag_x.to(device)
     except (ValueError, FileNotFoundError) as e:  # e.g. eval_tokens larger than the val split
         raise ConfigError(f"data ({cfg['data_dir']}): {e}") from None
+    hellaswag_examples = None
+    if cfg["hellaswag"]:
+        from scripts.eval_hellaswag import evaluate_hellaswag, load_examples
+        try:
+            hellaswag_examples = load_examples(cfg["hellaswag_file"] or None, limit=cfg["hellaswag_limit"] or None)
+        except (OSError, ValueError, RuntimeError) as e:  # missing file, bad jsonl, failed download
+            raise ConfigError(f"config key 'hellaswag': cannot read the HellaSwag items ({e}); set 'hellaswag_file' "
+                              f"to a local hellaswag_val.jsonl, or --hellaswag=False") from None
 
     # ---- state: fresh, or from the checkpoint ----
     step = 0
@@ -411,6 +422,10 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
             val_loss, val_bpb = evaluate(eval_model, val_loader, token_bytes, ctx, device, ddp)
             record = {"type": "eval", "step": step, "tokens": step * tokens_per_step, "val_loss": val_loss, "val_bpb": val_bpb}
             wandb_data = {"val/loss": val_loss, "val/bpb": val_bpb}
+            if hellaswag_examples is not None:  # every rank scores its share; counts are all-reduced
+                hs = evaluate_hellaswag(raw_model, hellaswag_examples, device, ctx=ctx)
+                record["hellaswag_acc_norm"] = wandb_data["val/hellaswag_acc_norm"] = hs["acc_norm"]
+                record["hellaswag_acc"] = wandb_data["val/hellaswag_acc"] = hs["acc"]
             if diag_x is not None:
                 d = residual_diagnostics(raw_model, diag_x, ctx)
                 record.update(diag=d["scalars"], hres=d["matrices"], hres_composite=d["composite"])
@@ -427,6 +442,8 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
                     s = d["scalars"]
                     extra = (f" | composite H_res amax fwd {s['composite/amax_fwd']:.3f} bwd {s['composite/amax_bwd']:.3f}"
                              f" | max |H_res - I| {max(v for k, v in s.items() if k.endswith('/dist_identity')):.2e}")
+                if hellaswag_examples is not None:
+                    extra = f" | hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}" + extra
                 print(f"eval step {step}: val loss {val_loss:.4f} | val bpb {val_bpb:.4f}{extra}")
             log(record, wandb_data)
             result.update(step=step, val_loss=val_loss, val_bpb=val_bpb)

@@ -218,3 +218,32 @@ def test_torchrun_ddp_matches_one_process(ckpt_dir, tmp_path, enc, examples):
     ddp = json.loads(out.read_text())
     one = hs.evaluate_hellaswag(hs.load_model(ckpt_dir)[0], examples, "cpu", enc=enc)
     assert {k: ddp[k] for k in one} == one and one["n"] == 7
+
+
+def test_train_logs_hellaswag_at_each_eval(tmp_path):
+    import train
+    from data.prepare import prepare
+    data = tmp_path / "pydocs"
+    prepare("pydocs", out_dir=data, workers=1, progress=False, log=lambda *a, **k: None)
+    out = tmp_path / "run"
+    train.main([f"--data_dir={data}", f"--out_dir={out}", "--device=cpu", "--scheme=kromhc", "--n_layer=1",
+                "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=2", "--total_batch_tokens=128",
+                "--eval_tokens=256", "--eval_interval=2", "--max_iters=2", "--warmup_iters=1",
+                "--hellaswag", f"--hellaswag_file={FIXTURE}", "--hellaswag_limit=5"])
+    evals = [json.loads(line) for line in open(out / "log.jsonl") if '"eval"' in line]
+    assert [e["step"] for e in evals] == [0, 2]
+    for e in evals:
+        assert e["hellaswag_acc_norm"] in {k / 5 for k in range(6)}
+        assert 0 <= e["hellaswag_acc"] <= 1
+
+
+def test_train_names_a_missing_hellaswag_file(tmp_path):
+    import train
+    from configurator import ConfigError
+    from data.prepare import prepare
+    data = tmp_path / "pydocs"
+    prepare("pydocs", out_dir=data, workers=1, progress=False, log=lambda *a, **k: None)
+    with pytest.raises(ConfigError, match="hellaswag_file"):
+        train.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--device=cpu", "--n_layer=1",
+                    "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=2", "--total_batch_tokens=128",
+                    "--eval_tokens=256", "--max_iters=1", "--hellaswag", f"--hellaswag_file={tmp_path / 'no.jsonl'}"])

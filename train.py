@@ -2,7 +2,7 @@
 Pretrain a GPT with any residual scheme, on one CPU, one GPU, or many GPUs with torchrun.
 
     python train.py configs/quickstart.py                                  # CPU, ~3 minutes
-    torchrun --standalone --nproc_per_node=8 train.py configs/fineweb_edu_m.py --scheme=kromhc
+    torchrun --standalone --nproc_per_node=8 train.py configs/fwe_m.py --scheme=kromhc
 
 Config: the defaults below, then config files (configs/*.py) and --key=value overrides, in
 order (configurator.py; unknown keys and wrong types are errors). Every eval_interval steps

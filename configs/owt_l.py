@@ -1,30 +1,10 @@
-# mHC-lite paper grid, size L on openwebtext: 24 layers, d_model 1024, lr 3e-4; 10,000 steps x 131,072 tokens,
-# AdamW (0.9, 0.95), weight decay 0.1, warmup 200, cosine to lr/10, n = 4 streams (1 for plain).
-# The scheme is an override:
+# mHC-lite paper grid, size L on openwebtext: 24 layers, d_model 1024, lr 3e-4; the rest is shared
+# (configs/mhclite_grid.py). The scheme is an override:
 #   torchrun --standalone --nproc_per_node=8 train.py configs/owt_l.py --scheme=kromhc
-dataset = "openwebtext"
+from configs.mhclite_grid import *  # noqa: F401,F403
 
+dataset = "openwebtext"
 n_layer = 24
 n_head = 16
 n_embd = 1024
-block_size = 1024
-dropout = 0.0
-bias = True
-n_streams = 0  # 0: 4 for hc / mhc / mhc_lite / kromhc, 1 for plain
-
-batch_size = 8  # per GPU; gradient accumulation makes up total_batch_tokens on any number of GPUs
-total_batch_tokens = 131_072
-max_iters = 10_000
 learning_rate = 3e-4
-beta1, beta2 = 0.9, 0.95
-weight_decay = 0.1
-grad_clip = 1.0
-lr_schedule = "cosine"
-warmup_iters = 200
-min_lr_ratio = 0.1
-
-eval_interval = 500
-eval_tokens = 10_485_760
-log_interval = 10
-wandb_log = True
-wandb_project = "hcgpt-mhclite-grid"

@@ -66,5 +66,20 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
     c1 = torch.load(single / "ckpt.pt", weights_only=False)
     c2 = torch.load(ddp / "ckpt.pt", weights_only=False)
     assert c1["loader"] == c2["loader"] and len(c2["ranks"]) == 2
+    # Two kinds of parameter have a gradient that is zero in exact arithmetic here: the attention
+    # key biases (softmax ignores a shift shared by all keys) and, while the streams are still
+    # alike, the H_res logits b_res (a doubly stochastic mix of equal streams changes nothing).
+    # Their computed gradients are summation roundoff, which differs between one process and an
+    # all-reduce, and AdamW turns roundoff below its eps into updates of up to lr per step; so
+    # they are held to that bound, everything else to float32 accuracy.
+    lr, steps, C = 1e-2, 6, 32
     for k, v in c1["model"].items():
-        torch.testing.assert_close(v, c2["model"][k], atol=2e-5, rtol=1e-4, msg=k)
+        w = c2["model"][k]
+        if k.endswith("c_attn.bias"):
+            k_bias = slice(C, 2 * C)
+            assert (v[k_bias] - w[k_bias]).abs().max() <= lr * steps, k
+            v, w = torch.cat([v[:C], v[2 * C:]]), torch.cat([w[:C], w[2 * C:]])
+        if k.endswith("b_res"):
+            assert (v - w).abs().max() <= lr * steps, k
+            continue
+        torch.testing.assert_close(v, w, atol=2e-5, rtol=1e-4, msg=k)

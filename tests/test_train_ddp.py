@@ -13,14 +13,6 @@ import train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from data.prepare import prepare
-    out = tmp_path_factory.mktemp("pydocs")
-    prepare("pydocs", out_dir=out, workers=1, progress=False, log=lambda *a, **k: None)
-    return str(out)
-
-
 def args(data_dir, out_dir):
     # global batch 2 x 2 x 32 tokens: 2 micro-steps in one process, 1 micro-step on each of 2 ranks
     return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--device=cpu", "--scheme=kromhc", "--n_layer=2",

@@ -1,8 +1,6 @@
 """train.py checkpoints: exact resume (bit for bit on CPU), resume errors, and a NaN loss stopping
 the run while keeping the last good checkpoint."""
 
-import json
-import os
 
 import pytest
 import torch
@@ -10,26 +8,7 @@ import torch
 import model as model_module
 import train
 from configurator import ConfigError
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from data.prepare import prepare
-    out = tmp_path_factory.mktemp("pydocs")
-    prepare("pydocs", out_dir=out, workers=1, progress=False, log=lambda *a, **k: None)
-    return str(out)
-
-
-def tiny_args(data_dir, out_dir, *extra):
-    return [f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--device=cpu", "--n_layer=2", "--n_head=2",
-            "--n_embd=32", "--block_size=32", "--batch_size=4", "--total_batch_tokens=128", "--eval_tokens=512",
-            "--eval_interval=5", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2", "--max_iters=10",
-            "--diag_batch_size=2", *extra]
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from conftest import read_log, tiny_args
 
 
 def test_exact_resume(data_dir, tmp_path):

@@ -10,6 +10,17 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+class ByteEnc:
+    """Byte-level stand-in for the GPT-2 encoding: token = UTF-8 byte, 256 = <|endoftext|>."""
+    eot_token, n_vocab = 256, 257
+
+    def encode_ordinary(self, s):
+        return list(s.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+
+
 @pytest.fixture(scope="session")
 def enc():
     """The real GPT-2 encoding; fetches the rank file (from PyPI) if this machine lacks it."""

@@ -20,19 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "hellaswag" / "hellaswag_val_sample.jsonl"
 sys.path.insert(0, str(REPO))
 
+from conftest import ByteEnc  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from scripts import eval_hellaswag as hs  # noqa: E402
-
-
-class ByteEnc:
-    """Byte-level stand-in for the GPT-2 encoding: token = UTF-8 byte, 256 = <|endoftext|>."""
-    eot_token, n_vocab = 256, 257
-
-    def encode_ordinary(self, s):
-        return list(s.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
 
 
 class UnigramLM(nn.Module):

@@ -27,7 +27,6 @@ prepared dataset, and the loader refuses it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import json
 import math
@@ -199,21 +198,6 @@ def _clean_dir(out_dir: Path) -> None:
             p.unlink()
 
 
-@contextlib.contextmanager
-def _dir_lock(out_dir: Path):
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(out_dir / ".prepare.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise RuntimeError(f"another `prepare.py` is writing into {out_dir}; wait for it to finish")
-        yield
-
-
 def _fresh_state(fingerprint: dict) -> dict:
     return {"fingerprint": fingerprint,
             "splits": {s: {"shards": [], "next_doc": 0, "skip_tokens": 0, "done": False} for s in SPLITS}}
@@ -274,7 +258,7 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
                    "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                    "tokenizer_sha256": toklib.RANK_FILE_SHA256}
 
-    with _dir_lock(out_dir):
+    with shardlib.dir_lock(out_dir, ".prepare.lock", "`prepare.py`"):
         meta_path = out_dir / "meta.json"
         if meta_path.is_file() and not restart:
             meta = json.loads(meta_path.read_text())

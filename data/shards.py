@@ -10,6 +10,7 @@ name is always complete.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -116,3 +117,25 @@ def verify_shard(path: str | os.PathLike, vocab_size: int, fix: str = "", chunk:
     for i in range(0, arr.size, chunk):
         check_token_range(arr[i:i + chunk], vocab_size, path, fix, offset=i)
     return int(arr.size)
+
+
+class DirLocked(RuntimeError):
+    """Another live process holds the directory's lock."""
+
+
+@contextlib.contextmanager
+def dir_lock(directory, lock_name: str, who: str):
+    """Hold an exclusive lock on ``directory/lock_name`` for the body (e.g. a whole run).
+
+    flock locks belong to the open file: the OS releases them when the process exits or is
+    killed, so a crashed run never leaves a stale lock behind. Raises DirLocked naming the
+    directory if another process holds it; ``who`` names that process in the message.
+    """
+    import fcntl
+    with open(Path(directory) / lock_name, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DirLocked(f"another {who} is using {directory} (it holds {Path(directory) / lock_name}); "
+                            f"wait for it to finish, or use another directory") from None
+        yield

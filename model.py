@@ -232,10 +232,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens tokens after the context idx (LongTensor (b, t))."""
+        """Sample max_new_tokens tokens after the context idx (LongTensor (b, t)); temperature 0 is greedy
+        (the argmax at every step)."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
             logits, _ = self(idx_cond)
+            if temperature == 0:
+                idx = torch.cat((idx, logits[:, -1, :].argmax(-1, keepdim=True)), dim=1)
+                continue
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))

@@ -45,10 +45,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_hellaswag import _logits, _unwrap, autocast, load_model, resolve_ckpt, setup_device  # noqa: E402
+from eval_hellaswag import _logits, _unwrap, autocast, load_model, resolve_ckpt, run_cli, setup_device  # noqa: E402
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+ITEM_FIELDS = {"multiple_choice": ("query", "choices", "gold"), "schema": ("context_options", "continuation", "gold"),
+               "language_modeling": ("context", "continuation")}  # what each task type's items must hold
 CORE_TASKS = (  # the 22 tasks of DCLM's core aggregate
     "hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa",
     "commonsense_qa", "piqa", "openbook_qa", "lambada_openai", "hellaswag", "winograd", "winogrande",
@@ -223,37 +225,103 @@ def download_bundle(dest=None, url=EVAL_BUNDLE_URL):
 
 def load_bundle(bundle_dir):
     """-> (tasks, random baselines in percent): tasks are dicts with label, task_type,
-    dataset (path), num_fewshot, continuation_delimiter, in core.yaml's order."""
+    dataset (path), num_fewshot, continuation_delimiter, in core.yaml's order. A damaged bundle is a
+    FileNotFoundError / ValueError naming the file and the fix."""
     import yaml
     bundle_dir = Path(bundle_dir)
     config, meta = bundle_dir / "core.yaml", bundle_dir / "eval_meta_data.csv"
+    fix = (f"download {EVAL_BUNDLE_URL} where there is network and unzip it (or run with --download into an "
+           f"empty --bundle-dir)")
     for p in (config, meta):
         if not p.is_file():
-            raise FileNotFoundError(
-                f"{p} not found: {bundle_dir} is not an unpacked eval bundle (core.yaml, eval_meta_data.csv, "
-                f"eval_data/). Download {EVAL_BUNDLE_URL} where there is network and unzip it, or run with --download")
-    with open(config, encoding="utf-8") as f:
-        spec = yaml.safe_load(f)
+            raise FileNotFoundError(f"{p} not found: {bundle_dir} is not an unpacked eval bundle (core.yaml, "
+                                    f"eval_meta_data.csv, eval_data/); {fix}")
+    try:
+        spec = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config}: not a readable YAML file ({str(e)[:300]}); fix the file or restore it: "
+                         f"{fix}") from None
+    entries = spec.get("icl_tasks") if isinstance(spec, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{config}: no 'icl_tasks' list; {fix}")
     tasks = []
-    for t in spec["icl_tasks"]:
+    for i, t in enumerate(entries):
+        where = f"{config}: icl_tasks[{i}]"
+        missing = [k for k in ("label", "dataset_uri", "num_fewshot", "icl_task_type")
+                   if not isinstance(t, dict) or k not in t]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(missing)}; every task needs label, dataset_uri, "
+                             f"num_fewshot and icl_task_type ({fix})")
+        if t["icl_task_type"] not in TASK_TYPES:
+            raise ValueError(f"{where} ({t['label']}): task type {t['icl_task_type']!r} is not one of {TASK_TYPES}; "
+                             f"remove the task from core.yaml or pick the others with --tasks")
         shots = t["num_fewshot"]
-        tasks.append({"label": t["label"], "task_type": t["icl_task_type"],
-                      "dataset": bundle_dir / "eval_data" / t["dataset_uri"],
-                      "num_fewshot": int(shots[0] if isinstance(shots, list) else shots),
-                      "continuation_delimiter": t.get("continuation_delimiter", " ")})
-    with open(meta, encoding="utf-8", newline="") as f:
-        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+        shots = shots[0] if isinstance(shots, list) and shots else shots
+        if type(shots) is not int or shots < 0:
+            raise ValueError(f"{where} ({t['label']}): num_fewshot {t['num_fewshot']!r} is not a count >= 0 "
+                             f"(e.g. [0] or [5])")
+        tasks.append({"label": str(t["label"]), "task_type": t["icl_task_type"],
+                      "dataset": bundle_dir / "eval_data" / str(t["dataset_uri"]),
+                      "num_fewshot": shots, "continuation_delimiter": t.get("continuation_delimiter", " ")})
+    try:
+        with open(meta, encoding="utf-8", newline="") as f:
+            baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    except (KeyError, ValueError, TypeError) as e:  # a missing column, a value that is not a number
+        raise ValueError(f"{meta}: needs the columns 'Eval Task' and 'Random baseline' (in percent) with a "
+                         f"number on every row ({type(e).__name__}: {e}); {fix}") from None
     missing = [t["label"] for t in tasks if t["label"] not in baselines]
     if missing:
-        raise ValueError(f"{meta}: no random baseline for {missing}")
+        raise ValueError(f"{meta}: no random baseline for {missing}; add their rows or use the bundle's own file")
     return tasks, baselines
 
 
+def select_tasks(tasks, labels, bundle_dir):
+    """The tasks named in labels (all if None), in core.yaml's order; an unknown label is an error."""
+    if labels is None:
+        return tasks
+    known = [t["label"] for t in tasks]
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise ValueError(f"--tasks: {unknown} not in {Path(bundle_dir) / 'core.yaml'}; choose among {known}")
+    return [t for t in tasks if t["label"] in labels]
+
+
 def load_task_data(task, max_per_task=-1):
-    with open(task["dataset"], encoding="utf-8") as f:
-        data = [json.loads(line) for line in f if line.strip()]
+    """The items of a task's jsonl, shuffled with a fixed seed, the first max_per_task of them if > 0.
+    A missing, empty or malformed file is an error naming the file (and line)."""
+    path = task["dataset"]
+    fix = "restore the eval bundle (unzip eval_bundle.zip again, or --download into an empty --bundle-dir)"
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found (task {task['label']}): {fix}")
+    fields = ITEM_FIELDS[task["task_type"]]
+    data = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not a JSON line ({e}); {fix}") from None
+                if not isinstance(item, dict) or any(k not in item for k in fields):
+                    raise ValueError(f"{path}:{lineno}: a {task['task_type']} item needs {', '.join(fields)}; {fix}")
+                options = item.get("choices", item.get("context_options"))
+                if "gold" in fields and not (type(item["gold"]) is int and 0 <= item["gold"] < len(options)):
+                    raise ValueError(f"{path}:{lineno}: gold {item['gold']!r} is not the index of one of the "
+                                     f"{len(options)} options; {fix}")
+                data.append(item)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); {fix}") from None
+    if not data:  # the mean over no items would be nan
+        raise ValueError(f"{path}: no items (task {task['label']}); {fix}, or leave the task out with --tasks")
     random.Random(1337).shuffle(data)  # the files are often ordered; a crop should be a fair sample
-    return data[:max_per_task] if max_per_task > 0 else data
+    data = data[:max_per_task] if max_per_task > 0 else data
+    if task["num_fewshot"] >= len(data):
+        raise ValueError(f"task {task['label']} takes {task['num_fewshot']} solved examples from the other items, "
+                         f"but {len(data)} item(s) are used ({path}); raise --max-per-task above "
+                         f"{task['num_fewshot']} or leave the task out with --tasks")
+    return data
 
 
 def centered(acc, baseline_percent):
@@ -266,18 +334,14 @@ def evaluate_core(model, enc, device, bundle_dir, max_per_task=-1, labels=None, 
     "centered": {label: centred accuracy}, "core": mean centred accuracy, "complete": whether
     all 22 CORE tasks were evaluated, "max_per_task"}."""
     tasks, baselines = load_bundle(bundle_dir)
-    if labels is not None:
-        unknown = set(labels) - {t["label"] for t in tasks}
-        if unknown:
-            raise ValueError(f"tasks {sorted(unknown)} are not in {bundle_dir}/core.yaml")
-        tasks = [t for t in tasks if t["label"] in labels]
+    tasks = select_tasks(tasks, labels, bundle_dir)
+    all_data = [load_task_data(task, max_per_task) for task in tasks]  # every file checked before hours of work
     was_training = model.training
     model.eval()
     results, cent = {}, {}
     try:
-        for task in tasks:
+        for task, data in zip(tasks, all_data):
             t0 = time.time()
-            data = load_task_data(task, max_per_task)
             acc = evaluate_task(model, enc, data, device, task, ctx)
             results[task["label"]] = acc
             cent[task["label"]] = centered(acc, baselines[task["label"]])
@@ -297,12 +361,17 @@ def main(argv=None):
     ap.add_argument("--bundle-dir", default=None, help=f"unpacked eval bundle (default: {default_bundle_dir()})")
     ap.add_argument("--download", action="store_true", help=f"fetch {EVAL_BUNDLE_URL} into the bundle dir if missing")
     ap.add_argument("--tasks", default=None, help="comma-separated task labels (default: all in core.yaml)")
-    ap.add_argument("--max-per-task", type=int, default=-1, help="crop every task to N items (-1: all; a quick look)")
+    ap.add_argument("--max-per-task", type=int, default=-1, help="crop every task to N >= 1 items (-1: all; a quick look)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--out", default=None, help="results JSON (default: <run dir>/core.json; '-' for none)")
     args = ap.parse_args(argv)
+    if args.max_per_task == 0 or args.max_per_task < -1:
+        ap.error(f"argument --max-per-task: must be >= 1, or -1 for all items, got {args.max_per_task}")
+    return run_cli(lambda: _main(args), "eval_core.py")
 
+
+def _main(args):
     device, device_type, rank, world_size = setup_device(args.device)
     try:
         bundle = Path(args.bundle_dir) if args.bundle_dir else default_bundle_dir()
@@ -310,10 +379,13 @@ def main(argv=None):
             download_bundle(bundle)
         if world_size > 1:
             dist.barrier()
+        labels = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks is not None else None
+        if labels == []:
+            raise ValueError("--tasks: no task labels given; pass e.g. --tasks hellaswag,piqa or leave it out for all")
+        select_tasks(load_bundle(bundle)[0], labels, bundle)  # a bad bundle or label fails before the model loads
         from data.tokenizer import get_encoding
         enc = get_encoding()
         model, meta = load_model(args.ckpt, device)
-        labels = args.tasks.split(",") if args.tasks else None
         res = evaluate_core(model, enc, device, bundle, args.max_per_task, labels, autocast(device_type, args.dtype),
                             log=print if rank == 0 else None)
         if rank == 0:
@@ -332,8 +404,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, RuntimeError) as e:  # missing data or checkpoint: the message says what to do
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    main()

@@ -78,24 +78,44 @@ def download(split="val", dest_dir=None):
 
 
 def load_examples(path=None, split="val", limit=None):
-    """The items of a HellaSwag jsonl file (downloaded if path is None), in file order.
-    Each item keeps the official fields; scoring uses "ctx", "endings" and "label"."""
+    """The items of a HellaSwag jsonl file (downloaded if path is None), in file order; the
+    first limit items if limit is given (>= 1). Each item keeps the official fields; scoring
+    uses "ctx", "endings" and "label". A malformed item is a ValueError naming file and line."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"HellaSwag limit must be >= 1 (or None for all items), got {limit}")
     if path is None:
         path = download(split)
+    fix = (f"use the official hellaswag_{split}.jsonl (github.com/rowanz/hellaswag; the test split has no "
+           f"labels), or delete {path} if it is a damaged download")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"HellaSwag data file {path} not found: pass --data-file with the path of "
+                                f"hellaswag_{split}.jsonl, or leave it out to download the file once")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            ex = json.loads(line)
-            if "ctx" not in ex or len(ex.get("endings", ())) != 4 or not isinstance(ex.get("label"), int):
-                raise ValueError(f"{path}:{lineno}: not a labelled HellaSwag item (needs 'ctx', 4 'endings' "
-                                 f"and an integer 'label'; the test split has no labels)")
-            examples.append(ex)
-            if limit is not None and len(examples) >= limit:
-                break
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    ex = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not a JSON line ({e}); {fix}") from None
+                endings = ex.get("endings") if isinstance(ex, dict) else None
+                if not (isinstance(ex, dict) and isinstance(ex.get("ctx"), str) and isinstance(endings, list)
+                        and len(endings) == 4 and all(isinstance(e, str) for e in endings)
+                        and type(ex.get("label")) is int):
+                    raise ValueError(f"{path}:{lineno}: not a labelled HellaSwag item (needs a string 'ctx', 4 "
+                                     f"string 'endings' and an integer 'label'); {fix}")
+                if not 0 <= ex["label"] < 4:  # scored as a miss otherwise: a silently wrong accuracy
+                    raise ValueError(f"{path}:{lineno}: label {ex['label']} is not the index of one of the 4 "
+                                     f"endings (0-3); {fix}")
+                examples.append(ex)
+                if limit is not None and len(examples) >= limit:
+                    break
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); {fix}") from None
     if not examples:
-        raise ValueError(f"{path}: no HellaSwag items")
+        raise ValueError(f"{path}: no HellaSwag items; {fix}")
     return examples
 
 
@@ -197,20 +217,23 @@ def evaluate_hellaswag(model, examples, device, enc=None, batch_size=8, ctx=None
 def resolve_ckpt(path):
     """A ckpt.pt, or a run directory that holds one."""
     p = Path(path)
-    if p.is_dir():
-        p = p / "ckpt.pt"
-    if not p.is_file():
-        raise FileNotFoundError(f"no checkpoint at {p} (pass a ckpt.pt or the run's out_dir)")
-    return p
+    return p / "ckpt.pt" if p.is_dir() else p
 
 
 def load_model(path, device="cpu"):
-    """GPT from a train.py checkpoint, in eval mode -> (model, checkpoint dict without weights)."""
-    from model import GPT, GPTConfig
-    ckpt = torch.load(resolve_ckpt(path), map_location="cpu", weights_only=False)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-    model.load_state_dict(state)
+    """GPT from a train.py checkpoint, in eval mode -> (model, checkpoint dict without weights).
+    An unusable checkpoint is a model.CheckpointError naming the file and the fix."""
+    from model import GPT, GPTConfig, CheckpointError, load_checkpoint
+    path = resolve_ckpt(path)
+    ckpt = load_checkpoint(path)
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+        model.load_state_dict(state)
+    except Exception as e:  # weights that do not fit the recorded config: another program's or another version's
+        raise CheckpointError(f"{path}: its weights do not build the model its model_config describes "
+                              f"({type(e).__name__}: {str(e)[:300]}); pass a ckpt.pt written by this "
+                              f"version of train.py") from None
     model.to(device).eval()
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng", "ranks", "loader")}
     return model, meta
@@ -218,8 +241,7 @@ def load_model(path, device="cpu"):
 
 def setup_device(device="auto"):
     """-> (device, device_type, rank, world_size); initialises torch.distributed under torchrun."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = check_device(device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if int(os.environ.get("RANK", -1)) != -1:
         local_rank = int(os.environ["LOCAL_RANK"])
@@ -229,6 +251,47 @@ def setup_device(device="auto"):
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
         return device, device_type, dist.get_rank(), dist.get_world_size()
     return device, device_type, 0, 1
+
+
+def check_device(device):
+    """--device value -> a device this machine has ("auto": cuda if present, else cpu); ValueError otherwise."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {device}: this machine has no CUDA device (torch.cuda.is_available() "
+                             f"is False); use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {device}: this machine has {n} CUDA device(s); use cuda:0 to cuda:{n - 1}")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: only cpu and cuda are supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1 (a count or size of 0 or less would give a wrong or empty result)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def run_cli(main_body, prog):
+    """Run a script's body; a user's mistake (bad file, flag, checkpoint, device) ends in one line
+    naming it and exit status 1, not a traceback."""
+    try:
+        return main_body()
+    except (OSError, ValueError, RuntimeError) as e:  # missing/bad files, checkpoints, devices, no network
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def autocast(device_type, dtype):
@@ -242,14 +305,17 @@ def main(argv=None):
     ap.add_argument("--ckpt", required=True, help="checkpoint file, or the run directory holding ckpt.pt")
     ap.add_argument("--data-file", default=None, help="local HellaSwag jsonl (default: download once and cache)")
     ap.add_argument("--split", default="val", choices=["val", "train"])
-    ap.add_argument("--limit", type=int, default=None, help="only the first N items")
-    ap.add_argument("--batch-size", type=int, default=8, help="items per forward pass (4 rows each)")
+    ap.add_argument("--limit", type=positive_int, default=None, help="only the first N >= 1 items (default: all)")
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="items per forward pass (4 rows each)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--out", default=None, help="results JSON (default: <run dir>/hellaswag.json; '-' for none)")
     args = ap.parse_args(argv)
+    return run_cli(lambda: _main(args), "eval_hellaswag.py")
 
+
+def _main(args):
     device, device_type, rank, world_size = setup_device(args.device)
     try:
         if args.data_file is None and rank == 0:
@@ -281,8 +347,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, RuntimeError) as e:  # missing data or checkpoint: the message says what to do
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    main()

@@ -6,7 +6,9 @@ Sample text from a checkpoint.
     python scripts/sample.py --ckpt out/run/ckpt.pt --prompt FILE:prompt.txt
 
 An empty prompt starts from <|endoftext|>, i.e. a fresh document. --temperature 0 is greedy
-decoding. Sampling is reproducible for a given --seed on a given device.
+decoding (the most likely token at every step; --top-k and --seed then play no part); a negative
+temperature is refused. Sampling is reproducible for a given --seed on a given device. A prompt
+longer than the model's block_size keeps its last block_size tokens (with a notice).
 """
 
 import argparse
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_hellaswag import autocast, load_model  # noqa: E402
+from eval_hellaswag import autocast, check_device, load_model, positive_int, run_cli  # noqa: E402
 
 
 def decode(enc, ids):
@@ -29,19 +31,20 @@ def decode(enc, ids):
 def sample(model, enc, prompt="", num_samples=1, max_new_tokens=100, temperature=0.8, top_k=200, seed=1337,
            device="cpu", ctx=None):
     """-> list of num_samples generated texts (prompt excluded)."""
+    if temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
     ids = enc.encode_ordinary(prompt) if prompt else [enc.eot_token]
     block_size = model.config.block_size
     if len(ids) > block_size:
+        print(f"note: the prompt has {len(ids)} tokens; keeping its last {block_size} (the model's block_size)",
+              file=sys.stderr)
         ids = ids[-block_size:]
     x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed(seed)
     with ctx or nullcontext():
-        if temperature == 0:  # greedy: top-1 at any temperature
-            y = model.generate(x, max_new_tokens, temperature=1.0, top_k=1)
-        else:
-            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
     return [decode(enc, row[len(ids):].tolist()) for row in y]
 
 
@@ -49,21 +52,32 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="checkpoint file, or the run directory holding ckpt.pt")
     ap.add_argument("--prompt", default="", help="text to continue, or FILE:path to read it from a file")
-    ap.add_argument("--num-samples", type=int, default=3)
-    ap.add_argument("--max-new-tokens", type=int, default=100)
-    ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    ap.add_argument("--num-samples", type=positive_int, default=3)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=100)
+    ap.add_argument("--temperature", type=float, default=0.8, help="softmax temperature, >= 0 (0: greedy)")
     ap.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0: all)")
     ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     args = ap.parse_args(argv)
+    if not args.temperature >= 0:  # a negative one favours the least likely tokens; nan compares False
+        ap.error(f"argument --temperature: must be >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k < 0:
+        ap.error(f"argument --top-k: must be >= 0 (0: all tokens), got {args.top_k}")
+    return run_cli(lambda: _main(args), "sample.py")
 
+
+def _main(args):
     from data.tokenizer import get_encoding
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     prompt = args.prompt
     if prompt.startswith("FILE:"):
-        prompt = Path(prompt[5:]).read_text(encoding="utf-8")
+        try:
+            prompt = Path(prompt[5:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompt {args.prompt}: cannot read the prompt file ({e}); pass a readable "
+                             f"UTF-8 text file after FILE:") from None
     model, meta = load_model(args.ckpt, device)
     cfg = meta["model_config"]
     print(f"# {cfg['scheme']} n={cfg['n_streams']}, step {meta.get('step')}, temperature {args.temperature}, "
@@ -77,8 +91,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, RuntimeError) as e:  # missing data or checkpoint: the message says what to do
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    main()

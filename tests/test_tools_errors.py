@@ -1,0 +1,232 @@
+"""Bad input to the tools (sample.py, the evals, plot_runs.py, prepare.py, tokenizer.py): every
+case ends in exit status 1 (or an argparse error, 2) with a message naming the file or flag and
+the fix, never a traceback, and the data-safety cases leave the earlier output untouched."""
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from model import GPT, GPTConfig  # noqa: E402
+from scripts import eval_core, eval_hellaswag, sample  # noqa: E402
+
+HELLASWAG = REPO / "tests" / "fixtures" / "hellaswag" / "hellaswag_val_sample.jsonl"
+BUNDLE = REPO / "tests" / "fixtures" / "core" / "eval_bundle"
+
+
+def fails(main, argv, capsys, *needles, code=1):
+    """main(argv) exits with code; stderr names every needle; no traceback. -> stderr."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == code, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert str(n) in err, (n, err)
+    return err
+
+
+def snapshot(d):
+    """{relative path: bytes} of every file under d."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A train.py-format checkpoint of a tiny GPT-2-vocabulary model."""
+    d = tmp_path_factory.mktemp("run")
+    torch.manual_seed(1)
+    cfg = GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=16, scheme="mhc", n_streams=2)
+    torch.save({"model": GPT(cfg).state_dict(), "model_config": asdict(cfg), "step": 4, "config": {}}, d / "ckpt.pt")
+    return d / "ckpt.pt"
+
+
+@pytest.fixture(scope="module")
+def bad_ckpts(tmp_path_factory, ckpt):
+    """name -> a file that is no usable checkpoint."""
+    d = tmp_path_factory.mktemp("bad")
+    good = ckpt.read_bytes()
+    (d / "truncated.pt").write_bytes(good[: len(good) // 2])
+    (d / "random.pt").write_bytes(os.urandom(4096))
+    torch.save({"weights": torch.zeros(3)}, d / "foreign.pt")
+    state = torch.load(ckpt, weights_only=False)
+    state["model_config"] = dict(state["model_config"], n_embd=32)  # weights of another shape
+    torch.save(state, d / "mismatched.pt")
+    return {p.stem: p for p in d.iterdir()} | {"missing": d / "nothing_here"}
+
+
+# ----------------------------------------------------------------------------- checkpoints (all three tools)
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "random", "foreign", "mismatched"])
+def test_bad_checkpoints_are_named(kind, bad_ckpts, capsys):
+    path = bad_ckpts[kind]
+    fix = {"missing": "pass a ckpt.pt", "foreign": "pass the ckpt.pt", "mismatched": "pass a ckpt.pt"}.get(
+        kind, "use another checkpoint")
+    fails(sample.main, ["--ckpt", str(path), "--device", "cpu", "--max-new-tokens", "2"], capsys, path, fix)
+    fails(eval_hellaswag.main, ["--ckpt", str(path), "--device", "cpu", "--data-file", str(HELLASWAG), "--out", "-"],
+          capsys, path, fix)
+    fails(eval_core.main, ["--ckpt", str(path), "--device", "cpu", "--bundle-dir", str(BUNDLE), "--out", "-"],
+          capsys, path, fix)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_named(ckpt, capsys):
+    fails(sample.main, ["--ckpt", str(ckpt), "--device", "cuda"], capsys, "--device cuda", "--device cpu")
+    fails(eval_hellaswag.main, ["--ckpt", str(ckpt), "--device", "cuda:1", "--data-file", str(HELLASWAG)], capsys,
+          "--device cuda:1", "--device cpu")
+    fails(sample.main, ["--ckpt", str(ckpt), "--device", "gpu"], capsys, "--device gpu", "cpu, cuda")
+
+
+# ----------------------------------------------------------------------------- sample.py
+
+def test_temperature_zero_is_greedy(ckpt, capsys):
+    """Checked against an argmax loop written here, from two different seeds."""
+    from data.tokenizer import get_encoding
+    enc = get_encoding()
+    model, _ = eval_hellaswag.load_model(ckpt)
+    ids = enc.encode_ordinary("def f(")
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(6):
+            x = torch.cat([x, model(x)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    want = sample.decode(enc, x[0, len(ids):].tolist())
+    for seed in ("1", "2"):
+        got = sample.main(["--ckpt", str(ckpt), "--prompt", "def f(", "--temperature", "0", "--num-samples", "2",
+                           "--max-new-tokens", "6", "--seed", seed, "--device", "cpu"])
+        assert got == [want, want]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "-0.5"), ("--temperature", "nan"), ("--top-k", "-1"),
+                                        ("--num-samples", "0"), ("--max-new-tokens", "-3"), ("--max-new-tokens", "x")])
+def test_sample_flags_out_of_range(flag, value, ckpt, capsys):
+    fails(sample.main, ["--ckpt", str(ckpt), flag, value], capsys, f"argument {flag}", code=2)
+
+
+def test_generate_refuses_negative_temperature(ckpt):
+    model, _ = eval_hellaswag.load_model(ckpt)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 2, temperature=-1.0)
+
+
+def test_prompt_file_errors(ckpt, tmp_path, capsys):
+    fails(sample.main, ["--ckpt", str(ckpt), "--prompt", f"FILE:{tmp_path / 'none.txt'}", "--device", "cpu"],
+          capsys, "none.txt", "UTF-8 text file")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    fails(sample.main, ["--ckpt", str(ckpt), "--prompt", f"FILE:{latin1}", "--device", "cpu"], capsys, "latin1.txt")
+
+
+# ----------------------------------------------------------------------------- eval_hellaswag.py
+
+def hellaswag_lines(tmp_path, *lines):
+    p = tmp_path / "hs.jsonl"
+    p.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
+    return p
+
+
+GOOD_ITEM = json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 2})
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 4}), "hs.jsonl:2: label 4"),
+    (json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": -1}), "hs.jsonl:2: label -1"),
+    ('{"ctx": "A man", "endings": [', "hs.jsonl:2: not a JSON line"),
+    (json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"]}), "hs.jsonl:2: not a labelled"),
+    (json.dumps({"ctx": "A man", "endings": ["a", "b", 3, "d"], "label": 1}), "hs.jsonl:2: not a labelled"),
+    (json.dumps([1, 2]), "hs.jsonl:2: not a labelled"),
+    ("caf\xe9".encode("latin-1"), "not UTF-8"),
+])
+def test_hellaswag_bad_lines_are_named(bad, needle, tmp_path, ckpt, capsys):
+    path = hellaswag_lines(tmp_path, GOOD_ITEM, bad)
+    fails(eval_hellaswag.main, ["--ckpt", str(ckpt), "--data-file", str(path), "--device", "cpu", "--out", "-"],
+          capsys, needle, "official hellaswag_val.jsonl")
+
+
+def test_hellaswag_missing_or_empty_file(tmp_path, ckpt, capsys):
+    fails(eval_hellaswag.main, ["--ckpt", str(ckpt), "--data-file", str(tmp_path / "no.jsonl"), "--device", "cpu"],
+          capsys, "no.jsonl not found", "--data-file")
+    fails(eval_hellaswag.main, ["--ckpt", str(ckpt), "--data-file", str(hellaswag_lines(tmp_path, "")),
+                                "--device", "cpu"], capsys, "hs.jsonl: no HellaSwag items")
+
+
+@pytest.mark.parametrize("flag,value", [("--limit", "0"), ("--limit", "-2"), ("--batch-size", "0")])
+def test_hellaswag_counts_must_be_positive(flag, value, ckpt, capsys):
+    fails(eval_hellaswag.main, ["--ckpt", str(ckpt), flag, value], capsys, f"argument {flag}", "must be >= 1", code=2)
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        eval_hellaswag.load_examples(HELLASWAG, limit=0)
+
+
+def test_hellaswag_limit_counts_items(ckpt, capsys):
+    res = eval_hellaswag.main(["--ckpt", str(ckpt), "--data-file", str(HELLASWAG), "--limit", "3", "--device", "cpu",
+                               "--out", "-"])
+    assert res["n"] == 3
+    capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------- eval_core.py
+
+def copy_bundle(tmp_path):
+    import shutil
+    dest = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, dest)
+    return dest
+
+
+def core_fails(ckpt, bundle, capsys, *needles, extra=()):
+    return fails(eval_core.main, ["--ckpt", str(ckpt), "--bundle-dir", str(bundle), "--device", "cpu", "--out", "-",
+                                  *extra], capsys, *needles)
+
+
+def test_core_empty_task_file(tmp_path, ckpt, capsys):
+    b = copy_bundle(tmp_path)
+    (b / "eval_data" / "toy" / "schema.jsonl").write_text("\n")
+    core_fails(ckpt, b, capsys, "schema.jsonl: no items (task toy_schema)", "--tasks")
+
+
+@pytest.mark.parametrize("text,needle", [("icl_tasks: [\n  - label: x\n", "not a readable YAML file"),
+                                         ("just a string\n", "no 'icl_tasks' list"),
+                                         ("icl_tasks:\n- label: toy_mc\n  num_fewshot: [0]\n", "lacks dataset_uri"),
+                                         ("icl_tasks:\n- {label: toy_mc, dataset_uri: toy/multiple_choice.jsonl, "
+                                          "num_fewshot: [0], icl_task_type: generation}\n", "task type 'generation'"),
+                                         ("icl_tasks:\n- {label: toy_mc, dataset_uri: toy/multiple_choice.jsonl, "
+                                          "num_fewshot: [-1], icl_task_type: schema}\n", "num_fewshot [-1]")])
+def test_core_bad_yaml(text, needle, tmp_path, ckpt, capsys):
+    b = copy_bundle(tmp_path)
+    (b / "core.yaml").write_text(text)
+    core_fails(ckpt, b, capsys, "core.yaml", needle)
+
+
+def test_core_unknown_task_and_missing_bundle(tmp_path, ckpt, capsys):
+    core_fails(ckpt, BUNDLE, capsys, "--tasks: ['piqa']", "choose among ['toy_mc'", extra=["--tasks", "toy_mc,piqa"])
+    core_fails(ckpt, tmp_path / "nowhere", capsys, "core.yaml not found", "--download")
+    b = copy_bundle(tmp_path)
+    (b / "eval_data" / "toy" / "schema.jsonl").unlink()
+    core_fails(ckpt, b, capsys, "schema.jsonl not found (task toy_schema)", "unzip eval_bundle.zip")
+    (b / "eval_meta_data.csv").write_text("Task,Baseline\ntoy_mc,25\n")
+    core_fails(ckpt, b, capsys, "eval_meta_data.csv", "'Random baseline'")
+
+
+@pytest.mark.parametrize("line,needle", [("{not json", ":2: not a JSON line"),
+                                         (json.dumps({"query": "q", "choices": ["a", "b"]}), ":2: a multiple_choice item needs"),
+                                         (json.dumps({"query": "q", "choices": ["a", "b"], "gold": 2}), ":2: gold 2")])
+def test_core_bad_items_are_named(line, needle, tmp_path, ckpt, capsys):
+    b = copy_bundle(tmp_path)
+    f = b / "eval_data" / "toy" / "multiple_choice.jsonl"
+    first = f.read_text().splitlines()[0]
+    f.write_text(first + "\n" + line + "\n")
+    core_fails(ckpt, b, capsys, "multiple_choice.jsonl" + needle)
+
+
+def test_core_max_per_task(ckpt, capsys):
+    fails(eval_core.main, ["--ckpt", str(ckpt), "--max-per-task", "0"], capsys, "--max-per-task", "-1 for all", code=2)
+    # 2 items cannot hold a 2-shot prompt drawn from the *other* items
+    core_fails(ckpt, BUNDLE, capsys, "task toy_mc_2shot takes 2 solved examples", "raise --max-per-task",
+               extra=["--max-per-task", "2"])

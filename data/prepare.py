@@ -21,7 +21,12 @@ Resumable and atomic: shards are written as ``*.bin.tmp`` and renamed when compl
 ``progress.json`` records the completed shards and the document cursor after each one. A
 rerun of the same command continues after the last completed shard; a rerun with other
 settings starts clean. ``meta.json`` is written last: a directory without it is not a
-prepared dataset, and the loader refuses it.
+prepared dataset, and the loader refuses it. ``--restart`` over a complete preparation builds the
+new one in ``<out-dir>/.restart/`` and swaps it in only when it is complete, so a failed or killed
+rebuild never loses the previous dataset (rerun the same command to continue it).
+
+Documents whose ``text`` is null are skipped, counted, reported and recorded in ``meta.json``
+as ``skipped_docs`` (an empty string is a document: an EOT alone).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import shutil
 import sys
 import time
 from itertools import chain
@@ -49,6 +55,8 @@ from data import tokenizer as toklib
 DATA_ROOT = Path(__file__).resolve().parent
 META_FORMAT = "hcgpt-token-shards/1"
 DEFAULT_SHARD_TOKENS = 100_000_000
+PROGRESS_EVERY_S = 30.0  # a plain progress line this often when stderr is not a terminal (a log file)
+STAGING = ".restart"  # --restart over a complete preparation builds here, then swaps in
 
 DATASETS = {
     "openwebtext": dict(hub="Skylion007/openwebtext", revision="refs/convert/parquet", subset=None,
@@ -116,11 +124,65 @@ def source_spec(dataset: str, data_files=None, subset=None, revision=None, max_d
             "subset": subset if subset is not None else cfg["subset"], "max_docs": max_docs}
 
 
+FILES_FIX = ("--data-files takes parquet, JSON-lines or UTF-8 text files with one document per row "
+             "in a string column named 'text'")
+
+
+def diagnose_file(path: str, fmt: str) -> str | None:
+    """Why ``path`` cannot be read as ``fmt`` (None if no reason is found): run only after a load
+    failed, to name the file (``datasets`` often does not)."""
+    if os.path.getsize(path) == 0:
+        return f"{path} is empty"
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as e:
+            return f"{path} is not a readable parquet file ({e})"
+        return f"{path} has no rows" if rows == 0 else None
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{path}:{lineno}: not UTF-8 text ({e}); convert the file to UTF-8"
+            if fmt == "json" and text.strip():
+                try:
+                    json.loads(text)
+                except ValueError as e:
+                    return f"{path}:{lineno}: not a JSON line ({e})"
+    return None
+
+
+def _load_files(datasets, source: dict, cache_dir):
+    files, fmt = [d["path"] for d in source["data_files"]], source["format"]
+    for f in files:  # cheap checks first: an empty file is a StopIteration deep inside datasets
+        if os.path.getsize(f) == 0 or fmt == "parquet":  # a parquet footer is a few KB
+            cause = diagnose_file(f, fmt)
+            if cause:
+                raise ValueError(f"{cause}; {FILES_FIX}")
+    kw = {"sample_by": "document"} if fmt == "text" else {}
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error lines would repeat ours below
+    try:
+        ds = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir, **kw)
+        if fmt == "json" and "text" in ds.column_names:  # Arrow's JSON reader lets bad UTF-8 through to
+            ds.data.column("text").validate(full=True)    # the tokenizer; one pass in C catches it here
+        return ds
+    except Exception as e:  # datasets raises many kinds (ArrowInvalid, DatasetGenerationError, ...)
+        cause = next((d for d in (diagnose_file(f, fmt) for f in files) if d), None)
+        raise ValueError(f"{cause or 'cannot read ' + ', '.join(files[:3])} "
+                         f"({type(e).__name__}: {str(e)[:200]}); {FILES_FIX}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
 def load_documents(source: dict, cache_dir=None, num_proc=None, progress=True):
-    """A ``datasets.Dataset`` with one ``text`` column, one row per document."""
+    """A ``datasets.Dataset`` with one ``text`` column, one row per document. An unreadable input
+    is a ValueError naming the file and the fix."""
     import datasets
 
-    if not progress:
+    if not progress or not sys.stderr.isatty():  # tqdm's carriage returns make a log file unreadable
         datasets.disable_progress_bars()
     kind = source["kind"]
     if kind == "embedded":
@@ -128,10 +190,8 @@ def load_documents(source: dict, cache_dir=None, num_proc=None, progress=True):
         ds = datasets.Dataset.from_dict({"text": pydocs.documents()})
         where = "the pydocs corpus"
     elif kind == "data_files":
+        ds = _load_files(datasets, source, cache_dir)
         files = [d["path"] for d in source["data_files"]]
-        kw = {"sample_by": "document"} if source["format"] == "text" else {}
-        ds = datasets.load_dataset(source["format"], data_files=files, split="train",
-                                   cache_dir=cache_dir, **kw)
         where = ", ".join(files[:3]) + (" ..." if len(files) > 3 else "")
     else:
         kw = {}
@@ -139,22 +199,43 @@ def load_documents(source: dict, cache_dir=None, num_proc=None, progress=True):
             kw["name"] = source["subset"]
         if source.get("revision"):
             kw["revision"] = source["revision"]
-        ds = datasets.load_dataset(source["name"], split="train", cache_dir=cache_dir,
-                                   num_proc=num_proc if num_proc and num_proc > 1 else None, **kw)
+        try:
+            ds = datasets.load_dataset(source["name"], split="train", cache_dir=cache_dir,
+                                       num_proc=num_proc if num_proc and num_proc > 1 else None, **kw)
+        except Exception as e:  # no network, a wrong --subset or --revision, a broken cache
+            raise ValueError(f"cannot load {source['name']} from the Hugging Face hub ({type(e).__name__}: "
+                             f"{str(e)[:300]}); check the network, --subset and --revision, or pass local "
+                             f"files with --data-files") from None
         where = source["name"]
     if "text" not in ds.column_names:
         raise ValueError(f"{where}: no 'text' column (columns: {ds.column_names}); "
                          f"the input needs one document per row in a column named 'text'")
+    feature = ds.features["text"]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise ValueError(f"{where}: the 'text' column holds {feature}, not strings; "
+                         f"the input needs one document per row as a string in a column named 'text'")
     ds = ds.select_columns(["text"])
     if source.get("max_docs"):
         ds = ds.select(range(min(int(source["max_docs"]), len(ds))))
     return ds
 
 
+def drop_null_texts(ds, num_proc=None):
+    """-> (ds without the rows whose text is null, how many were dropped). A null is no document;
+    turning it into an empty one would add a bare EOT and shift the split."""
+    if not ds.data.column("text").null_count:  # whole table (past max_docs too): free, no pass over rows
+        return ds, 0
+    n = len(ds)
+    ds = ds.filter(lambda texts: [t is not None for t in texts], batched=True, input_columns="text",
+                   num_proc=num_proc if num_proc and num_proc > 1 and n > 100_000 else None)
+    return ds, n - len(ds)
+
+
 def split_documents(ds, val_fraction: float, seed: int) -> dict:
     """{'train': Dataset, 'val': Dataset}: a fixed-seed shuffled split of the documents."""
     if len(ds) < 2:
-        raise ValueError(f"need at least 2 documents to make a train/val split, got {len(ds)}")
+        raise ValueError(f"need at least 2 documents to make a train/val split, got {len(ds)}; "
+                         f"pass more documents (or a larger --max-docs)")
     parts = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
     return {"train": parts["train"], "val": parts["test"]}
 
@@ -173,7 +254,7 @@ def _tokenize_range(task: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray]
     """Tokens of documents [a, b) of a split, EOT before each; and each document's length."""
     split, a, b = task
     texts = _W["splits"][split][a:b]["text"]
-    ids = _W["enc"].encode_ordinary_batch([t or "" for t in texts], num_threads=1)
+    ids = _W["enc"].encode_ordinary_batch(texts, num_threads=1)
     lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     eot = (toklib.EOT,)
     flat = chain.from_iterable(chain(eot, x) for x in ids)  # consumed in C by fromiter
@@ -243,13 +324,22 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
     val_fraction = cfg["val_fraction"] if val_fraction is None else float(val_fraction)
     seed = cfg["seed"] if seed is None else int(seed)
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val fraction must be in (0, 1), got {val_fraction}")
+        raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {seed}")
     shard_tokens = int(shard_tokens)
     if not 1 <= shard_tokens < 2**31:
         raise ValueError(f"--shard-tokens must be in [1, 2**31), got {shard_tokens}")
-    workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
+    if max_docs is not None and int(max_docs) < 1:
+        raise ValueError(f"--max-docs must be >= 1 (leave it out for all documents), got {max_docs}")
+    if workers is not None and int(workers) < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    workers = int(workers if workers is not None else (os.cpu_count() or 1))
     out_dir = Path(out_dir) if out_dir is not None else DATA_ROOT / dataset
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out-dir {out_dir}: cannot create it ({e}); pass a writable directory") from None
 
     enc = toklib.get_encoding()  # fail early (and clearly) if the rank file is missing
     token_bytes = toklib.token_byte_lengths(enc)
@@ -258,18 +348,32 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
                    "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                    "tokenizer_sha256": toklib.RANK_FILE_SHA256}
 
+    kw = dict(data_files=data_files, subset=subset, revision=revision, val_fraction=val_fraction, seed=seed,
+              shard_tokens=shard_tokens, workers=workers, chunk_docs=chunk_docs, cache_dir=cache_dir,
+              max_docs=max_docs, progress=progress, on_shard=on_shard, log=log)
     with shardlib.dir_lock(out_dir, ".prepare.lock", "`prepare.py`"):
         meta_path = out_dir / "meta.json"
-        if meta_path.is_file() and not restart:
-            meta = json.loads(meta_path.read_text())
+        meta = _read_meta(meta_path, restart)
+        if meta is not None and not restart:
             if meta.get("fingerprint") == fingerprint:
                 log(f"{out_dir} is already prepared with these settings (use --restart to rebuild)")
                 return meta
             raise ValueError(f"{out_dir} already holds a dataset prepared with other settings; "
                              f"pass --restart to replace it, or --out-dir to write elsewhere")
+        if meta is not None:  # --restart over a complete dataset: keep it until the new one is complete
+            staging = out_dir / STAGING
+            old = _read_meta(staging / "meta.json", restart=True)
+            if old is not None and old.get("fingerprint") != fingerprint:
+                shutil.rmtree(staging)  # a finished rebuild with yet other settings, never swapped in
+            log(f"building the new dataset in {staging}; {out_dir} keeps the previous one until it is complete")
+            meta = prepare(dataset, out_dir=staging, **kw)
+            _swap_in(staging, out_dir)
+            log(f"replaced the previous dataset in {out_dir}")
+            return meta
         state = None if restart else _resume_state(out_dir, fingerprint, log)
         if state is None:
             _clean_dir(out_dir)
+            shutil.rmtree(out_dir / STAGING, ignore_errors=True)  # a rebuild whose swap was cut short
             state = _fresh_state(fingerprint)
         else:
             done = sum(len(state["splits"][s]["shards"]) for s in SPLITS)
@@ -281,6 +385,10 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
 
         t0 = time.time()
         ds = load_documents(source, cache_dir=cache_dir, num_proc=workers, progress=progress)
+        ds, skipped = drop_null_texts(ds, workers)
+        if skipped:
+            log(f"skipped {skipped:,} of {skipped + len(ds):,} documents whose text is null "
+                f"(recorded in meta.json as skipped_docs)")
         splits = split_documents(ds, val_fraction, seed)
         sizes = {s: len(splits[s]) for s in SPLITS}
         if state.setdefault("num_docs", sizes) != sizes:  # the source changed under a resume
@@ -306,7 +414,7 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
         dt = time.time() - t1
 
         meta = _build_meta(dataset, source, state, token_bytes, val_fraction, seed, shard_tokens,
-                           fingerprint)
+                           fingerprint, skipped)
         _atomic_json(meta_path, meta)
         (out_dir / "progress.json").unlink(missing_ok=True)
     rate = n_tok_new / max(dt, 1e-9)
@@ -316,7 +424,38 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
         c = meta["splits"][s]
         log(f"  {s:5s}: {c['documents']:>12,} documents {c['tokens']:>15,} tokens "
             f"{c['bytes']:>16,} bytes in {len(c['shards'])} shards")
+    if meta["skipped_docs"]:
+        log(f"  skipped: {meta['skipped_docs']:,} documents whose text is null")
     return meta
+
+
+def _read_meta(path: Path, restart: bool) -> dict | None:
+    """meta.json of a complete preparation, or None. A damaged one is an error (it may be a dataset
+    someone uses) unless restart says to rebuild anyway."""
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+        if isinstance(meta, dict):
+            return meta
+    except (OSError, ValueError):
+        pass
+    if restart:
+        return None
+    raise ValueError(f"{path} is damaged (not a JSON object); pass --restart to rebuild the dataset in "
+                     f"{path.parent}, or --out-dir to write elsewhere")
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Replace out_dir's dataset by the complete one in staging. meta.json goes first and comes back
+    last, so a kill in between leaves a directory the loader refuses, never a mix of the two."""
+    (out_dir / "meta.json").unlink()
+    _clean_dir(out_dir)
+    for p in sorted(staging.iterdir()):
+        if _SHARD_RE.match(p.name) and not p.name.endswith(".tmp"):
+            os.replace(p, out_dir / p.name)
+    os.replace(staging / "meta.json", out_dir / "meta.json")
+    shutil.rmtree(staging)
 
 
 def _prepare_split(split, ds, state, out_dir, shard_tokens, token_bytes, pool, workers,
@@ -354,9 +493,11 @@ def _prepare_split(split, ds, state, out_dir, shard_tokens, token_bytes, pool, w
             on_shard(split, index, out_dir / name)
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=n_docs, initial=start, desc=f"{split}", unit="doc", disable=not progress,
+    tty = progress and sys.stderr.isatty()  # a log file gets plain lines (below), not carriage returns
+    bar = tqdm(total=n_docs, initial=start, desc=f"{split}", unit="doc", disable=not tty,
                dynamic_ncols=True, smoothing=0.05)
-    ntok = 0
+    ntok, t0 = 0, time.time()
+    last = t0
     try:
         for (_, a, b), (toks, lens) in zip(tasks, results):
             pos = skip if a == start else 0
@@ -376,9 +517,13 @@ def _prepare_split(split, ds, state, out_dir, shard_tokens, token_bytes, pool, w
                         commit(a + j, pos - (int(ends[j - 1]) if j else 0))
             ntok += toks.size
             bar.update(b - a)
-            if progress:
+            if tty:
                 bar.set_postfix_str(f"{ntok / max(bar.format_dict['elapsed'], 1e-9) / 1e6:.2f}M tok/s",
                                     refresh=False)
+            elif progress and (time.time() - last >= PROGRESS_EVERY_S or b == n_docs):
+                last = time.time()
+                print(f"{split}: {b:,}/{n_docs:,} documents ({100 * b / n_docs:.0f}%), "
+                      f"{ntok / max(last - t0, 1e-9) / 1e6:.2f}M tokens/s", flush=True)
         if fill:
             commit(n_docs, 0)
     finally:
@@ -388,7 +533,7 @@ def _prepare_split(split, ds, state, out_dir, shard_tokens, token_bytes, pool, w
     return written
 
 
-def _build_meta(dataset, source, state, token_bytes, val_fraction, seed, shard_tokens, fingerprint):
+def _build_meta(dataset, source, state, token_bytes, val_fraction, seed, shard_tokens, fingerprint, skipped_docs):
     splits = {}
     for s in SPLITS:
         shards = state["splits"][s]["shards"]
@@ -410,6 +555,7 @@ def _build_meta(dataset, source, state, token_bytes, val_fraction, seed, shard_t
         "seed": seed,
         "shard_tokens": shard_tokens,
         "splits": splits,
+        "skipped_docs": skipped_docs,  # rows whose text is null: not documents
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "fingerprint": fingerprint,
         "token_bytes": [int(x) for x in token_bytes],
@@ -437,6 +583,19 @@ def verify(out_dir) -> dict:
     return meta
 
 
+def _count(min_value):
+    """argparse type: an integer >= min_value (0 or a negative count would silently mean something else)."""
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < min_value:
+            raise argparse.ArgumentTypeError(f"must be >= {min_value}, got {v}")
+        return v
+    return parse
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -448,15 +607,17 @@ def main(argv=None) -> int:
     ap.add_argument("--subset", default=None, help="hub config (fineweb_edu: sample-10BT, sample-100BT, ...)")
     ap.add_argument("--revision", default=None, help="hub revision (openwebtext: refs/convert/parquet)")
     ap.add_argument("--val-fraction", type=float, default=None, help="override the dataset's val fraction")
-    ap.add_argument("--seed", type=int, default=None, help="override the dataset's split seed")
-    ap.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
-    ap.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
-    ap.add_argument("--chunk-docs", type=int, default=None, help="documents per tokenizer task")
-    ap.add_argument("--max-docs", type=int, default=None, help="use only the first N documents (trials)")
+    ap.add_argument("--seed", type=_count(0), default=None, help="override the dataset's split seed")
+    ap.add_argument("--shard-tokens", type=_count(1), default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
+    ap.add_argument("--workers", type=_count(1), default=None, help="tokenizer processes (default: all cores)")
+    ap.add_argument("--chunk-docs", type=_count(1), default=None, help="documents per tokenizer task")
+    ap.add_argument("--max-docs", type=_count(1), default=None,
+                    help="use only the first N >= 1 documents (trials; default: all)")
     ap.add_argument("--cache-dir", default=None, help="Hugging Face datasets cache directory")
     ap.add_argument("--restart", action="store_true", help="discard previous output and start clean")
     ap.add_argument("--verify", action="store_true", help="only check an already prepared directory")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress output (default: a bar on a terminal, plain lines every 30 s otherwise)")
     args = ap.parse_args(argv)
 
     try:
@@ -471,7 +632,7 @@ def main(argv=None) -> int:
                 shard_tokens=args.shard_tokens, workers=args.workers, chunk_docs=args.chunk_docs,
                 cache_dir=args.cache_dir, max_docs=args.max_docs, restart=args.restart,
                 progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as e:  # bad input: the message says what to do
+    except (OSError, ValueError, shardlib.DirLocked) as e:  # bad input, a busy directory: the message says what to do
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -230,3 +230,154 @@ def test_core_max_per_task(ckpt, capsys):
     # 2 items cannot hold a 2-shot prompt drawn from the *other* items
     core_fails(ckpt, BUNDLE, capsys, "task toy_mc_2shot takes 2 solved examples", "raise --max-per-task",
                extra=["--max-per-task", "2"])
+
+
+# ----------------------------------------------------------------------------- data/prepare.py
+
+from data import prepare as prep  # noqa: E402
+from data import shards as shardlib  # noqa: E402
+
+DOCS = [f"document {i}: " + "the quick brown fox " * (i % 7 + 1) for i in range(40)]
+
+
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def prep_main(files, out, tmp_path, *extra):
+    """prepare.py's main on local files -> its exit status."""
+    return prep.main(["fineweb_edu", "--data-files", *map(str, files), "--out-dir", str(out), "--workers", "1",
+                      "--val-fraction", "0.1", "--shard-tokens", "300", "--cache-dir", str(tmp_path / "hf"), *extra])
+
+
+def top_files(d):
+    """{name: bytes} of the dataset files directly in d (the lock file and the staging dir aside)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.is_file() and p.name != ".prepare.lock"}
+
+
+def test_null_texts_are_skipped_counted_and_recorded(tmp_path, capsys):
+    with_nulls = DOCS[:5] + [None] + DOCS[5:20] + [None, None] + DOCS[20:]
+    assert prep_main([write_jsonl(tmp_path / "nulls.jsonl", with_nulls)], tmp_path / "a", tmp_path, "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert "skipped 3 of 43 documents whose text is null" in out
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["skipped_docs"] == 3
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 40
+    # the same shards as the corpus without its null rows: nulls are no documents (no bare EOT, same split)
+    assert prep_main([write_jsonl(tmp_path / "clean.jsonl", DOCS)], tmp_path / "b", tmp_path, "--no-progress") == 0
+    a, b = top_files(tmp_path / "a"), top_files(tmp_path / "b")
+    assert {k: v for k, v in a.items() if k.endswith(".bin")} == {k: v for k, v in b.items() if k.endswith(".bin")}
+    assert json.loads(b["meta.json"])["skipped_docs"] == 0
+
+
+@pytest.mark.parametrize("flag,value", [("--max-docs", "0"), ("--max-docs", "-5"), ("--workers", "0"),
+                                        ("--chunk-docs", "0"), ("--shard-tokens", "0"), ("--seed", "-1")])
+def test_prepare_flags_out_of_range(flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        prep.main(["pydocs", "--out-dir", str(tmp_path / "o"), flag, value])
+    assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_docs_zero_is_not_all(tmp_path):
+    with pytest.raises(ValueError, match="--max-docs must be >= 1"):
+        prep.prepare("pydocs", out_dir=tmp_path / "o", max_docs=0, progress=False, log=lambda *a: None)
+
+
+@pytest.fixture
+def prepared(tmp_path, capsys):
+    """A complete preparation of DOCS in tmp_path/ds -> (dir, its files)."""
+    out = tmp_path / "ds"
+    assert prep_main([write_jsonl(tmp_path / "docs.jsonl", DOCS)], out, tmp_path, "--no-progress") == 0
+    capsys.readouterr()
+    return out, top_files(out)
+
+
+def test_second_prepare_into_a_busy_directory(prepared, tmp_path, capsys):
+    out, before = prepared
+    with shardlib.dir_lock(out, ".prepare.lock", "`prepare.py`"):  # a first run still at work
+        rc = prep_main([tmp_path / "docs.jsonl"], out, tmp_path, "--restart", "--no-progress")
+    err = capsys.readouterr().err
+    assert rc == 1 and "another `prepare.py` is using" in err and str(out) in err and "wait for it" in err
+    assert "Traceback" not in err and top_files(out) == before
+
+
+def make_bad(tmp_path, kind):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    p = tmp_path / {"empty_parquet": "e.parquet", "int_parquet": "i.parquet", "no_text": "n.parquet",
+                    "garbage_parquet": "g.parquet", "latin_txt": "l.txt"}.get(kind, f"{kind}.jsonl")
+    if kind == "empty_jsonl":
+        p.write_text("")
+    elif kind == "empty_parquet":
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), p)
+    elif kind == "garbage_parquet":
+        p.write_bytes(os.urandom(256))
+    elif kind == "int_parquet":
+        pq.write_table(pa.table({"text": [1, 2, 3]}), p)
+    elif kind == "no_text":
+        pq.write_table(pa.table({"body": ["a", "b", "c"]}), p)
+    elif kind == "latin_jsonl":
+        p.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    elif kind == "latin_txt":
+        p.write_bytes(b"caf\xe9\n")
+    elif kind == "malformed":
+        p.write_text('{"text": "a"}\n{"text": "b"}\n{"text": \n')
+    elif kind == "mixed":
+        p.write_text('{"text": "a"}\n{"text": 7}\n')
+    return p
+
+
+@pytest.mark.parametrize("kind,needle", [
+    ("empty_jsonl", "empty_jsonl.jsonl is empty"), ("empty_parquet", "e.parquet has no rows"),
+    ("garbage_parquet", "g.parquet is not a readable parquet file"), ("int_parquet", "'text' column holds"),
+    ("no_text", "no 'text' column"), ("latin_jsonl", "latin_jsonl.jsonl:2: not UTF-8"),
+    ("latin_txt", "l.txt:1: not UTF-8"), ("malformed", "malformed.jsonl:3: not a JSON line"),
+    ("mixed", "'text' column holds"),
+])
+def test_bad_input_files_keep_the_previous_dataset(kind, needle, prepared, tmp_path, capsys):
+    """Each bad file is named with the fix, and a --restart onto it leaves the complete dataset as it was."""
+    out, before = prepared
+    bad = make_bad(tmp_path, kind)
+    rc = prep_main([bad], out, tmp_path, "--restart", "--no-progress")
+    err = capsys.readouterr().err
+    assert rc == 1 and needle in err and "Traceback" not in err, err
+    assert "'text'" in err  # the fix: what an input file must hold
+    assert top_files(out) == before
+    from data.loader import load_meta
+    assert load_meta(out)["splits"]["train"]["tokens"] > 0
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_rebuild_keeps_the_previous_dataset_then_completes(prepared, tmp_path, capsys):
+    out, before = prepared
+
+    def kill(split, index, path):
+        raise Killed
+
+    kw = dict(data_files=[str(tmp_path / "docs.jsonl")], workers=1, shard_tokens=300, val_fraction=0.2,
+              cache_dir=str(tmp_path / "hf"), progress=False, log=lambda *a: None)
+    with pytest.raises(Killed):
+        prep.prepare("fineweb_edu", out_dir=out, restart=True, on_shard=kill, **kw)
+    assert top_files(out) == before  # the old dataset, whole
+    prep.prepare("fineweb_edu", out_dir=out, restart=True, **kw)  # the same command again: continues, swaps
+    fresh = prep.prepare("fineweb_edu", out_dir=tmp_path / "fresh", **kw)
+    assert top_files(out).keys() == top_files(tmp_path / "fresh").keys()
+    assert {k: v for k, v in top_files(out).items() if k.endswith(".bin")} == \
+        {k: v for k, v in top_files(tmp_path / "fresh").items() if k.endswith(".bin")}
+    assert json.loads((out / "meta.json").read_text())["splits"] == fresh["splits"]
+    assert not (out / prep.STAGING).exists()
+
+
+def test_progress_in_a_log_file_is_plain_lines(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(prep, "PROGRESS_EVERY_S", 0.0)
+    docs = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    assert prep_main([docs], tmp_path / "o", tmp_path, "--chunk-docs", "4") == 0  # stdout, stderr: not terminals
+    cap = capsys.readouterr()
+    assert "\r" not in cap.out + cap.err
+    lines = [line for line in cap.out.splitlines() if line.startswith("train: ")]
+    assert len(lines) == 9 and lines[-1].startswith("train: 36/36 documents (100%)")  # 36 of 40 docs, 4 per task

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -78,16 +79,24 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_verified(path: str | os.PathLike) -> bytes:
-    """Read a rank file and check its sha256; ValueError naming the file on mismatch."""
+REFETCH = (f"Delete it and run `{FETCH_COMMAND}` (or `{FETCH_COMMAND} --from FILE` with a good copy)")
+FROM_FIX = (f"Pass a good copy of gpt2.tiktoken (sha256 {RANK_FILE_SHA256[:12]}...) or of the {WHISPER_SDIST} "
+            f"sdist to --from, or run `{FETCH_COMMAND}` without --from where PyPI is reachable")
+
+
+def read_verified(path: str | os.PathLike, fix: str = REFETCH) -> bytes:
+    """Read a rank file and check its sha256; ValueError naming the file and ``fix`` if it cannot be
+    read or does not match (random bytes, a truncated copy, another file)."""
     path = Path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the GPT-2 rank file ({e.strerror or e}). {fix}.") from None
     digest = _sha256(data)
     if digest != RANK_FILE_SHA256:
         raise ValueError(
             f"{path}: sha256 {digest} does not match the GPT-2 rank file "
-            f"({RANK_FILE_SHA256}); the file is corrupt or not gpt2.tiktoken. "
-            f"Delete it and run `{FETCH_COMMAND}` (or `{FETCH_COMMAND} --from FILE` with a good copy)."
+            f"({RANK_FILE_SHA256}); the file is corrupt, truncated or not gpt2.tiktoken. {fix}."
         )
     return data
 
@@ -142,14 +151,22 @@ def token_byte_lengths(enc: tiktoken.Encoding | None = None) -> np.ndarray:
     return out
 
 
-def install_rank_file(src: str | os.PathLike, dest: str | os.PathLike | None = None) -> Path:
-    """Verify ``src`` and copy it atomically to ``dest`` (default: ``rank_file_path()``)."""
-    data = read_verified(src)
+def install_rank_file(src: str | os.PathLike, dest: str | os.PathLike | None = None,
+                      fix: str = FROM_FIX) -> Path:
+    """Verify ``src`` and copy it atomically to ``dest`` (default: ``rank_file_path()``); a bad
+    ``src`` leaves ``dest`` as it was."""
+    data = read_verified(src, fix)
     dest = Path(dest) if dest is not None else rank_file_path()
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+    except OSError as e:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise ValueError(f"cannot install the rank file at {dest} ({e.strerror or e}); pass a writable --dest "
+                         f"(and point {ENV_VAR} at it)") from None
     _load_encoding.cache_clear()
     return dest
 
@@ -157,14 +174,19 @@ def install_rank_file(src: str | os.PathLike, dest: str | os.PathLike | None = N
 def extract_from_sdist(sdist: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Extract only ``whisper/assets/gpt2.tiktoken`` from an openai-whisper sdist."""
     sdist = Path(sdist)
-    with tarfile.open(sdist, "r:*") as tf:
-        members = [m for m in tf.getmembers() if m.isfile() and m.name.endswith(WHISPER_MEMBER_SUFFIX)]
-        if not members:
-            raise ValueError(f"{sdist}: no {WHISPER_MEMBER_SUFFIX} inside this archive")
-        f = tf.extractfile(members[0])
-        assert f is not None
-        out = Path(out_dir) / "gpt2.tiktoken"
-        out.write_bytes(f.read())
+    try:
+        with tarfile.open(sdist, "r:*") as tf:
+            members = [m for m in tf.getmembers() if m.isfile() and m.name.endswith(WHISPER_MEMBER_SUFFIX)]
+            if not members:
+                raise ValueError(f"{sdist}: no {WHISPER_MEMBER_SUFFIX} inside this archive. {FROM_FIX}.")
+            data = tf.extractfile(members[0]).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # truncated or not a .tar.gz
+        raise ValueError(f"{sdist}: not a readable .tar.gz ({type(e).__name__}: {e}). {FROM_FIX}.") from None
+    if _sha256(data) != RANK_FILE_SHA256:
+        raise ValueError(f"{sdist}: its {WHISPER_MEMBER_SUFFIX} is not the GPT-2 rank file (sha256 mismatch). "
+                         f"{FROM_FIX}.")
+    out = Path(out_dir) / "gpt2.tiktoken"
+    out.write_bytes(data)
     return out
 
 
@@ -195,7 +217,7 @@ def fetch_rank_file(dest: str | os.PathLike | None = None, src: str | os.PathLik
         if src is not None:
             src = Path(src)
             if not src.is_file():
-                raise FileNotFoundError(f"{src}: no such file")
+                raise FileNotFoundError(f"--from {src}: no such file. {FROM_FIX}.")
             if src.name.endswith((".tar.gz", ".tgz")):
                 src = extract_from_sdist(src, tmp)
         else:
@@ -213,7 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--force", action="store_true", help="re-fetch even if a verified file is present")
     sub.add_parser("check", help="verify the rank file in use and print its path")
     args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except (OSError, ValueError, RuntimeError) as e:  # the messages name the file and the fix
+        print(f"tokenizer.py: error: {e}", file=sys.stderr)
+        return 1
 
+
+def _run(args) -> int:
     if args.cmd == "fetch":
         dest = Path(args.dest) if args.dest else rank_file_path()
         if args.src is None and not args.force and dest.is_file():
@@ -230,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         enc = get_encoding()
         ids = enc.encode_ordinary("hello world")
         print(f"{rank_file_path()}: sha256 ok, n_vocab={enc.n_vocab}, 'hello world' -> {ids}")
-        return 0 if ids == [31373, 995] else 1
+        if ids != [31373, 995]:  # the file is right: tiktoken itself disagrees
+            print(f"tokenizer.py: error: 'hello world' should encode to [31373, 995]; check the tiktoken "
+                  f"version (requirements.txt)", file=sys.stderr)
+            return 1
+        return 0
     return 2
 
 

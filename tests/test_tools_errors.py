@@ -381,3 +381,66 @@ def test_progress_in_a_log_file_is_plain_lines(tmp_path, capsys, monkeypatch):
     assert "\r" not in cap.out + cap.err
     lines = [line for line in cap.out.splitlines() if line.startswith("train: ")]
     assert len(lines) == 9 and lines[-1].startswith("train: 36/36 documents (100%)")  # 36 of 40 docs, 4 per task
+
+
+# ----------------------------------------------------------------------------- data/tokenizer.py
+
+from data import tokenizer as tok  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def rank_bytes(enc):
+    return tok.rank_file_path().read_bytes()
+
+
+def bad_rank_file(tmp_path, kind, rank_bytes):
+    p = tmp_path / f"{kind}.tiktoken"
+    if kind == "random":
+        p.write_bytes(os.urandom(5000))
+    elif kind == "truncated":
+        p.write_bytes(rank_bytes[: len(rank_bytes) // 2])
+    elif kind == "edited":  # parses fine, wrong digest: one rank changed
+        p.write_bytes(rank_bytes.replace(b" 100\n", b" 101\n", 1))
+    elif kind == "directory":
+        p.mkdir()
+    return p
+
+
+@pytest.mark.parametrize("kind", ["random", "truncated", "edited", "missing", "directory"])
+def test_tokenizer_check_names_a_bad_rank_file(kind, tmp_path, rank_bytes, monkeypatch, capsys):
+    p = bad_rank_file(tmp_path, kind, rank_bytes)
+    monkeypatch.setenv(tok.ENV_VAR, str(p))
+    assert tok.main(["check"]) == 1
+    err = capsys.readouterr().err
+    assert str(p) in err and "python data/tokenizer.py fetch" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("kind", ["random", "truncated", "edited", "missing", "directory", "bad_tar", "empty_tar"])
+def test_tokenizer_fetch_from_a_bad_file_keeps_the_installed_one(kind, tmp_path, rank_bytes, capsys):
+    import tarfile
+    dest = tmp_path / "installed" / "gpt2.tiktoken"
+    dest.parent.mkdir()
+    dest.write_bytes(rank_bytes)
+    if kind == "bad_tar":
+        src = tmp_path / "openai-whisper.tar.gz"
+        src.write_bytes(os.urandom(3000))
+    elif kind == "empty_tar":
+        src = tmp_path / "other.tar.gz"
+        with tarfile.open(src, "w:gz"):
+            pass
+    else:
+        src = bad_rank_file(tmp_path, kind, rank_bytes)
+    assert tok.main(["fetch", "--from", str(src), "--dest", str(dest)]) == 1
+    err = capsys.readouterr().err
+    assert str(src) in err and "--from" in err and "Traceback" not in err, err
+    assert dest.read_bytes() == rank_bytes and os.listdir(dest.parent) == ["gpt2.tiktoken"]
+
+
+def test_tokenizer_fetch_to_an_unwritable_place(tmp_path, rank_bytes, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    src = tmp_path / "gpt2.tiktoken"
+    src.write_bytes(rank_bytes)
+    assert tok.main(["fetch", "--from", str(src), "--dest", str(blocker / "gpt2.tiktoken")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot install the rank file at" in err and "--dest" in err

@@ -45,33 +45,50 @@ def read_run(path, label=None):
     """A run from its directory (or its log.jsonl) -> dict with config, train and eval records,
     and the HellaSwag / CORE results found next to it."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such directory; pass train.py out_dirs (or their log.jsonl files)")
     log = path / "log.jsonl" if path.is_dir() else path
     if not log.is_file():
-        raise FileNotFoundError(f"{log}: no log.jsonl (is {path} a train.py out_dir?)")
+        raise FileNotFoundError(f"{log}: no log.jsonl (is {path} a train.py out_dir?); pass the out_dir of a "
+                                f"run that has logged at least one step")
     config, train, evals = {}, [], []
-    with open(log, encoding="utf-8") as f:
+    with open(log, encoding="utf-8", errors="replace") as f:  # a damaged line is skipped below, not fatal
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:
-                print(f"warning: {log}:{lineno}: skipping a line that is not JSON (a run still writing?)",
-                      file=sys.stderr)
+                r = None
+            if not isinstance(r, dict):
+                print(f"warning: {log}:{lineno}: skipping a line that is not a JSON record (a run still "
+                      f"writing, or a damaged log)", file=sys.stderr)
                 continue
             kind = r.get("type")
             if kind in ("config", "resume"):
                 config.update({k: v for k, v in r.items() if k not in ("type", "step")})
-            elif kind == "train":
+            elif kind == "train" and isinstance(r.get("tokens"), (int, float)):
                 train.append(r)
-            elif kind == "eval":
+            elif kind == "eval" and isinstance(r.get("tokens"), (int, float)) and isinstance(r.get("step"), int):
                 evals.append(r)
+    if not train and not evals:
+        raise ValueError(f"{log}: no train or eval records; pass the out_dir of a run that has logged at least "
+                         f"one step (--log_interval, --eval_interval)")
     run_dir = log.parent
     run = {"dir": run_dir, "config": config, "train": train, "eval": evals,
            "label": label or default_label(config, run_dir)}
     for name in ("hellaswag", "core"):
         p = run_dir / f"{name}.json"
-        run[name] = json.loads(p.read_text()) if p.is_file() else None
+        run[name] = None
+        if p.is_file():
+            try:
+                run[name] = json.loads(p.read_text())
+            except (OSError, ValueError) as e:
+                print(f"warning: {p}: unreadable ({e}); left out of the table. Rerun scripts/eval_{name}.py "
+                      f"to rewrite it", file=sys.stderr)
+            if not isinstance(run[name], (dict, type(None))):
+                print(f"warning: {p}: not a JSON object; left out of the table", file=sys.stderr)
+                run[name] = None
     return run
 
 
@@ -115,7 +132,8 @@ def pick_eval(run, step=None):
     if step is not None:
         match = [e for e in evals if e["step"] == step]
         if not match:
-            raise ValueError(f"{run['dir']}: no eval at step {step}; evals at {[e['step'] for e in evals]}")
+            raise ValueError(f"--step: {run['dir']} has no eval at step {step}; its evals are at "
+                             f"{[e['step'] for e in evals]}")
         return match[-1]
     with_hres = [e for e in evals if e.get("hres")]
     return (with_hres or evals or [None])[-1]
@@ -148,10 +166,14 @@ def save(fig, out_dir, name, formats):
     return paths
 
 
+def ema_alpha(n, alpha=None):
+    """The EMA factor for n points: alpha, or (None) a window of about 1/25 of them; 0 is no smoothing."""
+    return 1.0 - 1.0 / max(1.0, n / 25) if alpha is None else alpha
+
+
 def ema(values, alpha=None):
     """Exponential moving average; alpha None: a window of about 1/25 of the points."""
-    if alpha is None:
-        alpha = 1.0 - 1.0 / max(1.0, len(values) / 25)
+    alpha = ema_alpha(len(values), alpha)
     out, s = [], None
     for v in values:
         s = v if s is None else alpha * s + (1 - alpha) * v
@@ -188,12 +210,15 @@ def plot_curves(runs, out_dir, formats, smooth=None):
     fig, axes = plt.subplots(1, 1 + len(evals), figsize=(5 * (1 + len(evals)), 4.2), squeeze=False)
     axes = axes[0]
     series = [[] for _ in axes]
+    smoothed = False  # "EMA" in the title only when some curve is smoothed (few points: none is)
     for i, run in enumerate(runs):
         color = run.get("color", f"C{i % 10}")
         tr = [r for r in run["train"] if r.get("loss") is not None]
         xs, ys = [r["tokens"] for r in tr], [r["loss"] for r in tr]
         if xs:
-            axes[0].plot(xs, ys, color=color, alpha=0.25, lw=0.8)
+            if ema_alpha(len(ys), smooth) > 0:
+                smoothed = True
+                axes[0].plot(xs, ys, color=color, alpha=0.25, lw=0.8)
             axes[0].plot(xs, ema(ys, smooth), color=color, lw=1.6, label=run["label"])
             series[0].append((xs, ys))
         for j, (key, _, _) in enumerate(evals, 1):
@@ -202,15 +227,17 @@ def plot_curves(runs, out_dir, formats, smooth=None):
             if xs:
                 axes[j].plot(xs, ys, "o-", color=color, ms=3, lw=1.6, label=run["label"])
                 series[j].append((xs, ys))
-    titles = [("train loss" + (" (EMA)" if smooth != 0 else ""), "nats / token")] + [(t, y) for _, t, y in evals]
-    for ax, (title, ylabel), ser in zip(axes, titles, series):
+    titles = [("train loss" + (" (EMA)" if smoothed else ""), "nats / token")] + [(t, y) for _, t, y in evals]
+    for j, (ax, (title, ylabel), ser) in enumerate(zip(axes, titles, series)):
         ax.set_title(title)
         ax.set_xlabel("tokens")
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_formatter(FuncFormatter(fmt_tokens))
         ax.grid(alpha=0.3)
-        if ylabel != "accuracy":
+        if j == 0:  # the noisy train loss: its first steps (~ ln(vocab)) would squash the rest
             focus_ylim(ax, ser)
+        elif ylabel != "accuracy":  # the few eval points, step 0 included, all in view
+            focus_ylim(ax, ser, skip_frac=0.0)
         if ser:
             ax.legend(fontsize=8)
     fig.tight_layout()
@@ -318,6 +345,7 @@ def plot_depth(runs, out_dir, formats, step=None):
     if not runs:
         return []
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     floor = 1e-9
     for i, (run, e) in enumerate(runs):
@@ -325,8 +353,9 @@ def plot_depth(runs, out_dir, formats, step=None):
         p = depth_profile(e)
         d = np.arange(1, len(p["names"]) + 1)
         for ax, key in ((axes[0], "fwd"), (axes[1], "bwd")):
-            ax.plot(d, p[key], "--", color=color, lw=1, alpha=0.8)
-            ax.plot(d, p[f"comp_{key}"], "-", color=color, lw=1.8, label=run["label"])
+            # single connections on top, with markers: for a doubly-stochastic H_res both lines sit at 1
+            ax.plot(d, p[f"comp_{key}"], "-", color=color, lw=3.0, alpha=0.45, zorder=2, label=run["label"])
+            ax.plot(d, p[key], "--", color=color, lw=1, marker="o", ms=3.5, mfc="white", zorder=3)
             exact = p["exact_comp"][0 if key == "fwd" else 1]
             if exact is not None:
                 ax.plot([d[-1]], [exact], "*", color=color, ms=11, mec="black", mew=0.5)
@@ -335,6 +364,7 @@ def plot_depth(runs, out_dir, formats, step=None):
               "doubly-stochastic error of H_res")
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("connection depth (2 per layer: attention, MLP)")
         ax.grid(alpha=0.3, which="both")
     gains = [v for line in axes[0].lines + axes[1].lines for v in line.get_ydata() if np.isfinite(v) and v > 0]
@@ -347,8 +377,8 @@ def plot_depth(runs, out_dir, formats, step=None):
     axes[2].set_yscale("log")
     for ax in axes[:2]:
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.plot([], [], "k--", lw=1, label="single connection")
-        ax.plot([], [], "k-", lw=1.8, label="composite up to depth")
+        ax.plot([], [], "k--", lw=1, marker="o", ms=3.5, mfc="white", label="single connection")
+        ax.plot([], [], "k-", lw=3.0, alpha=0.45, label="composite up to depth")
         ax.plot([], [], "k*", ms=9, lw=0, label="composite, exact (logged)")
         ax.legend(fontsize=7)
     axes[2].set_ylabel(f"max(|row sum - 1|, |col sum - 1|), floored at {floor:g}")
@@ -421,11 +451,21 @@ def main(argv=None):
     ap.add_argument("--formats", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"])
     ap.add_argument("--step", type=int, default=None, help="eval step for the H_res figures (default: the last)")
     ap.add_argument("--smooth", type=float, default=None,
-                    help="EMA factor for the train loss (0: none; default: a window of 1/25 of the points)")
+                    help="EMA factor in [0, 1) for the train loss (0: none; default: a window of 1/25 of the "
+                         "points, none for 25 points or fewer)")
     args = ap.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.runs):
         ap.error(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
+    if args.smooth is not None and not 0 <= args.smooth < 1:
+        ap.error(f"argument --smooth: must be in [0, 1) (0: no smoothing), got {args.smooth}")
+    try:
+        return _main(args)
+    except (OSError, ValueError) as e:  # a missing run, an empty log, an unwritable --out-dir
+        print(f"plot_runs.py: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
+
+def _main(args):
     runs = [read_run(p, label) for p, label in zip(args.runs, args.labels or [None] * len(args.runs))]
     unique_labels(runs)
     for i, run in enumerate(runs):

@@ -444,3 +444,91 @@ def test_tokenizer_fetch_to_an_unwritable_place(tmp_path, rank_bytes, capsys):
     assert tok.main(["fetch", "--from", str(src), "--dest", str(blocker / "gpt2.tiktoken")]) == 1
     err = capsys.readouterr().err
     assert "cannot install the rank file at" in err and "--dest" in err
+
+
+# ----------------------------------------------------------------------------- scripts/plot_runs.py
+
+from scripts import plot_runs  # noqa: E402
+
+
+def fake_run(d, n_train=10, eval_steps=(0, 5, 10), n=2):
+    """A log.jsonl as train.py writes it: config, train records, eval records with H_res (uniform
+    averaging, exactly doubly stochastic, so each connection and every composite has gain 1)."""
+    d.mkdir(parents=True, exist_ok=True)
+    u = [[1.0 / n] * n for _ in range(n)]
+    recs = [{"type": "config", "scheme": "mhc", "n_streams": n, "n_layer": 1, "n_embd": 8}]
+    recs += [{"type": "train", "step": s, "tokens": 100 * s, "loss": 8.0 - s / n_train} for s in range(1, n_train + 1)]
+    recs += [{"type": "eval", "step": s, "tokens": 100 * s, "val_loss": 10.8 if s == 0 else 5.0 - s / 100,
+              "val_bpb": 2.0, "hres": {"L00.attn": u, "L00.mlp": u}, "hres_composite": u} for s in eval_steps]
+    (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return d
+
+
+def test_plot_runs_bad_inputs(tmp_path, capsys):
+    out = ["--out-dir", str(tmp_path / "plots"), "--formats", "png"]
+    fails(plot_runs.main, [str(tmp_path / "nowhere"), *out], capsys, "nowhere: no such directory", "out_dir")
+    (tmp_path / "empty").mkdir()
+    fails(plot_runs.main, [str(tmp_path / "empty"), *out], capsys, "empty/log.jsonl: no log.jsonl", "out_dir")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "log.jsonl").write_bytes(b"\x00\xff garbage\n[1, 2]\n")
+    fails(plot_runs.main, [str(tmp_path / "junk"), *out], capsys, "junk/log.jsonl: no train or eval records")
+    run = fake_run(tmp_path / "run")
+    fails(plot_runs.main, [str(run), "--step", "7", *out], capsys, "--step", "no eval at step 7", "[0, 5, 10]")
+    fails(plot_runs.main, [str(run), "--smooth", "1.5", *out], capsys, "argument --smooth", code=2)
+    (tmp_path / "afile").write_text("x")
+    fails(plot_runs.main, [str(run), "--out-dir", str(tmp_path / "afile")], capsys, "afile")
+
+
+def test_plot_runs_skips_a_damaged_line_with_a_warning(tmp_path, capsys):
+    run = fake_run(tmp_path / "run")
+    lines = (run / "log.jsonl").read_text().splitlines()
+    lines[3] = lines[3][:20]  # a line cut in the middle of the log
+    (run / "log.jsonl").write_text("\n".join(lines) + "\n")
+    (run / "core.json").write_text("{not json")
+    written = plot_runs.main([str(run), "--out-dir", str(tmp_path / "p"), "--formats", "png"])
+    err = capsys.readouterr().err
+    assert f"{run / 'log.jsonl'}:4: skipping" in err and "core.json: unreadable" in err
+    assert len(plot_runs.read_run(run)["train"]) == 9 and any(p.name == "curves.png" for p in written)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    figs = []
+    monkeypatch.setattr(plot_runs, "save", lambda fig, *a: figs.append(fig) or [])
+    return figs
+
+
+@pytest.mark.parametrize("n_train,smooth,title,lines", [(10, None, "train loss", 1), (60, None, "train loss (EMA)", 2),
+                                                         (60, 0.0, "train loss", 1), (10, 0.5, "train loss (EMA)", 2)])
+def test_ema_label_only_when_smoothing(n_train, smooth, title, lines, tmp_path, figures):
+    run = plot_runs.read_run(fake_run(tmp_path / "r", n_train=n_train))
+    plot_runs.plot_curves([run], "unused", ["png"], smooth=smooth)
+    ax = figures[-1].axes[0]
+    assert ax.get_title() == title and len(ax.lines) == lines
+    raw = [8.0 - s / n_train for s in range(1, n_train + 1)]
+    assert list(ax.lines[-1].get_ydata()) != raw if lines == 2 else list(ax.lines[0].get_ydata()) == raw
+
+
+def test_step0_eval_in_view(tmp_path, figures):
+    run = plot_runs.read_run(fake_run(tmp_path / "r", n_train=10, eval_steps=(0, 2, 4, 6, 8, 10)))
+    plot_runs.plot_curves([run], "unused", ["png"])
+    val = figures[-1].axes[1]
+    lo, hi = val.get_ylim()
+    assert val.get_title() == "val loss" and lo < 4.9 and hi > 10.8  # step 0 (10.8) and the rest
+    assert val.get_xlim()[0] <= 0
+
+
+def test_depth_single_connections_visible_over_the_composite(tmp_path, figures):
+    """Doubly stochastic H_res: every single-connection and composite gain is 1, the lines coincide;
+    the single connections are drawn on top with markers so both stay visible."""
+    run = plot_runs.read_run(fake_run(tmp_path / "r"))
+    run["color"] = "C0"
+    plot_runs.plot_depth([run], "unused", ["png"])
+    for ax in figures[-1].axes[:2]:
+        drawn = [line for line in ax.lines if line.get_color() == "C0" and len(line.get_xdata()) == 2]  # the run's
+        single = [line for line in drawn if line.get_marker() == "o"]
+        comp = [line for line in drawn if line.get_marker() in ("None", "", None) and line.get_linestyle() == "-"]
+        assert len(single) == 1 and len(comp) == 1
+        assert list(single[0].get_ydata()) == pytest.approx([1.0, 1.0]) == list(comp[0].get_ydata())
+        assert single[0].get_zorder() > comp[0].get_zorder()
+        assert comp[0].get_linewidth() > single[0].get_linewidth()  # the composite shows around it

@@ -192,7 +192,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     args = ap.parse_args(argv)
-    cuda = torch.device(args.device).type == "cuda"
+    try:
+        cuda = torch.device(args.device).type == "cuda"
+    except RuntimeError:
+        ap.error(f"argument --device: {args.device!r} is not a device name; use cpu, cuda or cuda:N")
+    if cuda and not torch.cuda.is_available():
+        ap.error(f"argument --device: {args.device}: this machine has no CUDA device; use --device cpu")
     defaults = dict(model="124M" if cuda else "tiny", batch_size=16 if cuda else 4, seq_len=1024 if cuda else 64,
                     steps=20 if cuda else 3, warmup=5 if cuda else 1, compile=cuda,
                     dtype="bfloat16" if cuda else "float32")
@@ -203,6 +208,9 @@ def main(argv=None):
         args.stream_dtype = args.dtype
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
+    for k in ("n_streams", "batch_size", "seq_len"):
+        if getattr(args, k) < 1:
+            ap.error(f"argument --{k.replace('_', '-')}: must be >= 1, got {getattr(args, k)}")
     report = run(args)
     print(json.dumps(report, indent=2) if args.json else table(report))
     return report

@@ -31,6 +31,9 @@ def main(argv=None):
     ap.add_argument("--n-layer", type=int, default=12, help="transformer blocks (2 connections each)")
     ap.add_argument("--n-streams", type=int, nargs="+", default=[2, 4, 6, 8])
     args = ap.parse_args(argv)
+    for flag, v in (("--dim", args.dim), ("--n-layer", args.n_layer), ("--n-streams", min(args.n_streams))):
+        if v < 1:
+            ap.error(f"argument {flag}: must be >= 1, got {v}")
 
     print(f"extra parameters per connection / per model (C = {args.dim}, {args.n_layer} layers, "
           f"{2 * args.n_layer} connections)\n")

@@ -532,3 +532,19 @@ def test_depth_single_connections_visible_over_the_composite(tmp_path, figures):
         assert list(single[0].get_ydata()) == pytest.approx([1.0, 1.0]) == list(comp[0].get_ydata())
         assert single[0].get_zorder() > comp[0].get_zorder()
         assert comp[0].get_linewidth() > single[0].get_linewidth()  # the composite shows around it
+
+
+# ----------------------------------------------------------------------------- bench.py, param_table.py
+
+@pytest.mark.parametrize("argv,flag", [(["--n-streams", "0"], "--n-streams"), (["--batch-size", "-1"], "--batch-size"),
+                                       (["--seq-len", "0"], "--seq-len"), (["--device", "gpu"], "--device")])
+def test_bench_flags(argv, flag, capsys):
+    from scripts import bench
+    fails(bench.main, ["--device", "cpu", *argv], capsys, f"argument {flag}", code=2)
+
+
+@pytest.mark.parametrize("argv,flag", [(["--dim", "0"], "--dim"), (["--n-layer", "-2"], "--n-layer"),
+                                       (["--n-streams", "4", "0"], "--n-streams")])
+def test_param_table_flags(argv, flag, capsys):
+    from scripts import param_table
+    fails(param_table.main, argv, capsys, f"argument {flag}", code=2)

@@ -39,6 +39,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from itertools import chain
@@ -246,6 +247,8 @@ _W: dict = {}
 
 
 def _worker_init(splits: dict) -> None:
+    if mp.current_process().name != "MainProcess":  # Ctrl-C: the parent stops the pool, no worker tracebacks
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _W["splits"] = splits
     _W["enc"] = toklib.get_encoding()
 
@@ -340,6 +343,8 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out-dir {out_dir}: cannot create it ({e}); pass a writable directory") from None
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"--out-dir {out_dir}: not writable; pass a writable directory")
 
     enc = toklib.get_encoding()  # fail early (and clearly) if the rank file is missing
     token_bytes = toklib.token_byte_lengths(enc)
@@ -635,6 +640,10 @@ def main(argv=None) -> int:
     except (OSError, ValueError, shardlib.DirLocked) as e:  # bad input, a busy directory: the message says what to do
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("prepare.py: interrupted; rerun the same command to continue after the last complete shard",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -214,8 +214,12 @@ def download_bundle(dest=None, url=EVAL_BUNDLE_URL):
             raise RuntimeError(f"cannot download {url} ({e}). Without network, copy an unpacked eval_bundle "
                                f"directory (core.yaml, eval_meta_data.csv, eval_data/) to {dest} or pass "
                                f"--bundle-dir") from None
-        with zipfile.ZipFile(zpath) as z:
-            z.extractall(tmp)
+        try:
+            with zipfile.ZipFile(zpath) as z:
+                z.extractall(tmp)
+        except zipfile.BadZipFile as e:
+            raise RuntimeError(f"{url}: the download is not a readable zip ({e}); run again, or unzip a good "
+                               f"copy into {dest} (or pass --bundle-dir)") from None
         found = next(Path(tmp).rglob("core.yaml"), None)
         if found is None:
             raise RuntimeError(f"{url}: the archive holds no core.yaml")

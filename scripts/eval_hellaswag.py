@@ -226,6 +226,10 @@ def load_model(path, device="cpu"):
     from model import GPT, GPTConfig, CheckpointError, load_checkpoint
     path = resolve_ckpt(path)
     ckpt = load_checkpoint(path)
+    vocab = ckpt["model_config"].get("vocab_size", 0) if isinstance(ckpt["model_config"], dict) else 0
+    if vocab < 50257:  # the tools read and write GPT-2 tokens: a smaller table would fail mid-run
+        raise CheckpointError(f"{path}: the model's vocab_size is {vocab}, fewer than the GPT-2 tokenizer's "
+                              f"50257 tokens; pass a checkpoint of a model trained on this repo's GPT-2 shards")
     try:
         model = GPT(GPTConfig(**ckpt["model_config"]))
         state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
@@ -292,6 +296,9 @@ def run_cli(main_body, prog):
     except (OSError, ValueError, RuntimeError) as e:  # missing/bad files, checkpoints, devices, no network
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def autocast(device_type, dtype):

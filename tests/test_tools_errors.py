@@ -548,3 +548,38 @@ def test_bench_flags(argv, flag, capsys):
 def test_param_table_flags(argv, flag, capsys):
     from scripts import param_table
     fails(param_table.main, argv, capsys, f"argument {flag}", code=2)
+
+
+def test_small_vocabulary_checkpoint_is_named(tmp_path, capsys):
+    cfg = GPTConfig(block_size=16, vocab_size=257, n_layer=1, n_head=2, n_embd=16)
+    torch.save({"model": GPT(cfg).state_dict(), "model_config": asdict(cfg), "step": 1}, tmp_path / "ckpt.pt")
+    fails(sample.main, ["--ckpt", str(tmp_path), "--device", "cpu"], capsys, "ckpt.pt: the model's vocab_size is 257")
+
+
+def test_damaged_bundle_download(tmp_path):
+    z = tmp_path / "eval_bundle.zip"
+    z.write_bytes(os.urandom(1000))
+    with pytest.raises(RuntimeError, match="not a readable zip.*--bundle-dir"):
+        eval_core.download_bundle(tmp_path / "b", url="file://" + str(z))
+    assert not (tmp_path / "b").exists()
+
+
+def test_prepare_hub_failure_and_interrupt(tmp_path, monkeypatch, capsys):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'Skylion007/openwebtext' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert prep.main(["openwebtext", "--out-dir", str(tmp_path / "o"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot load Skylion007/openwebtext" in err and "--data-files" in err and "Traceback" not in err
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.undo()  # the hub is back
+    monkeypatch.setattr(prep, "_prepare_split", ctrl_c)
+    docs = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    assert prep_main([docs], tmp_path / "p", tmp_path, "--no-progress") == 130
+    assert "interrupted; rerun the same command" in capsys.readouterr().err

@@ -258,7 +258,7 @@ def load_bundle(bundle_dir):
                              f"num_fewshot and icl_task_type ({fix})")
         if t["icl_task_type"] not in TASK_TYPES:
             raise ValueError(f"{where} ({t['label']}): task type {t['icl_task_type']!r} is not one of {TASK_TYPES}; "
-                             f"remove the task from core.yaml or pick the others with --tasks")
+                             f"only these are scored: remove the task from core.yaml")
         shots = t["num_fewshot"]
         shots = shots[0] if isinstance(shots, list) and shots else shots
         if type(shots) is not int or shots < 0:

@@ -226,18 +226,17 @@ def load_model(path, device="cpu"):
     from model import GPT, GPTConfig, CheckpointError, load_checkpoint
     path = resolve_ckpt(path)
     ckpt = load_checkpoint(path)
-    vocab = ckpt["model_config"].get("vocab_size", 0) if isinstance(ckpt["model_config"], dict) else 0
-    if vocab < 50257:  # the tools read and write GPT-2 tokens: a smaller table would fail mid-run
-        raise CheckpointError(f"{path}: the model's vocab_size is {vocab}, fewer than the GPT-2 tokenizer's "
-                              f"50257 tokens; pass a checkpoint of a model trained on this repo's GPT-2 shards")
     try:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
+        cfg = GPTConfig(**ckpt["model_config"])
+        if cfg.vocab_size < 50257:  # the tools read and write GPT-2 tokens: a smaller table fails mid-run
+            raise ValueError(f"vocab_size {cfg.vocab_size} is smaller than the GPT-2 tokenizer's 50257 tokens")
+        model = GPT(cfg)
         state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
         model.load_state_dict(state)
-    except Exception as e:  # weights that do not fit the recorded config: another program's or another version's
-        raise CheckpointError(f"{path}: its weights do not build the model its model_config describes "
-                              f"({type(e).__name__}: {str(e)[:300]}); pass a ckpt.pt written by this "
-                              f"version of train.py") from None
+    except Exception as e:  # a config or weights this model.py cannot build: another program's or version's
+        raise CheckpointError(f"{path}: not a model this version of model.py can build ({type(e).__name__}: "
+                              f"{str(e)[:300]}); pass a ckpt.pt written by this version of train.py on "
+                              f"GPT-2 token shards") from None
     model.to(device).eval()
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng", "ranks", "loader")}
     return model, meta

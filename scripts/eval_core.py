@@ -365,7 +365,8 @@ def main(argv=None):
     ap.add_argument("--bundle-dir", default=None, help=f"unpacked eval bundle (default: {default_bundle_dir()})")
     ap.add_argument("--download", action="store_true", help=f"fetch {EVAL_BUNDLE_URL} into the bundle dir if missing")
     ap.add_argument("--tasks", default=None, help="comma-separated task labels (default: all in core.yaml)")
-    ap.add_argument("--max-per-task", type=int, default=-1, help="crop every task to N >= 1 items (-1: all; a quick look)")
+    ap.add_argument("--max-per-task", type=int, default=-1,
+                    help="crop every task to N >= 1 items (-1: all; a quick look)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--out", default=None, help="results JSON (default: <run dir>/core.json; '-' for none)")

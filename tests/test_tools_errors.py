@@ -215,7 +215,8 @@ def test_core_unknown_task_and_missing_bundle(tmp_path, ckpt, capsys):
 
 
 @pytest.mark.parametrize("line,needle", [("{not json", ":2: not a JSON line"),
-                                         (json.dumps({"query": "q", "choices": ["a", "b"]}), ":2: a multiple_choice item needs"),
+                                         (json.dumps({"query": "q", "choices": ["a", "b"]}),
+                                          ":2: a multiple_choice item needs"),
                                          (json.dumps({"query": "q", "choices": ["a", "b"], "gold": 2}), ":2: gold 2")])
 def test_core_bad_items_are_named(line, needle, tmp_path, ckpt, capsys):
     b = copy_bundle(tmp_path)
@@ -258,7 +259,8 @@ def top_files(d):
 
 def test_null_texts_are_skipped_counted_and_recorded(tmp_path, capsys):
     with_nulls = DOCS[:5] + [None] + DOCS[5:20] + [None, None] + DOCS[20:]
-    assert prep_main([write_jsonl(tmp_path / "nulls.jsonl", with_nulls)], tmp_path / "a", tmp_path, "--no-progress") == 0
+    nulls = write_jsonl(tmp_path / "nulls.jsonl", with_nulls)
+    assert prep_main([nulls], tmp_path / "a", tmp_path, "--no-progress") == 0
     out = capsys.readouterr().out
     assert "skipped 3 of 43 documents whose text is null" in out
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())

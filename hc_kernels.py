@@ -75,12 +75,13 @@ def _pre_mix_fwd_kernel(
         h_ptr, w_ptr, g_ptr, a_ptr, b_ptr,          # h (M, N, C) strided; weight (K, R); gain (K,);
                                                     # gate scale (); gate bias (N,)
         m_ptr, rstd_ptr, x_ptr,                     # out: m (M, R) | (M, N, R) fp32; rstd (M,) | (M, N); x_in (M, C)
-        M, C, R, s_hm, s_hn, s_hc, eps,
+        M, C, R, s_hm, s_hn, s_hc, eps, M_BUCKET,
         N: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr, HC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
     """HC=False (mHC family): m = (x γ) φ / rms(x) over the token's N C values (K = N C rows of φ),
     H_pre = σ(α m[:N] + b). HC=True: per stream j, m_j = (h_j g / rms(h_j)) W (K = C),
     H_pre[j] = s tanh(m_j[0]) + A_m[j]. Both: x_in = Σ_j H_pre[j] h_j."""
+    s_hm, s_hn, s_hc = tl.cast(s_hm, tl.int64), tl.cast(s_hn, tl.int64), tl.cast(s_hc, tl.int64)  # j s_hn may pass 2^31
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -145,12 +146,13 @@ def _pre_mix_fwd_kernel(
 def _pre_mix_bwd_kernel(
         h_ptr, w_ptr, g_ptr, a_ptr, b_ptr, m_ptr, rstd_ptr, gm_ptr, gx_ptr,
         gh_ptr, gw_ptr, dH_ptr, gu_ptr,   # out: grad h (M, N, C); G = Σ_tokens x ⊗ grad_u (K, R) fp32, atomic;
-        M, C, R, s_hm, s_hn, s_hc,        #      dL/dH_pre (M, N) fp32; scratch grad_u (M, R) fp32 (mHC family)
+        M, C, R, s_hm, s_hn, s_hc, M_BUCKET,  # dL/dH_pre (M, N) fp32; scratch grad_u (M, R) fp32 (mHC family)
         N: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr, HC: tl.constexpr, HAS_GM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
     """With u = (x γ) W and m = rstd u: grad_u = rstd grad_m, and
     dL/dx = γ (grad_u Wᵀ) - (Σ_k grad_m_k m_k) rstd² x / K + H_pre[j] grad_x_in,
     where grad_m includes the H_pre gate's share. dW = γ G and dγ = rowsum(W G) are formed outside."""
+    s_hm, s_hn, s_hc = tl.cast(s_hm, tl.int64), tl.cast(s_hn, tl.int64), tl.cast(s_hc, tl.int64)  # j s_hn may pass 2^31
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -241,6 +243,7 @@ def _pre_mix_bwd_kernel(
 def _post_mix_fwd_kernel(h_ptr, y_ptr, res_ptr, post_ptr, out_ptr, M, C, s_hm, s_hn, s_hc,
                          N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[i] = Σ_j H_res[i, j] h[j] + H_post[i] y, in fp32, rounded once to h's dtype."""
+    s_hm, s_hn, s_hc = tl.cast(s_hm, tl.int64), tl.cast(s_hn, tl.int64), tl.cast(s_hc, tl.int64)  # j s_hn may pass 2^31
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -268,6 +271,7 @@ def _post_mix_bwd_kernel(g_ptr, h_ptr, y_ptr, res_ptr, post_ptr, gh_ptr, gy_ptr,
                          N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """grad h[j] = Σ_i H_res[i, j] g[i], grad y = Σ_i H_post[i] g[i],
     grad H_res[i, j] = Σ_c g[i, c] h[j, c], grad H_post[i] = Σ_c g[i, c] y[c]; one pass over C."""
+    s_hm, s_hn, s_hc = tl.cast(s_hm, tl.int64), tl.cast(s_hn, tl.int64), tl.cast(s_hc, tl.int64)  # j s_hn may pass 2^31
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -377,24 +381,39 @@ def _kernel(fn, device):
         raise RuntimeError(f"the fused kernels need Triton: {TRITON_ERROR}")
     key = (fn, device.type, _interpreting())
     if key not in _KERNELS:
-        if device.type == "cpu" or _interpreting():  # numpy on the host; slow, for tests
-            from triton.runtime.interpreter import InterpretedFunction
-            _KERNELS[key] = InterpretedFunction(fn)
-        elif fn in (_pre_mix_fwd_kernel, _pre_mix_bwd_kernel):
-            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=st)
-                       for bm, bc, w, st in PRE_CONFIGS]
-            reset = ["gw_ptr"] if fn is _pre_mix_bwd_kernel else None  # G is accumulated atomically
-            _KERNELS[key] = triton.autotune(configs, key=["C", "R", "N", "HC"], reset_to_zero=reset)(triton.jit(fn))
+        interpret = device.type == "cpu" or _interpreting()   # fixed PRE_CPU tiles there
+        if fn in (_pre_mix_fwd_kernel, _pre_mix_bwd_kernel) and not interpret:
+            _KERNELS[key] = autotuned(fn)
         else:
-            _KERNELS[key] = triton.jit(fn)
+            _KERNELS[key] = _jit(fn, interpret)
     return _KERNELS[key]
+
+
+def _jit(fn, interpret):
+    if interpret:  # numpy on the host; slow, for tests
+        from triton.runtime.interpreter import InterpretedFunction
+        return InterpretedFunction(fn)
+    return triton.jit(fn)
+
+
+def autotuned(fn, do_bench=None):
+    """(a)'s kernel ``fn`` tuned over PRE_CONFIGS per (token count bucket, C, R, n, HC, dtypes):
+    M_BUCKET is the token count rounded up to a power of two, so that a diagnostics or eval batch
+    gets its own tiles without every new batch shape tuning again. ``do_bench``: Triton's default
+    (the tests pass their own to tune under the interpreter)."""
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=st)
+               for bm, bc, w, st in PRE_CONFIGS]
+    reset = ["gw_ptr"] if fn is _pre_mix_bwd_kernel else None  # G is accumulated atomically
+    return triton.autotune(configs, key=["M_BUCKET", "C", "R", "N", "HC"], reset_to_zero=reset,
+                           do_bench=do_bench)(_jit(fn, _interpreting()))
 
 
 def _launch_pre(fn, M, device, *args, **meta):
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
-    if device.type == "cpu" or _interpreting():
+    kernel = _kernel(fn, device)
+    if not isinstance(kernel, triton.runtime.Autotuner):
         meta.update(PRE_CPU)
-    _kernel(fn, device)[grid](*args, **meta)
+    kernel[grid](*args, M_BUCKET=_pow2(M), **meta)
 
 
 def _launch(fn, grid, device, *args, **meta):
@@ -475,6 +494,7 @@ def _pre_mix_setup(ctx, inputs, output):
     h, weight, gain, gate_scale, gate_bias, per_stream, tf32 = inputs
     m, rstd, _ = output
     ctx.save_for_backward(h, weight, gain, gate_scale, gate_bias, m, rstd)
+    ctx.mark_non_differentiable(rstd)   # an output for the backward only: no gradient flows through it
     ctx.per_stream, ctx.tf32 = per_stream, tf32
 
 
@@ -695,10 +715,21 @@ def use_fused(t, conn, mode):
     return False
 
 
+@torch.compiler.assume_constant_result   # read once when torch.compile traces: dynamo cannot call the getter
+def tf32_enabled():
+    """Whether fp32 matmuls on CUDA may use TF32. torch >= 2.9 resolves both of its APIs in
+    ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" also after ``allow_tf32 = True`` or
+    ``torch.backends.fp32_precision = "tf32"``), while reading the legacy ``allow_tf32`` raises
+    once the new API was used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
+
+
 def connection_forward(conn, h, branch):
     """conn(h, branch) through (a) and (b): the equations of hc.Connection.forward."""
     n = conn.n
-    tf32 = h.is_cuda and torch.backends.cuda.matmul.allow_tf32   # as the torch path's matmul would
+    tf32 = tf32_enabled()   # as the torch path's matmul would on CUDA (the interpreter reads it too)
     with torch.autocast(h.device.type, enabled=False):
         if hasattr(conn, "W_r"):   # HC: per-stream norm, W = [W_m | W_r | W_β]
             W = torch.cat([conn.W_m, conn.W_r, conn.W_beta], dim=1)

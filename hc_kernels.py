@@ -147,12 +147,13 @@ def _pre_mix_fwd_kernel(
 
 def _pre_mix_bwd_kernel(
         h_ptr, w_ptr, g_ptr, a_ptr, b_ptr, m_ptr, rstd_ptr, gm_ptr, gx_ptr,
+        ga_ptr,                           # (M, N, C): h's gradient from (b), added in (HAS_GA)
         gh_ptr, gw_ptr, dH_ptr, gu_ptr,   # out: grad h (M, N, C); G = Σ_tokens x ⊗ grad_u (K, R) fp32, atomic;
         M, C, R, s_hm, s_hn, s_hc, M_BUCKET,  # dL/dH_pre (M, N) fp32; scratch grad_u (M, R) fp32 (mHC family)
         N: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr, HC: tl.constexpr, HAS_GM: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+        HAS_GA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
     """With u = (x γ) W and m = rstd u: grad_u = rstd grad_m, and
-    dL/dx = γ (grad_u Wᵀ) - (Σ_k grad_m_k m_k) rstd² x / K + H_pre[j] grad_x_in,
+    dL/dx = γ (grad_u Wᵀ) - (Σ_k grad_m_k m_k) rstd² x / K + H_pre[j] grad_x_in (+ grad_a: (b)'s share),
     where grad_m includes the H_pre gate's share. dW = γ G and dγ = rowsum(W G) are formed outside."""
     s_hm, s_hn, s_hc = tl.cast(s_hm, tl.int64), tl.cast(s_hn, tl.int64), tl.cast(s_hc, tl.int64)  # j s_hn may pass 2^31
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -234,6 +235,8 @@ def _pre_mix_bwd_kernel(
             w = tl.load(w_ptr + k[:, None] * R + rc[None, :], mask=wmask, other=0.0).to(tl.float32)
             gh = tl.dot(gu, tl.trans(w), input_precision=PRECISION) * gain[None, :] \
                 - coef[:, None] * x + H_j[:, None] * gx
+            if HAS_GA:   # h's two gradients summed here, rounded once, instead of in a pass of their own
+                gh += tl.load(ga_ptr + (rows64[:, None] * N + j) * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
             tl.store(gh_ptr + (rows64[:, None] * N + j) * C + cc[None, :], gh.to(gh_ptr.dtype.element_ty), mask=xmask)
             G = tl.dot(tl.trans(x), gu, input_precision=PRECISION)          # (BLOCK_C, R_PAD)
             tl.atomic_add(gw_ptr + k[:, None] * R + rc[None, :], G, mask=wmask, sem="relaxed")  # no fence: a sum
@@ -465,9 +468,10 @@ def _(h, weight, gain, gate_scale, gate_bias, per_stream, tf32):
 @torch.library.custom_op("hcgpt::pre_mix_backward", mutates_args=())
 def pre_mix_backward(h: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, gate_scale: torch.Tensor,
                      gate_bias: torch.Tensor, m: torch.Tensor, rstd: torch.Tensor, grad_m: Optional[torch.Tensor],
-                     grad_x: torch.Tensor, per_stream: bool, tf32: bool
+                     grad_x: torch.Tensor, grad_h_post: Optional[torch.Tensor], per_stream: bool, tf32: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> grad h, G = Σ_tokens x ⊗ grad_u (K, R) fp32, dL/dH_pre (..., n) fp32."""
+    """-> grad h (+ grad_h_post, h's gradient from (b), when given), G = Σ_tokens x ⊗ grad_u (K, R) fp32,
+    dL/dH_pre (..., n) fp32."""
     *lead, n, C = h.shape
     R = weight.shape[1]
     hr = _rows(h, n, C)
@@ -480,14 +484,15 @@ def pre_mix_backward(h: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, 
         gm = grad_m.contiguous() if grad_m is not None else m
         _launch_pre(_pre_mix_bwd_kernel, M, h.device,
                     hr, weight.contiguous(), gain.contiguous(), gate_scale, gate_bias.contiguous(), m, rstd, gm,
-                    grad_x.contiguous(), grad_h, G, dH, gu, M, C, R, *hr.stride(),
+                    grad_x.contiguous(), grad_h if grad_h_post is None else grad_h_post.contiguous(),
+                    grad_h, G, dH, gu, M, C, R, *hr.stride(),
                     N=n, N_PAD=_pow2(n), R_PAD=_pow2(R, 16), HC=per_stream, HAS_GM=grad_m is not None,
-                    PRECISION="tf32" if tf32 else "ieee")
+                    HAS_GA=grad_h_post is not None, PRECISION="tf32" if tf32 else "ieee")
     return grad_h, G, dH
 
 
 @pre_mix_backward.register_fake
-def _(h, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, per_stream, tf32):
+def _(h, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, grad_h_post, per_stream, tf32):
     return (torch.empty_like(h, memory_format=torch.contiguous_format),
             weight.new_empty(weight.shape, dtype=torch.float32), h.new_empty(h.shape[:-1], dtype=torch.float32))
 
@@ -500,12 +505,12 @@ def _pre_mix_setup(ctx, inputs, output):
     ctx.per_stream, ctx.tf32 = per_stream, tf32
 
 
-def _pre_mix_grad(ctx, grad_m, grad_rstd, grad_x):
+def _pre_mix_grad(ctx, grad_m, grad_rstd, grad_x, grad_h_post=None):
     h, weight, gain, gate_scale, gate_bias, m, rstd = ctx.saved_tensors
     n = h.shape[-2]
     if grad_x is None:
         grad_x = h.new_zeros((*h.shape[:-2], h.shape[-1]))
-    grad_h, G, dH = pre_mix_backward(h, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x,
+    grad_h, G, dH = pre_mix_backward(h, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, grad_h_post,
                                      ctx.per_stream, ctx.tf32)
     # m = rstd (x γ) W: dW = γ G, dγ = Σ_r W G
     gf = gain.float()
@@ -728,6 +733,38 @@ def tf32_enabled():
     return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
 
 
+class _PreMix(torch.autograd.Function):
+    """(a) for a connection. Its third output ``link`` is h - stopgrad(h): zero, with the identity as
+    its Jacobian, so (b) reads h as stopgrad(h) + link and its h-gradient arrives here as link's
+    gradient, where (a)'s backward kernel adds it while it writes h's gradient: one pass, no sum of
+    the two in autograd."""
+
+    @staticmethod
+    def forward(ctx, h, weight, gain, gate_scale, gate_bias, per_stream, tf32):
+        m, rstd, x_in = pre_mix(h, weight, gain, gate_scale, gate_bias, per_stream, tf32)
+        ctx.save_for_backward(h, weight, gain, gate_scale, gate_bias, m, rstd)
+        ctx.per_stream, ctx.tf32 = per_stream, tf32
+        return m, x_in, h.new_zeros(()).expand(h.shape)
+
+    @staticmethod
+    def backward(ctx, grad_m, grad_x, grad_link):
+        return _pre_mix_grad(ctx, grad_m, None, grad_x, grad_link)
+
+
+class _PostMix(torch.autograd.Function):
+    """(b) on h = stopgrad(h) + link: its h-gradient goes to ``link`` (see _PreMix)."""
+
+    @staticmethod
+    def forward(ctx, h, link, y, H_res, H_post):
+        ctx.save_for_backward(h, y, H_res, H_post)
+        return post_mix(h, y, H_res, H_post)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_y, grad_res, grad_post = post_mix_backward(grad_out, *ctx.saved_tensors)
+        return None, grad_h, grad_y, grad_res, grad_post
+
+
 def connection_forward(conn, h, branch):
     """conn(h, branch) through (a) and (b): the equations of hc.Connection.forward."""
     n = conn.n
@@ -735,13 +772,13 @@ def connection_forward(conn, h, branch):
     with torch.autocast(h.device.type, enabled=False):
         if hasattr(conn, "W_r"):   # HC: per-stream norm, W = [W_m | W_r | W_β]
             W = torch.cat([conn.W_m, conn.W_r, conn.W_beta], dim=1)
-            m, _, x_in = pre_mix(h, W, conn.norm_gain, conn.s_alpha, conn.A_m, True, tf32)
+            m, x_in, link = _PreMix.apply(h, W, conn.norm_gain, conn.s_alpha, conn.A_m, True, tf32)
             _, H_post, H_res = conn.gates(*m.split([1, n, 1], dim=-1))
         else:                      # mHC family: one norm and projection over the token's n C values
-            m, _, x_in = pre_mix(h, conn.phi, conn.gamma, conn.alpha_pre, conn.b_pre, False, tf32)
+            m, x_in, link = _PreMix.apply(h, conn.phi, conn.gamma, conn.alpha_pre, conn.b_pre, False, tf32)
             _, H_post, H_res = conn.gates(m)
     y = branch(x_in)
-    return post_mix(h, y, H_res.contiguous(), H_post.contiguous())
+    return _PostMix.apply(h, link, y, H_res.contiguous(), H_post.contiguous())
 
 
 def sinkhorn(logits, iters):

@@ -119,6 +119,27 @@ def test_connection_matches_torch_path(scheme, n, dtype, device, fused, monkeypa
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scheme,n,T", [("hc", 3, 1), ("mhc", 3, 5), ("kromhc", 6, 1)])
+def test_h_gradient_summed_in_the_pre_mix_kernel(scheme, n, T, device, fused, monkeypatch):
+    """The post-mix's h-gradient reaches the pre-mix backward kernel, which writes h's whole
+    gradient (no second gradient of h summed by autograd); n = 3 and 6, one token per sequence."""
+    conn = randomize(hc.make_connection(scheme, C, n, layer_idx=2), seed=n).to(device)
+    branch = Branch().to(device)
+    h = torch.randn(3, T, n, C, device=device)
+    w = torch.randn(3, T, n, C, dtype=torch.float64, device=device)
+    given = []
+    backward = hc_kernels.pre_mix_backward
+    monkeypatch.setattr(hc_kernels, "pre_mix_backward",
+                        lambda *a: (given.append(a[9] is not None), backward(*a))[1])
+    out_f, grads_f = run_connection(conn, branch, h, w, "on", monkeypatch)
+    out_t, grads_t = run_connection(conn, branch, h, w, "off", monkeypatch)
+    assert given == [True]
+    assert rel_err(out_f, out_t) < 1e-5
+    for k in grads_t:
+        assert rel_err(grads_f[k], grads_t[k]) < 1e-4, k
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scheme", ["hc", "kromhc"])
 def test_expanded_streams(scheme, device, fused, monkeypatch):
     """The first connection sees expand_streams' view (stride 0 over n); the kernels read it in place."""
@@ -367,8 +388,8 @@ fwd, fwd_d = K.pre_mix(h, w, gain, sc, bias, False, False), K.pre_mix(hd, w, gai
 for a, b in zip(fwd, fwd_d):
     assert torch.equal(a, b)
 m, rstd, _ = fwd
-for a, b in zip(K.pre_mix_backward(h, w, gain, sc, bias, m, rstd, m, gx, False, False),
-                K.pre_mix_backward(hd, w, gain, sc, bias, m, rstd, m, gx, False, False)):
+for a, b in zip(K.pre_mix_backward(h, w, gain, sc, bias, m, rstd, m, gx, gout, False, False),
+                K.pre_mix_backward(hd, w, gain, sc, bias, m, rstd, m, gx, gout, False, False)):
     assert torch.allclose(a.float(), b.float(), rtol=1e-6, atol=1e-6)
 print("ok")
 """
@@ -508,7 +529,7 @@ par = lambda *s: torch.randn(*s)
 for per_stream, K_rows, cols in ((False, n * C, R), (True, C, n + 2)):
     w, g, a, b = par(K_rows, cols), par(K_rows), par(()), par(n)
     m, rstd, _ = K.pre_mix(h, w, g, a, b, per_stream, True)
-    K.pre_mix_backward(h, w, g, a, b, m, rstd, None if per_stream else m, gx, per_stream, True)
+    K.pre_mix_backward(h, w, g, a, b, m, rstd, None if per_stream else m, gx, h.clone(), per_stream, True)
 H_res, H_post = par(2, 32, n, n), par(2, 32, n)
 K.post_mix(h, y, H_res, H_post)
 K.post_mix_backward(h.clone(), h, y, H_res, H_post)

@@ -63,10 +63,11 @@ MAX_COLUMNS = 128     # projection columns per token (r + 2n; n + 2 for HC): mhc
 # the projection weight from L2 and fewer atomics for its gradient: each program loads each chunk
 # of φ (nC x R fp32, 295 KB for mhc at n = 4, C = 768) once for its BLOCK_M tokens, 2.3 KB per token
 # at 128 tokens against 9.2 KB at 32, and adds its (K, R) gradient once. (b) keeps few tokens and wide
-# channel chunks, TILE elements of (tokens, streams, channels) per step. The interpreter (CPU)
+# channel chunks, TILE elements of (tokens, channels) per stream and step. The interpreter (CPU)
 # uses small fixed tiles so that tests cross tile edges.
 PRE_CONFIGS = [(32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (128, 16, 8, 2)]
 PRE_CPU = dict(BLOCK_M=16, BLOCK_C=32)
+POST_CPU = (4, 32)
 TILE = 2048
 
 
@@ -246,69 +247,66 @@ def _pre_mix_bwd_kernel(
 # (b) H_res mix + H_post add
 
 def _post_mix_fwd_kernel(h_ptr, y_ptr, res_ptr, post_ptr, out_ptr, M, C, s_hm, s_hn, s_hc,
-                         N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[i] = Σ_j H_res[i, j] h[j] + H_post[i] y, in fp32, rounded once to h's dtype."""
+                         N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[i] = Σ_j H_res[i, j] h[j] + H_post[i] y, in fp32, rounded once to h's dtype. The sums over
+    streams are per thread: every tile is (tokens, channels) in one layout, so a thread owns the same
+    (token, channel) of every stream; h[j] is read from HBM once, its reloads for later i hit L1."""
     s_hm, s_hn, s_hc = tl.cast(s_hm, tl.int64), tl.cast(s_hn, tl.int64), tl.cast(s_hc, tl.int64)  # j s_hn may pass 2^31
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
-    st = tl.arange(0, N_PAD)
-    st_ok = st < N
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + cols
-        c_ok = cc < C
-        h = tl.load(h_ptr + rows64[:, None, None] * s_hm + st[None, :, None] * s_hn + cc[None, None, :] * s_hc,
-                    mask=row_ok[:, None, None] & st_ok[None, :, None] & c_ok[None, None, :], other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + rows64[:, None] * C + cc[None, :], mask=row_ok[:, None] & c_ok[None, :],
-                    other=0.0).to(tl.float32)
+        xmask = row_ok[:, None] & (cc < C)[None, :]
+        h_offs = rows64[:, None] * s_hm + cc[None, :] * s_hc
+        y = tl.load(y_ptr + rows64[:, None] * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
         for i in range(N):
-            res_i = tl.load(res_ptr + rows64[:, None] * (N * N) + i * N + st[None, :],
-                            mask=row_ok[:, None] & st_ok[None, :], other=0.0)          # H_res[i, :]
-            post_i = tl.load(post_ptr + rows64 * N + i, mask=row_ok, other=0.0)
-            out = tl.sum(res_i[:, :, None] * h, axis=1) + post_i[:, None] * y
+            out = tl.load(post_ptr + rows64 * N + i, mask=row_ok, other=0.0)[:, None] * y
+            for j in range(N):
+                res_ij = tl.load(res_ptr + rows64 * (N * N) + i * N + j, mask=row_ok, other=0.0)
+                out += res_ij[:, None] * tl.load(h_ptr + h_offs + j * s_hn, mask=xmask, other=0.0).to(tl.float32)
             tl.store(out_ptr + (rows64[:, None] * N + i) * C + cc[None, :], out.to(out_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & c_ok[None, :])
+                     mask=xmask)
 
 
 def _post_mix_bwd_kernel(g_ptr, h_ptr, y_ptr, res_ptr, post_ptr, gh_ptr, gy_ptr, gres_ptr, gpost_ptr,
                          M, C, s_hm, s_hn, s_hc,
-                         N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                         N: tl.constexpr, NN_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """grad h[j] = Σ_i H_res[i, j] g[i], grad y = Σ_i H_post[i] g[i],
-    grad H_res[i, j] = Σ_c g[i, c] h[j, c], grad H_post[i] = Σ_c g[i, c] y[c]; one pass over C."""
+    grad H_res[i, j] = Σ_c g[i, c] h[j, c], grad H_post[i] = Σ_c g[i, c] y[c]; one pass over C.
+    As in the forward, the sums over streams are per thread (reloads of g[i] hit L1); the sums over
+    channels reduce across threads once per channel chunk."""
     s_hm, s_hn, s_hc = tl.cast(s_hm, tl.int64), tl.cast(s_hn, tl.int64), tl.cast(s_hc, tl.int64)  # j s_hn may pass 2^31
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
-    st = tl.arange(0, N_PAD)
-    st_ok = st < N
-    smask = row_ok[:, None] & st_ok[None, :]
-    post = tl.load(post_ptr + rows64[:, None] * N + st[None, :], mask=smask, other=0.0)
-    d_res = tl.zeros([BLOCK_M, N_PAD, N_PAD], dtype=tl.float32)
-    d_post = tl.zeros([BLOCK_M, N_PAD], dtype=tl.float32)
+    ij = tl.arange(0, NN_PAD)                        # (i, j) -> i N + j, grad H_res and grad H_post
+    d_res = tl.zeros([BLOCK_M, NN_PAD], dtype=tl.float32)
+    d_post = tl.zeros([BLOCK_M, NN_PAD], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + cols
-        c_ok = cc < C
-        xmask = row_ok[:, None] & c_ok[None, :]
-        g = tl.load(g_ptr + (rows64[:, None, None] * N + st[None, :, None]) * C + cc[None, None, :],
-                    mask=row_ok[:, None, None] & st_ok[None, :, None] & c_ok[None, None, :], other=0.0).to(tl.float32)
+        xmask = row_ok[:, None] & (cc < C)[None, :]
+        g_offs = rows64[:, None] * (N * C) + cc[None, :]
         y = tl.load(y_ptr + rows64[:, None] * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
-        gy = tl.sum(post[:, :, None] * g, axis=1)
+        gy = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for i in range(N):
+            g = tl.load(g_ptr + g_offs + i * C, mask=xmask, other=0.0).to(tl.float32)
+            gy += tl.load(post_ptr + rows64 * N + i, mask=row_ok, other=0.0)[:, None] * g
+            d_post += tl.where(ij[None, :] == i, tl.sum(g * y, axis=1)[:, None], 0.0)
         tl.store(gy_ptr + rows64[:, None] * C + cc[None, :], gy.to(gy_ptr.dtype.element_ty), mask=xmask)
-        d_post += tl.sum(g * y[:, None, :], axis=2)
         for j in range(N):
-            res_j = tl.load(res_ptr + rows64[:, None] * (N * N) + st[None, :] * N + j,   # H_res[:, j]
-                            mask=smask, other=0.0)
-            gh = tl.sum(res_j[:, :, None] * g, axis=1)
-            tl.store(gh_ptr + (rows64[:, None] * N + j) * C + cc[None, :], gh.to(gh_ptr.dtype.element_ty), mask=xmask)
             x = tl.load(h_ptr + rows64[:, None] * s_hm + j * s_hn + cc[None, :] * s_hc, mask=xmask,
                         other=0.0).to(tl.float32)
-            d = tl.sum(g * x[:, None, :], axis=2)                            # column j of grad H_res
-            d_res += tl.where(st[None, None, :] == j, d[:, :, None], 0.0)
-    tl.store(gres_ptr + rows64[:, None, None] * (N * N) + st[None, :, None] * N + st[None, None, :], d_res,
-             mask=row_ok[:, None, None] & st_ok[None, :, None] & st_ok[None, None, :])
-    tl.store(gpost_ptr + rows64[:, None] * N + st[None, :], d_post, mask=smask)
+            gh = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+            for i in range(N):
+                g = tl.load(g_ptr + g_offs + i * C, mask=xmask, other=0.0).to(tl.float32)
+                gh += tl.load(res_ptr + rows64 * (N * N) + i * N + j, mask=row_ok, other=0.0)[:, None] * g
+                d_res += tl.where(ij[None, :] == i * N + j, tl.sum(g * x, axis=1)[:, None], 0.0)
+            tl.store(gh_ptr + (rows64[:, None] * N + j) * C + cc[None, :], gh.to(gh_ptr.dtype.element_ty), mask=xmask)
+    tl.store(gres_ptr + rows64[:, None] * (N * N) + ij[None, :], d_res, mask=row_ok[:, None] & (ij < N * N)[None, :])
+    tl.store(gpost_ptr + rows64[:, None] * N + ij[None, :], d_post, mask=row_ok[:, None] & (ij < N)[None, :])
 
 
 # ----------------------------------------------------------------------------------------
@@ -531,11 +529,12 @@ def _pre_mix_grad(ctx, grad_m, grad_rstd, grad_x, grad_h_post=None):
 pre_mix.register_autograd(_pre_mix_grad, setup_context=_pre_mix_setup)
 
 
-def _post_blocks(n, C):
-    """(N_PAD, BLOCK_M, BLOCK_C) for (b): up to 256 channels, then as many tokens as fit in TILE."""
-    N_PAD = _pow2(n)
+def _post_blocks(C, interpret):
+    """(BLOCK_M, BLOCK_C) for (b): up to 256 channels, then as many tokens as fit in TILE."""
+    if interpret:
+        return POST_CPU
     BLOCK_C = min(256, _pow2(C, 16))
-    return N_PAD, max(1, TILE // (N_PAD * BLOCK_C)), BLOCK_C
+    return max(1, TILE // BLOCK_C), BLOCK_C
 
 
 @torch.library.custom_op("hcgpt::post_mix", mutates_args=())
@@ -546,10 +545,10 @@ def post_mix(h: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: torc
     M = hr.shape[0]
     out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     if M > 0:
-        N_PAD, BLOCK_M, BLOCK_C = _post_blocks(n, C)
+        BLOCK_M, BLOCK_C = _post_blocks(C, h.device.type == "cpu" or _interpreting())
         _launch(_post_mix_fwd_kernel, (triton.cdiv(M, BLOCK_M),), h.device,
                 hr, y.contiguous(), H_res.contiguous(), H_post.contiguous(), out, M, C, *hr.stride(),
-                N=n, N_PAD=N_PAD, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+                N=n, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
     return out
 
 
@@ -569,11 +568,11 @@ def post_mix_backward(grad_out: torch.Tensor, h: torch.Tensor, y: torch.Tensor, 
     grad_res = torch.empty(H_res.shape, dtype=torch.float32, device=h.device)
     grad_post = torch.empty(H_post.shape, dtype=torch.float32, device=h.device)
     if M > 0:
-        N_PAD, BLOCK_M, BLOCK_C = _post_blocks(n, C)
+        BLOCK_M, BLOCK_C = _post_blocks(C, h.device.type == "cpu" or _interpreting())
         _launch(_post_mix_bwd_kernel, (triton.cdiv(M, BLOCK_M),), h.device,
                 grad_out.contiguous(), hr, y.contiguous(), H_res.contiguous(), H_post.contiguous(),
                 grad_h, grad_y, grad_res, grad_post, M, C, *hr.stride(),
-                N=n, N_PAD=N_PAD, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+                N=n, NN_PAD=_pow2(n * n), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
     return grad_h, grad_y, grad_res.to(H_res.dtype), grad_post.to(H_post.dtype)
 
 

@@ -522,6 +522,8 @@ class Record:
         return lambda *args, **kw: launches.append((self.fn, args, kw))
 
 K._kernel = lambda fn, device: Record(fn)
+post_blocks = K._post_blocks
+K._post_blocks = lambda C, interpret: post_blocks(C, False)      # the CUDA tiles, not the interpreter's
 n, C, R = 4, 768, 24                       # GPT-2 small, mhc at n = 4; 64 tokens of bf16 streams
 bf = torch.bfloat16
 h, gx, y = torch.randn(2, 32, n, C, dtype=bf), torch.randn(2, 32, C, dtype=bf), torch.randn(2, 32, C, dtype=bf)

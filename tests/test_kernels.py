@@ -571,6 +571,8 @@ for fn, args, kw in launches:
         assert "cubin" in asm, fn.__name__
         if "h_ptr" in sig:   # the streams are read with 16-byte vector loads, as a real launch reads them
             assert re.search(r"ld\.global(\.\w+)*\.v4\.", asm["ptx"]), (fn.__name__, tile)
+        if fn is K._post_mix_fwd_kernel:  # the sums over streams stay in each thread: no shared memory
+            assert "bar.sync" not in asm["ptx"] and "shfl" not in asm["ptx"]
         if fn is K._pre_mix_bwd_kernel:   # φ's gradient: relaxed atomics, no GPU-wide fence before each
             assert re.search(r"(red|atom)\.global\.gpu\.relaxed|(red|atom)\.relaxed", asm["ptx"]) \
                 and "acq_rel" not in asm["ptx"], re.findall(r"(?:red|atom)\.\S+", asm["ptx"])[:3]

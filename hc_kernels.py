@@ -8,25 +8,23 @@ hc.py is the reference: these kernels compute its equations (residual-schemes.md
 with fewer passes over the stream h (B, T, n, C), which is what the stream ops cost: they are
 memory-bound (performance.md). Per connection:
 
-  (a) pre_mix   one read of h: the RMS, the coefficient projection m (mHC Eqs. 14-15; HC Eqs.
-                10-13 per stream) and, while the token's n x C values are on chip (the second
-                pass over them hits L2), x_in = sum_j H_pre[j] h[j]. H_pre's gate is applied
-                inside the kernel; H_post and H_res come from m in torch (conn.gates), since m
-                is only r + 2n floats per token.
-  (b) post_mix  one read-modify-write: h_new = H_res h + H_post y.
+  (a) pre_mix   the RMS, the coefficient projection m (mHC Eqs. 14-15; HC Eqs. 10-13 per
+                stream) and x_in = sum_j H_pre[j] h[j] (a second pass over h, once H_pre is
+                known). H_pre's gate is applied inside the kernel; H_post and H_res come from m
+                in torch (conn.gates), since m is only r + 2n floats per token.
+  (b) post_mix  one read-modify-write: h_new = H_res h + H_post y, the sums over streams per thread.
   (c) sinkhorn  log-space Sinkhorn-Knopp (mHC Eq. 9), all iterations on chip; the backward
                 recomputes the iterates from the logits instead of saving 2 x iters matrices.
 
 Backward saves h (once: the same tensor for (a) and (b)), y, and the small per-token m, rstd,
-H_res, H_post; the mixes are recomputed. The backward of (a) reduces the projection's gradient
-per tile with fp32 atomics, so phi/W and gamma gradients are summed in a nondeterministic order.
+H_res, H_post; the mixes are recomputed. (b)'s gradient of h is added inside (a)'s backward
+kernel (connection_forward routes it there), so h's gradient is written once. The backward of (a)
+reduces the projection's gradient per tile with relaxed fp32 atomics, so phi/W and gamma
+gradients are summed in a nondeterministic order.
 
-Bytes per token and sublayer at n = 4, C = 768, bf16 streams (a state is 6 KB): forward (a)
-6 KB read + 1.5 KB written, (b) 7.5 KB read + 6 KB written; backward (b) 13.5 KB read + 7.5 KB
-written, (a) 7.5 KB read + 6 KB written, plus autograd's sum of the two gradients of h (12 KB
-read, 6 KB written) and the projection gradient's atomics (in L2). Not fused yet, in the order
-they would pay: that sum (route (b)'s gradient into (a)'s backward), and (b) of one sublayer
-with (a) of the next (one kernel per sublayer boundary, performance.md).
+Bytes per token and sublayer at n = 4, C = 768, bf16 streams (a state is 6 KB), forward +
+backward: 75 KB (87 KB before (b)'s h-gradient went into (a)'s backward); the table and what is
+left to fuse are in README.md ("Fused kernels: bytes per token").
 
 The kernels are torch.library custom ops (torch.compile sees them as opaque ops). They run on
 CUDA, or on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1 set before Triton is first
@@ -132,7 +130,7 @@ def _pre_mix_fwd_kernel(
         m_pre = tl.load(m_ptr + rows64[:, None] * R + st[None, :], mask=row_ok[:, None] & (st[None, :] < N), other=0.0)
         b = tl.load(b_ptr + st, mask=st < N, other=0.0).to(tl.float32)
         H_pre = tl.sigmoid(scale * m_pre + b[None, :])
-    # pass 2: x_in = Σ_j H_pre[j] h_j; this program read the same tile just now, so it comes from L2
+    # pass 2: x_in = Σ_j H_pre[j] h_j, a second read of h (from HBM at training sizes: h outgrows L2)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + cols
         c_ok = cc < C
@@ -201,7 +199,7 @@ def _pre_mix_bwd_kernel(
         tl.debug_barrier()
         gu = tl.load(gu_ptr + rows64[:, None] * R + rc[None, :], mask=rmask, other=0.0)
         coef = tl.sum(gu * m, axis=1) * rstd / (N * C)
-    # pass 2: grad of h, and G += xᵀ grad_u for the weight (the tile comes from L2 again)
+    # pass 2: grad of h, and G += xᵀ grad_u for the weight (h and grad x_in read a second time)
     for j in range(N):
         if HC:
             rmask = row_ok[:, None] & rc_ok[None, :]

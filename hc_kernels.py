@@ -65,7 +65,7 @@ MAX_COLUMNS = 128     # projection columns per token (r + 2n; n + 2 for HC): mhc
 # uses small fixed tiles so that tests cross tile edges.
 PRE_CONFIGS = [(32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (128, 16, 8, 2)]
 PRE_CPU = dict(BLOCK_M=16, BLOCK_C=32)
-POST_CPU = (4, 32)
+POST_CPU = (8, 32)
 TILE = 2048
 
 

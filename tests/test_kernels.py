@@ -25,8 +25,8 @@ import hc_kernels  # noqa: E402
 
 C = 40  # two channel tiles of 32 in the interpreter, the second one partial
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
-CASES = [("hc", 2), ("hc", 4), ("mhc", 2), ("mhc", 4), ("mhc_lite", 2), ("mhc_lite", 4),
-         ("kromhc", 2), ("kromhc", 4), ("kromhc", 6)]
+CASES = [("hc", 2), ("hc", 3), ("hc", 4), ("mhc", 2), ("mhc", 3), ("mhc", 4), ("mhc_lite", 2), ("mhc_lite", 3),
+         ("mhc_lite", 4), ("kromhc", 2), ("kromhc", 4), ("kromhc", 6)]
 
 
 @pytest.fixture

@@ -8,25 +8,23 @@ hc.py is the reference: these kernels compute its equations (residual-schemes.md
 with fewer passes over the stream h (B, T, n, C), which is what the stream ops cost: they are
 memory-bound (performance.md). Per connection:
 
-  (a) pre_mix   one read of h: the RMS, the coefficient projection m (mHC Eqs. 14-15; HC Eqs.
-                10-13 per stream) and, while the token's n x C values are on chip (the second
-                pass over them hits L2), x_in = sum_j H_pre[j] h[j]. H_pre's gate is applied
-                inside the kernel; H_post and H_res come from m in torch (conn.gates), since m
-                is only r + 2n floats per token.
-  (b) post_mix  one read-modify-write: h_new = H_res h + H_post y.
+  (a) pre_mix   the RMS, the coefficient projection m (mHC Eqs. 14-15; HC Eqs. 10-13 per
+                stream) and x_in = sum_j H_pre[j] h[j] (a second pass over h, once H_pre is
+                known). H_pre's gate is applied inside the kernel; H_post and H_res come from m
+                in torch (conn.gates), since m is only r + 2n floats per token.
+  (b) post_mix  one read-modify-write: h_new = H_res h + H_post y, the sums over streams per thread.
   (c) sinkhorn  log-space Sinkhorn-Knopp (mHC Eq. 9), all iterations on chip; the backward
                 recomputes the iterates from the logits instead of saving 2 x iters matrices.
 
 Backward saves h (once: the same tensor for (a) and (b)), y, and the small per-token m, rstd,
-H_res, H_post; the mixes are recomputed. The backward of (a) reduces the projection's gradient
-per tile with fp32 atomics, so phi/W and gamma gradients are summed in a nondeterministic order.
+H_res, H_post; the mixes are recomputed. (b)'s gradient of h is added inside (a)'s backward
+kernel (connection_forward routes it there), so h's gradient is written once. The backward of (a)
+reduces the projection's gradient per tile with relaxed fp32 atomics, so phi/W and gamma
+gradients are summed in a nondeterministic order.
 
-Bytes per token and sublayer at n = 4, C = 768, bf16 streams (a state is 6 KB): forward (a)
-6 KB read + 1.5 KB written, (b) 7.5 KB read + 6 KB written; backward (b) 13.5 KB read + 7.5 KB
-written, (a) 7.5 KB read + 6 KB written, plus autograd's sum of the two gradients of h (12 KB
-read, 6 KB written) and the projection gradient's atomics (in L2). Not fused yet, in the order
-they would pay: that sum (route (b)'s gradient into (a)'s backward), and (b) of one sublayer
-with (a) of the next (one kernel per sublayer boundary, performance.md).
+Bytes per token and sublayer at n = 4, C = 768, bf16 streams (a state is 6 KB), forward +
+backward: 75 KB (87 KB before (b)'s h-gradient went into (a)'s backward); the table and what is
+left to fuse are in README.md ("Fused kernels: bytes per token").
 
 The kernels are torch.library custom ops (torch.compile sees them as opaque ops). They run on
 CUDA, or on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1 set before Triton is first
@@ -59,12 +57,15 @@ MAX_STREAMS = 16      # n per token held on chip
 MAX_COLUMNS = 128     # projection columns per token (r + 2n; n + 2 for HC): mhc_lite stops at n = 4
 
 # Tile shapes. (a) is autotuned on CUDA over (BLOCK_M tokens, BLOCK_C channels, warps, stages)
-# that compile for sm_90 without register spills at n <= 8 (tl.dot needs BLOCK_M >= 16); more
-# tokens per program means fewer re-reads of the projection weight. (b) keeps few tokens and wide
-# channel chunks, TILE elements of (tokens, streams, channels) per step. The interpreter (CPU)
+# that compile for sm_90 (tl.dot needs BLOCK_M >= 16). More tokens per program means fewer reads of
+# the projection weight from L2 and fewer atomics for its gradient: each program loads each chunk
+# of φ (nC x R fp32, 295 KB for mhc at n = 4, C = 768) once for its BLOCK_M tokens, 2.3 KB per token
+# at 128 tokens against 9.2 KB at 32, and adds its (K, R) gradient once. (b) keeps few tokens and wide
+# channel chunks, TILE elements of (tokens, channels) per stream and step. The interpreter (CPU)
 # uses small fixed tiles so that tests cross tile edges.
-PRE_CONFIGS = [(32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2)]
+PRE_CONFIGS = [(32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (128, 16, 8, 2)]
 PRE_CPU = dict(BLOCK_M=16, BLOCK_C=32)
+POST_CPU = (8, 32)
 TILE = 2048
 
 
@@ -75,12 +76,13 @@ def _pre_mix_fwd_kernel(
         h_ptr, w_ptr, g_ptr, a_ptr, b_ptr,          # h (M, N, C) strided; weight (K, R); gain (K,);
                                                     # gate scale (); gate bias (N,)
         m_ptr, rstd_ptr, x_ptr,                     # out: m (M, R) | (M, N, R) fp32; rstd (M,) | (M, N); x_in (M, C)
-        M, C, R, s_hm, s_hn, s_hc, eps,
+        M, C, R, s_hm, s_hn, s_hc, eps, M_BUCKET,
         N: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr, HC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
     """HC=False (mHC family): m = (x γ) φ / rms(x) over the token's N C values (K = N C rows of φ),
     H_pre = σ(α m[:N] + b). HC=True: per stream j, m_j = (h_j g / rms(h_j)) W (K = C),
     H_pre[j] = s tanh(m_j[0]) + A_m[j]. Both: x_in = Σ_j H_pre[j] h_j."""
+    s_hm, s_hn, s_hc = tl.cast(s_hm, tl.int64), tl.cast(s_hn, tl.int64), tl.cast(s_hc, tl.int64)  # j s_hn may pass 2^31
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -128,7 +130,7 @@ def _pre_mix_fwd_kernel(
         m_pre = tl.load(m_ptr + rows64[:, None] * R + st[None, :], mask=row_ok[:, None] & (st[None, :] < N), other=0.0)
         b = tl.load(b_ptr + st, mask=st < N, other=0.0).to(tl.float32)
         H_pre = tl.sigmoid(scale * m_pre + b[None, :])
-    # pass 2: x_in = Σ_j H_pre[j] h_j; this program read the same tile just now, so it comes from L2
+    # pass 2: x_in = Σ_j H_pre[j] h_j, a second read of h (from HBM at training sizes: h outgrows L2)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + cols
         c_ok = cc < C
@@ -144,13 +146,15 @@ def _pre_mix_fwd_kernel(
 
 def _pre_mix_bwd_kernel(
         h_ptr, w_ptr, g_ptr, a_ptr, b_ptr, m_ptr, rstd_ptr, gm_ptr, gx_ptr,
+        ga_ptr,                           # (M, N, C): h's gradient from (b), added in (HAS_GA)
         gh_ptr, gw_ptr, dH_ptr, gu_ptr,   # out: grad h (M, N, C); G = Σ_tokens x ⊗ grad_u (K, R) fp32, atomic;
-        M, C, R, s_hm, s_hn, s_hc,        #      dL/dH_pre (M, N) fp32; scratch grad_u (M, R) fp32 (mHC family)
+        M, C, R, s_hm, s_hn, s_hc, M_BUCKET,  # dL/dH_pre (M, N) fp32; scratch grad_u (M, R) fp32 (mHC family)
         N: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr, HC: tl.constexpr, HAS_GM: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+        HAS_GA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
     """With u = (x γ) W and m = rstd u: grad_u = rstd grad_m, and
-    dL/dx = γ (grad_u Wᵀ) - (Σ_k grad_m_k m_k) rstd² x / K + H_pre[j] grad_x_in,
+    dL/dx = γ (grad_u Wᵀ) - (Σ_k grad_m_k m_k) rstd² x / K + H_pre[j] grad_x_in (+ grad_a: (b)'s share),
     where grad_m includes the H_pre gate's share. dW = γ G and dγ = rowsum(W G) are formed outside."""
+    s_hm, s_hn, s_hc = tl.cast(s_hm, tl.int64), tl.cast(s_hn, tl.int64), tl.cast(s_hc, tl.int64)  # j s_hn may pass 2^31
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -195,7 +199,7 @@ def _pre_mix_bwd_kernel(
         tl.debug_barrier()
         gu = tl.load(gu_ptr + rows64[:, None] * R + rc[None, :], mask=rmask, other=0.0)
         coef = tl.sum(gu * m, axis=1) * rstd / (N * C)
-    # pass 2: grad of h, and G += xᵀ grad_u for the weight (the tile comes from L2 again)
+    # pass 2: grad of h, and G += xᵀ grad_u for the weight (h and grad x_in read a second time)
     for j in range(N):
         if HC:
             rmask = row_ok[:, None] & rc_ok[None, :]
@@ -230,76 +234,77 @@ def _pre_mix_bwd_kernel(
             w = tl.load(w_ptr + k[:, None] * R + rc[None, :], mask=wmask, other=0.0).to(tl.float32)
             gh = tl.dot(gu, tl.trans(w), input_precision=PRECISION) * gain[None, :] \
                 - coef[:, None] * x + H_j[:, None] * gx
+            if HAS_GA:   # h's two gradients summed here, rounded once, instead of in a pass of their own
+                gh += tl.load(ga_ptr + (rows64[:, None] * N + j) * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
             tl.store(gh_ptr + (rows64[:, None] * N + j) * C + cc[None, :], gh.to(gh_ptr.dtype.element_ty), mask=xmask)
             G = tl.dot(tl.trans(x), gu, input_precision=PRECISION)          # (BLOCK_C, R_PAD)
-            tl.atomic_add(gw_ptr + k[:, None] * R + rc[None, :], G, mask=wmask)
+            tl.atomic_add(gw_ptr + k[:, None] * R + rc[None, :], G, mask=wmask, sem="relaxed")  # no fence: a sum
 
 
 # ----------------------------------------------------------------------------------------
 # (b) H_res mix + H_post add
 
 def _post_mix_fwd_kernel(h_ptr, y_ptr, res_ptr, post_ptr, out_ptr, M, C, s_hm, s_hn, s_hc,
-                         N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[i] = Σ_j H_res[i, j] h[j] + H_post[i] y, in fp32, rounded once to h's dtype."""
+                         N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[i] = Σ_j H_res[i, j] h[j] + H_post[i] y, in fp32, rounded once to h's dtype. The sums over
+    streams are per thread: every tile is (tokens, channels) in one layout, so a thread owns the same
+    (token, channel) of every stream; h[j] is read from HBM once, its reloads for later i hit L1."""
+    s_hm, s_hn, s_hc = tl.cast(s_hm, tl.int64), tl.cast(s_hn, tl.int64), tl.cast(s_hc, tl.int64)  # j s_hn may pass 2^31
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
-    st = tl.arange(0, N_PAD)
-    st_ok = st < N
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + cols
-        c_ok = cc < C
-        h = tl.load(h_ptr + rows64[:, None, None] * s_hm + st[None, :, None] * s_hn + cc[None, None, :] * s_hc,
-                    mask=row_ok[:, None, None] & st_ok[None, :, None] & c_ok[None, None, :], other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + rows64[:, None] * C + cc[None, :], mask=row_ok[:, None] & c_ok[None, :],
-                    other=0.0).to(tl.float32)
+        xmask = row_ok[:, None] & (cc < C)[None, :]
+        h_offs = rows64[:, None] * s_hm + cc[None, :] * s_hc
+        y = tl.load(y_ptr + rows64[:, None] * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
         for i in range(N):
-            res_i = tl.load(res_ptr + rows64[:, None] * (N * N) + i * N + st[None, :],
-                            mask=row_ok[:, None] & st_ok[None, :], other=0.0)          # H_res[i, :]
-            post_i = tl.load(post_ptr + rows64 * N + i, mask=row_ok, other=0.0)
-            out = tl.sum(res_i[:, :, None] * h, axis=1) + post_i[:, None] * y
+            out = tl.load(post_ptr + rows64 * N + i, mask=row_ok, other=0.0)[:, None] * y
+            for j in range(N):
+                res_ij = tl.load(res_ptr + rows64 * (N * N) + i * N + j, mask=row_ok, other=0.0)
+                out += res_ij[:, None] * tl.load(h_ptr + h_offs + j * s_hn, mask=xmask, other=0.0).to(tl.float32)
             tl.store(out_ptr + (rows64[:, None] * N + i) * C + cc[None, :], out.to(out_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & c_ok[None, :])
+                     mask=xmask)
 
 
 def _post_mix_bwd_kernel(g_ptr, h_ptr, y_ptr, res_ptr, post_ptr, gh_ptr, gy_ptr, gres_ptr, gpost_ptr,
                          M, C, s_hm, s_hn, s_hc,
-                         N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                         N: tl.constexpr, NN_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """grad h[j] = Σ_i H_res[i, j] g[i], grad y = Σ_i H_post[i] g[i],
-    grad H_res[i, j] = Σ_c g[i, c] h[j, c], grad H_post[i] = Σ_c g[i, c] y[c]; one pass over C."""
+    grad H_res[i, j] = Σ_c g[i, c] h[j, c], grad H_post[i] = Σ_c g[i, c] y[c]; one pass over C.
+    As in the forward, the sums over streams are per thread (reloads of g[i] hit L1); the sums over
+    channels reduce across threads once per channel chunk."""
+    s_hm, s_hn, s_hc = tl.cast(s_hm, tl.int64), tl.cast(s_hn, tl.int64), tl.cast(s_hc, tl.int64)  # j s_hn may pass 2^31
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
-    st = tl.arange(0, N_PAD)
-    st_ok = st < N
-    smask = row_ok[:, None] & st_ok[None, :]
-    post = tl.load(post_ptr + rows64[:, None] * N + st[None, :], mask=smask, other=0.0)
-    d_res = tl.zeros([BLOCK_M, N_PAD, N_PAD], dtype=tl.float32)
-    d_post = tl.zeros([BLOCK_M, N_PAD], dtype=tl.float32)
+    ij = tl.arange(0, NN_PAD)                        # (i, j) -> i N + j, grad H_res and grad H_post
+    d_res = tl.zeros([BLOCK_M, NN_PAD], dtype=tl.float32)
+    d_post = tl.zeros([BLOCK_M, NN_PAD], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + cols
-        c_ok = cc < C
-        xmask = row_ok[:, None] & c_ok[None, :]
-        g = tl.load(g_ptr + (rows64[:, None, None] * N + st[None, :, None]) * C + cc[None, None, :],
-                    mask=row_ok[:, None, None] & st_ok[None, :, None] & c_ok[None, None, :], other=0.0).to(tl.float32)
+        xmask = row_ok[:, None] & (cc < C)[None, :]
+        g_offs = rows64[:, None] * (N * C) + cc[None, :]
         y = tl.load(y_ptr + rows64[:, None] * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
-        gy = tl.sum(post[:, :, None] * g, axis=1)
+        gy = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for i in range(N):
+            g = tl.load(g_ptr + g_offs + i * C, mask=xmask, other=0.0).to(tl.float32)
+            gy += tl.load(post_ptr + rows64 * N + i, mask=row_ok, other=0.0)[:, None] * g
+            d_post += tl.where(ij[None, :] == i, tl.sum(g * y, axis=1)[:, None], 0.0)
         tl.store(gy_ptr + rows64[:, None] * C + cc[None, :], gy.to(gy_ptr.dtype.element_ty), mask=xmask)
-        d_post += tl.sum(g * y[:, None, :], axis=2)
         for j in range(N):
-            res_j = tl.load(res_ptr + rows64[:, None] * (N * N) + st[None, :] * N + j,   # H_res[:, j]
-                            mask=smask, other=0.0)
-            gh = tl.sum(res_j[:, :, None] * g, axis=1)
-            tl.store(gh_ptr + (rows64[:, None] * N + j) * C + cc[None, :], gh.to(gh_ptr.dtype.element_ty), mask=xmask)
             x = tl.load(h_ptr + rows64[:, None] * s_hm + j * s_hn + cc[None, :] * s_hc, mask=xmask,
                         other=0.0).to(tl.float32)
-            d = tl.sum(g * x[:, None, :], axis=2)                            # column j of grad H_res
-            d_res += tl.where(st[None, None, :] == j, d[:, :, None], 0.0)
-    tl.store(gres_ptr + rows64[:, None, None] * (N * N) + st[None, :, None] * N + st[None, None, :], d_res,
-             mask=row_ok[:, None, None] & st_ok[None, :, None] & st_ok[None, None, :])
-    tl.store(gpost_ptr + rows64[:, None] * N + st[None, :], d_post, mask=smask)
+            gh = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+            for i in range(N):
+                g = tl.load(g_ptr + g_offs + i * C, mask=xmask, other=0.0).to(tl.float32)
+                gh += tl.load(res_ptr + rows64 * (N * N) + i * N + j, mask=row_ok, other=0.0)[:, None] * g
+                d_res += tl.where(ij[None, :] == i * N + j, tl.sum(g * x, axis=1)[:, None], 0.0)
+            tl.store(gh_ptr + (rows64[:, None] * N + j) * C + cc[None, :], gh.to(gh_ptr.dtype.element_ty), mask=xmask)
+    tl.store(gres_ptr + rows64[:, None] * (N * N) + ij[None, :], d_res, mask=row_ok[:, None] & (ij < N * N)[None, :])
+    tl.store(gpost_ptr + rows64[:, None] * N + ij[None, :], d_post, mask=row_ok[:, None] & (ij < N)[None, :])
 
 
 # ----------------------------------------------------------------------------------------
@@ -377,24 +382,39 @@ def _kernel(fn, device):
         raise RuntimeError(f"the fused kernels need Triton: {TRITON_ERROR}")
     key = (fn, device.type, _interpreting())
     if key not in _KERNELS:
-        if device.type == "cpu" or _interpreting():  # numpy on the host; slow, for tests
-            from triton.runtime.interpreter import InterpretedFunction
-            _KERNELS[key] = InterpretedFunction(fn)
-        elif fn in (_pre_mix_fwd_kernel, _pre_mix_bwd_kernel):
-            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=st)
-                       for bm, bc, w, st in PRE_CONFIGS]
-            reset = ["gw_ptr"] if fn is _pre_mix_bwd_kernel else None  # G is accumulated atomically
-            _KERNELS[key] = triton.autotune(configs, key=["C", "R", "N", "HC"], reset_to_zero=reset)(triton.jit(fn))
+        interpret = device.type == "cpu" or _interpreting()   # fixed PRE_CPU tiles there
+        if fn in (_pre_mix_fwd_kernel, _pre_mix_bwd_kernel) and not interpret:
+            _KERNELS[key] = autotuned(fn)
         else:
-            _KERNELS[key] = triton.jit(fn)
+            _KERNELS[key] = _jit(fn, interpret)
     return _KERNELS[key]
+
+
+def _jit(fn, interpret):
+    if interpret:  # numpy on the host; slow, for tests
+        from triton.runtime.interpreter import InterpretedFunction
+        return InterpretedFunction(fn)
+    return triton.jit(fn)
+
+
+def autotuned(fn, do_bench=None):
+    """(a)'s kernel ``fn`` tuned over PRE_CONFIGS per (token count bucket, C, R, n, HC, dtypes):
+    M_BUCKET is the token count rounded up to a power of two, so that a diagnostics or eval batch
+    gets its own tiles without every new batch shape tuning again. ``do_bench``: Triton's default
+    (the tests pass their own to tune under the interpreter)."""
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=st)
+               for bm, bc, w, st in PRE_CONFIGS]
+    reset = ["gw_ptr"] if fn is _pre_mix_bwd_kernel else None  # G is accumulated atomically
+    return triton.autotune(configs, key=["M_BUCKET", "C", "R", "N", "HC"], reset_to_zero=reset,
+                           do_bench=do_bench)(_jit(fn, _interpreting()))
 
 
 def _launch_pre(fn, M, device, *args, **meta):
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
-    if device.type == "cpu" or _interpreting():
+    kernel = _kernel(fn, device)
+    if not isinstance(kernel, triton.runtime.Autotuner):
         meta.update(PRE_CPU)
-    _kernel(fn, device)[grid](*args, **meta)
+    kernel[grid](*args, M_BUCKET=_pow2(M), **meta)
 
 
 def _launch(fn, grid, device, *args, **meta):
@@ -444,9 +464,10 @@ def _(h, weight, gain, gate_scale, gate_bias, per_stream, tf32):
 @torch.library.custom_op("hcgpt::pre_mix_backward", mutates_args=())
 def pre_mix_backward(h: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, gate_scale: torch.Tensor,
                      gate_bias: torch.Tensor, m: torch.Tensor, rstd: torch.Tensor, grad_m: Optional[torch.Tensor],
-                     grad_x: torch.Tensor, per_stream: bool, tf32: bool
+                     grad_x: torch.Tensor, grad_h_post: Optional[torch.Tensor], per_stream: bool, tf32: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> grad h, G = Σ_tokens x ⊗ grad_u (K, R) fp32, dL/dH_pre (..., n) fp32."""
+    """-> grad h (+ grad_h_post, h's gradient from (b), when given), G = Σ_tokens x ⊗ grad_u (K, R) fp32,
+    dL/dH_pre (..., n) fp32."""
     *lead, n, C = h.shape
     R = weight.shape[1]
     hr = _rows(h, n, C)
@@ -459,14 +480,15 @@ def pre_mix_backward(h: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, 
         gm = grad_m.contiguous() if grad_m is not None else m
         _launch_pre(_pre_mix_bwd_kernel, M, h.device,
                     hr, weight.contiguous(), gain.contiguous(), gate_scale, gate_bias.contiguous(), m, rstd, gm,
-                    grad_x.contiguous(), grad_h, G, dH, gu, M, C, R, *hr.stride(),
+                    grad_x.contiguous(), grad_h if grad_h_post is None else grad_h_post.contiguous(),
+                    grad_h, G, dH, gu, M, C, R, *hr.stride(),
                     N=n, N_PAD=_pow2(n), R_PAD=_pow2(R, 16), HC=per_stream, HAS_GM=grad_m is not None,
-                    PRECISION="tf32" if tf32 else "ieee")
+                    HAS_GA=grad_h_post is not None, PRECISION="tf32" if tf32 else "ieee")
     return grad_h, G, dH
 
 
 @pre_mix_backward.register_fake
-def _(h, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, per_stream, tf32):
+def _(h, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, grad_h_post, per_stream, tf32):
     return (torch.empty_like(h, memory_format=torch.contiguous_format),
             weight.new_empty(weight.shape, dtype=torch.float32), h.new_empty(h.shape[:-1], dtype=torch.float32))
 
@@ -475,15 +497,16 @@ def _pre_mix_setup(ctx, inputs, output):
     h, weight, gain, gate_scale, gate_bias, per_stream, tf32 = inputs
     m, rstd, _ = output
     ctx.save_for_backward(h, weight, gain, gate_scale, gate_bias, m, rstd)
+    ctx.mark_non_differentiable(rstd)   # an output for the backward only: no gradient flows through it
     ctx.per_stream, ctx.tf32 = per_stream, tf32
 
 
-def _pre_mix_grad(ctx, grad_m, grad_rstd, grad_x):
+def _pre_mix_grad(ctx, grad_m, grad_rstd, grad_x, grad_h_post=None):
     h, weight, gain, gate_scale, gate_bias, m, rstd = ctx.saved_tensors
     n = h.shape[-2]
     if grad_x is None:
         grad_x = h.new_zeros((*h.shape[:-2], h.shape[-1]))
-    grad_h, G, dH = pre_mix_backward(h, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x,
+    grad_h, G, dH = pre_mix_backward(h, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, grad_h_post,
                                      ctx.per_stream, ctx.tf32)
     # m = rstd (x γ) W: dW = γ G, dγ = Σ_r W G
     gf = gain.float()
@@ -504,11 +527,12 @@ def _pre_mix_grad(ctx, grad_m, grad_rstd, grad_x):
 pre_mix.register_autograd(_pre_mix_grad, setup_context=_pre_mix_setup)
 
 
-def _post_blocks(n, C):
-    """(N_PAD, BLOCK_M, BLOCK_C) for (b): up to 256 channels, then as many tokens as fit in TILE."""
-    N_PAD = _pow2(n)
+def _post_blocks(C, interpret):
+    """(BLOCK_M, BLOCK_C) for (b): up to 256 channels, then as many tokens as fit in TILE."""
+    if interpret:
+        return POST_CPU
     BLOCK_C = min(256, _pow2(C, 16))
-    return N_PAD, max(1, TILE // (N_PAD * BLOCK_C)), BLOCK_C
+    return max(1, TILE // BLOCK_C), BLOCK_C
 
 
 @torch.library.custom_op("hcgpt::post_mix", mutates_args=())
@@ -519,10 +543,10 @@ def post_mix(h: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: torc
     M = hr.shape[0]
     out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     if M > 0:
-        N_PAD, BLOCK_M, BLOCK_C = _post_blocks(n, C)
+        BLOCK_M, BLOCK_C = _post_blocks(C, h.device.type == "cpu" or _interpreting())
         _launch(_post_mix_fwd_kernel, (triton.cdiv(M, BLOCK_M),), h.device,
                 hr, y.contiguous(), H_res.contiguous(), H_post.contiguous(), out, M, C, *hr.stride(),
-                N=n, N_PAD=N_PAD, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+                N=n, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
     return out
 
 
@@ -542,11 +566,11 @@ def post_mix_backward(grad_out: torch.Tensor, h: torch.Tensor, y: torch.Tensor, 
     grad_res = torch.empty(H_res.shape, dtype=torch.float32, device=h.device)
     grad_post = torch.empty(H_post.shape, dtype=torch.float32, device=h.device)
     if M > 0:
-        N_PAD, BLOCK_M, BLOCK_C = _post_blocks(n, C)
+        BLOCK_M, BLOCK_C = _post_blocks(C, h.device.type == "cpu" or _interpreting())
         _launch(_post_mix_bwd_kernel, (triton.cdiv(M, BLOCK_M),), h.device,
                 grad_out.contiguous(), hr, y.contiguous(), H_res.contiguous(), H_post.contiguous(),
                 grad_h, grad_y, grad_res, grad_post, M, C, *hr.stride(),
-                N=n, N_PAD=N_PAD, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
+                N=n, NN_PAD=_pow2(n * n), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
     return grad_h, grad_y, grad_res.to(H_res.dtype), grad_post.to(H_post.dtype)
 
 
@@ -695,20 +719,63 @@ def use_fused(t, conn, mode):
     return False
 
 
+@torch.compiler.assume_constant_result   # read once when torch.compile traces: dynamo cannot call the getter
+def tf32_enabled():
+    """Whether fp32 matmuls on CUDA may use TF32. torch >= 2.9 resolves both of its APIs in
+    ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" also after ``allow_tf32 = True`` or
+    ``torch.backends.fp32_precision = "tf32"``), while reading the legacy ``allow_tf32`` raises
+    once the new API was used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
+
+
+class _PreMix(torch.autograd.Function):
+    """(a) for a connection. Its third output ``link`` is h - stopgrad(h): zero, with the identity as
+    its Jacobian, so (b) reads h as stopgrad(h) + link and its h-gradient arrives here as link's
+    gradient, where (a)'s backward kernel adds it while it writes h's gradient: one pass, no sum of
+    the two in autograd."""
+
+    @staticmethod
+    def forward(ctx, h, weight, gain, gate_scale, gate_bias, per_stream, tf32):
+        m, rstd, x_in = pre_mix(h, weight, gain, gate_scale, gate_bias, per_stream, tf32)
+        ctx.save_for_backward(h, weight, gain, gate_scale, gate_bias, m, rstd)
+        ctx.per_stream, ctx.tf32 = per_stream, tf32
+        return m, x_in, h.new_zeros(()).expand(h.shape)
+
+    @staticmethod
+    def backward(ctx, grad_m, grad_x, grad_link):
+        return _pre_mix_grad(ctx, grad_m, None, grad_x, grad_link)
+
+
+class _PostMix(torch.autograd.Function):
+    """(b) on h = stopgrad(h) + link: its h-gradient goes to ``link`` (see _PreMix)."""
+
+    @staticmethod
+    def forward(ctx, h, link, y, H_res, H_post):
+        ctx.save_for_backward(h, y, H_res, H_post)
+        return post_mix(h, y, H_res, H_post)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_y, grad_res, grad_post = post_mix_backward(grad_out, *ctx.saved_tensors)
+        return None, grad_h, grad_y, grad_res, grad_post
+
+
 def connection_forward(conn, h, branch):
     """conn(h, branch) through (a) and (b): the equations of hc.Connection.forward."""
     n = conn.n
-    tf32 = h.is_cuda and torch.backends.cuda.matmul.allow_tf32   # as the torch path's matmul would
+    tf32 = tf32_enabled()   # as the torch path's matmul would on CUDA (the interpreter reads it too)
     with torch.autocast(h.device.type, enabled=False):
         if hasattr(conn, "W_r"):   # HC: per-stream norm, W = [W_m | W_r | W_β]
             W = torch.cat([conn.W_m, conn.W_r, conn.W_beta], dim=1)
-            m, _, x_in = pre_mix(h, W, conn.norm_gain, conn.s_alpha, conn.A_m, True, tf32)
+            m, x_in, link = _PreMix.apply(h, W, conn.norm_gain, conn.s_alpha, conn.A_m, True, tf32)
             _, H_post, H_res = conn.gates(*m.split([1, n, 1], dim=-1))
         else:                      # mHC family: one norm and projection over the token's n C values
-            m, _, x_in = pre_mix(h, conn.phi, conn.gamma, conn.alpha_pre, conn.b_pre, False, tf32)
+            m, x_in, link = _PreMix.apply(h, conn.phi, conn.gamma, conn.alpha_pre, conn.b_pre, False, tf32)
             _, H_post, H_res = conn.gates(m)
     y = branch(x_in)
-    return post_mix(h, y, H_res.contiguous(), H_post.contiguous())
+    return _PostMix.apply(h, link, y, H_res.contiguous(), H_post.contiguous())
 
 
 def sinkhorn(logits, iters):

@@ -57,10 +57,11 @@ def run_config_file(path):
         raise ConfigError(f"config file {path!r} not found") from None
     except IsADirectoryError:
         raise ConfigError(f"config file {path!r} is a directory; pass a Python file such as configs/quickstart.py") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:  # not UTF-8, null bytes, no permission
         raise ConfigError(f"config file {path!r} cannot be read ({e})") from None
     except SyntaxError as e:
-        raise ConfigError(f"config file {path!r}, line {e.lineno}: syntax error ({e.msg}); "
+        where = f", line {e.lineno}" if e.lineno else ""
+        raise ConfigError(f"config file {path!r}{where}: syntax error ({e.msg}); "
                           f"fix that line (a config file is Python: key = value)") from None
     namespace = {}
     try:

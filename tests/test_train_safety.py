@@ -100,14 +100,16 @@ def test_ddp_ranks_stop_together_on_rank0_refusal(data_dir, run_copy):
     assert snapshot(run_copy) == before
 
 
-def test_failed_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),  # torch.save's own words for it:
+                                   RuntimeError("PytorchStreamWriter failed writing file data/3: file write failed")])
+def test_failed_checkpoint_write_keeps_the_previous_one(error, data_dir, tmp_path, monkeypatch):
     real_save, calls = torch.save, []
 
     def disk_full(obj, f, *args, **kwargs):  # the second checkpoint (step 4) runs out of space half-way
         calls.append(obj["step"])
         if len(calls) == 2:
             f.write(b"PK\x03\x04" + bytes(4096))
-            raise OSError(28, "No space left on device")
+            raise error
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_full)
@@ -115,7 +117,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path, monk
     with pytest.raises(train.CheckpointWriteError) as e:
         train.main(tiny_args(data_dir, out, "--max_iters=4", "--eval_interval=2"))
     msg = str(e.value)
-    assert f"step-4 checkpoint {out / 'ckpt.pt'}" in msg and "No space left on device" in msg
+    assert f"step-4 checkpoint {out / 'ckpt.pt'}" in msg and str(error) in msg
     assert "previous checkpoint is kept" in msg and "--resume" in msg
     assert calls == [2, 4]
     assert not (out / "ckpt.pt.tmp").exists()
@@ -210,10 +212,19 @@ def test_bad_config_files(tmp_path):
         train.main([str(bad)])
     with pytest.raises(ConfigError, match=rf"config file '{tmp_path}' is a directory"):
         train.main([str(tmp_path)])
+    binary = tmp_path / "binary.py"
+    binary.write_bytes(b"n_layer = 2\x00\xff\n")
+    with pytest.raises(ConfigError, match=rf"config file '{binary}'.*(cannot be read|syntax error)"):
+        train.main([str(binary)])
     raising = tmp_path / "raises.py"
     raising.write_text("n_layer = 4\nn_embd = n_layer * undefined_name\n")
     with pytest.raises(ConfigError, match=rf"config file '{raising}', line 2 raised NameError: .*undefined_name"):
         train.main([str(raising)])
+
+
+def test_empty_dataset(tmp_path):
+    with pytest.raises(ConfigError, match="'dataset' is empty; name a prepared dataset"):
+        train.main(["--dataset=", f"--out_dir={tmp_path / 'o'}"])
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])

@@ -1,14 +1,16 @@
 """
 Pretrain a GPT with any residual scheme, on one CPU, one GPU, or many GPUs with torchrun.
 
-    python train.py configs/quickstart.py                                  # CPU, ~3 minutes
+    python train.py configs/quickstart.py                                  # CPU, ~3.5 minutes on 2 cores
     torchrun --standalone --nproc_per_node=8 train.py configs/fwe_m.py --scheme=kromhc
 
 Config: the defaults below, then config files (configs/*.py) and --key=value overrides, in
 order (configurator.py; unknown keys and wrong types are errors). Every eval_interval steps
 and at the end: val loss and val BPB over fixed val tokens (all-reduced, independent of the
 number of GPUs), the residual-scheme diagnostics on a fixed val batch, and a checkpoint.
-Outputs in out_dir: ckpt.pt (atomic), log.jsonl (one JSON object per line); wandb optional.
+Outputs in out_dir: ckpt.pt (atomic and fsynced; the last keep_checkpoints also as ckpt_<step>.pt),
+log.jsonl (one JSON object per line); wandb optional. One run per out_dir: it is locked for the
+run's life, and a run already there is refused unless --resume or --overwrite=True (see --help).
 """
 
 import contextlib

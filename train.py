@@ -58,7 +58,7 @@ DEFAULTS = dict(
     hellaswag_file="",  # "" -> the cached / downloaded validation jsonl
     hellaswag_limit=0,  # items scored per eval; 0 -> all 10,042
     resume=False,  # continue from <out_dir>/ckpt.pt
-    resume_from="",  # continue from this checkpoint instead (e.g. ckpt_2000.pt in out_dir); implies resume
+    resume_from="",  # continue from this checkpoint: a file in out_dir (ckpt_2000.pt), a path or a run dir; implies resume
     overwrite=False,  # start afresh in an out_dir that holds a run, deleting its ckpt*.pt and log.jsonl
     keep_checkpoints=0,  # also keep the last K checkpoints as <out_dir>/ckpt_<step>.pt; 0 -> ckpt.pt only
     # wandb
@@ -145,6 +145,8 @@ def validate(cfg):
         raise ConfigError(f"config key 'warmdown_frac' must be in (0, 1], got {cfg['warmdown_frac']}")
     if cfg["n_embd"] % cfg["n_head"]:
         raise ConfigError(f"config key 'n_embd' ({cfg['n_embd']}) must be divisible by 'n_head' ({cfg['n_head']})")
+    if cfg["keep_checkpoints"] and not cfg["checkpoint"]:
+        raise ConfigError("config key 'keep_checkpoints' needs checkpoints; drop it or drop --checkpoint=False")
     if not (cfg["dataset"] or cfg["data_dir"]):
         raise ConfigError("config key 'dataset' is empty; name a prepared dataset (e.g. --dataset=pydocs) or set 'data_dir'")
     if not 0 <= cfg["seed"] < 2**31:  # numpy takes seed + rank below 2**32
@@ -502,10 +504,12 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     log_path = os.path.join(cfg["out_dir"], "log.jsonl")
     # ---- startup checks: rank 0 decides (it alone writes out_dir) and every rank stops on its verdict ----
-    if cfg["resume_from"]:  # a bare file name is in out_dir
+    if cfg["resume_from"]:  # a bare file name is in out_dir; a directory is another run's out_dir
         cfg["resume"] = True
         if not os.path.dirname(cfg["resume_from"]):
             cfg["resume_from"] = os.path.join(cfg["out_dir"], cfg["resume_from"])
+        if os.path.isdir(cfg["resume_from"]):
+            cfg["resume_from"] = os.path.join(cfg["resume_from"], "ckpt.pt")
     cfg["resume_from"] = cfg["resume_from"] or (ckpt_path if cfg["resume"] else "")
     verdict = [None]
     if master:
@@ -755,6 +759,9 @@ if __name__ == "__main__":
     except (ConfigError, Diverged, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last checkpoint is kept; continue with the same command and --resume", file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:  # e.g. `python train.py --help | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

@@ -145,6 +145,21 @@ def test_keep_checkpoints_and_roll_back(data_dir, tmp_path):
     assert log[-1]["type"] == "eval" and [r["type"] for r in log].count("resume") == 1
 
 
+def test_resume_from_another_run(data_dir, base_run, tmp_path):
+    """--resume_from=<a run's out_dir> forks it into a new out_dir, leaving the original untouched."""
+    before = snapshot(base_run)
+    fork = tmp_path / "fork"
+    train.main(tiny_args(data_dir, fork, "--max_iters=6", f"--resume_from={base_run}"))
+    assert [r["type"] for r in read_log(fork)][0] == "resume" and read_log(fork)[0]["step"] == 5
+    assert torch.load(fork / "ckpt.pt", weights_only=False)["step"] == 6
+    assert snapshot(base_run) == before
+
+
+def test_keep_checkpoints_needs_checkpoints(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="'keep_checkpoints' needs checkpoints"):
+        train.main(tiny_args(data_dir, tmp_path / "o", "--keep_checkpoints=3", "--checkpoint=False"))
+
+
 KILLER = """
 import os, signal, sys
 import torch

@@ -7,7 +7,8 @@ Arguments are applied left to right on top of the defaults: a path is a Python c
 whose top-level assignments set keys; `--key=value` sets one key (the value is a Python
 literal, or a bare string); `--key` alone sets a bool key to True. An unknown key, or a
 value whose type does not match the default's, is an error naming the key. Names in a config
-file that start with "_", and imported modules, are not config keys.
+file that start with "_", and imported modules, are not config keys. A config file that cannot
+be read or compiled, or raises when run, is an error naming the file and line.
 """
 
 import ast
@@ -56,7 +57,7 @@ def run_config_file(path):
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} not found") from None
     except IsADirectoryError:
-        raise ConfigError(f"config file {path!r} is a directory; pass a Python file such as configs/quickstart.py") from None
+        raise ConfigError(f"config file {path!r} is a directory; pass a Python file (configs/*.py)") from None
     except (OSError, ValueError) as e:  # not UTF-8, null bytes, no permission
         raise ConfigError(f"config file {path!r} cannot be read ({e})") from None
     except SyntaxError as e:

@@ -58,7 +58,7 @@ DEFAULTS = dict(
     hellaswag_file="",  # "" -> the cached / downloaded validation jsonl
     hellaswag_limit=0,  # items scored per eval; 0 -> all 10,042
     resume=False,  # continue from <out_dir>/ckpt.pt
-    resume_from="",  # continue from this checkpoint: a file in out_dir (ckpt_2000.pt), a path or a run dir; implies resume
+    resume_from="",  # continue from this checkpoint (ckpt_2000.pt in out_dir, a path or a run dir); implies resume
     overwrite=False,  # start afresh in an out_dir that holds a run, deleting its ckpt*.pt and log.jsonl
     keep_checkpoints=0,  # also keep the last K checkpoints as <out_dir>/ckpt_<step>.pt; 0 -> ckpt.pt only
     # wandb
@@ -148,7 +148,7 @@ def validate(cfg):
     if cfg["keep_checkpoints"] and not cfg["checkpoint"]:
         raise ConfigError("config key 'keep_checkpoints' needs checkpoints; drop it or drop --checkpoint=False")
     if not (cfg["dataset"] or cfg["data_dir"]):
-        raise ConfigError("config key 'dataset' is empty; name a prepared dataset (e.g. --dataset=pydocs) or set 'data_dir'")
+        raise ConfigError("config key 'dataset' is empty; name a prepared dataset (--dataset=pydocs) or set 'data_dir'")
     if not 0 <= cfg["seed"] < 2**31:  # numpy takes seed + rank below 2**32
         raise ConfigError(f"config key 'seed' must be in [0, 2**31), got {cfg['seed']}")
 
@@ -330,9 +330,9 @@ def check_out_dir(cfg, run_scope):
         steps = [r["step"] for r in (read_log(os.path.join(out, "log.jsonl")) if has_log else []) if "step" in r]
         what = f"a run that reached step {max(steps)}" if steps else "a run"
         if not cfg["overwrite"]:
-            raise ConfigError(f"config key 'out_dir': {out} already holds {what} ({', '.join(sorted(ckpts)) or 'log.jsonl'}); "
-                              f"continue it with --resume, pick another --out_dir, or delete it and start afresh "
-                              f"with --overwrite=True")
+            files = ", ".join(sorted(ckpts)) or "log.jsonl"
+            raise ConfigError(f"config key 'out_dir': {out} already holds {what} ({files}); continue it with --resume, "
+                              f"pick another --out_dir, or delete it and start afresh with --overwrite=True")
         for name in ckpts + ["log.jsonl", "ckpt.pt.tmp"]:  # nothing of the old run may mix with the new one
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))

@@ -309,6 +309,14 @@ def check_out_dir(cfg, run_scope):
     out = cfg["out_dir"]
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"config key 'out_dir': {out} is a file, not a directory; pass another --out_dir")
+    names = os.listdir(out) if os.path.isdir(out) else []
+    ckpts = sorted(f for f in names if f.startswith("ckpt") and f.endswith(".pt"))
+    if cfg["resume"] and cfg["overwrite"]:
+        raise ConfigError("config keys 'resume' and 'overwrite' contradict each other; pass one of them")
+    if cfg["resume"] and not os.path.isfile(cfg["resume_from"]):
+        raise ConfigError(f"config key 'resume' is set but there is no checkpoint at {cfg['resume_from']}"
+                          + (f" ({out} holds {', '.join(ckpts)}; pick one with --resume_from=FILE)" if ckpts
+                             else "; drop --resume to start a new run"))
     try:
         os.makedirs(out, exist_ok=True)
         run_scope.enter_context(dir_lock(out, ".train.lock", "train.py run"))  # released by the OS if we die
@@ -317,26 +325,19 @@ def check_out_dir(cfg, run_scope):
     except OSError as e:  # read-only, no permission, a path through a file
         raise ConfigError(f"config key 'out_dir': cannot write in {out} ({e.strerror}); pass a writable "
                           f"--out_dir") from None
-    ckpts = [f for f in os.listdir(out) if f.startswith("ckpt") and f.endswith(".pt")]
-    has_log = os.path.exists(os.path.join(out, "log.jsonl"))
-    if cfg["resume"]:
-        if cfg["overwrite"]:
-            raise ConfigError("config keys 'resume' and 'overwrite' contradict each other; pass one of them")
-        if not os.path.isfile(cfg["resume_from"]):
-            raise ConfigError(f"config key 'resume' is set but there is no checkpoint at {cfg['resume_from']}"
-                              + (f" (out_dir holds {', '.join(sorted(ckpts))}; pick one with --resume_from=FILE)"
-                                 if ckpts else "; drop --resume to start a new run"))
-    elif ckpts or has_log:
-        steps = [r["step"] for r in (read_log(os.path.join(out, "log.jsonl")) if has_log else []) if "step" in r]
-        what = f"a run that reached step {max(steps)}" if steps else "a run"
-        if not cfg["overwrite"]:
-            files = ", ".join(sorted(ckpts)) or "log.jsonl"
-            raise ConfigError(f"config key 'out_dir': {out} already holds {what} ({files}); continue it with --resume, "
-                              f"pick another --out_dir, or delete it and start afresh with --overwrite=True")
-        for name in ckpts + ["log.jsonl", "ckpt.pt.tmp"]:  # nothing of the old run may mix with the new one
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-        print(f"overwrite: deleted {what} in {out}")
+    log_path = os.path.join(out, "log.jsonl")
+    if cfg["resume"] or not (ckpts or os.path.exists(log_path)):
+        return
+    steps = [r["step"] for r in (read_log(log_path) if os.path.exists(log_path) else []) if "step" in r]
+    what = f"a run that reached step {max(steps)}" if steps else "a run"
+    if not cfg["overwrite"]:
+        raise ConfigError(f"config key 'out_dir': {out} already holds {what} ({', '.join(ckpts) or 'log.jsonl'}); "
+                          f"continue it with --resume, pick another --out_dir, or delete it and start afresh with "
+                          f"--overwrite=True")
+    for name in ckpts + ["log.jsonl", "ckpt.pt.tmp"]:  # nothing of the old run may mix with the new one
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    print(f"overwrite: deleted {what} in {out}")
 
 
 def check_wandb(cfg):

@@ -155,6 +155,14 @@ def test_resume_from_another_run(data_dir, base_run, tmp_path):
     assert snapshot(base_run) == before
 
 
+def test_resume_without_checkpoint(data_dir, run_copy, tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint at .*new/ckpt.pt; drop --resume to start a new run"):
+        train.main(tiny_args(data_dir, tmp_path / "new", "--resume"))
+    assert not (tmp_path / "new").exists()  # nothing made
+    with pytest.raises(ConfigError, match=r"no checkpoint at .*ckpt_9.pt \(.*run holds ckpt.pt; pick one with"):
+        train.main(tiny_args(data_dir, run_copy, "--resume_from=ckpt_9.pt"))
+
+
 def test_keep_checkpoints_needs_checkpoints(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="'keep_checkpoints' needs checkpoints"):
         train.main(tiny_args(data_dir, tmp_path / "o", "--keep_checkpoints=3", "--checkpoint=False"))

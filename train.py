@@ -761,7 +761,8 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("\ninterrupted: the last checkpoint is kept; continue with the same command and --resume", file=sys.stderr)
+        print("\ninterrupted; continue from the last checkpoint, if any, with the same command and --resume",
+              file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # e.g. `python train.py --help | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

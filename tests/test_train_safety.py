@@ -423,3 +423,19 @@ def test_cli_bad_input_is_one_line(data_dir, tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [f"error: config key 'out_dir': {afile} is a file, not a directory; "
                                              f"pass another --out_dir"]
+
+
+def test_ctrl_c_ends_in_one_line(data_dir, tmp_path):
+    p = subprocess.Popen([sys.executable, "-u", "train.py", *tiny_args(data_dir, tmp_path / "o", "--max_iters=100000",
+                                                                        "--eval_interval=100000")],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:  # wait until it trains
+            if line.startswith("step "):
+                break
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130
+    assert err.strip() == "interrupted; continue from the last checkpoint, if any, with the same command and --resume"

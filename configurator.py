@@ -7,7 +7,8 @@ Arguments are applied left to right on top of the defaults: a path is a Python c
 whose top-level assignments set keys; `--key=value` sets one key (the value is a Python
 literal, or a bare string); `--key` alone sets a bool key to True. An unknown key, or a
 value whose type does not match the default's, is an error naming the key. Names in a config
-file that start with "_", and imported modules, are not config keys.
+file that start with "_", and imported modules, are not config keys. A config file that cannot
+be read or compiled, or raises when run, is an error naming the file and line.
 """
 
 import ast
@@ -48,6 +49,34 @@ def parse_value(s):
         return s  # a bare string, e.g. --scheme=kromhc
 
 
+def run_config_file(path):
+    """The top-level names a config file sets; any error names the file (and line) instead of a traceback."""
+    try:
+        with open(path) as f:
+            code = compile(f.read(), path, "exec")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path!r} is a directory; pass a Python file (configs/*.py)") from None
+    except (OSError, ValueError) as e:  # not UTF-8, null bytes, no permission
+        raise ConfigError(f"config file {path!r} cannot be read ({e})") from None
+    except SyntaxError as e:
+        where = f", line {e.lineno}" if e.lineno else ""
+        raise ConfigError(f"config file {path!r}{where}: syntax error ({e.msg}); "
+                          f"fix that line (a config file is Python: key = value)") from None
+    namespace = {}
+    try:
+        exec(code, namespace)
+    except Exception as e:  # a config may compute values; its own bug is still a config error
+        tb, line = e.__traceback__, None
+        while tb is not None:  # the deepest line of the config file itself
+            line = tb.tb_lineno if tb.tb_frame.f_code.co_filename == path else line
+            tb = tb.tb_next
+        where = f", line {line}" if line else ""
+        raise ConfigError(f"config file {path!r}{where} raised {type(e).__name__}: {e}; fix the file") from None
+    return namespace
+
+
 def load(defaults, argv, allowed_types=None):
     """Apply config files and --key=value overrides in argv to a copy of defaults."""
     allowed_types = allowed_types or {}
@@ -68,14 +97,7 @@ def load(defaults, argv, allowed_types=None):
                     raise ConfigError(f"override {arg!r}: expected --{key}=VALUE")
             set_key(key, parse_value(val), f"override {arg!r}")
         else:
-            namespace = {}
-            try:
-                with open(arg) as f:
-                    code = compile(f.read(), arg, "exec")
-            except FileNotFoundError:
-                raise ConfigError(f"config file {arg!r} not found") from None
-            exec(code, namespace)
-            for key, value in namespace.items():
+            for key, value in run_config_file(arg).items():
                 if key.startswith("_") or isinstance(value, types.ModuleType):
                     continue
                 set_key(key, value, f"config file {arg!r}")

@@ -1,20 +1,26 @@
 """
 Pretrain a GPT with any residual scheme, on one CPU, one GPU, or many GPUs with torchrun.
 
-    python train.py configs/quickstart.py                                  # CPU, ~3 minutes
+    python train.py configs/quickstart.py                                  # CPU, ~3.5 minutes on 2 cores
     torchrun --standalone --nproc_per_node=8 train.py configs/fwe_m.py --scheme=kromhc
 
 Config: the defaults below, then config files (configs/*.py) and --key=value overrides, in
 order (configurator.py; unknown keys and wrong types are errors). Every eval_interval steps
 and at the end: val loss and val BPB over fixed val tokens (all-reduced, independent of the
 number of GPUs), the residual-scheme diagnostics on a fixed val batch, and a checkpoint.
-Outputs in out_dir: ckpt.pt (atomic), log.jsonl (one JSON object per line); wandb optional.
+Outputs in out_dir: ckpt.pt (atomic and fsynced; the last keep_checkpoints also as ckpt_<step>.pt),
+log.jsonl (one JSON object per line); wandb optional. One run per out_dir: it is locked for the
+run's life, and a run already there is refused unless --resume or --overwrite=True (see --help).
 """
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -32,8 +38,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import configurator
 import hc
 from configurator import ConfigError
+from data import shards as shardlib
 from data.loader import TrainLoader, ValLoader, load_meta, load_token_bytes
-from model import GPT, GPTConfig
+from data.shards import DirLocked, dir_lock
+from model import GPT, CheckpointError, GPTConfig, load_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -41,7 +49,7 @@ DEFAULTS = dict(
     # I/O
     out_dir="",  # "" -> out/<run name>
     eval_interval=250,  # steps between evals (also checkpoints); always at the end
-    log_interval=10,
+    log_interval=10,  # steps between train-loss log lines
     eval_tokens=1_048_576,  # fixed val tokens per eval (the same windows every time)
     eval_batch_size=0,  # sequences per rank per eval forward; 0 -> batch_size
     diag_batch_size=4,  # sequences of the fixed val batch for the residual diagnostics
@@ -50,9 +58,12 @@ DEFAULTS = dict(
     hellaswag_file="",  # "" -> the cached / downloaded validation jsonl
     hellaswag_limit=0,  # items scored per eval; 0 -> all 10,042
     resume=False,  # continue from <out_dir>/ckpt.pt
+    resume_from="",  # continue from this checkpoint (ckpt_2000.pt in out_dir, a path or a run dir); implies resume
+    overwrite=False,  # start afresh in an out_dir that holds a run, deleting its ckpt*.pt and log.jsonl
+    keep_checkpoints=0,  # also keep the last K checkpoints as <out_dir>/ckpt_<step>.pt; 0 -> ckpt.pt only
     # wandb
-    wandb_log=False,
-    wandb_project="hcgpt",
+    wandb_log=False,  # log to Weights & Biases
+    wandb_project="hcgpt",  # wandb project
     wandb_run_name="",  # "" -> <config>-<scheme>-n<n_streams>-s<seed>; also names out_dir
     wandb_mode="online",  # online | offline | disabled
     # data
@@ -62,39 +73,39 @@ DEFAULTS = dict(
     block_size=1024,  # sequence length
     total_batch_tokens=524_288,  # tokens per optimizer step, all GPUs and micro-steps together
     # model
-    n_layer=12,
-    n_head=12,
-    n_embd=768,
-    dropout=0.0,
-    bias=True,
+    n_layer=12,  # transformer blocks
+    n_head=12,  # attention heads
+    n_embd=768,  # model width (d_model)
+    dropout=0.0,  # dropout probability (0 for pretraining)
+    bias=True,  # biases in the linear layers and LayerNorms
     vocab_size=0,  # 0 -> the tokenizer's vocab rounded up to a multiple of 64 (50304 for GPT-2)
     # residual scheme (hc.py)
     scheme="plain",  # plain | hc | mhc | mhc_lite | kromhc
     n_streams=0,  # 0 -> 1 for plain, 4 for the others
     stream_dtype="float32",  # float32 | bfloat16: dtype of the residual streams
-    sinkhorn_iters=20,  # mhc
+    sinkhorn_iters=20,  # mhc: Sinkhorn-Knopp iterations
     kron_factors=None,  # kromhc: e.g. (2, 3) for n = 6; None -> the prime factors of n
     res_logit_init=-8.0,  # mhc / mhc_lite / kromhc: off-identity H_res logit at init
     gate_init=0.01,  # the alpha gates at init
     hc_branch_init_scale_sqrt_n=False,  # HC paper: output projections' init std x sqrt(n)
     # optimizer: AdamW
-    learning_rate=6e-4,
-    max_iters=10_000,
-    weight_decay=0.1,
-    beta1=0.9,
-    beta2=0.95,
-    grad_clip=1.0,  # 0 -> no clipping
+    learning_rate=6e-4,  # peak learning rate
+    max_iters=10_000,  # optimizer steps in the run
+    weight_decay=0.1,  # AdamW weight decay (2-D weights only)
+    beta1=0.9,  # AdamW beta1
+    beta2=0.95,  # AdamW beta2
+    grad_clip=1.0,  # max global gradient norm; 0 -> no clipping
     # learning rate schedule: linear warmup, then cosine (or hold + linear warmdown) to min_lr
     lr_schedule="cosine",  # cosine | linear
-    warmup_iters=200,
-    lr_decay_iters=0,  # 0 -> max_iters
+    warmup_iters=200,  # linear warmup steps
+    lr_decay_iters=0,  # step at which the lr reaches min_lr; 0 -> max_iters
     min_lr_ratio=0.1,  # min_lr = learning_rate * min_lr_ratio
     warmdown_frac=0.2,  # linear: the final fraction of lr_decay_iters spent decaying
     # system
     device="auto",  # auto | cpu | cuda
     dtype="auto",  # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16: autocast dtype
     compile="auto",  # auto (on for CUDA) | True | False: torch.compile
-    seed=1337,
+    seed=1337,  # init, data order and dropout seed, in [0, 2**31)
 )
 ALLOWED_TYPES = {"kron_factors": (tuple, type(None)), "compile": (bool, str)}
 CHOICES = {
@@ -105,7 +116,7 @@ CHOICES = {
 POSITIVE = ("eval_interval", "log_interval", "eval_tokens", "diag_batch_size", "batch_size", "block_size",
             "total_batch_tokens", "n_layer", "n_head", "n_embd", "sinkhorn_iters")
 NON_NEGATIVE = ("hellaswag_limit", "eval_batch_size", "vocab_size", "n_streams", "max_iters", "weight_decay", "grad_clip",
-                "warmup_iters", "lr_decay_iters", "learning_rate")
+                "warmup_iters", "lr_decay_iters", "learning_rate", "keep_checkpoints")
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 REPO = os.path.dirname(os.path.abspath(__file__))
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
@@ -134,6 +145,12 @@ def validate(cfg):
         raise ConfigError(f"config key 'warmdown_frac' must be in (0, 1], got {cfg['warmdown_frac']}")
     if cfg["n_embd"] % cfg["n_head"]:
         raise ConfigError(f"config key 'n_embd' ({cfg['n_embd']}) must be divisible by 'n_head' ({cfg['n_head']})")
+    if cfg["keep_checkpoints"] and not cfg["checkpoint"]:
+        raise ConfigError("config key 'keep_checkpoints' needs checkpoints; drop it or drop --checkpoint=False")
+    if not (cfg["dataset"] or cfg["data_dir"]):
+        raise ConfigError("config key 'dataset' is empty; name a prepared dataset (--dataset=pydocs) or set 'data_dir'")
+    if not 0 <= cfg["seed"] < 2**31:  # numpy takes seed + rank below 2**32
+        raise ConfigError(f"config key 'seed' must be in [0, 2**31), got {cfg['seed']}")
 
 
 def get_lr(step, cfg):
@@ -232,8 +249,201 @@ def residual_diagnostics(raw_model, x, ctx):
     return hc.diagnostics(coeffs, raw_model.connection_names())
 
 
+# -----------------------------------------------------------------------------
+# run safety: --help, startup checks, the out_dir lock, crash-safe checkpoints and log
+# (every problem a user can cause is a ConfigError naming the key or file and the fix)
+
+class CheckpointWriteError(RuntimeError):
+    pass
+
+
+def usage():
+    """--help: every key with its default and the comment beside it in DEFAULTS (this file is the one source)."""
+    import ast
+    import io
+    import tokenize
+    with open(os.path.abspath(__file__)) as f:
+        src = f.read()
+    comments = {t.start[0]: t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(src).readline)
+                if t.type == tokenize.COMMENT}
+    call = next(n.value for n in ast.parse(src).body
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "DEFAULTS")
+    lines = ["usage: python train.py [CONFIG.py ...] [--key=value ...]   (or torchrun ... train.py ...)", "",
+             "Config files and --key=value overrides apply in order on top of these defaults."]
+    prev = call.lineno
+    for kw in call.keywords:
+        for i in range(prev + 1, kw.lineno):  # section headers
+            lines += ["", f"{comments[i]}:"] if i in comments else []
+        value = DEFAULTS[kw.arg]
+        value = (value or '""') if isinstance(value, str) else repr(value)
+        lines.append(f"  --{kw.arg}={value}".ljust(40) + f" {comments.get(kw.end_lineno, '')}")
+        prev = kw.end_lineno
+    return "\n".join(lines)
+
+
+def fmt_time(seconds):
+    s = int(seconds)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def read_log(path):
+    """The records of a log.jsonl. A crash can cut its last line: that line is dropped with a notice;
+    an unreadable line elsewhere is an error (the file was edited or mixed, and must be looked at)."""
+    with open(path, "rb") as f:
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ConfigError(f"{path}, line {i + 1} is not JSON; remove or repair that line, then rerun") from None
+            print(f"{path}: dropping its last line, cut by a crash: {line[:60]!r}")
+    return records
+
+
+def check_out_dir(cfg, run_scope):
+    """Make out_dir, lock it for the run's life (in run_scope), and refuse to mix two runs in it."""
+    out = cfg["out_dir"]
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"config key 'out_dir': {out} is a file, not a directory; pass another --out_dir")
+    names = os.listdir(out) if os.path.isdir(out) else []
+    ckpts = sorted(f for f in names if f.startswith("ckpt") and f.endswith(".pt"))
+    if cfg["resume"] and cfg["overwrite"]:
+        raise ConfigError("config keys 'resume' and 'overwrite' contradict each other; pass one of them")
+    if cfg["resume"] and not os.path.isfile(cfg["resume_from"]):
+        raise ConfigError(f"config key 'resume' is set but there is no checkpoint at {cfg['resume_from']}"
+                          + (f" ({out} holds {', '.join(ckpts)}; pick one with --resume_from=FILE)" if ckpts
+                             else "; drop --resume to start a new run"))
+    try:
+        os.makedirs(out, exist_ok=True)
+        run_scope.enter_context(dir_lock(out, ".train.lock", "train.py run"))  # released by the OS if we die
+    except DirLocked as e:
+        raise ConfigError(f"config key 'out_dir': {e}") from None
+    except OSError as e:  # read-only, no permission, a path through a file
+        raise ConfigError(f"config key 'out_dir': cannot write in {out} ({e.strerror}); pass a writable "
+                          f"--out_dir") from None
+    log_path = os.path.join(out, "log.jsonl")
+    if cfg["resume"] or not (ckpts or os.path.exists(log_path)):
+        return
+    steps = [r["step"] for r in (read_log(log_path) if os.path.exists(log_path) else []) if "step" in r]
+    what = f"a run that reached step {max(steps)}" if steps else "a run"
+    if not cfg["overwrite"]:
+        raise ConfigError(f"config key 'out_dir': {out} already holds {what} ({', '.join(ckpts) or 'log.jsonl'}); "
+                          f"continue it with --resume, pick another --out_dir, or delete it and start afresh with "
+                          f"--overwrite=True")
+    for name in ckpts + ["log.jsonl", "ckpt.pt.tmp"]:  # nothing of the old run may mix with the new one
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    print(f"overwrite: deleted {what} in {out}")
+
+
+def check_wandb(cfg):
+    """wandb online needs an API key: say so now, not after the first eval or in a prompt on a cluster node."""
+    if not cfg["wandb_log"] or cfg["wandb_mode"] != "online" or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    import netrc
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        if netrc.netrc(path).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise ConfigError(f"config key 'wandb_mode' is 'online' but no wandb API key was found (WANDB_API_KEY, or {host} "
+                      f"in {path}); run `wandb login`, or pass --wandb_mode=offline (sync later with `wandb sync`)")
+
+
+def check_shards(data_dir, meta):
+    """Every token id below the vocabulary, checked now (a numpy max over the memory-mapped shards: 0.1 s per GB
+    from the page cache, else the disk's read speed), so a corrupt or foreign shard is an error naming it and
+    the fix rather than a crash mid-run."""
+    fix = f"Re-run `python data/prepare.py {meta.get('dataset', os.path.basename(data_dir))} --restart`."
+    try:
+        for split in meta["splits"].values():
+            for e in split["shards"]:
+                shardlib.verify_shard(os.path.join(data_dir, e["file"]), meta["vocab_size"], fix)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data ({data_dir}): {e}") from None
+
+
+def data_id(meta):
+    """What a checkpoint's data position depends on: the preparation settings and the shard list."""
+    blob = json.dumps([meta.get("fingerprint"), meta["splits"]], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_resume_checkpoint(cfg, meta):
+    """The checkpoint to resume from, refused if it is unreadable or from a run with other data or seed."""
+    try:
+        ckpt = load_checkpoint(cfg["resume_from"])
+    except CheckpointError as e:
+        raise ConfigError(f"config key 'resume': {e}") from None
+    old = ckpt.get("config", {})
+    if "seed" in old and old["seed"] != cfg["seed"]:
+        raise ConfigError(f"resume: the checkpoint's run used seed {old['seed']}, this run has seed {cfg['seed']} "
+                          f"(the data order would change mid-run); resume with --seed={old['seed']}, or start a "
+                          f"new run in another out_dir")
+    same = (ckpt["data_id"] == data_id(meta) if "data_id" in ckpt else
+            os.path.realpath(old.get("data_dir", cfg["data_dir"])) == os.path.realpath(cfg["data_dir"]))
+    if not same:
+        raise ConfigError(f"resume: the checkpoint was trained on other data ({old.get('data_dir')}) than this run's "
+                          f"data_dir ({cfg['data_dir']}); resume with --data_dir={old.get('data_dir')}, or start a "
+                          f"new run in another out_dir")
+    return ckpt
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(ckpt, path, keep=0):
+    """Write ckpt to path atomically and durably (tmp file, fsync, rename, fsync the directory). With keep > 0
+    also keep it as ckpt_<step>.pt (a hard link, else a copy) and delete all but the last `keep` of those.
+    On failure (disk full, read-only, ...) the partial file is removed and the previous checkpoint stays."""
+    out, tmp = os.path.dirname(path) or ".", path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(out)
+        if keep:
+            step_path = os.path.join(out, f"ckpt_{ckpt['step']}.pt")
+            try:
+                os.link(path, tmp)
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, step_path)
+            steps = sorted(int(f[5:-3]) for f in os.listdir(out) if re.fullmatch(r"ckpt_\d+\.pt", f))
+            # a later step than this one is left from a continuation abandoned by --resume_from; the run replaces it
+            older = [s for s in steps if s <= ckpt["step"]]
+            for s in older[:-keep]:
+                os.remove(os.path.join(out, f"ckpt_{s}.pt"))
+            fsync_dir(out)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CheckpointWriteError(f"could not write the step-{ckpt['step']} checkpoint {path} ({e}); the previous "
+                                   f"checkpoint is kept: free space / fix permissions in "
+                                   f"{out}, then rerun with --resume") from None
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return None
     cfg = configurator.load(DEFAULTS, argv, ALLOWED_TYPES)
     validate(cfg)
     config_files = [a for a in argv if not a.startswith("--")]
@@ -255,13 +465,14 @@ def main(argv=None):
         rank, local_rank, world_size, device = 0, 0, 1, device_type
     master = rank == 0
     try:
-        return train(cfg, config_name, ddp, rank, world_size, device, device_type, master)
+        with contextlib.ExitStack() as run_scope:  # holds the out_dir lock for the run's life
+            return train(cfg, config_name, ddp, rank, world_size, device, device_type, master, run_scope)
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
-def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
+def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, run_scope):
     # ---- derived config ----
     micro_tokens = cfg["batch_size"] * cfg["block_size"] * world_size
     if cfg["total_batch_tokens"] % micro_tokens:
@@ -278,7 +489,10 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
     if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")):
         raise ConfigError(f"config key 'dataset': {cfg['data_dir']} has no meta.json; prepare it with "
                           f"`python data/prepare.py {cfg['dataset']}` (or point 'data_dir' at a prepared directory)")
-    meta = load_meta(cfg["data_dir"])
+    try:
+        meta = load_meta(cfg["data_dir"])
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"config key 'data_dir': {e}") from None
     if cfg["vocab_size"] == 0:
         cfg["vocab_size"] = (meta["vocab_size"] + 63) // 64 * 64
     elif cfg["vocab_size"] < meta["vocab_size"]:
@@ -290,8 +504,26 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
         cfg["compile"] = device_type == "cuda"
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     log_path = os.path.join(cfg["out_dir"], "log.jsonl")
-    if cfg["resume"] and not os.path.exists(ckpt_path):
-        raise ConfigError(f"config key 'resume' is set but there is no checkpoint at {ckpt_path}")
+    # ---- startup checks: rank 0 decides (it alone writes out_dir) and every rank stops on its verdict ----
+    if cfg["resume_from"]:  # a bare file name is in out_dir; a directory is another run's out_dir
+        cfg["resume"] = True
+        if not os.path.dirname(cfg["resume_from"]):
+            cfg["resume_from"] = os.path.join(cfg["out_dir"], cfg["resume_from"])
+        if os.path.isdir(cfg["resume_from"]):
+            cfg["resume_from"] = os.path.join(cfg["resume_from"], "ckpt.pt")
+    cfg["resume_from"] = cfg["resume_from"] or (ckpt_path if cfg["resume"] else "")
+    verdict = [None]
+    if master:
+        try:
+            check_wandb(cfg)
+            check_shards(cfg["data_dir"], meta)
+            check_out_dir(cfg, run_scope)  # last: with --overwrite it deletes the old run
+        except ConfigError as e:
+            verdict = [str(e)]
+    if ddp:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise ConfigError(verdict[0])
     tokens_per_step = cfg["total_batch_tokens"]
 
     if device_type == "cuda":
@@ -306,7 +538,7 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
         raw_model = GPT(gptconf)
     except ValueError as e:  # hc.py's errors: a scheme that cannot take this n, bad factors, ...
         raise ConfigError(f"model config: {e}") from None
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if cfg["resume"] else None
+    ckpt = load_resume_checkpoint(cfg, meta) if cfg["resume"] else None
     if ckpt is not None:
         changed = [k for k in MODEL_KEYS if ckpt["model_config"][k] != asdict(gptconf)[k]]
         if changed:
@@ -350,7 +582,10 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
     step = 0
     if ckpt is not None:
         step = ckpt["step"]
-        train_loader.load_state_dict(ckpt["loader"])  # one position in the window stream, for all ranks
+        try:
+            train_loader.load_state_dict(ckpt["loader"])  # one position in the window stream, for all ranks
+        except ValueError as e:
+            raise ConfigError(f"resume: {e}") from None
     torch.manual_seed(cfg["seed"] + rank)  # dropout differs across ranks
     np.random.seed(cfg["seed"] + rank)
     random.seed(cfg["seed"] + rank)
@@ -366,8 +601,7 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
     if master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         if ckpt is not None and os.path.exists(log_path):  # drop records written after the checkpoint
-            with open(log_path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
+            records = read_log(log_path)  # without a line cut by a crash
             keep = [r for r in records if "step" not in r or r["step"] <= start_step]
             with open(log_path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
@@ -382,6 +616,8 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
             import wandb
             wandb_run = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg,
                                    mode=cfg["wandb_mode"], id=(ckpt or {}).get("wandb_id"), resume="allow")
+        if ckpt is not None:
+            print(f"resumed from step {start_step} ({cfg['resume_from']})")
         print(f"{cfg['wandb_run_name']}: {cfg['scheme']} n={cfg['n_streams']}, {raw_model.num_params() / 1e6:.2f}M params, "
               f"{world_size} process(es) on {device_type}, {grad_accum} micro-step(s) of {cfg['batch_size']} x "
               f"{cfg['block_size']} per rank, {tokens_per_step:,} tokens/step, out_dir {cfg['out_dir']}")
@@ -401,20 +637,26 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
             dist.all_gather_object(ranks, mine)
         else:
             ranks = [mine]
-        if not (master and cfg["checkpoint"]):
-            return
-        ckpt = {"model": raw_model.state_dict(), "model_config": asdict(gptconf), "optimizer": optimizer.state_dict(),
-                "step": step, "tokens": step * tokens_per_step, "config": cfg, "rng": ranks[0]["rng"],
-                "loader": ranks[0]["loader"], "ranks": ranks, "world_size": world_size,
-                "wandb_id": wandb_run.id if wandb_run is not None else None}
-        tmp = ckpt_path + ".tmp"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, ckpt_path)
+        error = [None]
+        if master and cfg["checkpoint"]:
+            ckpt = {"model": raw_model.state_dict(), "model_config": asdict(gptconf), "optimizer": optimizer.state_dict(),
+                    "step": step, "tokens": step * tokens_per_step, "config": cfg, "rng": ranks[0]["rng"],
+                    "loader": ranks[0]["loader"], "ranks": ranks, "world_size": world_size, "data_id": data_id(meta),
+                    "wandb_id": wandb_run.id if wandb_run is not None else None}
+            try:
+                write_checkpoint(ckpt, ckpt_path, cfg["keep_checkpoints"])
+            except CheckpointWriteError as e:
+                error = [str(e)]
+        if ddp:  # every rank stops if rank 0 could not write
+            dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise CheckpointWriteError(error[0])
 
     # ---- training loop ----
     last_ckpt_step = start_step if ckpt is not None else None
     result = {}
     t_last, steps_since = time.perf_counter(), 0
+    t_start = t_last
     model.train()
     while True:
         # evaluate (and checkpoint) every eval_interval steps and at the end
@@ -497,19 +739,31 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
             record = {"type": "train", "step": step, "tokens": step * tokens_per_step, "loss": train_loss, "lr": lr,
                       "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu, "ms": dt * 1000}
             print(f"step {step:6d} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-                  f"{tok_per_s:,.0f} tok/s | mfu {'-' if mfu is None else f'{mfu:.1%}'} | {dt * 1000:.0f} ms")
+                  f"{tok_per_s:,.0f} tok/s | mfu {'-' if mfu is None else f'{mfu:.1%}'} | {dt * 1000:.0f} ms | "
+                  f"eta {fmt_time(dt * (cfg['max_iters'] - step))}")
             log(record, {f"train/{k}": v for k, v in record.items() if k in ("loss", "lr", "grad_norm", "tok_per_s", "mfu", "ms")
                          and v is not None})
             t_last, steps_since = time.perf_counter(), 0
 
     if wandb_run is not None:
         wandb_run.finish()
+    if master:
+        saved = ckpt_path if cfg["checkpoint"] else "none (checkpoint=False)"
+        print(f"done: step {step}, {step * tokens_per_step:,} tokens, {fmt_time(time.perf_counter() - t_start)} | "
+              f"val loss {result['val_loss']:.4f} | val bpb {result['val_bpb']:.4f} | checkpoint {saved}")
     return {**result, "out_dir": cfg["out_dir"]}
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, Diverged) as e:
+    except (ConfigError, Diverged, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted; continue from the last checkpoint, if any, with the same command and --resume",
+              file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # e.g. `python train.py --help | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

@@ -54,6 +54,9 @@ def load_meta(data_dir) -> dict:
         meta = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); re-run `{_prepare_cmd(data_dir)} --restart`")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a JSON object (it holds a {type(meta).__name__}): not a meta.json written "
+                         f"by data/prepare.py; re-run `{_prepare_cmd(data_dir)} --restart`")
     missing = [k for k in ("vocab_size", "token_bytes", "splits") if k not in meta]
     if meta.get("format") != META_FORMAT or missing:
         raise ValueError(f"{path}: not a meta.json written by data/prepare.py (format "

@@ -4,12 +4,14 @@ with distinct run names (<config>-<scheme>-n<n>-s<seed>) and out dirs (out/<run 
 Prints the commands (default), or runs them one after another with --run.
 
     python scripts/sweep.py --configs configs/fwe_s.py configs/fwe_m.py \\
-        --schemes plain hc mhc mhc_lite kromhc --n 4 --seeds 0 1 2
-    python scripts/sweep.py --configs configs/quickstart.py --schemes plain kromhc --nproc 0 --run -- --max_iters=50
+        --schemes plain hc mhc mhc_lite kromhc --n 4 --seeds 0 1 2 --nproc 8
+    python scripts/sweep.py --configs configs/quickstart.py --schemes plain kromhc --run -- --max_iters=50
 
 plain always runs with n = 1 (once per config and seed, whatever --n says). Arguments after
 `--` are passed to every run as extra overrides. With --nnodes > 1 the commands use c10d
-rendezvous at $MASTER_ADDR:$MASTER_PORT; run each one on every node.
+rendezvous at $MASTER_ADDR:$MASTER_PORT; run each one on every node. The process count per node is
+this machine's GPU count unless --nproc says (0, a plain `python train.py`, without CUDA or for CPU
+configs), and a global batch that does not divide over the processes is an error before anything prints.
 """
 
 import argparse
@@ -51,6 +53,35 @@ def command(config, scheme, n, seed, nproc=8, nnodes=1, out_root="out", extra=()
                        f"--wandb_run_name={name}", f"--out_dir={os.path.join(out_root, name)}", *extra]
 
 
+def load_configs(configs, extra):
+    """{config: its resolved train.py config with the extra overrides}, or a ConfigError."""
+    import configurator
+    import train
+    return {c: configurator.load(train.DEFAULTS, [c, *extra], train.ALLOWED_TYPES) for c in configs}
+
+
+def default_nproc(cfgs):
+    """This machine's GPUs (0, one plain process, without CUDA or for configs that ask for the CPU)."""
+    import torch
+    if not torch.cuda.is_available() or all(cfg["device"] == "cpu" for cfg in cfgs.values()):
+        return 0
+    return torch.cuda.device_count()
+
+
+def check_batch(cfgs, world_size):
+    """An error message for the first config whose batch does not divide over world_size processes, naming
+    the numbers and the process counts that would work; None if all divide (train.py's own check)."""
+    for config, cfg in cfgs.items():
+        micro = cfg["batch_size"] * cfg["block_size"]
+        if cfg["total_batch_tokens"] % (micro * world_size):
+            fits = [n for n in (1, 2, 4, 8, 16, 32, 64) if cfg["total_batch_tokens"] % (micro * n) == 0]
+            return (f"{config}: total_batch_tokens ({cfg['total_batch_tokens']}) is not divisible by batch_size x "
+                    f"block_size x processes = {cfg['batch_size']} x {cfg['block_size']} x {world_size}; pass "
+                    f"--nproc (x --nnodes) for {' or '.join(map(str, fits)) or 'no'} process(es) in all, or change "
+                    f"total_batch_tokens / batch_size after `--`")
+    return None
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     extra = []
@@ -62,7 +93,9 @@ def main(argv=None):
     p.add_argument("--schemes", nargs="+", default=list(hc.SCHEMES), choices=hc.SCHEMES)
     p.add_argument("--n", nargs="+", type=int, default=[4], help="n_streams for the non-plain schemes")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--nproc", type=int, default=8, help="GPUs per node; 0 runs plain `python train.py`")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes (GPUs) per node; 0 runs plain `python train.py`; default: this machine's GPUs, "
+                        "or 0 without CUDA")
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--out_root", default="out")
     p.add_argument("--run", action="store_true", help="run the commands one after another (default: print them)")
@@ -72,6 +105,16 @@ def main(argv=None):
             p.error(f"config file {c} not found")
     if args.run and args.nnodes > 1:
         p.error("--run launches on this machine only; print the multi-node commands and start them on every node")
+    from configurator import ConfigError
+    try:
+        cfgs = load_configs(args.configs, extra)
+    except ConfigError as e:
+        p.error(str(e))
+    if args.nproc is None:
+        args.nproc = default_nproc(cfgs)
+    error = check_batch(cfgs, max(1, args.nproc) * args.nnodes)
+    if error:
+        p.error(error)
     cmds = [command(*run, nproc=args.nproc, nnodes=args.nnodes, out_root=args.out_root, extra=extra)
             for run in grid(args.configs, args.schemes, args.n, args.seeds)]
     for cmd in cmds:

@@ -208,7 +208,7 @@ def test_sweep_prints_distinct_runs(capsys):
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     import sweep
     assert sweep.main(["--configs", "configs/owt_s.py", "configs/fwe_s.py", "--schemes", "plain", "mhc", "kromhc",
-                       "--n", "4", "6", "--seeds", "0", "1", "--", "--max_iters=100"]) == 0
+                       "--n", "4", "6", "--seeds", "0", "1", "--nproc", "8", "--", "--max_iters=100"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 * 2 * (1 + 2 + 2)  # configs x seeds x (plain once + mhc and kromhc at n = 4, 6)
     names = [next(a for a in line.split() if a.startswith("--wandb_run_name=")) for line in lines]

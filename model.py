@@ -399,6 +399,8 @@ class GPT(nn.Module):
         if self.config.arch != "nanochat":
             raise ValueError(f"optimizer 'muon' is nanochat's optimizer: it takes arch='nanochat', got "
                              f"arch={self.config.arch!r} (whose LayerNorms, biases and tied embedding it has no lr for)")
+        if not hasattr(torch.optim, "Muon"):
+            raise ValueError(f"optimizer 'muon' needs torch.optim.Muon, in torch >= 2.9; this is torch {torch.__version__}")
         if hc_optimizer not in ("adamw", "muon"):
             raise ValueError(f"hc_optimizer must be 'adamw' or 'muon', got {hc_optimizer!r}")
         conns = self.connections()

@@ -422,9 +422,12 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
     raw_model.to(device)
     betas = (cfg["beta1"], cfg["beta2"])
     if cfg["optimizer"] == "muon":
-        optimizer = raw_model.configure_muon(cfg["matrix_lr"], cfg["embedding_lr"], cfg["unembedding_lr"],
-                                             cfg["learning_rate"], cfg["hc_optimizer"], cfg["weight_decay"], betas,
-                                             cfg["adam_eps"], cfg["muon_momentum"], device_type)
+        try:
+            optimizer = raw_model.configure_muon(cfg["matrix_lr"], cfg["embedding_lr"], cfg["unembedding_lr"],
+                                                 cfg["learning_rate"], cfg["hc_optimizer"], cfg["weight_decay"],
+                                                 betas, cfg["adam_eps"], cfg["muon_momentum"], device_type)
+        except ValueError as e:  # e.g. a torch without Muon
+            raise ConfigError(f"config key 'optimizer': {e}") from None
     else:
         optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], betas, device_type,
                                                    eps=cfg["adam_eps"])

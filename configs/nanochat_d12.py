@@ -12,7 +12,7 @@ block_size = 2048
 bias = False
 dropout = 0.0
 scheme = "kromhc"  # KromHC's row of the table; any scheme works (--scheme=plain is nanochat itself)
-n_streams = 4
+n_streams = 0  # 0: 4 streams, 1 for plain
 
 # optimizer: Muon (lr 0.02, momentum 0.85 -> 0.95 over 300 steps) for the blocks' matrices; AdamW
 # (betas 0.8 / 0.95, eps 1e-10, no weight decay) for the embedding (0.2) and unembedding (0.004)

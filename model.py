@@ -439,7 +439,7 @@ class GPT(nn.Module):
 
     def estimate_flops_per_token(self, seq_len):
         """Model FLOPs per token of a training step (forward + backward): 6 x (parameters except
-        position embeddings) + 12 x layers x d_model x seq_len (PaLM appendix B)."""
+        the embedding lookups: num_params()) + 12 x layers x d_model x seq_len (PaLM appendix B)."""
         cfg = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
 

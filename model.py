@@ -398,9 +398,11 @@ class GPT(nn.Module):
         Every group carries its name and base_lr, the lr the schedule multiplies (train.py)."""
         if self.config.arch != "nanochat":
             raise ValueError(f"optimizer 'muon' is nanochat's optimizer: it takes arch='nanochat', got "
-                             f"arch={self.config.arch!r} (whose LayerNorms, biases and tied embedding it has no lr for)")
+                             f"arch={self.config.arch!r} (it has no lr for GPT-2's LayerNorms, biases and tied "
+                             f"embedding)")
         if not hasattr(torch.optim, "Muon"):
-            raise ValueError(f"optimizer 'muon' needs torch.optim.Muon, in torch >= 2.9; this is torch {torch.__version__}")
+            raise ValueError(f"optimizer 'muon' needs torch.optim.Muon, in torch >= 2.9; this is torch "
+                             f"{torch.__version__}")
         if hc_optimizer not in ("adamw", "muon"):
             raise ValueError(f"hc_optimizer must be 'adamw' or 'muon', got {hc_optimizer!r}")
         conns = self.connections()

@@ -432,10 +432,11 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
         optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], betas, device_type,
                                                    eps=cfg["adam_eps"])
     if ckpt is not None:
-        saved_optimizer = ckpt["config"].get("optimizer", "adamw")
-        if saved_optimizer != cfg["optimizer"]:
-            raise ConfigError(f"resume: config key 'optimizer' is {cfg['optimizer']!r} but the checkpoint was "
-                              f"trained with {saved_optimizer!r}; resume with --optimizer={saved_optimizer}")
+        for key in ("optimizer", "hc_optimizer") if cfg["optimizer"] == "muon" else ("optimizer",):  # the state's layout
+            saved_value = ckpt["config"].get(key, DEFAULTS[key])
+            if saved_value != cfg[key]:
+                raise ConfigError(f"resume: config key {key!r} is {cfg[key]!r} but the checkpoint was trained "
+                                  f"with {saved_value!r}; resume with --{key}={saved_value}")
         base_lrs = [g["base_lr"] for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
         for group, base_lr in zip(optimizer.param_groups, base_lrs):  # this run's config sets the lrs

@@ -327,6 +327,8 @@ def test_muon_run_lrs_momentum_and_exact_resume(data_dir, tmp_path):
     assert groups["embedding"]["lr"] == pytest.approx(0.2 * (32 / 768) ** -0.5 / 4)
     lrs = {r["step"]: r["lr"] for r in read_log(full) if r["type"] == "train"}
     assert lrs[1] == lrs[4] == 0.02 and lrs[6] == pytest.approx(0.02 * 3 / 4)  # logged: Muon's matrix lr
+    with pytest.raises(ConfigError, match="'hc_optimizer' is 'muon'.*--hc_optimizer=adamw"):
+        train.main(muon_args(data_dir, part, "--max_iters=10", "--resume", "--hc_optimizer=muon"))
 
 
 def test_muon_needs_nanochat_and_resume_keeps_the_optimizer(data_dir, tmp_path):

@@ -345,10 +345,12 @@ def test_muon_needs_nanochat_and_resume_keeps_the_optimizer(data_dir, tmp_path):
 
 def test_muon_ddp_two_processes_match_one(data_dir, tmp_path):
     """2-process gloo DDP == one process with the same global batch: Muon orthogonalises the
-    all-reduced gradient on every rank, so the update is the same everywhere."""
+    all-reduced gradient on every rank, so the update is the same everywhere; the end-of-run
+    HellaSwag and CORE split their items over the ranks and agree with one process."""
     def args(out):
         return muon_args(data_dir, out, "--batch_size=2", "--eval_tokens=640", "--eval_batch_size=3",
-                         "--eval_interval=3", "--max_iters=6")
+                         "--eval_interval=3", "--max_iters=6", "--final_hellaswag", f"--hellaswag_file={HELLASWAG}",
+                         "--final_core", f"--core_bundle_dir={BUNDLE}")
 
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     train.main(args(single))
@@ -365,6 +367,15 @@ def test_muon_ddp_two_processes_match_one(data_dir, tmp_path):
         assert a[0] == b[0] and a[1] == pytest.approx(b[1], abs=1e-4) and a[2] == pytest.approx(b[2], rel=1e-3)
     e1, e2 = ([r["val_loss"] for r in log if r["type"] == "eval"] for log in (one, two))
     assert e1 == pytest.approx(e2, abs=1e-4)
+    # the ranks' shares of HellaSwag and CORE add up to the scores of the same weights in one process
+    from data.tokenizer import get_encoding
+    from scripts.eval_core import evaluate_core
+    from scripts.eval_hellaswag import evaluate_hellaswag, load_examples, load_model
+    final = [r for r in two if r["type"] == "final"]
+    model = load_model(ddp)[0]
+    hs = evaluate_hellaswag(model, load_examples(HELLASWAG), "cpu")
+    assert len(final) == 1 and final[0]["hellaswag_n"] == 7 and final[0]["hellaswag_acc_norm"] == hs["acc_norm"]
+    assert final[0]["core"] == pytest.approx(evaluate_core(model, get_encoding(), "cpu", BUNDLE, log=None)["core"])
     c1 = torch.load(single / "ckpt.pt", weights_only=False)["model"]
     c2 = torch.load(ddp / "ckpt.pt", weights_only=False)["model"]
     for k in c1:  # the blocks' matrices: Muon's steps of 0.02 x the warmdown; a wrong update is that large

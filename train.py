@@ -7,7 +7,8 @@ Pretrain a GPT with any residual scheme, on one CPU, one GPU, or many GPUs with 
 Config: the defaults below, then config files (configs/*.py) and --key=value overrides, in
 order (configurator.py; unknown keys and wrong types are errors). Every eval_interval steps
 and at the end: val loss and val BPB over fixed val tokens (all-reduced, independent of the
-number of GPUs), the residual-scheme diagnostics on a fixed val batch, and a checkpoint.
+number of GPUs), the residual-scheme diagnostics on a fixed val batch, and a checkpoint;
+with final_hellaswag / final_core, HellaSwag and CORE once at the end when their data is here.
 Outputs in out_dir: ckpt.pt (atomic), log.jsonl (one JSON object per line); wandb optional.
 """
 

@@ -1,11 +1,31 @@
 """
-GPT-2 (nanoGPT's architecture) with a pluggable residual scheme.
+GPT with a pluggable residual scheme, in two architectures (GPTConfig.arch).
 
 Every sublayer (attention, MLP) of every block is wrapped by a connection from hc.py:
     h_new = conn(h, branch)        h: (B, T, n, C), the n residual streams
 The embedding is expanded to n streams before the first block and the streams are averaged
-before the final LayerNorm. With scheme="plain" (n = 1) this is exactly nanoGPT's model: the
-same parameter names and shapes, the same output.
+before the final norm. With scheme="plain" (n = 1) each architecture is exactly its reference
+model: the same parameter names and shapes, the same output.
+
+arch="gpt2": nanoGPT's GPT-2 (learned position embedding, LayerNorm, GELU MLP, tied
+embedding and unembedding, optional biases, dropout, GPT-2's init).
+
+arch="nanochat": nanochat's d12-era model (karpathy/nanochat, nanochat/gpt.py at e1770a3,
+2025-12-27), the model of KromHC's main results. Its features:
+- rotary position embeddings (base 10,000) on queries and keys; no position embedding
+- QK-norm: queries and keys RMS-normalised per head after the rotation
+- parameter-free RMSNorm (F.rms_norm, no weights): after the token embedding, before each
+  sublayer, and before the unembedding
+- ReLU^2 MLP, 4x wide
+- no biases anywhere; untied embedding and unembedding
+- logits soft-capped at 15: 15 tanh(z / 15)
+- as many key/value heads as query heads (nanochat's n_kv_head = n_head); nanochat's heads
+  are 128 wide, so d12 (768 wide) has n_head = 6; n_head is taken from the config
+- init: every Linear normal with std 1/sqrt(fan_in) * min(1, sqrt(fan_out / fan_in)) (arXiv
+  2310.17813), the embedding with std 1, the unembedding and every c_proj zero
+Where it differs from nanochat: weights stay fp32 under bf16 autocast (nanochat stores the
+embedding in bf16); the rotary tables are computed in fp32 and cast to the activations' dtype
+(bf16 under autocast, as nanochat keeps them).
 """
 
 import inspect
@@ -90,8 +110,91 @@ class Block(nn.Module):
         return h
 
 
+# -----------------------------------------------------------------------------
+# arch="nanochat": nanochat's d12-era blocks (the features listed at the top of this file)
+
+ARCHS = ("gpt2", "nanochat")
+LOGIT_SOFTCAP = 15.0
+
+
+def norm(x):
+    """Parameter-free RMSNorm over the last dimension (F.rms_norm: no weight, no bias)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(seq_len, head_dim, base=10000.0):
+    """cos and sin (seq_len, head_dim / 2) of the angles t * base^(-2i / head_dim), in fp32."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the pairs (x[i], x[i + D/2]) of every head of x (B, T, H, D) by the angles of their
+    position (cos, sin: (T, D/2)), as nanochat does: q.k then depends on positions only through
+    their difference."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # broadcast over the heads
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class RotaryAttention(nn.Module):
+    """Causal self-attention with rotary embeddings and QK-norm; no biases, n_kv_head = n_head."""
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.n_embd
+        self.n_head, self.head_dim = config.n_head, C // config.n_head
+        self.c_q = nn.Linear(C, C, bias=False)
+        self.c_k = nn.Linear(C, C, bias=False)
+        self.c_v = nn.Linear(C, C, bias=False)
+        self.c_proj = nn.Linear(C, C, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_head, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # rotary: relative positions
+        q, k = norm(q), norm(k)  # QK-norm
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class ReluSquaredMLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2
+
+
+class NanochatBlock(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)); each residual is a connection from hc.py."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.attn = RotaryAttention(config)
+        self.mlp = ReluSquaredMLP(config)
+        self.hc_attn = hc.make_connection(config.scheme, config.n_embd, config.n_streams, 2 * layer,
+                                          **config.hc_options())
+        self.hc_mlp = hc.make_connection(config.scheme, config.n_embd, config.n_streams, 2 * layer + 1,
+                                         **config.hc_options())
+
+    def forward(self, h, cos, sin):  # h: (B, T, n, C)
+        dt = self.mlp.c_fc.weight.dtype  # the branches compute in the weights' dtype (or autocast's)
+        h = self.hc_attn(h, lambda x: self.attn(norm(x.to(dt)), cos, sin))
+        h = self.hc_mlp(h, lambda x: self.mlp(norm(x.to(dt))))
+        return h
+
+
 @dataclass
 class GPTConfig:
+    arch: str = "gpt2"  # "gpt2" (nanoGPT) | "nanochat" (nanochat's d12-era model: see the top of this file)
     block_size: int = 1024
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
     n_layer: int = 12
@@ -127,7 +230,12 @@ class GPT(nn.Module):
         assert config.block_size is not None
         if config.stream_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"stream_dtype must be 'float32' or 'bfloat16', got {config.stream_dtype!r}")
+        if config.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {config.arch!r}")
         self.config = config
+        if config.arch == "nanochat":
+            self._build_nanochat()
+            return
 
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -160,6 +268,44 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def _build_nanochat(self):
+        config = self.config
+        unsupported = {"bias": config.bias, "dropout": config.dropout,
+                       "hc_branch_init_scale_sqrt_n": config.hc_branch_init_scale_sqrt_n}
+        for key, value in unsupported.items():
+            if value:
+                raise ValueError(f"arch 'nanochat' has no biases, no dropout and zero-initialised output "
+                                 f"projections: set {key}={'False' if isinstance(value, bool) else 0} "
+                                 f"(got {key}={value!r})")
+        head_dim = config.n_embd // config.n_head
+        if config.n_embd % config.n_head or head_dim % 2:
+            raise ValueError(f"arch 'nanochat' needs an even head size n_embd / n_head for the rotary pairs, "
+                             f"got n_embd={config.n_embd}, n_head={config.n_head}")
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # no position embedding: rotary instead
+            h=nn.ModuleList([NanochatBlock(config, i) for i in range(config.n_layer)]),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied
+        cos, sin = rotary_tables(config.block_size, head_dim)
+        self.register_buffer("rotary_cos", cos, persistent=False)  # recomputed, never saved
+        self.register_buffer("rotary_sin", sin, persistent=False)
+
+        # nanochat's init for everything but the connections, which initialise themselves
+        conn_ids = {id(m) for c in self.connections() for m in c.modules()}
+        for m in self.modules():
+            if id(m) in conn_ids:
+                continue
+            if isinstance(m, nn.Linear):
+                fan_out, fan_in = m.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                torch.nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, nn.Embedding):
+                torch.nn.init.normal_(m.weight, mean=0.0, std=1.0)
+        torch.nn.init.zeros_(self.lm_head.weight)  # uniform logits at init: loss = ln(vocab_size)
+        for block in self.transformer.h:  # every branch starts as the zero function
+            torch.nn.init.zeros_(block.attn.c_proj.weight)
+            torch.nn.init.zeros_(block.mlp.c_proj.weight)
+
     def connections(self):
         """The connections in depth order: two per block, attention then MLP."""
         return [c for b in self.transformer.h for c in (b.hc_attn, b.hc_mlp)]
@@ -168,11 +314,13 @@ class GPT(nn.Module):
         return [f"L{i:02d}.{s}" for i in range(self.config.n_layer) for s in ("attn", "mlp")]
 
     def num_params(self, non_embedding=True):
-        """Number of parameters; non_embedding subtracts the position embeddings (the token
-        embeddings are tied to lm_head, so they count, as in nanoGPT)."""
+        """Number of parameters; non_embedding subtracts the embeddings that cost no matmul: gpt2's
+        position embedding (its token embedding is tied to lm_head, so it counts, as in nanoGPT),
+        nanochat's untied token embedding (as nanochat's FLOPs estimate does)."""
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n_params -= self.transformer.wpe.weight.numel()
+            lookup = self.transformer.wte if self.config.arch == "nanochat" else self.transformer.wpe
+            n_params -= lookup.weight.numel()
         return n_params
 
     get_num_params = num_params  # nanoGPT's name
@@ -180,19 +328,9 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, reduction="mean"):
         """Returns (logits (B, T, V), loss). loss is None without targets; with reduction="none"
         it is the per-token loss (B, T) (targets = -1 are ignored and give 0)."""
-        device = idx.device
         b, t = idx.size()
         assert t <= self.config.block_size, f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}"
-        pos = torch.arange(0, t, dtype=torch.long, device=device)
-
-        tok_emb = self.transformer.wte(idx)  # (b, t, n_embd)
-        pos_emb = self.transformer.wpe(pos)  # (t, n_embd)
-        x = self.transformer.drop(tok_emb + pos_emb)
-        h = hc.expand_streams(x, self.config.n_streams).to(getattr(torch, self.config.stream_dtype))
-        for block in self.transformer.h:
-            h = block(h)
-        x = self.transformer.ln_f(hc.reduce_streams(h).to(self.lm_head.weight.dtype))
-        logits = self.lm_head(x)
+        logits = self.nanochat_logits(idx) if self.config.arch == "nanochat" else self.gpt2_logits(idx)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1),
@@ -201,7 +339,29 @@ class GPT(nn.Module):
                 loss = loss.view(b, t)
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def gpt2_logits(self, idx):
+        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
+        tok_emb = self.transformer.wte(idx)  # (b, t, n_embd)
+        pos_emb = self.transformer.wpe(pos)  # (t, n_embd)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        h = hc.expand_streams(x, self.config.n_streams).to(getattr(torch, self.config.stream_dtype))
+        for block in self.transformer.h:
+            h = block(h)
+        x = self.transformer.ln_f(hc.reduce_streams(h).to(self.lm_head.weight.dtype))
+        return self.lm_head(x)
+
+    def nanochat_logits(self, idx):
+        t = idx.size(1)
+        cos, sin = self.rotary_cos[:t], self.rotary_sin[:t]
+        x = norm(self.transformer.wte(idx))  # norm after the token embedding
+        h = hc.expand_streams(x, self.config.n_streams).to(getattr(torch, self.config.stream_dtype))
+        for block in self.transformer.h:
+            h = block(h, cos, sin)
+        x = norm(hc.reduce_streams(h).to(self.lm_head.weight.dtype))  # norm before the unembedding
+        logits = self.lm_head(x)
+        return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)  # soft cap: |logit| < 15
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
         """AdamW. Decayed: the 2-D weights of embeddings, attention and MLP (nanoGPT's rule) and
         the connections' dynamic projections (conn.decay_parameters()). Not decayed: norms,
         biases, and the connections' static coefficients and gates."""
@@ -215,18 +375,73 @@ class GPT(nn.Module):
                 (decay if id(p) in conn_decay else no_decay).append(p)
             else:
                 (decay if p.dim() >= 2 else no_decay).append(p)
-        optim_groups = [
-            {'params': decay, 'weight_decay': weight_decay},
-            {'params': no_decay, 'weight_decay': 0.0},
+        optim_groups = [  # base_lr: the lr the schedule multiplies (train.py)
+            {'params': decay, 'weight_decay': weight_decay, 'base_lr': learning_rate},
+            {'params': no_decay, 'weight_decay': 0.0, 'base_lr': learning_rate},
         ]
         fused_available = 'fused' in inspect.signature(torch.optim.AdamW).parameters
         use_fused = fused_available and device_type == 'cuda'
         extra_args = dict(fused=True) if use_fused else dict()
-        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, eps=eps, **extra_args)
+
+    def configure_muon(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, hc_lr=6e-4,
+                       hc_optimizer="adamw", weight_decay=0.0, betas=(0.8, 0.95), eps=1e-10, momentum=0.95,
+                       device_type="cpu"):
+        """nanochat's optimizer (nanochat/gpt.py setup_optimizers at e1770a3), arch="nanochat" only:
+
+            Muon  (lr matrix_lr, nesterov momentum, no weight decay)   the blocks' 2-D matrices
+            AdamW (betas, eps, weight_decay), lr x (n_embd / 768)^-0.5  unembedding: unembedding_lr
+                                                                        embedding:   embedding_lr
+        The connections' parameters (their placement in KromHC's runs is not public) go to AdamW
+        at hc_lr, unscaled, weight decay on the dynamic projections only (hcgpt's AdamW rule);
+        hc_optimizer="muon" moves their 2-D dynamic projections to Muon at matrix_lr.
+        Every group carries its name and base_lr, the lr the schedule multiplies (train.py)."""
+        if self.config.arch != "nanochat":
+            raise ValueError(f"optimizer 'muon' is nanochat's optimizer: it takes arch='nanochat', got "
+                             f"arch={self.config.arch!r} (it has no lr for GPT-2's LayerNorms, biases and tied "
+                             f"embedding)")
+        if not hasattr(torch.optim, "Muon"):
+            raise ValueError(f"optimizer 'muon' needs torch.optim.Muon, in torch >= 2.9; this is torch "
+                             f"{torch.__version__}")
+        if hc_optimizer not in ("adamw", "muon"):
+            raise ValueError(f"hc_optimizer must be 'adamw' or 'muon', got {hc_optimizer!r}")
+        conns = self.connections()
+        conn_ids = {id(p) for c in conns for p in c.parameters()}
+        conn_decay = {id(p) for c in conns for p in c.decay_parameters()}
+        conn_muon = [p for c in conns for p in c.decay_parameters() if p.dim() == 2] if hc_optimizer == "muon" else []
+        muon_ids = {id(p) for p in conn_muon}
+        matrices = [p for p in self.transformer.h.parameters() if id(p) not in conn_ids]
+        assert all(p.dim() == 2 for p in matrices)  # no norms weights, no biases: only matrices
+        conn_rest = [p for c in conns for p in c.parameters() if id(p) not in muon_ids]
+        scale = (self.config.n_embd / 768) ** -0.5  # nanochat tuned the AdamW lrs at 768 wide
+        muon_groups = [dict(name="matrices", params=matrices, base_lr=matrix_lr)]
+        if conn_muon:
+            muon_groups.append(dict(name="hc_matrices", params=conn_muon, base_lr=matrix_lr))
+        adamw_groups = [
+            dict(name="unembedding", params=[self.lm_head.weight], base_lr=unembedding_lr * scale,
+                 weight_decay=weight_decay),
+            dict(name="embedding", params=[self.transformer.wte.weight], base_lr=embedding_lr * scale,
+                 weight_decay=weight_decay),
+            dict(name="hc_decay", params=[p for p in conn_rest if id(p) in conn_decay], base_lr=hc_lr,
+                 weight_decay=weight_decay),
+            dict(name="hc", params=[p for p in conn_rest if id(p) not in conn_decay], base_lr=hc_lr,
+                 weight_decay=0.0),
+        ]
+        adamw_groups = [g for g in adamw_groups if g["params"]]  # plain has no connection parameters
+        for g in muon_groups + adamw_groups:
+            g["lr"] = g["base_lr"]
+        # torch's Muon: nesterov momentum, Newton-Schulz in bf16 with Keller Jordan's quintic
+        # coefficients, lr x sqrt(max(1, rows / cols)) ("original"): nanochat's Muon; its default
+        # weight decay is 0.1, nanochat's none
+        muon = torch.optim.Muon(muon_groups, lr=matrix_lr, weight_decay=0.0, momentum=momentum, nesterov=True,
+                                adjust_lr_fn="original")
+        fused = dict(fused=True) if device_type == "cuda" else {}
+        adamw = torch.optim.AdamW(adamw_groups, lr=embedding_lr, betas=betas, eps=eps, **fused)
+        return MuonAdamW(muon, adamw)
 
     def estimate_flops_per_token(self, seq_len):
         """Model FLOPs per token of a training step (forward + backward): 6 x (parameters except
-        position embeddings) + 12 x layers x d_model x seq_len (PaLM appendix B)."""
+        the embedding lookups: num_params()) + 12 x layers x d_model x seq_len (PaLM appendix B)."""
         cfg = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
@@ -250,6 +465,33 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(probs, num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+
+class MuonAdamW:
+    """Muon and AdamW stepped as one optimizer: the interface train.py uses (param_groups, step,
+    zero_grad, state_dict, load_state_dict). Muon's groups come first."""
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self):
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 # -----------------------------------------------------------------------------

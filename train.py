@@ -7,7 +7,8 @@ Pretrain a GPT with any residual scheme, on one CPU, one GPU, or many GPUs with 
 Config: the defaults below, then config files (configs/*.py) and --key=value overrides, in
 order (configurator.py; unknown keys and wrong types are errors). Every eval_interval steps
 and at the end: val loss and val BPB over fixed val tokens (all-reduced, independent of the
-number of GPUs), the residual-scheme diagnostics on a fixed val batch, and a checkpoint.
+number of GPUs), the residual-scheme diagnostics on a fixed val batch, and a checkpoint;
+with final_hellaswag / final_core, HellaSwag and CORE once at the end when their data is here.
 Outputs in out_dir: ckpt.pt (atomic and fsynced; the last keep_checkpoints also as ckpt_<step>.pt),
 log.jsonl (one JSON object per line); wandb optional. One run per out_dir: it is locked for the
 run's life, and a run already there is refused unless --resume or --overwrite=True (see --help).
@@ -57,6 +58,10 @@ DEFAULTS = dict(
     hellaswag=False,  # also HellaSwag acc_norm at every eval (scripts/eval_hellaswag.py)
     hellaswag_file="",  # "" -> the cached / downloaded validation jsonl
     hellaswag_limit=0,  # items scored per eval; 0 -> all 10,042
+    final_hellaswag=False,  # HellaSwag on all items once at the end, if the jsonl is here (hellaswag_file or the cache)
+    final_core=False,  # CORE (scripts/eval_core.py) once at the end, if the eval bundle is here
+    core_bundle_dir="",  # "" -> the cache ($HCGPT_CACHE_DIR/eval_bundle, ~/.cache/hcgpt/eval_bundle)
+    core_max_per_task=-1,  # items per CORE task at the end; -1 -> all
     resume=False,  # continue from <out_dir>/ckpt.pt
     resume_from="",  # continue from this checkpoint (ckpt_2000.pt in out_dir, a path or a run dir); implies resume
     overwrite=False,  # start afresh in an out_dir that holds a run, deleting its ckpt*.pt and log.jsonl
@@ -73,6 +78,7 @@ DEFAULTS = dict(
     block_size=1024,  # sequence length
     total_batch_tokens=524_288,  # tokens per optimizer step, all GPUs and micro-steps together
     # model
+    arch="gpt2",  # gpt2 (nanoGPT) | nanochat (nanochat's d12-era model: rotary, QK-norm, ReLU^2, softcap; model.py)
     n_layer=12,  # transformer blocks
     n_head=12,  # attention heads
     n_embd=768,  # model width (d_model)
@@ -88,13 +94,23 @@ DEFAULTS = dict(
     res_logit_init=-8.0,  # mhc / mhc_lite / kromhc: off-identity H_res logit at init
     gate_init=0.01,  # the alpha gates at init
     hc_branch_init_scale_sqrt_n=False,  # HC paper: output projections' init std x sqrt(n)
-    # optimizer: AdamW
-    learning_rate=6e-4,  # peak learning rate
+    # optimizer: adamw (everything on AdamW) | muon (nanochat's Muon + AdamW; arch="nanochat" only)
+    optimizer="adamw",  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest; arch=nanochat)
+    learning_rate=6e-4,  # peak lr; adamw: every parameter; muon: the connections' AdamW parameters
     max_iters=10_000,  # optimizer steps in the run
-    weight_decay=0.1,  # AdamW weight decay (2-D weights only)
+    weight_decay=0.1,  # AdamW's, on its 2-D weights (muon: embedding, unembedding, connections' projections)
     beta1=0.9,  # AdamW beta1
     beta2=0.95,  # AdamW beta2
+    adam_eps=1e-8,  # AdamW eps (nanochat: 1e-10)
     grad_clip=1.0,  # max global gradient norm; 0 -> no clipping
+    # muon: nanochat's lrs; the AdamW ones are scaled by (n_embd / 768)^-0.5 as in nanochat
+    matrix_lr=0.02,  # Muon: the blocks' 2-D matrices
+    embedding_lr=0.2,  # AdamW: the token embedding
+    unembedding_lr=0.004,  # AdamW: lm_head
+    muon_momentum=0.95,  # reached after muon_momentum_warmup steps ...
+    muon_momentum_start=0.85,  # ... linearly from this one (nanochat: 0.85 -> 0.95 over 300 steps)
+    muon_momentum_warmup=300,  # steps of the Muon momentum warmup
+    hc_optimizer="adamw",  # muon: the connections' 2-D projections on adamw (learning_rate) | muon (matrix_lr)
     # learning rate schedule: linear warmup, then cosine (or hold + linear warmdown) to min_lr
     lr_schedule="cosine",  # cosine | linear
     warmup_iters=200,  # linear warmup steps
@@ -111,12 +127,14 @@ ALLOWED_TYPES = {"kron_factors": (tuple, type(None)), "compile": (bool, str)}
 CHOICES = {
     "scheme": hc.SCHEMES, "stream_dtype": ("float32", "bfloat16"), "wandb_mode": ("online", "offline", "disabled"),
     "lr_schedule": ("cosine", "linear"), "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
-    "compile": ("auto", True, False),
+    "compile": ("auto", True, False), "arch": ("gpt2", "nanochat"), "optimizer": ("adamw", "muon"),
+    "hc_optimizer": ("adamw", "muon"),
 }
 POSITIVE = ("eval_interval", "log_interval", "eval_tokens", "diag_batch_size", "batch_size", "block_size",
             "total_batch_tokens", "n_layer", "n_head", "n_embd", "sinkhorn_iters")
 NON_NEGATIVE = ("hellaswag_limit", "eval_batch_size", "vocab_size", "n_streams", "max_iters", "weight_decay", "grad_clip",
-                "warmup_iters", "lr_decay_iters", "learning_rate", "keep_checkpoints")
+                "warmup_iters", "lr_decay_iters", "learning_rate", "keep_checkpoints", "matrix_lr", "embedding_lr",
+                "unembedding_lr", "muon_momentum_warmup", "adam_eps")
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 REPO = os.path.dirname(os.path.abspath(__file__))
 PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
@@ -151,10 +169,17 @@ def validate(cfg):
         raise ConfigError("config key 'dataset' is empty; name a prepared dataset (--dataset=pydocs) or set 'data_dir'")
     if not 0 <= cfg["seed"] < 2**31:  # numpy takes seed + rank below 2**32
         raise ConfigError(f"config key 'seed' must be in [0, 2**31), got {cfg['seed']}")
+    if cfg["optimizer"] == "muon" and cfg["arch"] != "nanochat":
+        raise ConfigError(f"config key 'optimizer' is 'muon', nanochat's optimizer, which takes arch='nanochat' "
+                          f"(got arch={cfg['arch']!r}); add --arch=nanochat or use --optimizer=adamw")
+    for key in ("muon_momentum", "muon_momentum_start"):
+        if not 0.0 <= cfg[key] < 1.0:
+            raise ConfigError(f"config key {key!r} must be in [0, 1), got {cfg[key]}")
 
 
-def get_lr(step, cfg):
-    lr, warmup = cfg["learning_rate"], cfg["warmup_iters"]
+def get_lr(step, cfg, base_lr=None):
+    """The lr at step for a group whose peak lr is base_lr (default: learning_rate)."""
+    lr, warmup = cfg["learning_rate"] if base_lr is None else base_lr, cfg["warmup_iters"]
     decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
     min_lr = lr * cfg["min_lr_ratio"]
     if step < warmup:
@@ -168,6 +193,12 @@ def get_lr(step, cfg):
     if step < start:
         return lr
     return lr + (step - start) / max(1, decay_iters - start) * (min_lr - lr)
+
+
+def muon_momentum(step, cfg):
+    """Muon's momentum: muon_momentum_start -> muon_momentum linearly over muon_momentum_warmup steps."""
+    frac = min(step / cfg["muon_momentum_warmup"], 1.0) if cfg["muon_momentum_warmup"] else 1.0
+    return (1 - frac) * cfg["muon_momentum_start"] + frac * cfg["muon_momentum"]
 
 
 def peak_flops(device_type):
@@ -439,6 +470,82 @@ def write_checkpoint(ckpt, path, keep=0):
                                    f"{out}, then rerun with --resume") from None
 
 
+def final_evaluations(cfg):
+    """What the end of the run evaluates: {"hellaswag": (path, items) or None, "core": bundle dir or
+    None, "skipped": [why]}. Only data on this machine is used (no download); a file or directory
+    the config names explicitly must exist, the default cache may be empty (the eval is skipped)."""
+    final = {"hellaswag": None, "core": None, "skipped": []}
+    if cfg["final_hellaswag"]:
+        from scripts.eval_hellaswag import cache_dir, load_examples
+        path = cfg["hellaswag_file"] or str(cache_dir() / "hellaswag_val.jsonl")
+        if os.path.isfile(path):
+            try:
+                final["hellaswag"] = (path, load_examples(path))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"config key 'final_hellaswag': cannot read {path} ({e})") from None
+        elif cfg["hellaswag_file"]:
+            raise ConfigError(f"config key 'hellaswag_file': {path} does not exist; point it at a local "
+                              f"hellaswag_val.jsonl, or leave it empty to use the cache when it is there")
+        else:
+            final["skipped"].append(f"final_hellaswag: no {path}, so no HellaSwag at the end; copy hellaswag_val.jsonl "
+                                    f"there (or set hellaswag_file) and score the checkpoint with scripts/eval_hellaswag.py")
+    if cfg["final_core"]:
+        from scripts.eval_core import default_bundle_dir, load_bundle
+        bundle = cfg["core_bundle_dir"] or str(default_bundle_dir())
+        if os.path.isfile(os.path.join(bundle, "core.yaml")):
+            try:
+                load_bundle(bundle)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"config key 'final_core': {bundle} is not a usable eval bundle ({e})") from None
+            final["core"] = bundle
+        elif cfg["core_bundle_dir"]:
+            raise ConfigError(f"config key 'core_bundle_dir': {bundle} holds no core.yaml; point it at an unpacked "
+                              f"eval bundle, or leave it empty to use the cache when it is there")
+        else:
+            final["skipped"].append(f"final_core: no eval bundle in {bundle}, so no CORE at the end; fetch it with "
+                                    f"`python scripts/eval_core.py --download ...` and score the checkpoint with it")
+    return final
+
+
+def run_final_evaluations(final, raw_model, cfg, step, tokens_per_step, device, ctx, master, log):
+    """HellaSwag and CORE once, at the end of the run, on every rank (the counts are all-reduced).
+    Logged as a "final" record and written to <out_dir>/hellaswag.json and core.json, as the eval
+    scripts write them (plot_runs.py reads them)."""
+    record = {"type": "final", "step": step, "tokens": step * tokens_per_step}
+    wandb_data, files = {}, {}
+    if final["hellaswag"]:
+        from scripts.eval_hellaswag import evaluate_hellaswag
+        path, examples = final["hellaswag"]
+        hs = evaluate_hellaswag(raw_model, examples, device, ctx=ctx)
+        record.update(hellaswag_acc_norm=hs["acc_norm"], hellaswag_acc=hs["acc"], hellaswag_n=hs["n"])
+        wandb_data.update({"final/hellaswag_acc_norm": hs["acc_norm"], "final/hellaswag_acc": hs["acc"]})
+        files["hellaswag.json"] = {"task": "hellaswag", "split": "val", **hs, "data_file": path}
+    if final["core"]:
+        from data.tokenizer import get_encoding
+        from scripts.eval_core import evaluate_core
+        res = evaluate_core(raw_model, get_encoding(), device, final["core"], cfg["core_max_per_task"], ctx=ctx,
+                            log=print if master else None)
+        record.update(core=res["core"], core_complete=res["complete"], core_centered=res["centered"])
+        wandb_data["final/core"] = res["core"]
+        files["core.json"] = {"task": "core", **res, "bundle_dir": final["core"]}
+    if final["skipped"]:
+        record["skipped"] = final["skipped"]
+    if master:
+        for msg in final["skipped"]:
+            print(f"note: {msg}")
+        parts = [f"hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in record else "",
+                 (f"CORE {record['core']:.4f}" if record.get("core_complete") else
+                  f"CORE-style mean {record['core']:.4f} (not all 22 tasks in full)") if "core" in record else ""]
+        if any(parts):
+            print(f"final step {step}: " + " | ".join(p for p in parts if p))
+        ckpt = os.path.join(cfg["out_dir"], "ckpt.pt")
+        for name, content in files.items():
+            with open(os.path.join(cfg["out_dir"], name), "w") as f:
+                json.dump({**content, "step": step, "tokens": step * tokens_per_step, "ckpt": ckpt}, f, indent=1)
+    log(record, wandb_data)
+    return {k: record[k] for k in ("hellaswag_acc_norm", "core") if k in record}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
@@ -512,6 +619,17 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
         if os.path.isdir(cfg["resume_from"]):
             cfg["resume_from"] = os.path.join(cfg["resume_from"], "ckpt.pt")
     cfg["resume_from"] = cfg["resume_from"] or (ckpt_path if cfg["resume"] else "")
+    # the evaluation data first: an error there must not come after --overwrite deleted the old run
+    hellaswag_examples = None
+    if cfg["hellaswag"]:
+        from scripts.eval_hellaswag import evaluate_hellaswag, load_examples
+        try:
+            hellaswag_examples = load_examples(cfg["hellaswag_file"] or None, limit=cfg["hellaswag_limit"] or None)
+        except (OSError, ValueError, RuntimeError) as e:  # missing file, bad jsonl, failed download
+            raise ConfigError(f"config key 'hellaswag': cannot read the HellaSwag items ({e}); set 'hellaswag_file' "
+                              f"to a local hellaswag_val.jsonl, or --hellaswag=False") from None
+
+    final = final_evaluations(cfg)
     verdict = [None]
     if master:
         try:
@@ -540,15 +658,33 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
         raise ConfigError(f"model config: {e}") from None
     ckpt = load_resume_checkpoint(cfg, meta) if cfg["resume"] else None
     if ckpt is not None:
-        changed = [k for k in MODEL_KEYS if ckpt["model_config"][k] != asdict(gptconf)[k]]
+        saved = {**asdict(GPTConfig()), **ckpt["model_config"]}  # keys newer than the checkpoint: defaults
+        changed = [k for k in MODEL_KEYS if saved[k] != asdict(gptconf)[k]]
         if changed:
             raise ConfigError(f"resume: the model config differs from the checkpoint's in {changed}")
         raw_model.load_state_dict(ckpt["model"])
     raw_model.to(device)
-    optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
-                                               (cfg["beta1"], cfg["beta2"]), device_type)
+    betas = (cfg["beta1"], cfg["beta2"])
+    if cfg["optimizer"] == "muon":
+        try:
+            optimizer = raw_model.configure_muon(cfg["matrix_lr"], cfg["embedding_lr"], cfg["unembedding_lr"],
+                                                 cfg["learning_rate"], cfg["hc_optimizer"], cfg["weight_decay"],
+                                                 betas, cfg["adam_eps"], cfg["muon_momentum"], device_type)
+        except ValueError as e:  # e.g. a torch without Muon
+            raise ConfigError(f"config key 'optimizer': {e}") from None
+    else:
+        optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], betas, device_type,
+                                                   eps=cfg["adam_eps"])
     if ckpt is not None:
+        for key in ("optimizer", "hc_optimizer") if cfg["optimizer"] == "muon" else ("optimizer",):  # the state's layout
+            saved_value = ckpt["config"].get(key, DEFAULTS[key])
+            if saved_value != cfg[key]:
+                raise ConfigError(f"resume: config key {key!r} is {cfg[key]!r} but the checkpoint was trained "
+                                  f"with {saved_value!r}; resume with --{key}={saved_value}")
+        base_lrs = [g["base_lr"] for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):  # this run's config sets the lrs
+            group["base_lr"] = base_lr
     model = torch.compile(raw_model) if cfg["compile"] else raw_model
     eval_model = model
     if ddp:
@@ -569,14 +705,6 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
             diag_x = diag_x.to(device)
     except (ValueError, FileNotFoundError) as e:  # e.g. eval_tokens larger than the val split
         raise ConfigError(f"data ({cfg['data_dir']}): {e}") from None
-    hellaswag_examples = None
-    if cfg["hellaswag"]:
-        from scripts.eval_hellaswag import evaluate_hellaswag, load_examples
-        try:
-            hellaswag_examples = load_examples(cfg["hellaswag_file"] or None, limit=cfg["hellaswag_limit"] or None)
-        except (OSError, ValueError, RuntimeError) as e:  # missing file, bad jsonl, failed download
-            raise ConfigError(f"config key 'hellaswag': cannot read the HellaSwag items ({e}); set 'hellaswag_file' "
-                              f"to a local hellaswag_val.jsonl, or --hellaswag=False") from None
 
     # ---- state: fresh, or from the checkpoint ----
     step = 0
@@ -621,6 +749,8 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
         print(f"{cfg['wandb_run_name']}: {cfg['scheme']} n={cfg['n_streams']}, {raw_model.num_params() / 1e6:.2f}M params, "
               f"{world_size} process(es) on {device_type}, {grad_accum} micro-step(s) of {cfg['batch_size']} x "
               f"{cfg['block_size']} per rank, {tokens_per_step:,} tokens/step, out_dir {cfg['out_dir']}")
+        for msg in final["skipped"]:
+            print(f"note: {msg}")
 
     def log(record, wandb_data=None):
         if not master:
@@ -697,9 +827,12 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
             break
 
         # one optimizer step over grad_accum micro-batches
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group in optimizer.param_groups:  # every group: its own peak lr times the schedule
+            group["lr"] = get_lr(step, cfg, group["base_lr"])
+        lr = optimizer.param_groups[0]["lr"]  # logged: AdamW's learning_rate, or Muon's matrix_lr
+        if cfg["optimizer"] == "muon":
+            for group in optimizer.muon.param_groups:
+                group["momentum"] = muon_momentum(step, cfg)
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(grad_accum):
             x, y = train_loader.next_batch()
@@ -745,6 +878,8 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
                          and v is not None})
             t_last, steps_since = time.perf_counter(), 0
 
+    if final["hellaswag"] or final["core"] or final["skipped"]:
+        result.update(run_final_evaluations(final, raw_model, cfg, step, tokens_per_step, device, ctx, master, log))
     if wandb_run is not None:
         wandb_run.finish()
     if master:

@@ -3,9 +3,10 @@ GPT-2 (nanoGPT's architecture) with a pluggable residual scheme.
 
 Every sublayer (attention, MLP) of every block is wrapped by a connection from hc.py:
     h_new = conn(h, branch)        h: (B, T, n, C), the n residual streams
-The embedding is expanded to n streams before the first block and the streams are averaged
-before the final LayerNorm. With scheme="plain" (n = 1) this is exactly nanoGPT's model: the
-same parameter names and shapes, the same output.
+The embedding is expanded to n streams before the first block; at the end the streams are
+averaged before the final LayerNorm (readout="mean", the HC paper) or normed one by one and
+summed (readout="norm_sum", the published mHC-lite / KromHC code). With scheme="plain" (n = 1)
+this is exactly nanoGPT's model: the same parameter names and shapes, the same output.
 """
 
 import inspect
@@ -102,8 +103,11 @@ class GPTConfig:
     # residual scheme (hc.py): "plain", "hc", "mhc", "mhc_lite", "kromhc"
     scheme: str = "plain"
     n_streams: int = 1
-    stream_dtype: str = "float32"  # dtype of the residual streams: "float32" | "bfloat16"
+    stream_dtype: str = "float32"  # dtype of the residual streams: one of STREAM_DTYPES
+    readout: str = "mean"  # "mean": ln_f(mean of the streams); "norm_sum": sum of ln_f(each stream)
+    decay_static: bool = False  # also weight-decay the 2-D static coefficients of hc / mhc (published code)
     sinkhorn_iters: int = 20  # mhc
+    sinkhorn_end: str = "rows"  # mhc: "rows" (mHC Eq. 9) | "cols" (published code's orientation)
     kron_factors: tuple | None = None  # kromhc; None: the prime factors of n_streams
     res_logit_init: float = -8.0  # mhc / mhc_lite / kromhc: off-identity H_res logit at init
     gate_init: float = 0.01  # mhc / mhc_lite / kromhc: the alpha gates at init
@@ -112,11 +116,18 @@ class GPTConfig:
     def hc_options(self):
         if self.scheme == "plain":
             return {}
-        opts = dict(sinkhorn_iters=self.sinkhorn_iters, res_logit_init=self.res_logit_init,
-                    gate_init=self.gate_init)
+        opts = dict(sinkhorn_iters=self.sinkhorn_iters, sinkhorn_end=self.sinkhorn_end,
+                    res_logit_init=self.res_logit_init, gate_init=self.gate_init)
         if self.kron_factors is not None:
             opts["kron_factors"] = tuple(self.kron_factors)
         return opts
+
+
+# "bfloat16_hc" is the published code's precision under bf16 autocast: its n-stream mixing runs
+# in bf16, so the carried streams are rounded to bf16 at every sublayer, while nanoGPT's plain
+# residual x = x + f(x) stays fp32.
+STREAM_DTYPES = ("float32", "bfloat16", "bfloat16_hc")
+READOUTS = ("mean", "norm_sum")
 
 
 class GPT(nn.Module):
@@ -125,9 +136,13 @@ class GPT(nn.Module):
         super().__init__()
         assert config.vocab_size is not None
         assert config.block_size is not None
-        if config.stream_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"stream_dtype must be 'float32' or 'bfloat16', got {config.stream_dtype!r}")
+        if config.stream_dtype not in STREAM_DTYPES:
+            raise ValueError(f"stream_dtype must be one of {STREAM_DTYPES}, got {config.stream_dtype!r}")
+        if config.readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {config.readout!r}")
         self.config = config
+        self.stream_dtype = torch.bfloat16 if config.stream_dtype == "bfloat16" or (
+            config.stream_dtype == "bfloat16_hc" and config.n_streams > 1) else torch.float32
 
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -188,10 +203,13 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)  # (b, t, n_embd)
         pos_emb = self.transformer.wpe(pos)  # (t, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
-        h = hc.expand_streams(x, self.config.n_streams).to(getattr(torch, self.config.stream_dtype))
+        h = hc.expand_streams(x, self.config.n_streams).to(self.stream_dtype)
         for block in self.transformer.h:
             h = block(h)
-        x = self.transformer.ln_f(hc.reduce_streams(h).to(self.lm_head.weight.dtype))
+        if self.config.readout == "norm_sum":  # the published code: ln_f on each stream, then the sum
+            x = self.transformer.ln_f(h.to(self.lm_head.weight.dtype)).sum(dim=-2)
+        else:
+            x = self.transformer.ln_f(hc.reduce_streams(h).to(self.lm_head.weight.dtype))
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
@@ -203,10 +221,13 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW. Decayed: the 2-D weights of embeddings, attention and MLP (nanoGPT's rule) and
-        the connections' dynamic projections (conn.decay_parameters()). Not decayed: norms,
-        biases, and the connections' static coefficients and gates."""
+        the connections' dynamic projections (conn.decay_parameters()), plus, with decay_static,
+        the static coefficients the published code decays (conn.static_decay_parameters()). Not
+        decayed: norms, biases, and the connections' other static coefficients and gates."""
         conn_params = {id(p) for c in self.connections() for p in c.parameters()}
         conn_decay = {id(p) for c in self.connections() for p in c.decay_parameters()}
+        if self.config.decay_static:
+            conn_decay |= {id(p) for c in self.connections() for p in c.static_decay_parameters()}
         decay, no_decay = [], []
         for p in self.parameters():  # tied weights appear once
             if not p.requires_grad:

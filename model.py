@@ -206,11 +206,7 @@ class GPT(nn.Module):
         h = hc.expand_streams(x, self.config.n_streams).to(self.stream_dtype)
         for block in self.transformer.h:
             h = block(h)
-        if self.config.readout == "norm_sum":  # the published code: ln_f on each stream, then the sum
-            x = self.transformer.ln_f(h.to(self.lm_head.weight.dtype)).sum(dim=-2)
-        else:
-            x = self.transformer.ln_f(hc.reduce_streams(h).to(self.lm_head.weight.dtype))
-        logits = self.lm_head(x)
+        logits = self.lm_head(self.read_out(h, self.transformer.ln_f))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1),
@@ -219,15 +215,28 @@ class GPT(nn.Module):
                 loss = loss.view(b, t)
         return logits, loss
 
+    def read_out(self, h, norm):
+        """The streams (B, T, n, C) -> the unembedding's input (B, T, C): norm(mean of the streams)
+        (readout="mean", HC paper), or the sum of norm(each stream) ("norm_sum", the published code)."""
+        dt = self.lm_head.weight.dtype
+        return norm(h.to(dt)).sum(dim=-2) if self.config.readout == "norm_sum" else norm(hc.reduce_streams(h).to(dt))
+
+    def connection_decay_ids(self):
+        """ids of the connections' parameters that take weight decay: the dynamic projections, and
+        with decay_static the static coefficients the published code decays."""
+        conns = self.connections()
+        ids = {id(p) for c in conns for p in c.decay_parameters()}
+        if self.config.decay_static:
+            ids |= {id(p) for c in conns for p in c.static_decay_parameters()}
+        return ids
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW. Decayed: the 2-D weights of embeddings, attention and MLP (nanoGPT's rule) and
         the connections' dynamic projections (conn.decay_parameters()), plus, with decay_static,
         the static coefficients the published code decays (conn.static_decay_parameters()). Not
         decayed: norms, biases, and the connections' other static coefficients and gates."""
         conn_params = {id(p) for c in self.connections() for p in c.parameters()}
-        conn_decay = {id(p) for c in self.connections() for p in c.decay_parameters()}
-        if self.config.decay_static:
-            conn_decay |= {id(p) for c in self.connections() for p in c.static_decay_parameters()}
+        conn_decay = self.connection_decay_ids()
         decay, no_decay = [], []
         for p in self.parameters():  # tied weights appear once
             if not p.requires_grad:

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 
 SCHEMES = ("plain", "hc", "mhc", "mhc_lite", "kromhc")
 MAX_PERM_SIZE = 6  # n! permutation logits: 720 at 6, 40,320 at 8 (248 M parameters at C = 768)
-OPTIONS = {"sinkhorn_iters": 20, "kron_factors": None, "res_logit_init": -8.0, "gate_init": 0.01}
+OPTIONS = {"sinkhorn_iters": 20, "sinkhorn_end": "rows", "kron_factors": None, "res_logit_init": -8.0,
+           "gate_init": 0.01}
+SINKHORN_ENDS = ("rows", "cols")
 
 # The fused Triton kernels of hc_kernels.py compute the same equations as the torch code below
 # with fewer passes over the streams. "auto": on CUDA where they apply (warns once where they do
@@ -84,6 +86,11 @@ class Connection(nn.Module):
 
     def decay_parameters(self):
         """Parameters that take weight decay: the dynamic projections (none by default)."""
+        return []
+
+    def static_decay_parameters(self):
+        """The static coefficients that the published code decays (model config decay_static): its
+        optimizer decays every parameter with dim >= 2, and only HC and mHC keep 2-D statics."""
         return []
 
     def check(self, h):
@@ -149,6 +156,10 @@ class HyperConnection(Connection):
 
     def decay_parameters(self):
         return [self.W_m, self.W_r, self.W_beta]
+
+    def static_decay_parameters(self):
+        # the published static_alpha (n, 1 + n) = [A_m | A_r]; its static_beta (B) is 1-D
+        return [self.A_m, self.A_r]
 
     def coefficients(self, h):
         self.check(h)
@@ -260,38 +271,57 @@ class SinkhornLog(torch.autograd.Function):
         return g, None
 
 
-def sinkhorn(logits, iters=20):
-    """Doubly stochastic matrix from logits (…, n, n): rows exact, columns to within the error of ``iters``."""
+def sinkhorn(logits, iters=20, end="rows"):
+    """Doubly stochastic matrix from logits (…, n, n), H[out, in].
+
+    end="rows" (mHC Eq. 9): rows exact, columns to within the error of ``iters``.
+    end="cols": the published mHC code's order, which normalises alpha[in, out] = Hᵀ with the same
+    iteration: columns exact, and the forward mix carries the error. Same iteration on the
+    transpose, so the fused kernel serves both.
+    """
+    if end == "cols":
+        return sinkhorn(logits.transpose(-1, -2), iters).transpose(-1, -2)
+    if end != "rows":
+        raise ValueError(f"sinkhorn_end must be one of {SINKHORN_ENDS}, got {end!r}")
     kernels = _kernels(logits)
     if kernels:
         return kernels.sinkhorn(logits, iters)
     return SinkhornLog.apply(logits, iters)
 
 
-def sinkhorn_reference(logits, iters=20):
+def sinkhorn_reference(logits, iters=20, end="rows"):
     """The same iteration with plain autograd through the loop (the reference for tests)."""
-    L = logits
+    L = logits if end == "rows" else logits.transpose(-1, -2)
     for _ in range(iters):
         L = L - torch.logsumexp(L, dim=-2, keepdim=True)
         L = L - torch.logsumexp(L, dim=-1, keepdim=True)
-    return torch.exp(L)
+    return torch.exp(L) if end == "rows" else torch.exp(L).transpose(-1, -2)
 
 
 class MHC(ManifoldConnection):
     """mHC: H_res = SinkhornKnopp(α_res · mat(m_res) + b_res), r = n² logits."""
 
-    def __init__(self, dim, n_streams, layer_idx, sinkhorn_iters=20, **opts):
+    def __init__(self, dim, n_streams, layer_idx, sinkhorn_iters=20, sinkhorn_end="rows", **opts):
         if int(sinkhorn_iters) < 1:
             raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
-        self.sinkhorn_iters = int(sinkhorn_iters)
+        if sinkhorn_end not in SINKHORN_ENDS:
+            raise ValueError(f"sinkhorn_end must be one of {SINKHORN_ENDS}, got {sinkhorn_end!r}")
+        self.sinkhorn_iters, self.sinkhorn_end = int(sinkhorn_iters), sinkhorn_end
         super().__init__(dim, n_streams, layer_idx, n_streams ** 2, **opts)
 
     def identity_logits(self, off):
         n = self.n
         return (off * (1 - torch.eye(n))).flatten()          # 0 on the diagonal, `off` elsewhere
 
+    def static_decay_parameters(self):
+        # the published static_alpha (n, 1 + n) holds the H_pre and H_res statics; static_beta is 1-D
+        return [self.b_pre, self.b_res]
+
     def residual_matrix(self, z):
-        return sinkhorn(z.unflatten(-1, (self.n, self.n)), self.sinkhorn_iters)
+        return sinkhorn(z.unflatten(-1, (self.n, self.n)), self.sinkhorn_iters, self.sinkhorn_end)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, sinkhorn_iters={self.sinkhorn_iters}, sinkhorn_end={self.sinkhorn_end}"
 
 
 def permutation_matrices(n):
@@ -374,7 +404,8 @@ def make_connection(scheme, dim, n_streams, layer_idx, **options):
 
     scheme: one of SCHEMES; dim: C; n_streams: n; layer_idx: index of the connection in depth
     (block i: attention 2i, MLP 2i+1), which picks the home stream layer_idx mod n.
-    options: sinkhorn_iters (mhc, 20), kron_factors (kromhc, prime factors of n),
+    options: sinkhorn_iters (mhc, 20), sinkhorn_end (mhc, "rows": mHC Eq. 9, or "cols": the
+    published code's orientation), kron_factors (kromhc, prime factors of n),
     res_logit_init (off-identity H_res logit, -8.0), gate_init (0.01). Options a scheme does
     not use are ignored, so one model config can carry them all.
     """
@@ -401,7 +432,8 @@ def make_connection(scheme, dim, n_streams, layer_idx, **options):
         return HyperConnection(dim, n_streams, layer_idx, **gates)
     res = dict(gates, res_logit_init=opts["res_logit_init"])
     if scheme == "mhc":
-        return MHC(dim, n_streams, layer_idx, sinkhorn_iters=opts["sinkhorn_iters"], **res)
+        return MHC(dim, n_streams, layer_idx, sinkhorn_iters=opts["sinkhorn_iters"],
+                   sinkhorn_end=opts["sinkhorn_end"], **res)
     if scheme == "mhc_lite":
         if n_streams > MAX_PERM_SIZE:
             raise ValueError(

@@ -3,8 +3,9 @@ GPT with a pluggable residual scheme, in two architectures (GPTConfig.arch).
 
 Every sublayer (attention, MLP) of every block is wrapped by a connection from hc.py:
     h_new = conn(h, branch)        h: (B, T, n, C), the n residual streams
-The embedding is expanded to n streams before the first block and the streams are averaged
-before the final norm. With scheme="plain" (n = 1) each architecture is exactly its reference
+The embedding is expanded to n streams before the first block; at the end the streams are
+averaged before the final norm (readout="mean", the HC paper) or normed one by one and summed
+(readout="norm_sum", the published mHC-lite / KromHC code). With scheme="plain" (n = 1) each architecture is exactly its reference
 model: the same parameter names and shapes, the same output.
 
 arch="gpt2": nanoGPT's GPT-2 (learned position embedding, LayerNorm, GELU MLP, tied
@@ -205,8 +206,11 @@ class GPTConfig:
     # residual scheme (hc.py): "plain", "hc", "mhc", "mhc_lite", "kromhc"
     scheme: str = "plain"
     n_streams: int = 1
-    stream_dtype: str = "float32"  # dtype of the residual streams: "float32" | "bfloat16"
+    stream_dtype: str = "float32"  # dtype of the residual streams: one of STREAM_DTYPES
+    readout: str = "mean"  # "mean": ln_f(mean of the streams); "norm_sum": sum of ln_f(each stream)
+    decay_static: bool = False  # also weight-decay the 2-D static coefficients of hc / mhc (published code)
     sinkhorn_iters: int = 20  # mhc
+    sinkhorn_end: str = "rows"  # mhc: "rows" (mHC Eq. 9) | "cols" (published code's orientation)
     kron_factors: tuple | None = None  # kromhc; None: the prime factors of n_streams
     res_logit_init: float = -8.0  # mhc / mhc_lite / kromhc: off-identity H_res logit at init
     gate_init: float = 0.01  # mhc / mhc_lite / kromhc: the alpha gates at init
@@ -215,11 +219,18 @@ class GPTConfig:
     def hc_options(self):
         if self.scheme == "plain":
             return {}
-        opts = dict(sinkhorn_iters=self.sinkhorn_iters, res_logit_init=self.res_logit_init,
-                    gate_init=self.gate_init)
+        opts = dict(sinkhorn_iters=self.sinkhorn_iters, sinkhorn_end=self.sinkhorn_end,
+                    res_logit_init=self.res_logit_init, gate_init=self.gate_init)
         if self.kron_factors is not None:
             opts["kron_factors"] = tuple(self.kron_factors)
         return opts
+
+
+# "bfloat16_hc" is the published code's precision under bf16 autocast: its n-stream mixing runs
+# in bf16, so the carried streams are rounded to bf16 at every sublayer, while nanoGPT's plain
+# residual x = x + f(x) stays fp32.
+STREAM_DTYPES = ("float32", "bfloat16", "bfloat16_hc")
+READOUTS = ("mean", "norm_sum")
 
 
 class GPT(nn.Module):
@@ -228,11 +239,15 @@ class GPT(nn.Module):
         super().__init__()
         assert config.vocab_size is not None
         assert config.block_size is not None
-        if config.stream_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"stream_dtype must be 'float32' or 'bfloat16', got {config.stream_dtype!r}")
+        if config.stream_dtype not in STREAM_DTYPES:
+            raise ValueError(f"stream_dtype must be one of {STREAM_DTYPES}, got {config.stream_dtype!r}")
+        if config.readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {config.readout!r}")
         if config.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {config.arch!r}")
         self.config = config
+        self.stream_dtype = torch.bfloat16 if config.stream_dtype == "bfloat16" or (
+            config.stream_dtype == "bfloat16_hc" and config.n_streams > 1) else torch.float32
         if config.arch == "nanochat":
             self._build_nanochat()
             return
@@ -344,29 +359,43 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)  # (b, t, n_embd)
         pos_emb = self.transformer.wpe(pos)  # (t, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
-        h = hc.expand_streams(x, self.config.n_streams).to(getattr(torch, self.config.stream_dtype))
+        h = hc.expand_streams(x, self.config.n_streams).to(self.stream_dtype)
         for block in self.transformer.h:
             h = block(h)
-        x = self.transformer.ln_f(hc.reduce_streams(h).to(self.lm_head.weight.dtype))
-        return self.lm_head(x)
+        return self.lm_head(self.read_out(h, self.transformer.ln_f))
 
     def nanochat_logits(self, idx):
         t = idx.size(1)
         cos, sin = self.rotary_cos[:t], self.rotary_sin[:t]
         x = norm(self.transformer.wte(idx))  # norm after the token embedding
-        h = hc.expand_streams(x, self.config.n_streams).to(getattr(torch, self.config.stream_dtype))
+        h = hc.expand_streams(x, self.config.n_streams).to(self.stream_dtype)
         for block in self.transformer.h:
             h = block(h, cos, sin)
-        x = norm(hc.reduce_streams(h).to(self.lm_head.weight.dtype))  # norm before the unembedding
-        logits = self.lm_head(x)
+        logits = self.lm_head(self.read_out(h, norm))  # norm before the unembedding
         return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)  # soft cap: |logit| < 15
+
+    def read_out(self, h, norm):
+        """The streams (B, T, n, C) -> the unembedding's input (B, T, C): norm(mean of the streams)
+        (readout="mean", HC paper), or the sum of norm(each stream) ("norm_sum", the published code)."""
+        dt = self.lm_head.weight.dtype
+        return norm(h.to(dt)).sum(dim=-2) if self.config.readout == "norm_sum" else norm(hc.reduce_streams(h).to(dt))
+
+    def connection_decay_ids(self):
+        """ids of the connections' parameters that take weight decay: the dynamic projections, and
+        with decay_static the static coefficients the published code decays."""
+        conns = self.connections()
+        ids = {id(p) for c in conns for p in c.decay_parameters()}
+        if self.config.decay_static:
+            ids |= {id(p) for c in conns for p in c.static_decay_parameters()}
+        return ids
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
         """AdamW. Decayed: the 2-D weights of embeddings, attention and MLP (nanoGPT's rule) and
-        the connections' dynamic projections (conn.decay_parameters()). Not decayed: norms,
-        biases, and the connections' static coefficients and gates."""
+        the connections' dynamic projections (conn.decay_parameters()), plus, with decay_static,
+        the static coefficients the published code decays (conn.static_decay_parameters()). Not
+        decayed: norms, biases, and the connections' other static coefficients and gates."""
         conn_params = {id(p) for c in self.connections() for p in c.parameters()}
-        conn_decay = {id(p) for c in self.connections() for p in c.decay_parameters()}
+        conn_decay = self.connection_decay_ids()
         decay, no_decay = [], []
         for p in self.parameters():  # tied weights appear once
             if not p.requires_grad:
@@ -407,7 +436,7 @@ class GPT(nn.Module):
             raise ValueError(f"hc_optimizer must be 'adamw' or 'muon', got {hc_optimizer!r}")
         conns = self.connections()
         conn_ids = {id(p) for c in conns for p in c.parameters()}
-        conn_decay = {id(p) for c in conns for p in c.decay_parameters()}
+        conn_decay = self.connection_decay_ids()
         conn_muon = [p for c in conns for p in c.decay_parameters() if p.dim() == 2] if hc_optimizer == "muon" else []
         muon_ids = {id(p) for p in conn_muon}
         matrices = [p for p in self.transformer.h.parameters() if id(p) not in conn_ids]

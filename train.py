@@ -42,7 +42,7 @@ from configurator import ConfigError
 from data import shards as shardlib
 from data.loader import TrainLoader, ValLoader, load_meta, load_token_bytes
 from data.shards import DirLocked, dir_lock
-from model import GPT, CheckpointError, GPTConfig, load_checkpoint
+from model import GPT, READOUTS, STREAM_DTYPES, CheckpointError, GPTConfig, load_checkpoint
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -88,8 +88,11 @@ DEFAULTS = dict(
     # residual scheme (hc.py)
     scheme="plain",  # plain | hc | mhc | mhc_lite | kromhc
     n_streams=0,  # 0 -> 1 for plain, 4 for the others
-    stream_dtype="float32",  # float32 | bfloat16: dtype of the residual streams
+    stream_dtype="float32",  # float32 | bfloat16 | bfloat16_hc (bf16 for n > 1, fp32 for plain): the residual streams
+    readout="mean",  # mean: ln_f(mean of the streams) | norm_sum: sum of ln_f(each stream), as the published code
+    decay_static=False,  # also weight-decay hc's and mhc's 2-D static coefficients, as the published code
     sinkhorn_iters=20,  # mhc: Sinkhorn-Knopp iterations
+    sinkhorn_end="rows",  # mhc: rows (mHC Eq. 9, rows exact) | cols (the published code: columns exact)
     kron_factors=None,  # kromhc: e.g. (2, 3) for n = 6; None -> the prime factors of n
     res_logit_init=-8.0,  # mhc / mhc_lite / kromhc: off-identity H_res logit at init
     gate_init=0.01,  # the alpha gates at init
@@ -125,7 +128,8 @@ DEFAULTS = dict(
 )
 ALLOWED_TYPES = {"kron_factors": (tuple, type(None)), "compile": (bool, str)}
 CHOICES = {
-    "scheme": hc.SCHEMES, "stream_dtype": ("float32", "bfloat16"), "wandb_mode": ("online", "offline", "disabled"),
+    "scheme": hc.SCHEMES, "stream_dtype": STREAM_DTYPES, "readout": READOUTS, "sinkhorn_end": hc.SINKHORN_ENDS,
+    "wandb_mode": ("online", "offline", "disabled"),
     "lr_schedule": ("cosine", "linear"), "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
     "compile": ("auto", True, False), "arch": ("gpt2", "nanochat"), "optimizer": ("adamw", "muon"),
     "hc_optimizer": ("adamw", "muon"),

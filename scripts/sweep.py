@@ -6,8 +6,12 @@ Prints the commands (default), or runs them one after another with --run.
     python scripts/sweep.py --configs configs/fwe_s.py configs/fwe_m.py \\
         --schemes plain hc mhc mhc_lite kromhc --n 4 --seeds 0 1 2 --nproc 8
     python scripts/sweep.py --configs configs/quickstart.py --schemes plain kromhc --run -- --max_iters=50
+    python scripts/sweep.py --preset kromhc_n --configs configs/owt_m.py              # KromHC n = 4, 8, 16
+    python scripts/sweep.py --preset schemes --configs configs/nanochat_d12.py        # the five schemes, n = 4
 
-plain always runs with n = 1 (once per config and seed, whatever --n says). Arguments after
+--preset names a published experiment (PRESETS: its schemes and n; --schemes / --n override
+them). plain always runs with n = 1 (once per config and seed, whatever --n says); a scheme
+that cannot take an n (mhc_lite beyond n = 6: n! logits) is left out with a note. Arguments after
 `--` are passed to every run as extra overrides. With --nnodes > 1 the commands use c10d
 rendezvous at $MASTER_ADDR:$MASTER_PORT; run each one on every node. The process count per node is
 this machine's GPU count unless --nproc says (0, a plain `python train.py`, without CUDA or for CPU
@@ -16,6 +20,7 @@ configs), and a global batch that does not divide over the processes is an error
 
 import argparse
 import itertools
+import math
 import os
 import shlex
 import subprocess
@@ -24,6 +29,21 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import hc  # noqa: E402
+
+
+PRESETS = {
+    "kromhc_n": dict(schemes=["kromhc"], n=[4, 8, 16]),      # KromHC's n-scaling (factors of 2)
+    "schemes": dict(schemes=list(hc.SCHEMES), n=[4]),        # the five-scheme comparison at n = 4
+}
+
+
+def unbuildable(scheme, n):
+    """None if hc.py builds scheme at n streams, else hc.py's reason."""
+    try:
+        hc.make_connection(scheme, 8, n, 0)
+        return None
+    except ValueError as e:
+        return str(e)
 
 
 def grid(configs, schemes, ns, seeds):
@@ -90,8 +110,9 @@ def main(argv=None):
         argv, extra = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", required=True, help="config files")
-    p.add_argument("--schemes", nargs="+", default=list(hc.SCHEMES), choices=hc.SCHEMES)
-    p.add_argument("--n", nargs="+", type=int, default=[4], help="n_streams for the non-plain schemes")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="schemes and n of a published experiment")
+    p.add_argument("--schemes", nargs="+", choices=hc.SCHEMES, help="default: all, or the preset's")
+    p.add_argument("--n", nargs="+", type=int, help="n_streams for the non-plain schemes (default: 4, or the preset's)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--nproc", type=int, default=None,
                    help="processes (GPUs) per node; 0 runs plain `python train.py`; default: this machine's GPUs, "
@@ -115,8 +136,25 @@ def main(argv=None):
     error = check_batch(cfgs, max(1, args.nproc) * args.nnodes)
     if error:
         p.error(error)
-    cmds = [command(*run, nproc=args.nproc, nnodes=args.nnodes, out_root=args.out_root, extra=extra)
-            for run in grid(args.configs, args.schemes, args.n, args.seeds)]
+    preset = PRESETS.get(args.preset, {})
+    schemes = args.schemes or preset.get("schemes") or list(hc.SCHEMES)
+    ns = args.n or preset.get("n") or [4]
+    runs, left_out = [], {}
+    for run in grid(args.configs, schemes, ns, args.seeds):
+        scheme, n = run[1], run[2]
+        if scheme == "mhc_lite" and n > hc.MAX_PERM_SIZE:  # in an n-scaling sweep the other schemes go on
+            left_out[n] = f"sweep: leaving out mhc_lite at n={n}: it takes n_streams <= {hc.MAX_PERM_SIZE} " \
+                          f"(n! = {math.factorial(n):,} permutation logits); kromhc and mhc take larger n"
+            continue
+        reason = unbuildable(scheme, n)
+        if reason:
+            p.error(f"{scheme} at n={n}: {reason}")
+        runs.append(run)
+    for note in left_out.values():
+        print(note, file=sys.stderr)
+    if not runs:
+        p.error("no runs left to make: every (scheme, n) was left out")
+    cmds = [command(*run, nproc=args.nproc, nnodes=args.nnodes, out_root=args.out_root, extra=extra) for run in runs]
     for cmd in cmds:
         line = " ".join(a if "$" in a else shlex.quote(a) for a in cmd)
         print(line, flush=True)

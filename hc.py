@@ -32,17 +32,32 @@ MAX_PERM_SIZE = 6  # n! permutation logits: 720 at 6, 40,320 at 8 (248 M paramet
 OPTIONS = {"sinkhorn_iters": 20, "kron_factors": None, "res_logit_init": -8.0, "gate_init": 0.01}
 
 # The fused Triton kernels of hc_kernels.py compute the same equations as the torch code below
-# with fewer passes over the streams. "auto": on CUDA where they apply (warns once where they do
-# not); "on": always, or raise (CPU needs TRITON_INTERPRET=1); "off": this file's torch code only.
+# with fewer passes over the streams. "auto": on CUDA where they apply and where verify_fused
+# found them right on this device (warns once where not); "on": always, or raise (CPU needs
+# TRITON_INTERPRET=1); "off": this file's torch code only.
 FUSED = "auto"
+AUTO_DEVICES = ("cuda",)  # where "auto" uses the kernels (tests add "cpu" for Triton's interpreter)
 
 
 def _kernels(t, conn=None):
     """hc_kernels if its fused kernels run for this connection (conn None: Sinkhorn) on t, else None."""
-    if FUSED == "off" or (FUSED == "auto" and not t.is_cuda):
+    if FUSED == "off" or (FUSED == "auto" and t.device.type not in AUTO_DEVICES):
         return None
     import hc_kernels  # Triton is imported here only: the torch path needs none
-    return hc_kernels if hc_kernels.use_fused(t, conn, FUSED) else None
+    if not hc_kernels.use_fused(t, conn, FUSED):
+        return None
+    if FUSED == "auto":
+        import hc_verify
+        if not hc_verify.verified(t, conn):
+            return None
+    return hc_kernels
+
+
+def verify_fused(model_or_connections, tokens=4096, stream_dtype=None, autocast_dtype=None):
+    """Check the fused kernels against this file's equations on this device before a run uses
+    them (hc_verify.py); call it before torch.compile, on every rank. Returns the path and why."""
+    import hc_verify
+    return hc_verify.verify_fused(model_or_connections, tokens, stream_dtype, autocast_dtype)
 
 
 # ----------------------------------------------------------------------------------------

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 import hc
+
+RECOMPUTE = ("none", "connections", "blocks")
 
 
 class LayerNorm(nn.Module):
@@ -108,6 +111,10 @@ class GPTConfig:
     res_logit_init: float = -8.0  # mhc / mhc_lite / kromhc: off-identity H_res logit at init
     gate_init: float = 0.01  # mhc / mhc_lite / kromhc: the alpha gates at init
     hc_branch_init_scale_sqrt_n: bool = False  # HC paper: output projections' init std x sqrt(n)
+    # activation memory: "none" saves what backward needs; "connections" recomputes the connections'
+    # coefficients and pre-mix in backward (torch path; the fused kernels always do); "blocks"
+    # recomputes whole blocks (torch.utils.checkpoint), saving only each block's input streams
+    recompute: str = "none"
 
     def hc_options(self):
         if self.scheme == "plain":
@@ -127,6 +134,8 @@ class GPT(nn.Module):
         assert config.block_size is not None
         if config.stream_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"stream_dtype must be 'float32' or 'bfloat16', got {config.stream_dtype!r}")
+        if config.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {config.recompute!r}")
         self.config = config
 
         self.transformer = nn.ModuleDict(dict(
@@ -139,6 +148,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
 
+        for c in self.connections():
+            c.recompute = config.recompute == "connections"
         # nanoGPT's init for everything but the connections, which initialise themselves
         conn_ids = {id(m) for c in self.connections() for m in c.modules()}
         for m in self.modules():
@@ -167,6 +178,13 @@ class GPT(nn.Module):
     def connection_names(self):
         return [f"L{i:02d}.{s}" for i in range(self.config.n_layer) for s in ("attn", "mlp")]
 
+    def run_block(self, block, h, *args):
+        """block(h, *args); with recompute="blocks" only h is kept for backward and the block's
+        activations are recomputed there (any block class: the wrapper does not look inside)."""
+        if self.config.recompute == "blocks" and torch.is_grad_enabled():
+            return checkpoint(block, h, *args, use_reentrant=False)
+        return block(h, *args)
+
     def num_params(self, non_embedding=True):
         """Number of parameters; non_embedding subtracts the position embeddings (the token
         embeddings are tied to lm_head, so they count, as in nanoGPT)."""
@@ -190,7 +208,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(tok_emb + pos_emb)
         h = hc.expand_streams(x, self.config.n_streams).to(getattr(torch, self.config.stream_dtype))
         for block in self.transformer.h:
-            h = block(h)
+            h = self.run_block(block, h)
         x = self.transformer.ln_f(hc.reduce_streams(h).to(self.lm_head.weight.dtype))
         logits = self.lm_head(x)
         loss = None

@@ -77,6 +77,7 @@ DEFAULTS = dict(
     res_logit_init=-8.0,  # mhc / mhc_lite / kromhc: off-identity H_res logit at init
     gate_init=0.01,  # the alpha gates at init
     hc_branch_init_scale_sqrt_n=False,  # HC paper: output projections' init std x sqrt(n)
+    recompute="none",  # none | connections | blocks: recompute activations in backward instead of saving them
     # optimizer: AdamW
     learning_rate=6e-4,
     max_iters=10_000,
@@ -94,13 +95,14 @@ DEFAULTS = dict(
     device="auto",  # auto | cpu | cuda
     dtype="auto",  # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16: autocast dtype
     compile="auto",  # auto (on for CUDA) | True | False: torch.compile
+    fused="auto",  # auto | on | off: hc.FUSED, the Triton kernels of the connections (checked at start)
     seed=1337,
 )
 ALLOWED_TYPES = {"kron_factors": (tuple, type(None)), "compile": (bool, str)}
 CHOICES = {
     "scheme": hc.SCHEMES, "stream_dtype": ("float32", "bfloat16"), "wandb_mode": ("online", "offline", "disabled"),
     "lr_schedule": ("cosine", "linear"), "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
-    "compile": ("auto", True, False),
+    "compile": ("auto", True, False), "fused": ("auto", "on", "off"), "recompute": ("none", "connections", "blocks"),
 }
 POSITIVE = ("eval_interval", "log_interval", "eval_tokens", "diag_batch_size", "batch_size", "block_size",
             "total_batch_tokens", "n_layer", "n_head", "n_embd", "sinkhorn_iters")
@@ -134,6 +136,23 @@ def validate(cfg):
         raise ConfigError(f"config key 'warmdown_frac' must be in (0, 1], got {cfg['warmdown_frac']}")
     if cfg["n_embd"] % cfg["n_head"]:
         raise ConfigError(f"config key 'n_embd' ({cfg['n_embd']}) must be divisible by 'n_head' ({cfg['n_head']})")
+
+
+def skips_on_device(optimizer):
+    """Whether optimizer.step() honours a device-side found_inf flag (fused Adam/AdamW: the flagged
+    step leaves the weights, the moments and the step count as they were, as under GradScaler)."""
+    return bool(optimizer.defaults.get("fused"))
+
+
+def flag_nonfinite(nonfinite, step, loss, grad_norm, optimizer):
+    """The NaN/inf check of one step without a host sync. nonfinite (float64 [step, loss, grad
+    norm], step -1 while all is well) keeps the first non-finite step for the host to report; the
+    step itself is skipped on the device where the optimizer supports it. Returns the new nonfinite."""
+    bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    if skips_on_device(optimizer):
+        optimizer.found_inf = bad.float()
+    now = torch.stack([torch.full_like(loss, step), loss, grad_norm.to(loss.dtype)]).double()
+    return torch.where(bad & (nonfinite[0] < 0), now, nonfinite)
 
 
 def get_lr(step, cfg):
@@ -308,7 +327,7 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
         raise ConfigError(f"model config: {e}") from None
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if cfg["resume"] else None
     if ckpt is not None:
-        changed = [k for k in MODEL_KEYS if ckpt["model_config"][k] != asdict(gptconf)[k]]
+        changed = [k for k in MODEL_KEYS if k != "recompute" and ckpt["model_config"][k] != asdict(gptconf)[k]]
         if changed:
             raise ConfigError(f"resume: the model config differs from the checkpoint's in {changed}")
         raw_model.load_state_dict(ckpt["model"])
@@ -317,6 +336,12 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
                                                (cfg["beta1"], cfg["beta2"]), device_type)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
+    # the fused kernels' check, on every rank, before torch.compile traces them (hc_verify.py)
+    hc.FUSED = cfg["fused"]
+    try:
+        fused_check = hc.verify_fused(raw_model, autocast_dtype=torch.bfloat16 if cfg["dtype"] == "bfloat16" else None)
+    except RuntimeError as e:  # fused='on' and the kernels cannot run here or failed their check
+        raise ConfigError(f"config key 'fused': {e}") from None
     model = torch.compile(raw_model) if cfg["compile"] else raw_model
     eval_model = model
     if ddp:
@@ -373,7 +398,8 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
                 f.writelines(json.dumps(r) + "\n" for r in keep)
         header = {"type": "config" if ckpt is None else "resume", **cfg, "world_size": world_size,
                   "grad_accum": grad_accum, "num_params": raw_model.num_params(), "flops_per_token": flops_per_token,
-                  "device_name": torch.cuda.get_device_name() if device_type == "cuda" else "cpu"}
+                  "device_name": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
+                  "fused_path": fused_check["path"], "fused_reason": fused_check["reason"]}
         if ckpt is not None:
             header["step"] = start_step
         with open(log_path, "w" if ckpt is None else "a") as f:
@@ -385,6 +411,7 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
         print(f"{cfg['wandb_run_name']}: {cfg['scheme']} n={cfg['n_streams']}, {raw_model.num_params() / 1e6:.2f}M params, "
               f"{world_size} process(es) on {device_type}, {grad_accum} micro-step(s) of {cfg['batch_size']} x "
               f"{cfg['block_size']} per rank, {tokens_per_step:,} tokens/step, out_dir {cfg['out_dir']}")
+        print(f"residual path: {fused_check['path']} (fused={cfg['fused']}: {fused_check['reason']})")
 
     def log(record, wandb_data=None):
         if not master:
@@ -413,6 +440,7 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
 
     # ---- training loop ----
     last_ckpt_step = start_step if ckpt is not None else None
+    nonfinite = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=device)  # first bad step, its loss, grad norm
     result = {}
     t_last, steps_since = time.perf_counter(), 0
     model.train()
@@ -474,21 +502,28 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
             dist.all_reduce(loss_sum)
             loss_sum /= world_size
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] or float("inf"))
-        train_loss, grad_norm = loss_sum.item(), grad_norm.item()
-        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
-            where = (f"the last good checkpoint is {ckpt_path} (step {last_ckpt_step})" if last_ckpt_step is not None
-                     and cfg["checkpoint"] else "no checkpoint had been written")
-            msg = (f"step {step + 1}: training loss is {train_loss} (grad norm {grad_norm}); stopping without "
-                   f"taking this step; {where}. Lower learning_rate, raise warmup_iters or check the data.")
-            if master:
-                log({"type": "error", "step": step + 1, "tokens": (step + 1) * tokens_per_step, "message": msg})
-                if wandb_run is not None:
-                    wandb_run.finish(exit_code=1)
-            raise Diverged(msg)
+        nonfinite = flag_nonfinite(nonfinite, step + 1, loss_sum, grad_norm, optimizer)  # no host sync
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         steps_since += 1
+        # the host looks at log steps and before every eval and checkpoint: one sync, not one per step
+        if step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step >= cfg["max_iters"]:
+            train_loss, grad_norm, bad_step, bad_loss, bad_norm = \
+                torch.cat([loss_sum.double().view(1), grad_norm.double().view(1), nonfinite]).tolist()
+            if bad_step >= 0:
+                bad_step = int(bad_step)
+                where = (f"the last good checkpoint is {ckpt_path} (step {last_ckpt_step})" if last_ckpt_step is not None
+                         and cfg["checkpoint"] else "no checkpoint had been written")
+                skipped = "it was skipped on the device" if skips_on_device(optimizer) else "the weights are not finite since"
+                msg = (f"step {bad_step}: training loss is {bad_loss} (grad norm {bad_norm}); stopping at step {step}, "
+                       f"where it was checked ({skipped}); {where}. Lower learning_rate, raise warmup_iters or check "
+                       f"the data.")
+                if master:
+                    log({"type": "error", "step": bad_step, "tokens": bad_step * tokens_per_step, "message": msg})
+                    if wandb_run is not None:
+                        wandb_run.finish(exit_code=1)
+                raise Diverged(msg)
 
         if step % cfg["log_interval"] == 0 and master:
             dt = (time.perf_counter() - t_last) / steps_since

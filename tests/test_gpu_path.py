@@ -186,3 +186,188 @@ def test_cuda_verify_gpt2_small_shapes(scheme, monkeypatch):
     for stream_dtype in (torch.float32, torch.bfloat16):
         report = hc.verify_fused([conn], tokens=4096, stream_dtype=stream_dtype, autocast_dtype=torch.bfloat16)
         assert report["path"] == "fused", report
+
+
+# ---------------------------------------------------------------------------------------
+# recomputation: the same numbers, fewer saved bytes
+
+def tiny_gpt(scheme, recompute, dropout=0.0, seed=0):
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, scheme=scheme, dropout=dropout,
+                    n_streams=1 if scheme == "plain" else 4, gate_init=0.5, res_logit_init=-1.0, recompute=recompute)
+    return GPT(cfg)
+
+
+def saved_bytes(fn):
+    """fn() and the bytes autograd saved for backward outside checkpointed regions (storages counted once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def loss_and_grads(model, dropout=False):
+    torch.manual_seed(7)   # the same dropout masks for every model
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randint(0, 64, (3, 16), generator=g) for _ in range(2))
+    (_, loss), nbytes = saved_bytes(lambda: model(x, y))
+    loss.backward()
+    return loss.detach(), {k: p.grad for k, p in model.named_parameters()}, nbytes
+
+
+@pytest.mark.parametrize("scheme", hc.SCHEMES)
+def test_recompute_gives_the_same_loss_and_gradients(scheme):
+    loss0, grads0, bytes0 = loss_and_grads(tiny_gpt(scheme, "none"))
+    saved = {}
+    for mode in ("connections", "blocks"):
+        loss, grads, saved[mode] = loss_and_grads(tiny_gpt(scheme, mode))
+        torch.testing.assert_close(loss, loss0, rtol=0, atol=0)        # the forward is the same code
+        assert grads.keys() == grads0.keys()
+        for k in grads0:   # the backward recomputes the same values: equal up to fp32 roundoff of sums
+            torch.testing.assert_close(grads[k], grads0[k], rtol=1e-5, atol=1e-7, msg=f"{mode}: {k}")
+    if scheme == "plain":   # no coefficients to recompute
+        assert saved["connections"] == bytes0
+    else:                   # the normalised streams / fp32 copies (n x C per sublayer) are no longer saved
+        assert saved["connections"] < 0.8 * bytes0
+    assert saved["blocks"] < 0.3 * bytes0   # only the embeddings, the head and the loss remain outside
+
+
+def test_recompute_blocks_replays_dropout():
+    loss0, grads0, _ = loss_and_grads(tiny_gpt("kromhc", "none", dropout=0.2))
+    loss1, grads1, _ = loss_and_grads(tiny_gpt("kromhc", "blocks", dropout=0.2))
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    for k in grads0:
+        torch.testing.assert_close(grads1[k], grads0[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_recompute_rejects_unknown_values(data_dir, tmp_path):
+    from model import GPT, GPTConfig
+    import train
+    from conftest import tiny_args
+    from configurator import ConfigError
+    with pytest.raises(ValueError, match="recompute must be one of"):
+        GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=8, recompute="all"))
+    with pytest.raises(ConfigError, match="'recompute' must be one of"):
+        train.main(tiny_args(data_dir, tmp_path / "r", "--recompute=all"))
+
+
+# ---------------------------------------------------------------------------------------
+# the training step: the NaN check without a host sync per step
+
+def poison_step(monkeypatch, bad_step):
+    """The training loss of optimizer step ``bad_step`` (1-based; one micro-step each) becomes NaN."""
+    import model as model_module
+    real, calls = model_module.GPT.forward, []
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        logits, loss = real(self, idx, targets, reduction)
+        if self.training and torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == bad_step:
+                loss = loss * float("nan")
+        return logits, loss
+    monkeypatch.setattr(model_module.GPT, "forward", forward)
+
+
+@pytest.mark.parametrize("log_interval,stop", [(1, 3), (4, 4), (100, 5)])
+def test_nonfinite_step_stops_the_run_at_the_next_check(log_interval, stop, data_dir, tmp_path, monkeypatch):
+    """Step 3 is NaN. The host looks at log steps and before the eval + checkpoint of step 5, so the
+    run stops there at the latest, names step 3, and writes no checkpoint after it."""
+    import train
+    from conftest import read_log, tiny_args
+    poison_step(monkeypatch, 3)
+    out = tmp_path / "run"
+    with pytest.raises(train.Diverged) as e:
+        train.main(tiny_args(data_dir, out, f"--log_interval={log_interval}"))
+    msg = str(e.value)
+    assert msg.startswith("step 3: training loss is nan") and f"stopping at step {stop}," in msg
+    assert "no checkpoint had been written" in msg
+    log = read_log(out)
+    assert log[-1]["type"] == "error" and log[-1]["step"] == 3 and log[-1]["message"] == msg
+    assert [r["step"] for r in log if r["type"] == "train"] == list(range(log_interval, 3, log_interval))
+    assert all(math.isfinite(r["loss"]) for r in log if r["type"] == "train")
+    assert not os.path.exists(out / "ckpt.pt")       # the eval at step 5 never ran
+
+
+def test_cli_reports_divergence_in_one_line(data_dir, tmp_path):
+    """A learning rate that overflows: the one-line error, exit 1, no traceback."""
+    from conftest import tiny_args
+    args = tiny_args(data_dir, tmp_path / "run", "--learning_rate=1e30", "--grad_clip=0", "--log_interval=3",
+                     "--max_iters=4")
+    p = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.startswith("error: step ") and "training loss is nan" in p.stderr
+
+
+def test_flagged_step_leaves_fused_adamw_untouched():
+    """A non-finite step flagged on the device is skipped by fused AdamW: the weights, the moments
+    and the step count are as before it, and the next steps equal a run that never saw it."""
+    import train
+
+    def run(steps):
+        torch.manual_seed(0)
+        lin = nn.Linear(8, 4)
+        opt = torch.optim.AdamW(lin.parameters(), lr=0.1, weight_decay=0.1, fused=True)
+        assert train.skips_on_device(opt)
+        nonfinite = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64)
+        for i, poisoned in enumerate(steps, 1):
+            x = torch.full((2, 8), float("nan")) if poisoned else torch.randn(2, 8, generator=torch.Generator().manual_seed(i))
+            loss = lin(x).pow(2).mean()
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(lin.parameters(), 1.0)
+            nonfinite = train.flag_nonfinite(nonfinite, i, loss.detach(), norm, opt)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return lin, opt, nonfinite
+
+    lin_a, opt_a, nf_a = run([False, False, True, False])    # step 3 poisoned
+    assert nf_a[0].item() == 3 and math.isnan(nf_a[1].item()) and run([False] * 4)[2][0].item() == -1
+    # the reference: batches 1, 2, 4 only
+    torch.manual_seed(0)
+    lin_c = nn.Linear(8, 4)
+    opt_c = torch.optim.AdamW(lin_c.parameters(), lr=0.1, weight_decay=0.1, fused=True)
+    for i in (1, 2, 4):
+        lin_c(torch.randn(2, 8, generator=torch.Generator().manual_seed(i))).pow(2).mean().backward()
+        torch.nn.utils.clip_grad_norm_(lin_c.parameters(), 1.0)
+        opt_c.found_inf = torch.zeros(())
+        opt_c.step()
+        opt_c.zero_grad(set_to_none=True)
+    for p_a, p_c in zip(lin_a.parameters(), lin_c.parameters()):
+        torch.testing.assert_close(p_a, p_c, rtol=0, atol=0)
+        s_a, s_c = opt_a.state[p_a], opt_c.state[p_c]
+        assert s_a["step"].item() == s_c["step"].item() == 3
+        torch.testing.assert_close(s_a["exp_avg"], s_c["exp_avg"], rtol=0, atol=0)
+        torch.testing.assert_close(s_a["exp_avg_sq"], s_c["exp_avg_sq"], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# train.py's `fused` key: the choice and its reason in the log header and on the console
+
+def test_train_records_the_residual_path(data_dir, tmp_path, monkeypatch, capsys):
+    import train
+    from conftest import read_log, tiny_args
+    from configurator import ConfigError
+    saved = hc.FUSED
+    try:
+        for scheme, fused, path, reason in [("kromhc", "auto", "torch", "CUDA only"), ("mhc", "off", "torch", "fused='off'"),
+                                            ("plain", "on", "-", "no n-stream connections")]:
+            out = tmp_path / f"{scheme}-{fused}"
+            train.main(tiny_args(data_dir, out, f"--scheme={scheme}", f"--fused={fused}", "--max_iters=1"))
+            header = read_log(out)[0]
+            assert header["fused"] == fused and hc.FUSED == fused
+            assert header["fused_path"] == path and reason in header["fused_reason"]
+            assert f"residual path: {path} (fused={fused}: " in capsys.readouterr().out
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # 'on' on a CPU without the interpreter
+        with pytest.raises(ConfigError, match="config key 'fused': hc.FUSED = 'on' but the fused KromHC kernels "
+                                              "cannot run: tensors are on the CPU"):
+            train.main(tiny_args(data_dir, tmp_path / "on", "--scheme=kromhc", "--fused=on"))
+        with pytest.raises(ConfigError, match="'fused' must be one of"):
+            train.main(tiny_args(data_dir, tmp_path / "x", "--fused=yes"))
+    finally:
+        hc.FUSED = saved

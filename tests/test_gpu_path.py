@@ -371,3 +371,18 @@ def test_train_records_the_residual_path(data_dir, tmp_path, monkeypatch, capsys
             train.main(tiny_args(data_dir, tmp_path / "x", "--fused=yes"))
     finally:
         hc.FUSED = saved
+
+
+def test_bench_recompute_rows_and_sync_column(capsys):
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import bench
+    report = bench.main(["--device", "cpu", "--schemes", "kromhc", "--n-streams", "2", "--recompute", "none", "blocks",
+                         "--sync-compare", "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--warmup", "0"])
+    rows = [(r["scheme"], r["recompute"], r["path"]) for r in report["results"]]
+    assert rows == [("plain", "none", "-"), ("kromhc", "none", "torch"), ("kromhc", "blocks", "torch")]
+    assert all(r["ms_per_step_sync"] > 0 for r in report["results"])
+    # the same weights and batch: recomputation does not change the loss
+    assert report["results"][1]["loss"] == pytest.approx(report["results"][2]["loss"], rel=1e-6)
+    text = capsys.readouterr().out
+    assert "| kromhc +blocks | 2 | torch |" in text and "mem x plain | ms +sync |" in text
+    assert "torch path: fused='auto' runs the kernels on CUDA only (device: cpu)" in text

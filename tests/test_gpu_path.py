@@ -386,3 +386,69 @@ def test_bench_recompute_rows_and_sync_column(capsys):
     text = capsys.readouterr().out
     assert "| kromhc +blocks | 2 | torch |" in text and "mem x plain | ms +sync |" in text
     assert "torch path: fused='auto' runs the kernels on CUDA only (device: cpu)" in text
+
+
+# ---------------------------------------------------------------------------------------
+# scripts/gpu_check.py
+
+GPU_CHECK = os.path.join(REPO, "scripts", "gpu_check.py")
+
+
+def test_gpu_check_script_interpret(tmp_path):
+    """The whole script at small shapes in Triton's interpreter: every part runs and passes."""
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, GPU_CHECK, "--interpret", "--out", str(out)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == f"gpu_check: PASS (tests, compare, training, bench); report {out}"
+    import json
+    report = json.loads(out.read_text())
+    assert report["verdict"] == "PASS" and report["interpret"] and report["failed"] == []
+    parts = report["parts"]
+    assert all(parts[k]["ok"] for k in ("tests", "compare", "training", "bench"))
+    assert "skipped" in parts["tests"]["summary"]            # the CUDA cases exist and skip on a CPU
+    cases = parts["compare"]["cases"]
+    assert {(c["scheme"], c["stream_dtype"]) for c in cases} == \
+        {(s, d) for s in ("hc", "mhc", "mhc_lite", "kromhc") for d in ("float32", "bfloat16")}
+    assert all(0 < c["max_err_fused"] < 0.1 for c in cases)
+    run = parts["training"]["runs"][0]
+    assert len(run["curves"]["fused"]) == len(run["curves"]["torch"]) == 6
+    assert run["curves"]["fused"] != run["curves"]["torch_perturbed"]     # the noise run is a different run
+    rows = parts["bench"]["reports"]["schemes"]["results"]
+    assert [(r["scheme"], r["recompute"]) for r in rows] == \
+        [("plain", "none"), ("kromhc", "none"), ("kromhc", "connections"), ("kromhc", "blocks")]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_check_without_cuda_says_so(tmp_path):
+    p = subprocess.run([sys.executable, GPU_CHECK, "--out", str(tmp_path / "r.json")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("gpu_check: no CUDA device here") and "--interpret" in p.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_gpu_check_verdict_names_failing_parts(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import gpu_check
+    out = tmp_path / "r.json"
+    assert gpu_check.main(["--interpret", "--out", str(out), "--skip", "tests", "compare", "training", "bench"]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1] == \
+        f"gpu_check: FAIL (tests, compare, training, bench failed); report {out}"
+
+
+def test_gpu_check_loss_curve_rule():
+    """The training part's rule: within 3x the bf16 noise (or 0.02 nats) and the model must learn."""
+    import gpu_check
+    torch_curve = [4.0 - 0.01 * i for i in range(40)]
+    noisy = [v + (0.01 if i % 2 else -0.01) for i, v in enumerate(torch_curve)]
+    ok, reason, numbers = gpu_check.compare_curves([v + 0.008 for v in torch_curve], torch_curve, noisy, 20)
+    assert ok and reason is None and numbers["allowed"] == 0.02 and numbers["gap"] == pytest.approx(0.008)
+    drift = [v + 0.002 * i for i, v in enumerate(torch_curve)]      # a fused path that slowly walks away
+    ok, reason, _ = gpu_check.compare_curves(drift, torch_curve, noisy, 20)
+    assert not ok and "window means differ" in reason
+    ok, reason, _ = gpu_check.compare_curves([4.0] * 40, [4.0] * 40, [4.0] * 40, 20)
+    assert not ok and "did not learn" in reason
+    ok, reason, _ = gpu_check.compare_curves([4.5] + torch_curve[1:], torch_curve, noisy, 20)
+    assert not ok and "first losses differ" in reason

@@ -440,6 +440,7 @@ def test_gpu_check_verdict_names_failing_parts(tmp_path, capsys):
 
 def test_gpu_check_loss_curve_rule():
     """The training part's rule: within 3x the bf16 noise (or 0.02 nats) and the model must learn."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
     import gpu_check
     torch_curve = [4.0 - 0.01 * i for i in range(40)]
     noisy = [v + (0.01 if i % 2 else -0.01) for i, v in enumerate(torch_curve)]

@@ -72,6 +72,25 @@ def test_correct_kernels_pass_and_auto_then_uses_them(mode, kernels, monkeypatch
     assert calls == [1]
 
 
+def test_auto_after_the_check_compiles_in_one_graph_with_the_kernels(kernels, monkeypatch):
+    """train.py checks, then compiles: 'auto' with a verdict traces in one graph through the custom ops."""
+    monkeypatch.setattr(hc, "FUSED", "auto")
+    conn = hc.make_connection("mhc", C, N, 0, sinkhorn_iters=3)
+    assert hc.verify_fused([conn], tokens=TOKENS)["path"] == "fused"
+    torch._dynamo.reset()
+    graphs, branch = [], nn.Linear(C, C)
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+    h = torch.randn(2, 5, N, C)
+    out = torch.compile(lambda h: conn(h, branch), fullgraph=True, backend=backend)(h)
+    assert len(graphs) == 1 and "hcgpt.pre_mix" in graphs[0] and "hcgpt.post_mix" in graphs[0]
+    assert "hcgpt.sinkhorn" in graphs[0]
+    monkeypatch.setattr(hc, "FUSED", "off")
+    torch.testing.assert_close(out, conn(h, branch))
+
+
 def test_every_scheme_passes_with_bf16_streams_and_autocast(kernels, monkeypatch):
     """The tolerance is judged against fp64: bf16 roundoff in both paths must not fail a right kernel."""
     monkeypatch.setattr(hc, "FUSED", "on")

@@ -21,6 +21,7 @@ dispatch in hc._kernels asks ``verified``). "on": a failed check raises FusedChe
 dispatch runs the kernels whether checked or not. "off": nothing is checked.
 """
 
+import contextlib
 import copy
 import math
 import warnings
@@ -115,8 +116,9 @@ def _run(conn, branch, h, w, mode, autocast_dtype):
     try:
         conn.zero_grad(set_to_none=True)
         h = h.detach().clone().requires_grad_()
-        with torch.enable_grad(), torch.autocast(h.device.type, dtype=autocast_dtype or torch.float32,
-                                                 enabled=autocast_dtype is not None):
+        autocast = (torch.autocast(h.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with torch.enable_grad(), autocast:
             out = conn(h, branch)
             (out.double() * w).sum().backward()
     finally:

@@ -515,7 +515,8 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master):
                 bad_step = int(bad_step)
                 where = (f"the last good checkpoint is {ckpt_path} (step {last_ckpt_step})" if last_ckpt_step is not None
                          and cfg["checkpoint"] else "no checkpoint had been written")
-                skipped = "it was skipped on the device" if skips_on_device(optimizer) else "the weights are not finite since"
+                skipped = ("the optimizer skipped it on the device" if skips_on_device(optimizer)
+                           else "the optimizer took it: the weights are not finite from then on")
                 msg = (f"step {bad_step}: training loss is {bad_loss} (grad norm {bad_norm}); stopping at step {step}, "
                        f"where it was checked ({skipped}); {where}. Lower learning_rate, raise warmup_iters or check "
                        f"the data.")

@@ -96,12 +96,17 @@ def part_compare(shapes, autocast_dtype):
     return {"ok": not bad, "reason": f"mismatch in {', '.join(bad)}" if bad else None, "cases": cases}
 
 
-def copy_task(vocab, batch, T, step, seed=1234):
-    """A learnable stream of batches: each sequence repeats a random 8-token motif (an induction task)."""
+def markov_task(vocab, batch, T, step, seed=1234):
+    """A learnable stream of batches: a fixed random Markov chain in which every token has 4 equally
+    likely successors (the loss falls smoothly from ln(vocab) towards ln 4, no sudden transitions)."""
     import torch
+    succ = torch.randint(0, vocab, (vocab, 4), generator=torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed * 100003 + step)
-    motif = torch.randint(0, vocab, (batch, 8), generator=g)
-    seq = motif.repeat(1, (T + 1) // 8 + 1)[:, :T + 1]
+    seq = torch.empty(batch, T + 1, dtype=torch.long)
+    seq[:, 0] = torch.randint(0, vocab, (batch,), generator=g)
+    pick = torch.randint(0, 4, (batch, T), generator=g)
+    for t in range(T):
+        seq[:, t + 1] = succ[seq[:, t], pick[:, t]]
     return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
 
 
@@ -128,7 +133,7 @@ def train_curve(scheme, t, fused, device, perturb=0.0):
         lr = t["lr"] * min(1.0, (step + 1) / t["warmup"])
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y = (a.to(device) for a in copy_task(t["vocab"], t["batch"], t["block_size"],
+        x, y = (a.to(device) for a in markov_task(t["vocab"], t["batch"], t["block_size"],
                                                           step % (t["batches"] or t["steps"])))
         with torch.autocast(device, dtype=autocast):
             _, loss = model(x, y)

@@ -124,20 +124,33 @@ def test_wrong_forward_auto_falls_back_and_on_raises(kernels, monkeypatch):
         hc.verify_fused([conn], tokens=TOKENS)
 
 
-def test_wrong_gradient_is_named(kernels, monkeypatch):
-    """Only the projection's gradient is wrong: the forward and the stream gradient agree."""
-    real = kernels.pre_mix_backward
+class WrongGrad(torch.autograd.Function):
+    """Identity forward; the gradient 5 % too large in backward."""
 
-    def broken(*args):
-        grad_h, G, dH = real(*args)
-        return grad_h, G * 1.05, dH
-    monkeypatch.setattr(kernels, "pre_mix_backward", broken)
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.05
+
+
+def test_wrong_gradient_is_named(kernels, monkeypatch):
+    """Only the streams' gradient is wrong (the forward and the parameters' gradients agree)."""
+    real = kernels.connection_forward
+    monkeypatch.setattr(kernels, "connection_forward", lambda conn, h, branch: WrongGrad.apply(real(conn, h, branch)))
     monkeypatch.setattr(hc, "FUSED", "auto")
     with pytest.warns(UserWarning):
         report = hc.verify_fused([hc.make_connection("mhc_lite", C, N, 0)], tokens=TOKENS)
     reason = report["checks"][0]["reason"]
-    assert "grad phi" in reason and "grad gamma" in reason
-    assert "out:" not in reason and "grad h:" not in reason
+    assert "grad h: error" in reason and "grad phi" in reason     # everything upstream of the output
+    assert "out:" not in reason
+    monkeypatch.setattr(kernels, "connection_forward", lambda conn, h, branch: real(conn, WrongGrad.apply(h), branch))
+    with pytest.warns(UserWarning):
+        report = hc.verify_fused([hc.make_connection("kromhc", C, N, 0)], tokens=TOKENS)
+    reason = report["checks"][0]["reason"]
+    assert "grad h: error" in reason and "grad phi" not in reason and "out:" not in reason
 
 
 def test_raising_kernel_auto_falls_back_with_the_reason(kernels, monkeypatch):

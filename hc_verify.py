@@ -110,11 +110,13 @@ class _Branch(nn.Module):
 
 
 def _run(conn, branch, h, w, mode, autocast_dtype):
-    """Output and the gradients of <out, w> w.r.t. h and every parameter of conn, under hc.FUSED = mode."""
+    """Output and the gradients of <out, w> w.r.t. h and every parameter (conn's and the branch's),
+    under hc.FUSED = mode."""
     saved = hc.FUSED
     hc.FUSED = mode
     try:
         conn.zero_grad(set_to_none=True)
+        branch.zero_grad(set_to_none=True)
         h = h.detach().clone().requires_grad_()
         autocast = (torch.autocast(h.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
@@ -125,6 +127,7 @@ def _run(conn, branch, h, w, mode, autocast_dtype):
         hc.FUSED = saved
     grads = {"grad h": h.grad}
     grads.update({f"grad {k}": p.grad for k, p in conn.named_parameters()})
+    grads.update({f"grad branch.{k}": p.grad for k, p in branch.named_parameters()})   # through y's gradient
     return {"out": out.detach(), **grads}
 
 

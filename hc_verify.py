@@ -5,8 +5,8 @@ user's GPU is where they first run for real. So before a run uses them (and befo
 torch.compile traces the model or CUDA graphs capture it), ``verify_fused(model)`` runs one
 connection of every distinct kind (scheme, n, C, projection width, stream dtype) both ways on a
 real-sized input, thousands of tokens with random non-trivial parameters, and compares the
-output and every gradient (the streams' and each parameter's) with an fp64 run of the torch
-equations:
+output and every gradient (the streams', each parameter's, the stand-in branch's) with an fp64
+run of the torch equations:
 
     err(path) = max |path - fp64| / max |fp64|          per tensor
     pass      : err(fused) <= FACTOR x err(torch) + floor, and everything finite

@@ -490,3 +490,18 @@ def test_gpu_check_loss_curve_rule():
     assert not ok and "did not learn" in reason
     ok, reason, _ = gpu_check.compare_curves([4.5] + torch_curve[1:], torch_curve, noisy, 20)
     assert not ok and "first losses differ" in reason
+
+
+def test_gpu_check_targets():
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import gpu_check
+    row = lambda scheme, x, mem, recompute="none": dict(scheme=scheme, recompute=recompute, x_plain=x,  # noqa: E731
+                                                      mem_x_plain=mem)
+    reports = {"schemes": {"results": [row("plain", 1.0, 1.0), row("hc", 1.15, 1.5), row("mhc", 1.31, 1.3),
+                                       dict(scheme="kromhc", recompute="none", error="out of memory")]},
+               "recompute": {"results": [row("plain", 1.0, 1.0), row("kromhc", 1.4, 0.8, "blocks")]},
+               "d2048": {"results": [row("plain", 1.0, 1.0), row("kromhc", 1.08, 1.2)]}}
+    got = {t["what"]: (t["value"], t["met"]) for t in gpu_check.targets(reports)}
+    assert got == {"hc step time x plain": (1.15, True), "mhc step time x plain": (1.31, False),
+                   "hc (none) peak memory x plain": (1.5, False), "mhc (none) peak memory x plain": (1.3, True),
+                   "kromhc (blocks) peak memory x plain": (0.8, True), "d2048 kromhc step time x plain": (1.08, True)}

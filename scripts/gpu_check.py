@@ -68,7 +68,7 @@ def part_tests(interpret):
         targets = ["tests"]
         env.pop("TRITON_INTERPRET", None)   # compiled kernels
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda", *targets]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
     summary = lines[-1] if lines else proc.stderr.strip()[-300:]
     return {"ok": proc.returncode == 0, "command": " ".join(cmd[1:]), "summary": summary,
@@ -192,7 +192,7 @@ def bench(args, interpret):
     if interpret:
         env.pop("TRITON_INTERPRET", None)   # the bench times the CPU torch path
     cmd = [sys.executable, os.path.join(REPO, "scripts", "bench.py"), "--json", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"bench.py {' '.join(args)} failed: {proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout)

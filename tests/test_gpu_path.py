@@ -5,7 +5,6 @@ The kernels run in Triton's interpreter here (TRITON_INTERPRET=1, set before Tri
 import), at small shapes; the CUDA cases run only where a GPU is present.
 """
 
-import copy
 import math
 import os
 import subprocess

@@ -26,6 +26,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 SCHEMES = ("plain", "hc", "mhc", "mhc_lite", "kromhc")
 MAX_PERM_SIZE = 6  # n! permutation logits: 720 at 6, 40,320 at 8 (248 M parameters at C = 768)
@@ -34,17 +35,32 @@ OPTIONS = {"sinkhorn_iters": 20, "sinkhorn_end": "rows", "kron_factors": None, "
 SINKHORN_ENDS = ("rows", "cols")
 
 # The fused Triton kernels of hc_kernels.py compute the same equations as the torch code below
-# with fewer passes over the streams. "auto": on CUDA where they apply (warns once where they do
-# not); "on": always, or raise (CPU needs TRITON_INTERPRET=1); "off": this file's torch code only.
+# with fewer passes over the streams. "auto": on CUDA where they apply and where verify_fused
+# found them right on this device (warns once where not); "on": always, or raise (CPU needs
+# TRITON_INTERPRET=1); "off": this file's torch code only.
 FUSED = "auto"
+AUTO_DEVICES = ("cuda",)  # where "auto" uses the kernels (tests add "cpu" for Triton's interpreter)
 
 
 def _kernels(t, conn=None):
     """hc_kernels if its fused kernels run for this connection (conn None: Sinkhorn) on t, else None."""
-    if FUSED == "off" or (FUSED == "auto" and not t.is_cuda):
+    if FUSED == "off" or (FUSED == "auto" and t.device.type not in AUTO_DEVICES):
         return None
     import hc_kernels  # Triton is imported here only: the torch path needs none
-    return hc_kernels if hc_kernels.use_fused(t, conn, FUSED) else None
+    if not hc_kernels.use_fused(t, conn, FUSED):
+        return None
+    if FUSED == "auto":
+        import hc_verify
+        if not hc_verify.verified(t, conn):
+            return None
+    return hc_kernels
+
+
+def verify_fused(model_or_connections, tokens=4096, stream_dtype=None, autocast_dtype=None):
+    """Check the fused kernels against this file's equations on this device before a run uses
+    them (hc_verify.py); call it before torch.compile, on every rank. Returns the path and why."""
+    import hc_verify
+    return hc_verify.verify_fused(model_or_connections, tokens, stream_dtype, autocast_dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,18 +115,29 @@ class Connection(nn.Module):
                 f"{type(self).__name__} expects streams of shape (B, T, n={self.n}, C={self.dim}), "
                 f"got {tuple(h.shape)}; build the streams with expand_streams(x, {self.n})")
 
+    # True: recompute the coefficients and the pre-mix in backward rather than save their n x C
+    # intermediates (normalised streams, fp32 copies); model.GPTConfig.recompute="connections" sets it
+    recompute = False
+
     def forward(self, h, branch):
         self.check(h)
         kernels = _kernels(h, self)
-        if kernels:
+        if kernels:   # the kernels save only h and recompute the rest already
             return kernels.connection_forward(self, h, branch)
-        H_pre, H_post, H_res = self.coefficients(h)
-        # Mixing as broadcast-multiply-sum over the n axis: with n ~ 4 this beats tiny
-        # batched matmuls (einsum) by a wide margin once compiled.
-        x_in = (H_pre.unsqueeze(-1) * h).sum(dim=-2)                        # sum_j H_pre[j] h[j]
+        if self.recompute and torch.is_grad_enabled():
+            x_in, H_post, H_res = checkpoint(self.pre_mix, h, use_reentrant=False)
+        else:
+            x_in, H_post, H_res = self.pre_mix(h)
         y = branch(x_in.to(h.dtype))
         mixed = (H_res.unsqueeze(-1) * h.unsqueeze(-3)).sum(dim=-2)         # sum_j H_res[i,j] h[j]
         return (mixed + H_post.unsqueeze(-1) * y.unsqueeze(-2)).to(h.dtype)
+
+    def pre_mix(self, h):
+        """-> x_in = sum_j H_pre[j] h[j] (B, T, C) fp32, H_post, H_res."""
+        H_pre, H_post, H_res = self.coefficients(h)
+        # Mixing as broadcast-multiply-sum over the n axis: with n ~ 4 this beats tiny
+        # batched matmuls (einsum) by a wide margin once compiled.
+        return (H_pre.unsqueeze(-1) * h).sum(dim=-2), H_post, H_res
 
     def extra_repr(self):
         return f"dim={self.dim}, n_streams={self.n}, layer_idx={self.layer_idx}"

@@ -36,8 +36,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 import hc
+
+RECOMPUTE = ("none", "connections", "blocks")
 
 
 class LayerNorm(nn.Module):
@@ -215,6 +218,10 @@ class GPTConfig:
     res_logit_init: float = -8.0  # mhc / mhc_lite / kromhc: off-identity H_res logit at init
     gate_init: float = 0.01  # mhc / mhc_lite / kromhc: the alpha gates at init
     hc_branch_init_scale_sqrt_n: bool = False  # HC paper: output projections' init std x sqrt(n)
+    # activation memory: "none" saves what backward needs; "connections" recomputes the connections'
+    # coefficients and pre-mix in backward (torch path; the fused kernels always do); "blocks"
+    # recomputes whole blocks (torch.utils.checkpoint), saving only each block's input streams
+    recompute: str = "none"
 
     def hc_options(self):
         if self.scheme == "plain":
@@ -245,12 +252,20 @@ class GPT(nn.Module):
             raise ValueError(f"readout must be one of {READOUTS}, got {config.readout!r}")
         if config.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {config.arch!r}")
+        if config.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {config.recompute!r}")
         self.config = config
         self.stream_dtype = torch.bfloat16 if config.stream_dtype == "bfloat16" or (
             config.stream_dtype == "bfloat16_hc" and config.n_streams > 1) else torch.float32
         if config.arch == "nanochat":
             self._build_nanochat()
-            return
+        else:
+            self._build_gpt2()
+        for c in self.connections():
+            c.recompute = config.recompute == "connections"
+
+    def _build_gpt2(self):
+        config = self.config
 
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -328,6 +343,13 @@ class GPT(nn.Module):
     def connection_names(self):
         return [f"L{i:02d}.{s}" for i in range(self.config.n_layer) for s in ("attn", "mlp")]
 
+    def run_block(self, block, h, *args):
+        """block(h, *args); with recompute="blocks" only h is kept for backward and the block's
+        activations are recomputed there (any block class: the wrapper does not look inside)."""
+        if self.config.recompute == "blocks" and torch.is_grad_enabled():
+            return checkpoint(block, h, *args, use_reentrant=False)
+        return block(h, *args)
+
     def num_params(self, non_embedding=True):
         """Number of parameters; non_embedding subtracts the embeddings that cost no matmul: gpt2's
         position embedding (its token embedding is tied to lm_head, so it counts, as in nanoGPT),
@@ -361,7 +383,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(tok_emb + pos_emb)
         h = hc.expand_streams(x, self.config.n_streams).to(self.stream_dtype)
         for block in self.transformer.h:
-            h = block(h)
+            h = self.run_block(block, h)
         return self.lm_head(self.read_out(h, self.transformer.ln_f))
 
     def nanochat_logits(self, idx):
@@ -370,7 +392,7 @@ class GPT(nn.Module):
         x = norm(self.transformer.wte(idx))  # norm after the token embedding
         h = hc.expand_streams(x, self.config.n_streams).to(self.stream_dtype)
         for block in self.transformer.h:
-            h = block(h, cos, sin)
+            h = self.run_block(block, h, cos, sin)
         logits = self.lm_head(self.read_out(h, norm))  # norm before the unembedding
         return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)  # soft cap: |logit| < 15
 

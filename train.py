@@ -97,6 +97,7 @@ DEFAULTS = dict(
     res_logit_init=-8.0,  # mhc / mhc_lite / kromhc: off-identity H_res logit at init
     gate_init=0.01,  # the alpha gates at init
     hc_branch_init_scale_sqrt_n=False,  # HC paper: output projections' init std x sqrt(n)
+    recompute="none",  # none | connections | blocks: recompute activations in backward instead of saving them
     # optimizer: adamw (everything on AdamW) | muon (nanochat's Muon + AdamW; arch="nanochat" only)
     optimizer="adamw",  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest; arch=nanochat)
     learning_rate=6e-4,  # peak lr; adamw: every parameter; muon: the connections' AdamW parameters
@@ -124,6 +125,7 @@ DEFAULTS = dict(
     device="auto",  # auto | cpu | cuda
     dtype="auto",  # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16: autocast dtype
     compile="auto",  # auto (on for CUDA) | True | False: torch.compile
+    fused="auto",  # auto | on | off: hc.FUSED, the Triton kernels of the connections (checked at start)
     seed=1337,  # init, data order and dropout seed, in [0, 2**31)
 )
 ALLOWED_TYPES = {"kron_factors": (tuple, type(None)), "compile": (bool, str)}
@@ -132,7 +134,7 @@ CHOICES = {
     "wandb_mode": ("online", "offline", "disabled"),
     "lr_schedule": ("cosine", "linear"), "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
     "compile": ("auto", True, False), "arch": ("gpt2", "nanochat"), "optimizer": ("adamw", "muon"),
-    "hc_optimizer": ("adamw", "muon"),
+    "hc_optimizer": ("adamw", "muon"), "fused": ("auto", "on", "off"), "recompute": ("none", "connections", "blocks"),
 }
 POSITIVE = ("eval_interval", "log_interval", "eval_tokens", "diag_batch_size", "batch_size", "block_size",
             "total_batch_tokens", "n_layer", "n_head", "n_embd", "sinkhorn_iters")
@@ -179,6 +181,23 @@ def validate(cfg):
     for key in ("muon_momentum", "muon_momentum_start"):
         if not 0.0 <= cfg[key] < 1.0:
             raise ConfigError(f"config key {key!r} must be in [0, 1), got {cfg[key]}")
+
+
+def skips_on_device(optimizer):
+    """Whether optimizer.step() honours a device-side found_inf flag (fused Adam/AdamW: the flagged
+    step leaves the weights, the moments and the step count as they were, as under GradScaler)."""
+    return bool(getattr(optimizer, "defaults", {}).get("fused"))  # Muon + AdamW: no, Muon has no found_inf
+
+
+def flag_nonfinite(nonfinite, step, loss, grad_norm, optimizer):
+    """The NaN/inf check of one step without a host sync. nonfinite (float64 [step, loss, grad
+    norm], step -1 while all is well) keeps the first non-finite step for the host to report; the
+    step itself is skipped on the device where the optimizer supports it. Returns the new nonfinite."""
+    bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    if skips_on_device(optimizer):
+        optimizer.found_inf = bad.float()
+    now = torch.stack([torch.full_like(loss, step), loss, grad_norm.to(loss.dtype)]).double()
+    return torch.where(bad & (nonfinite[0] < 0), now, nonfinite)
 
 
 def get_lr(step, cfg, base_lr=None):
@@ -663,7 +682,7 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     ckpt = load_resume_checkpoint(cfg, meta) if cfg["resume"] else None
     if ckpt is not None:
         saved = {**asdict(GPTConfig()), **ckpt["model_config"]}  # keys newer than the checkpoint: defaults
-        changed = [k for k in MODEL_KEYS if saved[k] != asdict(gptconf)[k]]
+        changed = [k for k in MODEL_KEYS if k != "recompute" and saved[k] != asdict(gptconf)[k]]
         if changed:
             raise ConfigError(f"resume: the model config differs from the checkpoint's in {changed}")
         raw_model.load_state_dict(ckpt["model"])
@@ -689,6 +708,12 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
         optimizer.load_state_dict(ckpt["optimizer"])
         for group, base_lr in zip(optimizer.param_groups, base_lrs):  # this run's config sets the lrs
             group["base_lr"] = base_lr
+    # the fused kernels' check, on every rank, before torch.compile traces them (hc_verify.py)
+    hc.FUSED = cfg["fused"]
+    try:
+        fused_check = hc.verify_fused(raw_model, autocast_dtype=torch.bfloat16 if cfg["dtype"] == "bfloat16" else None)
+    except RuntimeError as e:  # fused='on' and the kernels cannot run here or failed their check
+        raise ConfigError(f"config key 'fused': {e}") from None
     model = torch.compile(raw_model) if cfg["compile"] else raw_model
     eval_model = model
     if ddp:
@@ -739,7 +764,8 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
                 f.writelines(json.dumps(r) + "\n" for r in keep)
         header = {"type": "config" if ckpt is None else "resume", **cfg, "world_size": world_size,
                   "grad_accum": grad_accum, "num_params": raw_model.num_params(), "flops_per_token": flops_per_token,
-                  "device_name": torch.cuda.get_device_name() if device_type == "cuda" else "cpu"}
+                  "device_name": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
+                  "fused_path": fused_check["path"], "fused_reason": fused_check["reason"]}
         if ckpt is not None:
             header["step"] = start_step
         with open(log_path, "w" if ckpt is None else "a") as f:
@@ -753,6 +779,7 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
         print(f"{cfg['wandb_run_name']}: {cfg['scheme']} n={cfg['n_streams']}, {raw_model.num_params() / 1e6:.2f}M params, "
               f"{world_size} process(es) on {device_type}, {grad_accum} micro-step(s) of {cfg['batch_size']} x "
               f"{cfg['block_size']} per rank, {tokens_per_step:,} tokens/step, out_dir {cfg['out_dir']}")
+        print(f"residual path: {fused_check['path']} (fused={cfg['fused']}: {fused_check['reason']})")
         for msg in final["skipped"]:
             print(f"note: {msg}")
 
@@ -788,6 +815,7 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
 
     # ---- training loop ----
     last_ckpt_step = start_step if ckpt is not None else None
+    nonfinite = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=device)  # first bad step, its loss, grad norm
     result = {}
     t_last, steps_since = time.perf_counter(), 0
     t_start = t_last
@@ -853,21 +881,29 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
             dist.all_reduce(loss_sum)
             loss_sum /= world_size
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] or float("inf"))
-        train_loss, grad_norm = loss_sum.item(), grad_norm.item()
-        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
-            where = (f"the last good checkpoint is {ckpt_path} (step {last_ckpt_step})" if last_ckpt_step is not None
-                     and cfg["checkpoint"] else "no checkpoint had been written")
-            msg = (f"step {step + 1}: training loss is {train_loss} (grad norm {grad_norm}); stopping without "
-                   f"taking this step; {where}. Lower learning_rate, raise warmup_iters or check the data.")
-            if master:
-                log({"type": "error", "step": step + 1, "tokens": (step + 1) * tokens_per_step, "message": msg})
-                if wandb_run is not None:
-                    wandb_run.finish(exit_code=1)
-            raise Diverged(msg)
+        nonfinite = flag_nonfinite(nonfinite, step + 1, loss_sum, grad_norm, optimizer)  # no host sync
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         steps_since += 1
+        # the host looks at log steps and before every eval and checkpoint: one sync, not one per step
+        if step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step >= cfg["max_iters"]:
+            train_loss, grad_norm, bad_step, bad_loss, bad_norm = \
+                torch.cat([loss_sum.double().view(1), grad_norm.double().view(1), nonfinite]).tolist()
+            if bad_step >= 0:
+                bad_step = int(bad_step)
+                where = (f"the last good checkpoint is {ckpt_path} (step {last_ckpt_step})" if last_ckpt_step is not None
+                         and cfg["checkpoint"] else "no checkpoint had been written")
+                skipped = ("the optimizer skipped it on the device" if skips_on_device(optimizer)
+                           else "the optimizer took it: the weights are not finite from then on")
+                msg = (f"step {bad_step}: training loss is {bad_loss} (grad norm {bad_norm}); stopping at step {step}, "
+                       f"where it was checked ({skipped}); {where}. Lower learning_rate, raise warmup_iters or check "
+                       f"the data.")
+                if master:
+                    log({"type": "error", "step": bad_step, "tokens": bad_step * tokens_per_step, "message": msg})
+                    if wandb_run is not None:
+                        wandb_run.finish(exit_code=1)
+                raise Diverged(msg)
 
         if step % cfg["log_interval"] == 0 and master:
             dt = (time.perf_counter() - t_last) / steps_since

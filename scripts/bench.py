@@ -4,6 +4,8 @@
     python scripts/bench.py --schemes kromhc mhc --model d2048 --batch-size 8
     python scripts/bench.py --fused off                        # the torch reference path of hc.py
     python scripts/bench.py --device cpu --json                # CPU: tiny model, fp32, eager (tests the code path)
+    python scripts/bench.py --schemes kromhc --recompute none connections blocks   # activation memory
+    python scripts/bench.py --sync-compare                     # also time train.py's old per-step host sync
 
 Method (performance.md): plain and every scheme are built from model.py with the same size,
 batch, sequence length and compile mode, trained on the same random tokens with AdamW (fused
@@ -12,6 +14,11 @@ synchronized around the timed region. Ratios to plain come from this one run; ab
 only mean something on the GPU. MFU = (6 x parameters except position embeddings + 12 x layers
 x d_model x seq_len) x tokens/s / the device's dense bf16 peak, printed only for known devices.
 Peak memory is torch.cuda.max_memory_allocated; on CPU it is not measured (n/a).
+Each step is train.py's: backward, gradient clipping, the device-side NaN/inf flag, AdamW.
+Before timing, the fused kernels are checked against the torch path (hc.verify_fused), so the
+path column says what ran. --sync-compare also times each model with the host synchronized
+every step (train.py's former loss.item() / grad_norm.item()): column "ms +sync" (both timed
+three times, alternating, medians reported).
 """
 
 import argparse
@@ -26,8 +33,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hc  # noqa: E402
-import hc_kernels  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, GPTConfig, RECOMPUTE  # noqa: E402
+from train import flag_nonfinite  # noqa: E402
 
 MODELS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512),      # CPU, tests
@@ -62,24 +69,14 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def residual_path(model, device):
-    """'fused' or 'torch': which path hc.py takes for this model's connections ('-' for plain)."""
-    conn = model.connections()[0]
-    if model.config.scheme == "plain":
-        return "-"
-    if hc.FUSED == "off" or (hc.FUSED == "auto" and device.type != "cuda"):
-        return "torch"
-    probe = torch.empty(1, 1, conn.n, conn.dim, device=device, dtype=getattr(torch, model.config.stream_dtype))
-    return "fused" if hc_kernels.unsupported(conn, probe) is None else "torch"
-
-
-def bench_one(scheme, args, device):
+def bench_one(scheme, recompute, args, device):
     torch.manual_seed(args.seed)
     cfg = dict(MODELS[args.model])
-    cfg = GPTConfig(**cfg, block_size=args.seq_len, dropout=0.0, scheme=scheme,
+    cfg = GPTConfig(**cfg, block_size=args.seq_len, dropout=0.0, scheme=scheme, recompute=recompute,
                     n_streams=1 if scheme == "plain" else args.n_streams, stream_dtype=args.stream_dtype)
     model = GPT(cfg).to(device)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
+    check = hc.verify_fused(model, autocast_dtype=torch.bfloat16 if args.dtype == "bfloat16" else None)
     forward = torch.compile(model) if args.compile else model
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randint(cfg.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
@@ -87,26 +84,42 @@ def bench_one(scheme, args, device):
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
                 else contextlib.nullcontext())
 
-    def step():
+    nonfinite = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=device)
+
+    def step(host_sync=False):   # train.py's step: no host sync unless asked (its former NaN check)
+        nonlocal nonfinite
         with autocast:
             _, loss = forward(x, y)
         loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if host_sync:
+            loss.item(), norm.item()
+        nonfinite = flag_nonfinite(nonfinite, 1, loss.detach(), norm, optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    result = dict(scheme=scheme, n_streams=cfg.n_streams, path=residual_path(model, device),
-                  params=model.num_params(non_embedding=False))
+    def timed(host_sync):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            loss = step(host_sync)
+        sync(device)
+        return (time.perf_counter() - t0) / args.steps, loss
+
+    result = dict(scheme=scheme, n_streams=cfg.n_streams, recompute=recompute, path=check["path"],
+                  path_reason=check["reason"], params=model.num_params(non_embedding=False))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
         step()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    sync(device)
-    dt = (time.perf_counter() - t0) / args.steps
+    dt, loss = timed(False)
+    if args.sync_compare:   # alternate the two, three times each, and take the medians: fair on a noisy machine
+        times = {False: [dt], True: []}
+        for host_sync in (True, False, True, False, True):
+            times[host_sync].append(timed(host_sync)[0])
+        dt, sync_dt = (sorted(times[k])[1] for k in (False, True))
+        result["ms_per_step_sync"] = 1e3 * sync_dt
     tokens_per_s = args.batch_size * args.seq_len / dt
     peak = bf16_peak(device_name(device))
     flops_per_token = model.estimate_flops_per_token(args.seq_len)
@@ -131,13 +144,14 @@ def run(args):
     torch.backends.cuda.matmul.allow_tf32 = True  # as nanoGPT's train.py; the fused kernels follow it
     torch.backends.cudnn.allow_tf32 = True
     results = []
-    for scheme in ["plain"] + [s for s in args.schemes if s != "plain"]:
+    runs = [("plain", "none")] + [(s, r) for s in args.schemes for r in args.recompute if (s, r) != ("plain", "none")]
+    for scheme, recompute in runs:   # plain without recomputation first: the baseline of every ratio
         try:
-            results.append(bench_one(scheme, args, device))
+            results.append(bench_one(scheme, recompute, args, device))
         except torch.cuda.OutOfMemoryError:
             gc.collect()
             torch.cuda.empty_cache()
-            results.append(dict(scheme=scheme, n_streams=args.n_streams, error="out of memory"))
+            results.append(dict(scheme=scheme, n_streams=args.n_streams, recompute=recompute, error="out of memory"))
     base = results[0]
     for r in results:
         if "error" in r or "error" in base:
@@ -146,7 +160,8 @@ def run(args):
         r["mem_x_plain"] = r["peak_mem_gib"] / base["peak_mem_gib"] if base["peak_mem_gib"] else None
     config = dict(device=device_name(device), torch=torch.__version__, model=args.model, **MODELS[args.model],
                   batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, stream_dtype=args.stream_dtype,
-                  compile=args.compile, fused=args.fused, warmup=args.warmup, steps=args.steps,
+                  compile=args.compile, fused=args.fused, recompute=args.recompute, sync_compare=args.sync_compare,
+                  warmup=args.warmup, steps=args.steps,
                   peak_bf16_flops=bf16_peak(device_name(device)))
     return dict(config=config, results=results)
 
@@ -157,17 +172,22 @@ def table(report):
              f"B {c['batch_size']}, T {c['seq_len']}, {c['dtype']} compute, {c['stream_dtype']} streams, "
              f"{'compiled' if c['compile'] else 'eager'}, hc.FUSED={c['fused']}, "
              f"{c['warmup']} warmup + {c['steps']} timed steps", "",
-             "| scheme | n | path | ms/step | x plain | tokens/s | MFU | peak GiB | mem x plain |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| scheme | n | path | ms/step | x plain | tokens/s | MFU | peak GiB | mem x plain |"
+             + (" ms +sync |" if c.get("sync_compare") else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if c.get("sync_compare") else "")]
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     rate = lambda v: f"{v / 1e3:,.1f}k" if v >= 1e3 else f"{v:.1f}"  # noqa: E731
     for r in report["results"]:
+        name = r["scheme"] + ("" if r.get("recompute", "none") == "none" else f" +{r['recompute']}")
         if "error" in r:
-            lines.append(f"| {r['scheme']} | {r['n_streams']} | | {r['error']} | | | | | |")
+            lines.append(f"| {name} | {r['n_streams']} | | {r['error']} | | | | | |")
             continue
-        lines.append(f"| {r['scheme']} | {r['n_streams']} | {r['path']} | {r['ms_per_step']:.1f} | "
+        lines.append(f"| {name} | {r['n_streams']} | {r['path']} | {r['ms_per_step']:.1f} | "
                      f"{fmt(r.get('x_plain'), '.2f')} | {rate(r['tokens_per_s'])} | {fmt(r['mfu'], '.1%')} | "
-                     f"{fmt(r['peak_mem_gib'], '.2f')} | {fmt(r.get('mem_x_plain'), '.2f')} |")
+                     f"{fmt(r['peak_mem_gib'], '.2f')} | {fmt(r.get('mem_x_plain'), '.2f')} |"
+                     + (f" {r['ms_per_step_sync']:.1f} |" if "ms_per_step_sync" in r else ""))
+    reasons = {r["path_reason"] for r in report["results"] if r.get("path") in ("torch", "mixed")}
+    lines += [f"torch path: {why}" for why in sorted(reasons)]
     return "\n".join(lines)
 
 
@@ -188,7 +208,11 @@ def main(argv=None):
                     help="compute: bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--stream-dtype", choices=["bfloat16", "float32"], default=None,
                     help="residual stream dtype, plain and n-stream alike (default: the compute dtype)")
-    ap.add_argument("--fused", choices=["auto", "on", "off"], default="auto", help="hc.FUSED")
+    ap.add_argument("--fused", choices=["auto", "on", "off"], default="auto", help="hc.FUSED (train.py's fused key)")
+    ap.add_argument("--recompute", nargs="+", choices=RECOMPUTE, default=["none"],
+                    help="activation recomputation (train.py's recompute key); several: one row each")
+    ap.add_argument("--sync-compare", action="store_true",
+                    help="also time each model with a host sync every step (train.py's former NaN check)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     args = ap.parse_args(argv)

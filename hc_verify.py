@@ -1,0 +1,247 @@
+"""The fused path's safety net: check the Triton kernels against the torch path on this device.
+
+The kernels of hc_kernels.py are tested in Triton's interpreter and compiled offline, but a
+user's GPU is where they first run for real. So before a run uses them (and before
+torch.compile traces the model or CUDA graphs capture it), ``verify_fused(model)`` runs one
+connection of every distinct kind (scheme, n, C, projection width, stream dtype) both ways on a
+real-sized input, thousands of tokens with random non-trivial parameters, and compares the
+output and every gradient (the streams', each parameter's, the stand-in branch's) with an fp64
+run of the torch equations:
+
+    err(path) = max |path - fp64| / max |fp64|          per tensor
+    pass      : err(fused) <= FACTOR x err(torch) + floor, and everything finite
+
+(floor: 2^-5 where bf16 is involved, the scalar gates' gradients being sums with heavy
+cancellation in both paths; 1e-3 in fp32, which covers TF32 matmuls). Under DDP every rank
+checks its own GPU and the verdicts are all-reduced: the kernels run only if every rank passed.
+
+hc.FUSED = "auto": a failed or raising check warns once, naming the reason, and that kind of
+connection runs on the torch path; a kind never checked also runs on the torch path (the
+dispatch in hc._kernels asks ``verified``). "on": a failed check raises FusedCheckError; the
+dispatch runs the kernels whether checked or not. "off": nothing is checked.
+"""
+
+import contextlib
+import copy
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+
+import hc
+
+FACTOR = 4.0
+FLOOR_FP32, FLOOR_BF16 = 1e-3, 2.0 ** -5
+VERDICTS = {}   # key -> (ok, reason): what verify_fused found on this process's device
+_WARNED = set()
+
+
+class FusedCheckError(RuntimeError):
+    """hc.FUSED = 'on' and the fused kernels disagree with the torch path (or raise) on this device."""
+
+
+def key(conn, h):
+    """What the kernels specialise on: the connection's kind, n, C, projection width, stream dtype."""
+    import hc_kernels
+    extra = (conn.sinkhorn_iters,) if isinstance(conn, hc.MHC) else ()
+    return (type(conn).__name__, conn.n, conn.dim, hc_kernels.projection_columns(conn), str(h.dtype), *extra)
+
+
+def sinkhorn_key(logits):
+    return ("Sinkhorn", logits.shape[-1])
+
+
+def verified(t, conn):
+    """Whether hc.FUSED = 'auto' may run the kernels for conn on t (conn None: Sinkhorn logits t)."""
+    k = sinkhorn_key(t) if conn is None else key(conn, t)
+    verdict = VERDICTS.get(k)
+    if verdict is None:
+        if k not in _WARNED:
+            _WARNED.add(k)
+            warnings.warn(f"hc: the fused kernels for {_name(k)} were not verified on this device, so the torch "
+                          f"path runs them; call hc.verify_fused(model) once before training (train.py and "
+                          f"scripts/bench.py do)", stacklevel=4)
+        return False
+    return verdict[0]
+
+
+def _name(k):
+    if k[0] == "Sinkhorn":
+        return f"Sinkhorn n={k[1]}"
+    return f"{k[0]} n={k[1]} C={k[2]} ({k[3]} coefficients, {k[4].replace('torch.', '')} streams)"
+
+
+# ----------------------------------------------------------------------------------------
+# one check
+
+def perturb(conn, seed=0):
+    """A copy of conn with random non-trivial parameters: gates open, logits of std ~ 2, off-identity
+    H_res, so that no check passes just because the connection is at its init."""
+    conn = copy.deepcopy(conn)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in conn.named_parameters():
+            r = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+            if p.dim() == 0:                                        # gates s_α, s_β, α_pre, α_post, α_res
+                p.fill_(0.5 + torch.rand((), generator=g).item())
+            elif name in ("phi", "W_m", "W_r", "W_beta"):          # projections: logits of std ~ 2
+                p.copy_(r * 2.0 / math.sqrt(p.shape[0]))
+            elif name in ("gamma", "norm_gain"):
+                p.copy_(1.0 + 0.5 * r)
+            else:                                                   # static coefficients and biases
+                p.add_(r)
+    return conn
+
+
+class _Branch(nn.Module):
+    """A stand-in sublayer (pre-norm + linear), as attention or the MLP sits in a block."""
+
+    def __init__(self, dim, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.ln, self.fc = nn.LayerNorm(dim), nn.Linear(dim, dim)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(dim, dim, generator=g) / math.sqrt(dim))
+            self.fc.bias.copy_(0.1 * torch.randn(dim, generator=g))
+
+    def forward(self, x):
+        return self.fc(self.ln(x.to(self.fc.weight.dtype)))
+
+
+def _run(conn, branch, h, w, mode, autocast_dtype):
+    """Output and the gradients of <out, w> w.r.t. h and every parameter (conn's and the branch's),
+    under hc.FUSED = mode."""
+    saved = hc.FUSED
+    hc.FUSED = mode
+    try:
+        conn.zero_grad(set_to_none=True)
+        branch.zero_grad(set_to_none=True)
+        h = h.detach().clone().requires_grad_()
+        autocast = (torch.autocast(h.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with torch.enable_grad(), autocast:
+            out = conn(h, branch)
+            (out.double() * w).sum().backward()
+    finally:
+        hc.FUSED = saved
+    grads = {"grad h": h.grad}
+    grads.update({f"grad {k}": p.grad for k, p in conn.named_parameters()})
+    grads.update({f"grad branch.{k}": p.grad for k, p in branch.named_parameters()})   # through y's gradient
+    return {"out": out.detach(), **grads}
+
+
+def rel_err(a, ref):
+    if a is None or ref is None:
+        return 0.0 if a is None and ref is None else math.inf
+    return ((a.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+def check_connection(conn, tokens=4096, stream_dtype=torch.float32, autocast_dtype=None, seed=0):
+    """Run a perturbed copy of conn fused, on the torch path and in fp64 on ``tokens`` random tokens.
+    Returns {"ok", "reason", "errors": {tensor: (fused err, torch err)}}; never raises for the kernels."""
+    device = next(conn.parameters()).device
+    conn = perturb(conn, seed)
+    branch = _Branch(conn.dim, seed + 1).to(device)
+    g = torch.Generator().manual_seed(seed + 2)
+    B = 4 if tokens % 4 == 0 else 1
+    shape = (B, tokens // B, conn.n, conn.dim)
+    h = torch.randn(shape, generator=g).to(device, stream_dtype)
+    w = torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+    bf16 = torch.bfloat16 in (stream_dtype, autocast_dtype)
+    floor = FLOOR_BF16 if bf16 else FLOOR_FP32
+    try:
+        fused = _run(conn, branch, h, w, "on", autocast_dtype)
+    except Exception as e:   # a launch or compile error on this device: report it, do not crash the run
+        return {"ok": False, "reason": f"the fused kernels raised {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                "errors": {}}
+    ref_path = _run(conn, branch, h, w, "off", autocast_dtype)
+    ref64 = _run(copy.deepcopy(conn).double(), copy.deepcopy(branch).double(), h.double(), w, "off", None)
+    errors, bad = {}, []
+    for name, ref in ref64.items():
+        ef, et = rel_err(fused[name], ref), rel_err(ref_path[name], ref)
+        errors[name] = (ef, et)
+        if not ef <= FACTOR * et + floor:      # also catches NaN
+            bad.append(f"{name}: error {ef:.2e} vs the torch path's {et:.2e}")
+    reason = None if not bad else "mismatch against fp64 (allowed: %g x the torch path's error + %g): %s" % (
+        FACTOR, floor, "; ".join(bad[:4]) + (f"; and {len(bad) - 4} more" if len(bad) > 4 else ""))
+    return {"ok": not bad, "reason": reason, "errors": errors}
+
+
+# ----------------------------------------------------------------------------------------
+# every kind of connection of a model, all ranks agreeing
+
+def _connections(model_or_connections):
+    if hasattr(model_or_connections, "connections"):
+        return list(model_or_connections.connections())
+    if isinstance(model_or_connections, hc.Connection):
+        return [model_or_connections]
+    return list(model_or_connections)
+
+
+def verify_fused(model_or_connections, tokens=4096, stream_dtype=None, autocast_dtype=None, seed=0):
+    """Check the fused kernels for every kind of connection of a model (or a list of connections)
+    on their device, following hc.FUSED; record the verdicts that hc._kernels consults.
+
+    stream_dtype: the residual streams' dtype (default: model.config.stream_dtype, else float32);
+    autocast_dtype: the run's autocast dtype (None: no autocast). Under torch.distributed every
+    rank must call it. Returns {"path": "fused" | "torch" | "mixed" | "-", "reason": str | None,
+    "checks": [{"kind", "ok", "reason", "max_err_fused", "max_err_torch"}]}.
+    Raises FusedCheckError when hc.FUSED = "on" and a check fails.
+    """
+    conns = [c for c in _connections(model_or_connections) if not isinstance(c, hc.Plain)]
+    if stream_dtype is None:  # a GPT knows its streams' torch dtype (stream_dtype="bfloat16_hc" is bf16 or fp32 by n)
+        stream_dtype = getattr(model_or_connections, "stream_dtype", torch.float32)
+    if not conns:
+        return {"path": "-", "reason": "no n-stream connections", "checks": []}
+    device = next(conns[0].parameters()).device
+    if hc.FUSED == "off":
+        return {"path": "torch", "reason": "fused='off'", "checks": []}
+    if hc.FUSED == "auto" and device.type not in hc.AUTO_DEVICES:
+        return {"path": "torch", "reason": f"fused='auto' runs the kernels on CUDA only (device: {device.type})",
+                "checks": []}
+    import hc_kernels
+    kinds, reasons = {}, []
+    for c in conns:
+        probe = torch.empty(1, 1, c.n, c.dim, device=device, dtype=stream_dtype)
+        k = key(c, probe)
+        if k in kinds:
+            continue
+        why = hc_kernels.unsupported(c, probe)
+        if why is not None:             # the dispatch already keeps these on the torch path (or raises, 'on')
+            hc_kernels.use_fused(probe, c, hc.FUSED)
+            reasons.append(f"{_name(k)}: {why}")
+            continue
+        kinds[k] = c
+    results = {k: check_connection(c, tokens, stream_dtype, autocast_dtype, seed) for k, c in kinds.items()}
+    # every rank checked its own device; the kernels run only where all passed
+    flags = torch.tensor([float(r["ok"]) for r in results.values()] or [1.0], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+    checks = []
+    for (k, r), flag in zip(results.items(), flags.tolist()):
+        ok = flag > 0
+        reason = r["reason"] if not r["ok"] else (None if ok else "the check failed on another rank")
+        VERDICTS[k] = (ok, reason)
+        if isinstance(kinds[k], hc.MHC):    # its Sinkhorn ran fused inside the connection's check
+            sk = ("Sinkhorn", k[1])
+            VERDICTS[sk] = (ok and VERDICTS.get(sk, (True,))[0], reason)
+        errs = list(r["errors"].values())
+        checks.append({"kind": _name(k), "ok": ok, "reason": reason,
+                       "max_err_fused": max((e[0] for e in errs), default=None),
+                       "max_err_torch": max((e[1] for e in errs), default=None)})
+        if not ok:
+            msg = f"the fused kernels failed their check for {_name(k)} on {device}: {reason}"
+            if hc.FUSED == "on":
+                raise FusedCheckError(msg + ". Set fused='auto' to fall back to the torch path, or 'off'.")
+            if k not in _WARNED:
+                _WARNED.add(k)
+                warnings.warn(f"hc: {msg}; the torch path runs these connections instead", stacklevel=2)
+            reasons.append(f"{_name(k)}: {reason}")
+    n_ok = sum(c["ok"] for c in checks)
+    path = "fused" if n_ok == len(checks) > 0 and not reasons else "torch" if n_ok == 0 else "mixed"
+    if path == "fused":
+        reason = f"verified on {device} ({', '.join(c['kind'] for c in checks)})"
+    else:
+        reason = "; ".join(reasons)
+    return {"path": path, "reason": reason, "checks": checks}

@@ -60,6 +60,6 @@ def test_table_and_mfu(capsys):
     assert "| plain | 1 | - | 34.1 | 1.00 | 480.5k | 42.0% | 8.40 | 1.00 |" in text
     assert "| kromhc | 4 | | out of memory |" in text
     for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
-                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H100 NVL", None), ("NVIDIA L4", None)]:
+                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA L4", None)]:
         assert bench.bf16_peak(name) == peak, name
     assert bench.bf16_peak(bench.device_name(bench.torch.device("cpu"))) is None

@@ -41,7 +41,8 @@ def test_numbers_are_sane_and_ratios_from_this_run(report):
         assert r["x_plain"] == pytest.approx(r["ms_per_step"] / plain["ms_per_step"], rel=1e-9)
         assert r["mfu"] is None                                 # no bf16 peak known for a CPU
         assert r["peak_mem_gib"] is None and r["mem_x_plain"] is None   # not measured on CPU
-        assert math.isfinite(r["loss"]) and 0 < r["loss"] < 10  # ln(512) = 6.2 at init
+        # ln(512) = 6.24 at init; the timed steps train on the one batch: the last loss is below it
+        assert math.log(512) - 2 < r["loss"] < math.log(512) - 0.1
     assert plain["x_plain"] == 1.0
     # the n-stream models are larger by their connections' parameters
     assert results[1]["params"] > plain["params"] and results[2]["params"] > plain["params"]

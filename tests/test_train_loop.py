@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 import torch.nn as nn
-from torch.nn.modules.module import register_module_forward_hook
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import model as model_module
@@ -21,8 +21,9 @@ from conftest import read_log, tiny_args
 @pytest.fixture
 def steps(monkeypatch):
     """Records, at every optimizer.step() of the run: each group's lr and weight decay, the ids of
-    its parameters, and the global gradient norm the step is about to apply; and the GPT whose
-    configure_optimizers built the optimizer (for the parameter names)."""
+    its parameters, and the global gradient norm the step is about to apply; the largest gradient
+    already present when a training forward begins; and the GPT whose configure_optimizers built
+    the optimizer (for the parameter names)."""
     seen = {"steps": [], "model": None}
 
     def pre_hook(optimizer, args, kwargs):
@@ -40,10 +41,17 @@ def steps(monkeypatch):
         seen["model"] = self
         return original(self, *a, **k)
 
+    def forward_pre_hook(module, args):  # gradient left over from earlier steps when a step begins
+        if isinstance(module, model_module.GPT) and module.training:
+            seen["leftover"].append(max((p.grad.abs().max().item() for p in module.parameters()
+                                         if p.grad is not None), default=0.0))
+
+    seen["leftover"] = []
     monkeypatch.setattr(model_module.GPT, "configure_optimizers", configure)
-    handle = register_optimizer_step_pre_hook(pre_hook)
+    handles = [register_optimizer_step_pre_hook(pre_hook), register_module_forward_pre_hook(forward_pre_hook)]
     yield seen
-    handle.remove()
+    for h in handles:
+        h.remove()
 
 
 def expected_lr(step, lr, warmup, decay_iters, min_ratio, schedule, warmdown_frac=0.2):
@@ -85,6 +93,7 @@ def check_groups(seen, weight_decay, scheme):
 def check_lrs(seen, log, **schedule):
     trains = [r for r in log if r["type"] == "train"]
     assert len(seen["steps"]) == len(trains) == 8
+    assert seen["leftover"] == [0.0] * 8     # one micro-step per step: each starts from no gradient
     for step, (s, r) in enumerate(zip(seen["steps"], trains)):
         want = expected_lr(step, **schedule)
         assert s["lr"] == pytest.approx([want] * len(s["lr"]), rel=1e-12), step   # every group, this step

@@ -381,7 +381,8 @@ def test_diagnostics_composite_and_gain():
     torch.testing.assert_close(torch.tensor(d["matrices"]["blk0.mlp"]), H[1].mean((0, 1)))
     assert d["scalars"]["blk1.attn/ds_row_err"] == pytest.approx(hc.doubly_stochastic_error(H[2])["ds_row_err"])
     assert d["scalars"]["blk0.attn/h_pre_max/3"] == pytest.approx(coeffs[0][0][..., 3].max().item())
-    assert d["scalars"]["blk0.attn/dist_identity"] > 0
+    dist = (H[0] - torch.eye(n)).flatten(-2).norm(dim=-1).mean().item()   # Frobenius, token-averaged
+    assert dist > 0.1 and d["scalars"]["blk0.attn/dist_identity"] == pytest.approx(dist, rel=1e-5)
     # a doubly stochastic stack keeps its gain at 1
     kron = [hc.make_connection("kromhc", C, n, i) for i in range(3)]
     dk = hc.diagnostics([randomize(c, seed=i).coefficients(h) for i, c in enumerate(kron)], names)

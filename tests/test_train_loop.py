@@ -24,7 +24,7 @@ def steps(monkeypatch):
     its parameters, and the global gradient norm the step is about to apply; the largest gradient
     already present when a training forward begins; and the GPT whose configure_optimizers built
     the optimizer (for the parameter names)."""
-    seen = {"steps": [], "model": None}
+    seen = {"steps": [], "leftover": [], "model": None}
 
     def pre_hook(optimizer, args, kwargs):
         grads = [p.grad.double() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -46,7 +46,6 @@ def steps(monkeypatch):
             seen["leftover"].append(max((p.grad.abs().max().item() for p in module.parameters()
                                          if p.grad is not None), default=0.0))
 
-    seen["leftover"] = []
     monkeypatch.setattr(model_module.GPT, "configure_optimizers", configure)
     handles = [register_optimizer_step_pre_hook(pre_hook), register_module_forward_pre_hook(forward_pre_hook)]
     yield seen

@@ -154,8 +154,10 @@ def run_tests(copy, args, timeout):
         p = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "TIMEOUT", ""
-    tail = (p.stdout.strip().splitlines() or [""])[-1]
-    return ("SURVIVED" if p.returncode == 0 else "caught" if p.returncode == 1 else f"error (pytest exit {p.returncode})"), tail
+    lines = p.stdout.strip().splitlines() or [""]
+    failed = [line[len("FAILED "):] for line in lines if line.startswith("FAILED ")]
+    detail = (failed[0][:150] + " | " if failed else "") + lines[-1]   # the failing test, then the summary
+    return ("SURVIVED" if p.returncode == 0 else "caught" if p.returncode == 1 else f"error (pytest exit {p.returncode})"), detail
 
 
 def main(argv=None):
@@ -178,10 +180,10 @@ def main(argv=None):
             shutil.copytree(base, copy)
             t0 = time.time()
             stale = apply(copy, edits)
-            outcome, tail = ("STALE", "; ".join(stale)) if stale else run_tests(copy, tests, args.timeout)
+            outcome, detail = ("STALE", "; ".join(stale)) if stale else run_tests(copy, tests, args.timeout)
             shutil.rmtree(copy, ignore_errors=True)
             results.append((name, outcome))
-            print(f"[{i}/{len(chosen)}] {outcome:8s} {name}  ({time.time() - t0:.0f}s: {tail})", flush=True)
+            print(f"[{i}/{len(chosen)}] {outcome:8s} {name}  ({time.time() - t0:.0f}s: {detail})", flush=True)
     bad = [(n, o) for n, o in results if o != "caught"]
     print(f"\n{len(results)} mutations: {len(results) - len(bad)} caught, "
           f"{sum(o == 'SURVIVED' for _, o in results)} survived, {sum(o == 'STALE' for _, o in results)} stale, "

@@ -1,4 +1,5 @@
-"""2-process gloo DDP (torchrun) == one process with the same global batch: losses, val loss, weights."""
+"""2-process gloo DDP (torchrun) == one process with the same global batch: losses, val loss, weights;
+also with 2 micro-steps per rank, and resumed on 1 process from the 2-rank checkpoint."""
 
 import json
 import os

@@ -110,14 +110,15 @@ MUTATIONS = [
         ("hc.py", "for _ in range(ctx.iters):", "for _ in range(ctx.iters - 1):"),
         ("hc.py", "    L = logits\n    for _ in range(iters):", "    L = logits\n    for _ in range(iters - 1):")],
      ["tests/test_hc.py", "-k", "sinkhorn"]),
-    ("mHC H_post gated by alpha_pre (shared gate code)", [
-        ("hc.py", "H_post = 2 * torch.sigmoid(self.alpha_post * m_post", "H_post = 2 * torch.sigmoid(self.alpha_pre * m_post")],
+    # conn.gates is shared by the torch path and the fused path: test_kernels.py cannot see these two
+    ("mHC H_post as 1 + tanh (shared gate code)", [
+        ("hc.py", "H_post = 2 * torch.sigmoid(self.alpha_post * m_post", "H_post = 1 + torch.tanh(self.alpha_post * m_post")],
      ["tests/test_kernels_reference.py"]),
     ("mHC H_pre bias outside the sigmoid", [
         ("hc.py", "H_pre = torch.sigmoid(self.alpha_pre * m_pre + self.b_pre)",
          "H_pre = torch.sigmoid(self.alpha_pre * m_pre) + self.b_pre")], ["tests/test_hc.py", "-k", "formula"]),
-    ("HC H_post gated by s_alpha (shared gate code)", [
-        ("hc.py", "B = self.s_beta * torch.tanh(p_beta)", "B = self.s_alpha * torch.tanh(p_beta)")],
+    ("HC H_post through a sigmoid, not tanh (shared gate code)", [
+        ("hc.py", "B = self.s_beta * torch.tanh(p_beta)", "B = self.s_beta * torch.sigmoid(p_beta)")],
      ["tests/test_kernels_reference.py"]),
     ("HC H_res not transposed", [("hc.py", "return A_m, B, A_r.transpose(-1, -2)", "return A_m, B, A_r")],
      ["tests/test_hc.py", "-k", "equations"]),

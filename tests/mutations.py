@@ -1,7 +1,7 @@
 """Mutation check: plant plausible bugs in a copy of the repo, one at a time, and report which ones
 the tests miss. A developer tool, not a test (pytest does not collect it; CI does not run it).
 
-    python tests/mutations.py                  # every mutation below (~15-30 min on 2 cores)
+    python tests/mutations.py                  # every mutation below (~30 min on 2 busy cores)
     python tests/mutations.py lr clip          # only those whose name contains one of the words
     python tests/mutations.py --list           # names, files and tests, nothing run
 

@@ -143,7 +143,6 @@ NON_NEGATIVE = ("hellaswag_limit", "eval_batch_size", "vocab_size", "n_streams",
                 "unembedding_lr", "muon_momentum_warmup", "adam_eps")
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 REPO = os.path.dirname(os.path.abspath(__file__))
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
 
 
 class Diverged(RuntimeError):
@@ -227,8 +226,8 @@ def muon_momentum(step, cfg):
 def peak_flops(device_type):
     if device_type != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
+    from scripts.bench import bf16_peak  # the one table of dense bf16 peaks, shared with bench.py
+    return bf16_peak(torch.cuda.get_device_name())
 
 
 def rng_state():

@@ -47,8 +47,9 @@ MODELS = {
 }
 MODELS.update({"124M": MODELS["M"], "350M": MODELS["L"]})
 
-# dense bf16 peak FLOP/s by device name (chip, part of the name); an unknown device gets no MFU
-PEAK_BF16 = [("H100", "PCIe", 756e12), ("H100", "HBM3", 989e12), ("H100", "SXM", 989e12),
+# Dense bf16 peak FLOP/s by device name (chip, part of the name), first match wins; an unknown
+# device gets no MFU. The one table: train.py's MFU reads it too.
+PEAK_BF16 = [("H100", "PCIe", 756e12), ("H100", "NVL", 835e12), ("H100", "HBM3", 989e12), ("H100", "SXM", 989e12),
              ("H200", "", 989e12), ("A100", "", 312e12)]
 
 

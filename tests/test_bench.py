@@ -41,7 +41,8 @@ def test_numbers_are_sane_and_ratios_from_this_run(report):
         assert r["x_plain"] == pytest.approx(r["ms_per_step"] / plain["ms_per_step"], rel=1e-9)
         assert r["mfu"] is None                                 # no bf16 peak known for a CPU
         assert r["peak_mem_gib"] is None and r["mem_x_plain"] is None   # not measured on CPU
-        assert math.isfinite(r["loss"]) and 0 < r["loss"] < 10  # ln(512) = 6.2 at init
+        # ln(512) = 6.24 at init; the timed steps train on the one batch: the last loss is below it
+        assert math.log(512) - 2 < r["loss"] < math.log(512) - 0.1
     assert plain["x_plain"] == 1.0
     # the n-stream models are larger by their connections' parameters
     assert results[1]["params"] > plain["params"] and results[2]["params"] > plain["params"]
@@ -60,6 +61,6 @@ def test_table_and_mfu(capsys):
     assert "| plain | 1 | - | 34.1 | 1.00 | 480.5k | 42.0% | 8.40 | 1.00 |" in text
     assert "| kromhc | 4 | | out of memory |" in text
     for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
-                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H100 NVL", None), ("NVIDIA L4", None)]:
+                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA L4", None)]:
         assert bench.bf16_peak(name) == peak, name
     assert bench.bf16_peak(bench.device_name(bench.torch.device("cpu"))) is None

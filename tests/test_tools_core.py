@@ -212,8 +212,13 @@ def test_cropping_to_the_block_size(enc):
     """A GPT with a block size shorter than the few-shot prompts still scores every item."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=24, vocab_size=50304, n_layer=1, n_head=2, n_embd=16)).eval()
+    lengths = []
+    model.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
     res = core.evaluate_core(model, enc, "cpu", BUNDLE, log=None)
-    assert all(0.0 <= a <= 1.0 for a in res["results"].values())
+    tasks = core.load_bundle(BUNDLE)[0]
+    sizes = {t["label"]: len(core.load_task_data(t)) for t in tasks}
+    assert set(res["results"]) == set(sizes)
+    assert len(lengths) == sum(sizes.values()) and max(lengths) == 24   # one forward per item, cropped to 24
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""2-process gloo DDP (torchrun) == one process with the same global batch: losses, val loss, weights."""
+"""2-process gloo DDP (torchrun) == one process with the same global batch: losses, val loss, weights;
+also with 2 micro-steps per rank, and resumed on 1 process from the 2-rank checkpoint."""
 
 import json
 import os
@@ -75,3 +76,49 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
             assert (v - w).abs().max() <= lr * steps, k
             continue
         torch.testing.assert_close(v, w, atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_ddp_grad_accum_then_resume_on_one_process(data_dir, tmp_path):
+    """2 ranks x 2 micro-steps == 1 process x 4 micro-steps (so a gradient all-reduce on any but
+    the last micro-step shows), then the 2-rank checkpoint resumed by 1 process continues the
+    window stream exactly: the same losses, val losses and weights as the uninterrupted run."""
+    def accum_args(out, *extra):
+        # bias=False and plain: no parameter whose exact gradient is 0 (see above), so all weights match
+        return args(data_dir, out) + ["--scheme=plain", "--bias=False", "--total_batch_tokens=256",
+                                      "--eval_interval=4", "--max_iters=8", "--lr_decay_iters=8", *extra]
+
+    single = tmp_path / "single"
+    train.main(accum_args(single))
+    ddp = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *accum_args(ddp, "--max_iters=4")], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    half = torch.load(ddp / "ckpt.pt", weights_only=False)
+    assert half["step"] == 4 and half["loader"]["consumed_windows"] == 4 * 8
+    # each rank seeds its own dropout stream: seed + rank for torch, numpy and random alike
+    r0, r1 = (r["rng"] for r in half["ranks"])
+    assert not torch.equal(r0["torch"], r1["torch"])
+    assert r0["python"] != r1["python"] and not (r0["numpy"][1] == r1["numpy"][1]).all()
+    train.main(accum_args(ddp, "--resume"))                                  # 1 process, 4 micro-steps
+
+    one, two = records(single), records(ddp)
+    assert (one[0]["world_size"], one[0]["grad_accum"]) == (1, 4)
+    assert (two[0]["world_size"], two[0]["grad_accum"]) == (2, 2)
+    assert [(r["type"], r["world_size"], r["grad_accum"]) for r in two if r["type"] == "resume"] == [("resume", 1, 4)]
+    t1 = [(r["step"], r["loss"], r["grad_norm"]) for r in one if r["type"] == "train"]
+    t2 = [(r["step"], r["loss"], r["grad_norm"]) for r in two if r["type"] == "train"]
+    assert [t[0] for t in t1] == [t[0] for t in t2] == list(range(1, 9))
+    for a, b in zip(t1, t2):
+        assert a[1] == pytest.approx(b[1], abs=1e-5) and a[2] == pytest.approx(b[2], rel=1e-4), (a, b)
+    e1 = [(r["step"], r["val_loss"]) for r in one if r["type"] == "eval"]
+    e2 = [(r["step"], r["val_loss"]) for r in two if r["type"] == "eval"]
+    assert [e[0] for e in e1] == [e[0] for e in e2] == [0, 4, 8]
+    for a, b in zip(e1, e2):
+        assert a[1] == pytest.approx(b[1], abs=1e-5)
+    c1 = torch.load(single / "ckpt.pt", weights_only=False)
+    c2 = torch.load(ddp / "ckpt.pt", weights_only=False)
+    assert c1["loader"] == c2["loader"] and c2["loader"]["consumed_windows"] == 8 * 8
+    for k, v in c1["model"].items():
+        torch.testing.assert_close(v, c2["model"][k], atol=2e-5, rtol=1e-4, msg=k)

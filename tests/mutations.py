@@ -1,0 +1,198 @@
+"""Mutation check: plant plausible bugs in a copy of the repo, one at a time, and report which ones
+the tests miss. A developer tool, not a test (pytest does not collect it; CI does not run it).
+
+    python tests/mutations.py                  # every mutation below (~30 min on 2 busy cores)
+    python tests/mutations.py lr clip          # only those whose name contains one of the words
+    python tests/mutations.py --list           # names, files and tests, nothing run
+
+Each mutation replaces exact snippets of the code (each must occur exactly once) and runs only
+the tests that should catch it (pytest -x in the copy). Outcomes: "caught" (a test failed),
+"SURVIVED" (all passed: a hole in the tests), "STALE" (a snippet is no longer in the code:
+update this list), "TIMEOUT". Exit status 1 if anything survived or is stale. Run it before
+large changes to the training loop or the schemes, and add a mutation with every new behaviour.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOOP = "tests/test_train_loop.py"
+DDP = ["tests/test_train_ddp.py", "-k", "accum"]
+
+# (name, [(file, old, new), ...], pytest arguments)
+MUTATIONS = [
+    # ---- the learning rate reaching the optimizer
+    ("lr not set on the groups", [("train.py", 'for group in optimizer.param_groups:\n            group["lr"] = lr',
+                                   'for group in optimizer.param_groups[:0]:\n            group["lr"] = lr')], [LOOP]),
+    ("lr set on the first group only", [("train.py", 'for group in optimizer.param_groups:\n            group["lr"] = lr',
+                                         'for group in optimizer.param_groups[:1]:\n            group["lr"] = lr')], [LOOP]),
+    ("warmup off by one", [("train.py", "return lr * (step + 1) / warmup", "return lr * step / warmup")], [LOOP]),
+    ("min lr ignored", [("train.py", 'min_lr = lr * cfg["min_lr_ratio"]', "min_lr = 0.0")], [LOOP]),
+    ("lr_decay_iters ignored", [("train.py", 'decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]',
+                                 'decay_iters = cfg["max_iters"]')], [LOOP]),
+    ("cosine replaced by a straight line", [("train.py", "0.5 * (1.0 + math.cos(math.pi * ratio))", "(1.0 - ratio)")],
+     [LOOP]),
+    ("linear warmdown starts after warmup", [("train.py",
+                                              'start = max(warmup, decay_iters - round(cfg["warmdown_frac"] * decay_iters))',
+                                              "start = warmup")], [LOOP]),
+    ("gradients not zeroed between steps", [("train.py", "optimizer.zero_grad(set_to_none=True)\n        step += 1",
+                                              "step += 1")], [LOOP]),
+    # ---- clipping and weight decay
+    ("grad clip skipped", [("train.py", 'cfg["grad_clip"] or float("inf"))', 'float("inf"))')], [LOOP]),
+    ("grad norm measured, not clipped", [("train.py", 'torch.nn.utils.clip_grad_norm_(raw_model.parameters(), '
+                                          'cfg["grad_clip"] or float("inf"))',
+                                          "torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() "
+                                          "if p.grad is not None])")], [LOOP]),
+    ("grad clip applied at 1.0 whatever the config", [("train.py", 'cfg["grad_clip"] or float("inf"))', "1.0)")],
+     [LOOP]),
+    ("decay groups swapped", [("model.py", "{'params': decay, 'weight_decay': weight_decay},\n"
+                               "            {'params': no_decay, 'weight_decay': 0.0},",
+                               "{'params': decay, 'weight_decay': 0.0},\n"
+                               "            {'params': no_decay, 'weight_decay': weight_decay},")], [LOOP]),
+    ("weight_decay from the config not passed", [("train.py", 'configure_optimizers(cfg["weight_decay"], ',
+                                                  "configure_optimizers(0.1, ")], [LOOP]),
+    ("norms and biases decayed", [("model.py", "(decay if p.dim() >= 2 else no_decay).append(p)",
+                                   "(decay if p.dim() >= 1 else no_decay).append(p)")], [LOOP]),
+    ("connections decayed by shape (static A_r, b_res ...)", [("model.py", "if id(p) in conn_params:",
+                                                               "if False:")], [LOOP]),
+    # ---- precision and checkpoints
+    ("bf16 autocast never entered", [("train.py", 'ctx = torch.autocast(device_type, dtype=torch.bfloat16) if '
+                                      'cfg["dtype"] == "bfloat16" else nullcontext()', "ctx = nullcontext()")],
+     [LOOP, "-k", "autocast"]),
+    ("checkpoint=False ignored", [("train.py", 'if not (master and cfg["checkpoint"]):', "if not master:")],
+     [LOOP, "-k", "checkpoint"]),
+    # ---- DDP, gradient accumulation, resume on another world size
+    ("grad sync on the first micro-step", [("train.py", "model.require_backward_grad_sync = micro_step == grad_accum - 1",
+                                            "model.require_backward_grad_sync = micro_step == 0")], DDP),
+    ("train loss not averaged over ranks", [("train.py", "dist.all_reduce(loss_sum)\n", "pass\n")], DDP),
+    ("micro-step loss not divided by grad_accum", [("train.py", "loss = loss / grad_accum", "loss = loss")], DDP),
+    ("dropout seeds equal on every rank", [("train.py", 'torch.manual_seed(cfg["seed"] + rank)  # dropout',
+                                            'torch.manual_seed(cfg["seed"])  # dropout'),
+                                           ("train.py", 'np.random.seed(cfg["seed"] + rank)', 'np.random.seed(cfg["seed"])'),
+                                           ("train.py", 'random.seed(cfg["seed"] + rank)', 'random.seed(cfg["seed"])')], DDP),
+    ("loader position saved per rank", [("data/loader.py", '"consumed_windows": int(self.consumed)',
+                                         '"consumed_windows": int(self.consumed) // self.world_size')], DDP),
+    ("loader position restored only on the same world size", [
+        ("train.py", '        train_loader.load_state_dict(ckpt["loader"])',
+         '        if len(ckpt["ranks"]) == world_size:\n            train_loader.load_state_dict(ckpt["loader"])')], DDP),
+    ("ranks read the same windows", [("data/loader.py", "first = self.consumed + self.rank * self.B",
+                                      "first = self.consumed")], DDP),
+    # ---- model config, loader, sampling, MFU
+    ("GPTConfig drops sinkhorn_iters", [("model.py", "opts = dict(sinkhorn_iters=self.sinkhorn_iters, ",
+                                         "opts = dict(")], ["tests/test_model.py", "-k", "config_options"]),
+    ("GPTConfig drops res_logit_init", [("model.py", "res_logit_init=self.res_logit_init,\n", "\n")],
+     ["tests/test_model.py", "-k", "config_options"]),
+    ("GPTConfig drops gate_init", [("model.py", "                    gate_init=self.gate_init)", "                    )")],
+     ["tests/test_model.py", "-k", "config_options"]),
+    ("train windows off by one", [("data/loader.py", "self.num_windows = (self.stream.num_tokens - 1) // self.T",
+                                   "self.num_windows = self.stream.num_tokens // self.T")], ["tests/test_loader_windows.py"]),
+    ("val windows off by one", [("data/loader.py", "available = (stream.num_tokens - 1) // self.T",
+                                 "available = stream.num_tokens // self.T")], ["tests/test_loader_windows.py"]),
+    ("generate ignores temperature", [("model.py", "logits = logits[:, -1, :] / temperature", "logits = logits[:, -1, :]")],
+     ["tests/test_model.py", "-k", "generate"]),
+    ("generate ignores top_k", [("model.py", "if top_k is not None:", "if False:")], ["tests/test_model.py", "-k", "generate"]),
+    ("generate keeps top_k + 1", [("model.py", "torch.topk(logits, min(top_k, logits.size(-1)))",
+                                   "torch.topk(logits, min(top_k + 1, logits.size(-1)))")],
+     ["tests/test_model.py", "-k", "generate"]),
+    ("train.py's own peak table again", [("train.py", "return bf16_peak(torch.cuda.get_device_name())",
+                                          'return next((f for k, f in [("H100 PCIe", 756e12), ("H100", 989e12), '
+                                          '("A100", 312e12)] if k in torch.cuda.get_device_name()), None)')],
+     [LOOP, "-k", "peak"]),
+    ("H100 NVL missing from the peak table", [("scripts/bench.py", '("H100", "NVL", 835e12), ', "")], [LOOP, "-k", "peak"]),
+    # ---- the schemes' equations: independent references (torch path and fused kernels)
+    ("Sinkhorn one iteration short, op and its reference alike", [
+        ("hc.py", "        L = logits\n        for _ in range(iters):", "        L = logits\n        for _ in range(iters - 1):"),
+        ("hc.py", "for _ in range(ctx.iters):", "for _ in range(ctx.iters - 1):"),
+        ("hc.py", "    L = logits\n    for _ in range(iters):", "    L = logits\n    for _ in range(iters - 1):")],
+     ["tests/test_hc.py", "-k", "sinkhorn"]),
+    # conn.gates is shared by the torch path and the fused path: test_kernels.py cannot see these two
+    ("mHC H_post as 1 + tanh (shared gate code)", [
+        ("hc.py", "H_post = 2 * torch.sigmoid(self.alpha_post * m_post", "H_post = 1 + torch.tanh(self.alpha_post * m_post")],
+     ["tests/test_kernels_reference.py"]),
+    ("mHC H_pre bias outside the sigmoid", [
+        ("hc.py", "H_pre = torch.sigmoid(self.alpha_pre * m_pre + self.b_pre)",
+         "H_pre = torch.sigmoid(self.alpha_pre * m_pre) + self.b_pre")], ["tests/test_hc.py", "-k", "formula"]),
+    ("HC H_post through a sigmoid, not tanh (shared gate code)", [
+        ("hc.py", "B = self.s_beta * torch.tanh(p_beta)", "B = self.s_beta * torch.sigmoid(p_beta)")],
+     ["tests/test_kernels_reference.py"]),
+    ("HC H_res not transposed", [("hc.py", "return A_m, B, A_r.transpose(-1, -2)", "return A_m, B, A_r")],
+     ["tests/test_hc.py", "-k", "equations"]),
+    ("fused pre-mix gated by alpha_post", [
+        ("hc_kernels.py", "pre_mix(h, conn.phi, conn.gamma, conn.alpha_pre, conn.b_pre, False, tf32)",
+         "pre_mix(h, conn.phi, conn.gamma, conn.alpha_post, conn.b_pre, False, tf32)")],
+     ["tests/test_kernels_reference.py"]),
+]
+
+
+def ignore(directory, names):
+    return {n for n in names if n in (".git", "__pycache__", ".pytest_cache", "wandb", "out") or n.startswith("out-")}
+
+
+def apply(copy, edits):
+    """Apply the edits in the copy; return the stale ones (old snippet not found exactly once)."""
+    stale, texts = [], {}
+    for path, old, new in edits:
+        text = texts.get(path) or open(os.path.join(copy, path)).read()
+        if text.count(old) != 1:
+            stale.append(f"{path}: {old[:60]!r} found {text.count(old)} times")
+            continue
+        texts[path] = text.replace(old, new)
+    if not stale:
+        for path, text in texts.items():
+            with open(os.path.join(copy, path), "w") as f:
+                f.write(text)
+    return stale
+
+
+def run_tests(copy, args, timeout):
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"--basetemp={copy}/.pytest_tmp", *args]
+    try:
+        p = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "TIMEOUT", ""
+    lines = p.stdout.strip().splitlines() or [""]
+    failed = [line[len("FAILED "):] for line in lines if line.startswith("FAILED ")]
+    detail = (failed[0][:150] + " | " if failed else "") + lines[-1]   # the failing test, then the summary
+    return ("SURVIVED" if p.returncode == 0 else "caught" if p.returncode == 1 else f"error (pytest exit {p.returncode})"), detail
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("words", nargs="*", help="run only the mutations whose name contains one of these")
+    ap.add_argument("--list", action="store_true", help="print the mutations and their tests, run nothing")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per mutation's test run")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.words or any(w.lower() in m[0].lower() for w in args.words)]
+    if args.list:
+        for name, edits, tests in chosen:
+            print(f"{name}: {', '.join(sorted({e[0] for e in edits}))} -> pytest {' '.join(tests)}")
+        return 0
+    results = []
+    with tempfile.TemporaryDirectory(prefix="hcgpt-mutations-") as tmp:
+        base = os.path.join(tmp, "repo")
+        shutil.copytree(REPO, base, ignore=ignore)
+        for i, (name, edits, tests) in enumerate(chosen, 1):
+            copy = os.path.join(tmp, f"m{i}")
+            shutil.copytree(base, copy)
+            t0 = time.time()
+            stale = apply(copy, edits)
+            outcome, detail = ("STALE", "; ".join(stale)) if stale else run_tests(copy, tests, args.timeout)
+            shutil.rmtree(copy, ignore_errors=True)
+            results.append((name, outcome))
+            print(f"[{i}/{len(chosen)}] {outcome:8s} {name}  ({time.time() - t0:.0f}s: {detail})", flush=True)
+    bad = [(n, o) for n, o in results if o != "caught"]
+    print(f"\n{len(results)} mutations: {len(results) - len(bad)} caught, "
+          f"{sum(o == 'SURVIVED' for _, o in results)} survived, {sum(o == 'STALE' for _, o in results)} stale, "
+          f"{sum(o not in ('caught', 'SURVIVED', 'STALE') for _, o in results)} other")
+    for n, o in bad:
+        print(f"  {o}: {n}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,10 +27,16 @@ DDP = ["tests/test_train_ddp.py", "-k", "accum"]
 # (name, [(file, old, new), ...], pytest arguments)
 MUTATIONS = [
     # ---- the learning rate reaching the optimizer
-    ("lr not set on the groups", [("train.py", 'for group in optimizer.param_groups:\n            group["lr"] = lr',
-                                   'for group in optimizer.param_groups[:0]:\n            group["lr"] = lr')], [LOOP]),
-    ("lr set on the first group only", [("train.py", 'for group in optimizer.param_groups:\n            group["lr"] = lr',
-                                         'for group in optimizer.param_groups[:1]:\n            group["lr"] = lr')], [LOOP]),
+    ("lr not set on the groups", [("train.py", 'for group in optimizer.param_groups:  # every group',
+                                   'for group in optimizer.param_groups[:0]:  # every group')], [LOOP]),
+    ("lr set on the first group only", [("train.py", 'for group in optimizer.param_groups:  # every group',
+                                         'for group in optimizer.param_groups[:1]:  # every group')], [LOOP]),
+    ("every group at the first group's peak lr", [("train.py", 'group["lr"] = get_lr(step, cfg, group["base_lr"])',
+                                                   'group["lr"] = get_lr(step, cfg)')],
+     ["tests/test_nanochat.py", "-k", "muon_run_lrs"]),
+    ("Muon momentum warmup ignored", [("train.py", 'group["momentum"] = muon_momentum(step, cfg)',
+                                       'group["momentum"] = cfg["muon_momentum"]')],
+     ["tests/test_nanochat.py", "-k", "muon_run_lrs"]),
     ("warmup off by one", [("train.py", "return lr * (step + 1) / warmup", "return lr * step / warmup")], [LOOP]),
     ("min lr ignored", [("train.py", 'min_lr = lr * cfg["min_lr_ratio"]', "min_lr = 0.0")], [LOOP]),
     ("lr_decay_iters ignored", [("train.py", 'decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]',
@@ -50,10 +56,10 @@ MUTATIONS = [
                                           "if p.grad is not None])")], [LOOP]),
     ("grad clip applied at 1.0 whatever the config", [("train.py", 'cfg["grad_clip"] or float("inf"))', "1.0)")],
      [LOOP]),
-    ("decay groups swapped", [("model.py", "{'params': decay, 'weight_decay': weight_decay},\n"
-                               "            {'params': no_decay, 'weight_decay': 0.0},",
-                               "{'params': decay, 'weight_decay': 0.0},\n"
-                               "            {'params': no_decay, 'weight_decay': weight_decay},")], [LOOP]),
+    ("decay groups swapped", [("model.py", "{'params': decay, 'weight_decay': weight_decay, 'base_lr'",
+                               "{'params': decay, 'weight_decay': 0.0, 'base_lr'"),
+                              ("model.py", "{'params': no_decay, 'weight_decay': 0.0, 'base_lr'",
+                               "{'params': no_decay, 'weight_decay': weight_decay, 'base_lr'")], [LOOP]),
     ("weight_decay from the config not passed", [("train.py", 'configure_optimizers(cfg["weight_decay"], ',
                                                   "configure_optimizers(0.1, ")], [LOOP]),
     ("norms and biases decayed", [("model.py", "(decay if p.dim() >= 2 else no_decay).append(p)",
@@ -64,7 +70,7 @@ MUTATIONS = [
     ("bf16 autocast never entered", [("train.py", 'ctx = torch.autocast(device_type, dtype=torch.bfloat16) if '
                                       'cfg["dtype"] == "bfloat16" else nullcontext()', "ctx = nullcontext()")],
      [LOOP, "-k", "autocast"]),
-    ("checkpoint=False ignored", [("train.py", 'if not (master and cfg["checkpoint"]):', "if not master:")],
+    ("checkpoint=False ignored", [("train.py", 'if master and cfg["checkpoint"]:\n            ckpt = {', 'if master:\n            ckpt = {')],
      [LOOP, "-k", "checkpoint"]),
     # ---- DDP, gradient accumulation, resume on another world size
     ("grad sync on the first micro-step", [("train.py", "model.require_backward_grad_sync = micro_step == grad_accum - 1",
@@ -74,7 +80,7 @@ MUTATIONS = [
     ("dropout seeds equal on every rank", [("train.py", 'torch.manual_seed(cfg["seed"] + rank)  # dropout',
                                             'torch.manual_seed(cfg["seed"])  # dropout'),
                                            ("train.py", 'np.random.seed(cfg["seed"] + rank)', 'np.random.seed(cfg["seed"])'),
-                                           ("train.py", 'random.seed(cfg["seed"] + rank)', 'random.seed(cfg["seed"])')], DDP),
+                                           ("train.py", '    random.seed(cfg["seed"] + rank)\n', '    random.seed(cfg["seed"])\n')], DDP),
     ("loader position saved per rank", [("data/loader.py", '"consumed_windows": int(self.consumed)',
                                          '"consumed_windows": int(self.consumed) // self.world_size')], DDP),
     ("loader position restored only on the same world size", [
@@ -85,9 +91,9 @@ MUTATIONS = [
     # ---- model config, loader, sampling, MFU
     ("GPTConfig drops sinkhorn_iters", [("model.py", "opts = dict(sinkhorn_iters=self.sinkhorn_iters, ",
                                          "opts = dict(")], ["tests/test_model.py", "-k", "config_options"]),
-    ("GPTConfig drops res_logit_init", [("model.py", "res_logit_init=self.res_logit_init,\n", "\n")],
+    ("GPTConfig drops res_logit_init", [("model.py", "res_logit_init=self.res_logit_init, ", "")],
      ["tests/test_model.py", "-k", "config_options"]),
-    ("GPTConfig drops gate_init", [("model.py", "                    gate_init=self.gate_init)", "                    )")],
+    ("GPTConfig drops gate_init", [("model.py", ", gate_init=self.gate_init)", ")")],
      ["tests/test_model.py", "-k", "config_options"]),
     ("train windows off by one", [("data/loader.py", "self.num_windows = (self.stream.num_tokens - 1) // self.T",
                                    "self.num_windows = self.stream.num_tokens // self.T")], ["tests/test_loader_windows.py"]),
@@ -108,8 +114,15 @@ MUTATIONS = [
     ("Sinkhorn one iteration short, op and its reference alike", [
         ("hc.py", "        L = logits\n        for _ in range(iters):", "        L = logits\n        for _ in range(iters - 1):"),
         ("hc.py", "for _ in range(ctx.iters):", "for _ in range(ctx.iters - 1):"),
-        ("hc.py", "    L = logits\n    for _ in range(iters):", "    L = logits\n    for _ in range(iters - 1):")],
+        ("hc.py", 'logits.transpose(-1, -2)\n    for _ in range(iters):', 'logits.transpose(-1, -2)\n    for _ in range(iters - 1):')],
      ["tests/test_hc.py", "-k", "sinkhorn"]),
+    # the published code's model (configs/mhclite_grid.py)
+    ("readout norm_sum ignored", [("model.py", 'if self.config.readout == "norm_sum"', 'if False')],
+     ["tests/test_repro_grid.py", "-k", "readout"]),
+    ("decay_static ignored", [("model.py", "if self.config.decay_static:", "if False:")],
+     ["tests/test_repro_grid.py", "-k", "decay"]),
+    ("sinkhorn_end cols ignored", [("hc.py", 'if end == "cols":\n        return sinkhorn(', 'if False:\n        return sinkhorn(')],
+     ["tests/test_repro_grid.py", "-k", "sinkhorn or orientation"]),
     # conn.gates is shared by the torch path and the fused path: test_kernels.py cannot see these two
     ("mHC H_post as 1 + tanh (shared gate code)", [
         ("hc.py", "H_post = 2 * torch.sigmoid(self.alpha_post * m_post", "H_post = 1 + torch.tanh(self.alpha_post * m_post")],
@@ -123,8 +136,8 @@ MUTATIONS = [
     ("HC H_res not transposed", [("hc.py", "return A_m, B, A_r.transpose(-1, -2)", "return A_m, B, A_r")],
      ["tests/test_hc.py", "-k", "equations"]),
     ("fused pre-mix gated by alpha_post", [
-        ("hc_kernels.py", "pre_mix(h, conn.phi, conn.gamma, conn.alpha_pre, conn.b_pre, False, tf32)",
-         "pre_mix(h, conn.phi, conn.gamma, conn.alpha_post, conn.b_pre, False, tf32)")],
+        ("hc_kernels.py", "_PreMix.apply(h, conn.phi, conn.gamma, conn.alpha_pre, conn.b_pre, False, tf32)",
+         "_PreMix.apply(h, conn.phi, conn.gamma, conn.alpha_post, conn.b_pre, False, tf32)")],
      ["tests/test_kernels_reference.py"]),
 ]
 

@@ -249,8 +249,6 @@ def _pre_mix_bwd_kernel(
         gx = tl.load(gx_ptr + rows64[:, None] * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
         if POST:
             y = tl.load(y_ptr + rows64[:, None] * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
-            hp = tl.load(hp_ptr + rows64[:, None, None] * s_pm + st[None, :, None] * s_pn + cc[None, None, :] * s_pc,
-                         mask=xmask[:, None, :] & st_ok[None, :, None], other=0.0).to(tl.float32)  # [token, i, c]
             gy = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
             ghp = tl.zeros([BLOCK_M, N_PAD, BLOCK_C], dtype=tl.float32)
         for j in range(N):
@@ -287,7 +285,11 @@ def _pre_mix_bwd_kernel(
             if POST:     # grad h[j] goes through (b) in fp32 without leaving the chip
                 gy += tl.load(post_ptr + rows64 * N + j, mask=row_ok, other=0.0)[:, None] * gh
                 d_post += tl.where(st[None, :] == j, tl.sum(gh * y, axis=1)[:, None], 0.0)
-                d_res += tl.where(st[None, :, None] == j, tl.sum(gh[:, None, :] * hp, axis=2)[:, None, :], 0.0)
+                for i in range(N):   # hp[i] from HBM once per chunk, its reloads for later j from L1
+                    hp = tl.load(hp_ptr + rows64[:, None] * s_pm + i * s_pn + cc[None, :] * s_pc, mask=xmask,
+                                 other=0.0).to(tl.float32)
+                    d_res += tl.where((st[None, :, None] == j) & (st[None, None, :] == i),
+                                      tl.sum(gh * hp, axis=1)[:, None, None], 0.0)
                 res_j = tl.load(res_ptr + res_offs + j * N, mask=nn_mask, other=0.0)   # H_res[j, i] over i
                 ghp += res_j[:, :, None] * gh[:, None, :]
             else:
@@ -460,14 +462,14 @@ def _jit(fn, interpret):
 
 
 def autotuned(fn, do_bench=None):
-    """(a)'s kernel ``fn`` tuned over PRE_CONFIGS per (token count bucket, C, R, n, HC, dtypes):
+    """(a)'s kernel ``fn`` tuned over PRE_CONFIGS per (token count bucket, C, R, n, HC, POST, dtypes):
     M_BUCKET is the token count rounded up to a power of two, so that a diagnostics or eval batch
     gets its own tiles without every new batch shape tuning again. ``do_bench``: Triton's default
     (the tests pass their own to tune under the interpreter)."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=st)
                for bm, bc, w, st in PRE_CONFIGS]
     reset = ["gw_ptr"] if fn is _pre_mix_bwd_kernel else None  # G is accumulated atomically
-    return triton.autotune(configs, key=["M_BUCKET", "C", "R", "N", "HC"], reset_to_zero=reset,
+    return triton.autotune(configs, key=["M_BUCKET", "C", "R", "N", "HC", "POST"], reset_to_zero=reset,
                            do_bench=do_bench)(_jit(fn, _interpreting()))
 
 

@@ -279,7 +279,8 @@ def _pre_mix_bwd_kernel(
             gh = tl.dot(gu, tl.trans(w), input_precision=PRECISION) * gain[None, :] \
                 - coef[:, None] * x + H_j[:, None] * gx
             if HAS_GA:   # h's two gradients summed here, rounded once, instead of in a pass of their own
-                gh += tl.load(ga_ptr + (rows64[:, None] * N + j) * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
+                gh += tl.load(ga_ptr + (rows64[:, None] * N + j) * C + cc[None, :], mask=xmask,
+                              other=0.0).to(tl.float32)
             G = tl.dot(tl.trans(x), gu, input_precision=PRECISION)          # (BLOCK_C, R_PAD)
             tl.atomic_add(gw_ptr + k[:, None] * R + rc[None, :], G, mask=wmask, sem="relaxed")  # no fence: a sum
             if POST:     # grad h[j] goes through (b) in fp32 without leaving the chip
@@ -598,7 +599,8 @@ def post_pre_mix_backward(h: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor,
                           h_new: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, gate_scale: torch.Tensor,
                           gate_bias: torch.Tensor, m: torch.Tensor, rstd: torch.Tensor, grad_m: Optional[torch.Tensor],
                           grad_x: torch.Tensor, grad_h_new: Optional[torch.Tensor], per_stream: bool, tf32: bool
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor]:
     """The backward of post_pre_mix, one kernel: h_new's gradient (from (a), plus grad_h_new from beyond it)
     is formed on chip and taken through (b) -> grad h, grad y, grad H_res, grad H_post, and pre_mix_backward's
     G, dL/dH_pre."""

@@ -553,6 +553,7 @@ def test_every_autotune_config(config, tf32, device, fused, monkeypatch):
     """(a) with the tiles of each CUDA autotune config (in the interpreter: TF32 changes no rounding
     there, but the tf32 variant is traced and run), forward and backward against the equations."""
     monkeypatch.setattr(hc_kernels, "PRE_CPU", dict(BLOCK_M=config[0], BLOCK_C=config[1]))
+    torch.manual_seed(0)   # the output weights below: an unseeded draw can make the gate scale's gradient cancel
     for per_stream in (False, True):
         leaves = [t.requires_grad_() for t in pre_mix_case(per_stream, M=config[0] + 7)]   # two token tiles
         ref = [t.detach().clone().requires_grad_() for t in leaves]

@@ -143,6 +143,24 @@ class Connection(nn.Module):
         return f"dim={self.dim}, n_streams={self.n}, layer_idx={self.layer_idx}"
 
 
+def run_connections(conns, branches, h):
+    """h through conns[k](h, branches[k]) for k = 0, 1, ...: a stack of sublayers (e.g. a block's attention
+    and MLP). The torch path is exactly those calls. The fused path (where hc_kernels runs every one of
+    the connections) joins the new streams of one connection with the next one's pre-mix, so the streams
+    are read once between two branches, in the forward and in the backward (hc_kernels.chain_forward)."""
+    if len(conns) != len(branches):
+        raise ValueError(f"run_connections got {len(conns)} connections but {len(branches)} branches")
+    for conn in conns:
+        conn.check(h)
+    if len(conns) > 1 and not any(isinstance(c, Plain) for c in conns):
+        kernels = [_kernels(h, c) for c in conns]
+        if all(kernels):
+            return kernels[0].chain_forward(conns, h, branches)
+    for conn, branch in zip(conns, branches):
+        h = conn(h, branch)
+    return h
+
+
 class Plain(Connection):
     """The standard pre-norm residual h + F(h): H_pre = H_post = H_res = 1, n = 1."""
 

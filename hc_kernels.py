@@ -15,16 +15,21 @@ memory-bound (performance.md). Per connection:
   (b) post_mix  one read-modify-write: h_new = H_res h + H_post y, the sums over streams per thread.
   (c) sinkhorn  log-space Sinkhorn-Knopp (mHC Eq. 9), all iterations on chip; the backward
                 recomputes the iterates from the logits instead of saving 2 x iters matrices.
+  (b)+(a)       post_pre_mix: where one connection follows another (hc.run_connections, e.g. a block's
+                attention then MLP), (b) of the first and (a) of the second are one kernel: h_new is
+                projected while it is on chip, and in the backward h_new's gradient goes through (b)
+                without being written (the same two kernels as (a), with POST set).
 
 Backward saves h (once: the same tensor for (a) and (b)), y, and the small per-token m, rstd,
 H_res, H_post; the mixes are recomputed. (b)'s gradient of h is added inside (a)'s backward
-kernel (connection_forward routes it there), so h's gradient is written once. The backward of (a)
+kernel (chain_forward routes it there), so h's gradient is written once. The backward of (a)
 reduces the projection's gradient per tile with relaxed fp32 atomics, so phi/W and gamma
 gradients are summed in a nondeterministic order.
 
 Bytes per token and sublayer at n = 4, C = 768, bf16 streams (a state is 6 KB), forward +
-backward: 75 KB (87 KB before (b)'s h-gradient went into (a)'s backward); the table and what is
-left to fuse are in README.md ("Fused kernels: bytes per token").
+backward: 75 KB with separate (a) and (b), 57 KB at a joined boundary, 66 KB in hcgpt's blocks
+(their inner boundary joined); the table and what is left to fuse are in README.md ("Fused
+kernels: bytes per token").
 
 The kernels are torch.library custom ops (torch.compile sees them as opaque ops). They run on
 CUDA, or on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1 set before Triton is first
@@ -76,13 +81,18 @@ def _pre_mix_fwd_kernel(
         h_ptr, w_ptr, g_ptr, a_ptr, b_ptr,          # h (M, N, C) strided; weight (K, R); gain (K,);
                                                     # gate scale (); gate bias (N,)
         m_ptr, rstd_ptr, x_ptr,                     # out: m (M, R) | (M, N, R) fp32; rstd (M,) | (M, N); x_in (M, C)
-        M, C, R, s_hm, s_hn, s_hc, eps, M_BUCKET,
-        N: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr, HC: tl.constexpr,
+        hp_ptr, y_ptr, res_ptr, post_ptr,           # POST: the previous connection's h (M, N, C) strided, y (M, C),
+                                                    # H_res (M, N, N), H_post (M, N); h_ptr is then its output
+        M, C, R, s_hm, s_hn, s_hc, s_pm, s_pn, s_pc, eps, M_BUCKET,
+        N: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr, HC: tl.constexpr, POST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
     """HC=False (mHC family): m = (x γ) φ / rms(x) over the token's N C values (K = N C rows of φ),
     H_pre = σ(α m[:N] + b). HC=True: per stream j, m_j = (h_j g / rms(h_j)) W (K = C),
-    H_pre[j] = s tanh(m_j[0]) + A_m[j]. Both: x_in = Σ_j H_pre[j] h_j."""
+    H_pre[j] = s tanh(m_j[0]) + A_m[j]. Both: x_in = Σ_j H_pre[j] h_j.
+    POST: h is first made, as (b) makes it, from the previous connection's streams: h[j] = Σ_i H_res[j, i]
+    hp[i] + H_post[j] y, written out (rounded to its dtype) while pass 1 projects it."""
     s_hm, s_hn, s_hc = tl.cast(s_hm, tl.int64), tl.cast(s_hn, tl.int64), tl.cast(s_hc, tl.int64)  # j s_hn may pass 2^31
+    s_pm, s_pn, s_pc = tl.cast(s_pm, tl.int64), tl.cast(s_pn, tl.int64), tl.cast(s_pc, tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -94,33 +104,49 @@ def _pre_mix_fwd_kernel(
     H_pre = tl.zeros([BLOCK_M, N_PAD], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
     ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # pass 1: the projection and the sum of squares, one read of the token's n x C values
-    for j in range(N):
+    # pass 1: the projection and the sum of squares, one read of the token's n x C values. HC: stream
+    # by stream (its own norm); mHC: channel chunk by chunk, all streams of a chunk together (POST's
+    # reloads of hp[i] for the next stream j then hit L1)
+    for jo in range(N if HC else 1):
         if HC:
             acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
             ss = tl.zeros([BLOCK_M], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + cols
             c_ok = cc < C
-            x = tl.load(h_ptr + rows64[:, None] * s_hm + j * s_hn + cc[None, :] * s_hc,
-                        mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-            if HC:
-                k = cc              # one C x R weight shared by the streams
-            else:
-                k = j * C + cc      # row of φ for flatten(h)[j C + c]
-            gain = tl.load(g_ptr + k, mask=c_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + k[:, None] * R + rc[None, :], mask=c_ok[:, None] & rc_ok[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.dot(x * gain[None, :], w, input_precision=PRECISION)
-            ss += tl.sum(x * x, axis=1)
+            xmask = row_ok[:, None] & c_ok[None, :]
+            if POST:
+                y = tl.load(y_ptr + rows64[:, None] * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
+            for j in range(jo if HC else 0, jo + 1 if HC else N):
+                h_offs = rows64[:, None] * s_hm + j * s_hn + cc[None, :] * s_hc
+                if POST:   # (b) of the previous connection, in fp32, rounded once as post_mix rounds it
+                    x = tl.load(post_ptr + rows64 * N + j, mask=row_ok, other=0.0)[:, None] * y
+                    for i in range(N):
+                        res_ji = tl.load(res_ptr + rows64 * (N * N) + j * N + i, mask=row_ok, other=0.0)
+                        x += res_ji[:, None] * tl.load(hp_ptr + rows64[:, None] * s_pm + i * s_pn + cc[None, :] * s_pc,
+                                                       mask=xmask, other=0.0).to(tl.float32)
+                    x = x.to(h_ptr.dtype.element_ty)
+                    tl.store(h_ptr + h_offs, x, mask=xmask)
+                    x = x.to(tl.float32)
+                else:
+                    x = tl.load(h_ptr + h_offs, mask=xmask, other=0.0).to(tl.float32)
+                if HC:
+                    k = cc              # one C x R weight shared by the streams
+                else:
+                    k = j * C + cc      # row of φ for flatten(h)[j C + c]
+                gain = tl.load(g_ptr + k, mask=c_ok, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + k[:, None] * R + rc[None, :], mask=c_ok[:, None] & rc_ok[None, :],
+                            other=0.0).to(tl.float32)
+                acc += tl.dot(x * gain[None, :], w, input_precision=PRECISION)
+                ss += tl.sum(x * x, axis=1)
         if HC:
             rstd = 1.0 / tl.sqrt(ss / C + eps)
             m = acc * rstd[:, None]                                      # H̄_j W
-            tl.store(m_ptr + (rows64[:, None] * N + j) * R + rc[None, :], m, mask=row_ok[:, None] & rc_ok[None, :])
-            tl.store(rstd_ptr + rows64 * N + j, rstd, mask=row_ok)
+            tl.store(m_ptr + (rows64[:, None] * N + jo) * R + rc[None, :], m, mask=row_ok[:, None] & rc_ok[None, :])
+            tl.store(rstd_ptr + rows64 * N + jo, rstd, mask=row_ok)
             p = tl.sum(tl.where(rc[None, :] == 0, m, 0.0), axis=1)      # H̄_j W_m
-            H_j = scale * (2.0 * tl.sigmoid(2.0 * p) - 1.0) + tl.load(b_ptr + j).to(tl.float32)  # s tanh(.) + A_m
-            H_pre = tl.where(st[None, :] == j, H_j[:, None], H_pre)
+            H_j = scale * (2.0 * tl.sigmoid(2.0 * p) - 1.0) + tl.load(b_ptr + jo).to(tl.float32)  # s tanh(.) + A_m
+            H_pre = tl.where(st[None, :] == jo, H_j[:, None], H_pre)
     if not HC:
         rstd = 1.0 / tl.sqrt(ss / (N * C) + eps)
         m = acc * rstd[:, None]
@@ -130,6 +156,8 @@ def _pre_mix_fwd_kernel(
         m_pre = tl.load(m_ptr + rows64[:, None] * R + st[None, :], mask=row_ok[:, None] & (st[None, :] < N), other=0.0)
         b = tl.load(b_ptr + st, mask=st < N, other=0.0).to(tl.float32)
         H_pre = tl.sigmoid(scale * m_pre + b[None, :])
+    if POST:
+        tl.debug_barrier()  # pass 2 reads h where other threads of this program wrote it
     # pass 2: x_in = Σ_j H_pre[j] h_j, a second read of h (from HBM at training sizes: h outgrows L2)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + cols
@@ -148,13 +176,21 @@ def _pre_mix_bwd_kernel(
         h_ptr, w_ptr, g_ptr, a_ptr, b_ptr, m_ptr, rstd_ptr, gm_ptr, gx_ptr,
         ga_ptr,                           # (M, N, C): h's gradient from (b), added in (HAS_GA)
         gh_ptr, gw_ptr, dH_ptr, gu_ptr,   # out: grad h (M, N, C); G = Σ_tokens x ⊗ grad_u (K, R) fp32, atomic;
-        M, C, R, s_hm, s_hn, s_hc, M_BUCKET,  # dL/dH_pre (M, N) fp32; scratch grad_u (M, R) fp32 (mHC family)
+                                          # dL/dH_pre (M, N) fp32; scratch grad_u (M, R) fp32 (mHC family)
+        hp_ptr, y_ptr, res_ptr, post_ptr,         # POST: the previous connection's h (strided), y, H_res, H_post
+        gy_ptr, gres_ptr, gpost_ptr,              # POST out: grad y (M, C), grad H_res (M, N, N), grad H_post (M, N)
+        M, C, R, s_hm, s_hn, s_hc, s_pm, s_pn, s_pc, M_BUCKET,
         N: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr, HC: tl.constexpr, HAS_GM: tl.constexpr,
-        HAS_GA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+        HAS_GA: tl.constexpr, POST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+        PRECISION: tl.constexpr):
     """With u = (x γ) W and m = rstd u: grad_u = rstd grad_m, and
     dL/dx = γ (grad_u Wᵀ) - (Σ_k grad_m_k m_k) rstd² x / K + H_pre[j] grad_x_in (+ grad_a: (b)'s share),
-    where grad_m includes the H_pre gate's share. dW = γ G and dγ = rowsum(W G) are formed outside."""
+    where grad_m includes the H_pre gate's share. dW = γ G and dγ = rowsum(W G) are formed outside.
+    POST (h = H_res hp + H_post y, made by the forward of the same name): grad h stays on chip, and
+    (b)'s backward runs on it: grad hp[i] = Σ_j H_res[j, i] grad h[j], grad y = Σ_j H_post[j] grad h[j],
+    grad H_res[j, i] = Σ_c grad h[j] hp[i], grad H_post[j] = Σ_c grad h[j] y; gh_ptr is then grad hp."""
     s_hm, s_hn, s_hc = tl.cast(s_hm, tl.int64), tl.cast(s_hn, tl.int64), tl.cast(s_hc, tl.int64)  # j s_hn may pass 2^31
+    s_pm, s_pn, s_pc = tl.cast(s_pm, tl.int64), tl.cast(s_pn, tl.int64), tl.cast(s_pc, tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -199,46 +235,75 @@ def _pre_mix_bwd_kernel(
         tl.debug_barrier()
         gu = tl.load(gu_ptr + rows64[:, None] * R + rc[None, :], mask=rmask, other=0.0)
         coef = tl.sum(gu * m, axis=1) * rstd / (N * C)
-    # pass 2: grad of h, and G += xᵀ grad_u for the weight (h and grad x_in read a second time)
-    for j in range(N):
-        if HC:
-            rmask = row_ok[:, None] & rc_ok[None, :]
-            m = tl.load(m_ptr + (rows64[:, None] * N + j) * R + rc[None, :], mask=rmask, other=0.0)
-            if HAS_GM:
-                gm = tl.load(gm_ptr + (rows64[:, None] * N + j) * R + rc[None, :], mask=rmask, other=0.0)
-            else:
-                gm = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
-            rstd = tl.load(rstd_ptr + rows64 * N + j, mask=row_ok, other=0.0)
-            p = tl.sum(tl.where(rc[None, :] == 0, m, 0.0), axis=1)
-            t = 2.0 * tl.sigmoid(2.0 * p) - 1.0                            # tanh(H̄_j W_m)
-            H_j = scale * t + tl.load(b_ptr + j).to(tl.float32)
-            dH_j = tl.sum(tl.where(st[None, :] == j, dH, 0.0), axis=1)
-            gm += tl.where(rc[None, :] == 0, (dH_j * scale * (1.0 - t * t))[:, None], 0.0)
-            gu = gm * rstd[:, None]
-            coef = tl.sum(gm * m, axis=1) * rstd * rstd / C
-        else:
-            H_j = tl.sum(tl.where(st[None, :] == j, H_pre, 0.0), axis=1)
-        for c0 in range(0, C, BLOCK_C):
-            cc = c0 + cols
-            c_ok = cc < C
-            xmask = row_ok[:, None] & c_ok[None, :]
-            x = tl.load(h_ptr + rows64[:, None] * s_hm + j * s_hn + cc[None, :] * s_hc, mask=xmask,
-                        other=0.0).to(tl.float32)
-            gx = tl.load(gx_ptr + rows64[:, None] * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
-            if HC:
+    # pass 2: grad of h, and G += xᵀ grad_u for the weight (h and grad x_in read a second time), channel
+    # chunk by chunk, all streams of a chunk together (POST needs every grad h[j] of the chunk)
+    if POST:
+        d_res = tl.zeros([BLOCK_M, N_PAD, N_PAD], dtype=tl.float32)    # [token, j, i]
+        d_post = tl.zeros([BLOCK_M, N_PAD], dtype=tl.float32)
+        res_offs = rows64[:, None] * (N * N) + st[None, :]              # + j N: row j of H_res
+        nn_mask = row_ok[:, None] & st_ok[None, :]
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + cols
+        c_ok = cc < C
+        xmask = row_ok[:, None] & c_ok[None, :]
+        gx = tl.load(gx_ptr + rows64[:, None] * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
+        if POST:
+            y = tl.load(y_ptr + rows64[:, None] * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
+            gy = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+            ghp = tl.zeros([BLOCK_M, N_PAD, BLOCK_C], dtype=tl.float32)
+        for j in range(N):
+            if HC:   # the stream's own norm and gate (small per-token rows, reloaded per chunk from cache)
+                rmask = row_ok[:, None] & rc_ok[None, :]
+                m = tl.load(m_ptr + (rows64[:, None] * N + j) * R + rc[None, :], mask=rmask, other=0.0)
+                if HAS_GM:
+                    gm = tl.load(gm_ptr + (rows64[:, None] * N + j) * R + rc[None, :], mask=rmask, other=0.0)
+                else:
+                    gm = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
+                rstd = tl.load(rstd_ptr + rows64 * N + j, mask=row_ok, other=0.0)
+                p = tl.sum(tl.where(rc[None, :] == 0, m, 0.0), axis=1)
+                t = 2.0 * tl.sigmoid(2.0 * p) - 1.0                            # tanh(H̄_j W_m)
+                H_j = scale * t + tl.load(b_ptr + j).to(tl.float32)
+                dH_j = tl.sum(tl.where(st[None, :] == j, dH, 0.0), axis=1)
+                gm += tl.where(rc[None, :] == 0, (dH_j * scale * (1.0 - t * t))[:, None], 0.0)
+                gu = gm * rstd[:, None]
+                coef = tl.sum(gm * m, axis=1) * rstd * rstd / C
                 k = cc
             else:
+                H_j = tl.sum(tl.where(st[None, :] == j, H_pre, 0.0), axis=1)
                 k = j * C + cc
+            x = tl.load(h_ptr + rows64[:, None] * s_hm + j * s_hn + cc[None, :] * s_hc, mask=xmask,
+                        other=0.0).to(tl.float32)
             gain = tl.load(g_ptr + k, mask=c_ok, other=0.0).to(tl.float32)
             wmask = c_ok[:, None] & rc_ok[None, :]
             w = tl.load(w_ptr + k[:, None] * R + rc[None, :], mask=wmask, other=0.0).to(tl.float32)
             gh = tl.dot(gu, tl.trans(w), input_precision=PRECISION) * gain[None, :] \
                 - coef[:, None] * x + H_j[:, None] * gx
             if HAS_GA:   # h's two gradients summed here, rounded once, instead of in a pass of their own
-                gh += tl.load(ga_ptr + (rows64[:, None] * N + j) * C + cc[None, :], mask=xmask, other=0.0).to(tl.float32)
-            tl.store(gh_ptr + (rows64[:, None] * N + j) * C + cc[None, :], gh.to(gh_ptr.dtype.element_ty), mask=xmask)
+                gh += tl.load(ga_ptr + (rows64[:, None] * N + j) * C + cc[None, :], mask=xmask,
+                              other=0.0).to(tl.float32)
             G = tl.dot(tl.trans(x), gu, input_precision=PRECISION)          # (BLOCK_C, R_PAD)
             tl.atomic_add(gw_ptr + k[:, None] * R + rc[None, :], G, mask=wmask, sem="relaxed")  # no fence: a sum
+            if POST:     # grad h[j] goes through (b) in fp32 without leaving the chip
+                gy += tl.load(post_ptr + rows64 * N + j, mask=row_ok, other=0.0)[:, None] * gh
+                d_post += tl.where(st[None, :] == j, tl.sum(gh * y, axis=1)[:, None], 0.0)
+                for i in range(N):   # hp[i] from HBM once per chunk, its reloads for later j from L1
+                    hp = tl.load(hp_ptr + rows64[:, None] * s_pm + i * s_pn + cc[None, :] * s_pc, mask=xmask,
+                                 other=0.0).to(tl.float32)
+                    d_res += tl.where((st[None, :, None] == j) & (st[None, None, :] == i),
+                                      tl.sum(gh * hp, axis=1)[:, None, None], 0.0)
+                res_j = tl.load(res_ptr + res_offs + j * N, mask=nn_mask, other=0.0)   # H_res[j, i] over i
+                ghp += res_j[:, :, None] * gh[:, None, :]
+            else:
+                tl.store(gh_ptr + (rows64[:, None] * N + j) * C + cc[None, :], gh.to(gh_ptr.dtype.element_ty),
+                         mask=xmask)
+        if POST:
+            tl.store(gy_ptr + rows64[:, None] * C + cc[None, :], gy.to(gy_ptr.dtype.element_ty), mask=xmask)
+            tl.store(gh_ptr + (rows64[:, None, None] * N + st[None, :, None]) * C + cc[None, None, :],
+                     ghp.to(gh_ptr.dtype.element_ty), mask=xmask[:, None, :] & st_ok[None, :, None])
+    if POST:
+        tl.store(gres_ptr + rows64[:, None, None] * (N * N) + st[None, :, None] * N + st[None, None, :], d_res,
+                 mask=row_ok[:, None, None] & st_ok[None, :, None] & st_ok[None, None, :])
+        tl.store(gpost_ptr + rows64[:, None] * N + st[None, :], d_post, mask=nn_mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -398,14 +463,14 @@ def _jit(fn, interpret):
 
 
 def autotuned(fn, do_bench=None):
-    """(a)'s kernel ``fn`` tuned over PRE_CONFIGS per (token count bucket, C, R, n, HC, dtypes):
+    """(a)'s kernel ``fn`` tuned over PRE_CONFIGS per (token count bucket, C, R, n, HC, POST, dtypes):
     M_BUCKET is the token count rounded up to a power of two, so that a diagnostics or eval batch
     gets its own tiles without every new batch shape tuning again. ``do_bench``: Triton's default
     (the tests pass their own to tune under the interpreter)."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=st)
                for bm, bc, w, st in PRE_CONFIGS]
     reset = ["gw_ptr"] if fn is _pre_mix_bwd_kernel else None  # G is accumulated atomically
-    return triton.autotune(configs, key=["M_BUCKET", "C", "R", "N", "HC"], reset_to_zero=reset,
+    return triton.autotune(configs, key=["M_BUCKET", "C", "R", "N", "HC", "POST"], reset_to_zero=reset,
                            do_bench=do_bench)(_jit(fn, _interpreting()))
 
 
@@ -448,8 +513,9 @@ def pre_mix(h: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, gate_scal
     if M > 0:
         _launch_pre(_pre_mix_fwd_kernel, M, h.device,
                     hr, weight.contiguous(), gain.contiguous(), gate_scale, gate_bias.contiguous(), m, rstd, x_in,
-                    M, C, R, *hr.stride(), EPS, N=n, N_PAD=_pow2(n), R_PAD=_pow2(R, 16), HC=per_stream,
-                    PRECISION="tf32" if tf32 else "ieee")
+                    hr, x_in, m, m,                      # no POST: unused
+                    M, C, R, *hr.stride(), 0, 0, 0, EPS, N=n, N_PAD=_pow2(n), R_PAD=_pow2(R, 16), HC=per_stream,
+                    POST=False, PRECISION="tf32" if tf32 else "ieee")
     return m, rstd, x_in
 
 
@@ -481,9 +547,11 @@ def pre_mix_backward(h: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, 
         _launch_pre(_pre_mix_bwd_kernel, M, h.device,
                     hr, weight.contiguous(), gain.contiguous(), gate_scale, gate_bias.contiguous(), m, rstd, gm,
                     grad_x.contiguous(), grad_h if grad_h_post is None else grad_h_post.contiguous(),
-                    grad_h, G, dH, gu, M, C, R, *hr.stride(),
+                    grad_h, G, dH, gu,
+                    hr, grad_x, dH, dH, grad_x, dH, dH,  # no POST: unused
+                    M, C, R, *hr.stride(), 0, 0, 0,
                     N=n, N_PAD=_pow2(n), R_PAD=_pow2(R, 16), HC=per_stream, HAS_GM=grad_m is not None,
-                    HAS_GA=grad_h_post is not None, PRECISION="tf32" if tf32 else "ieee")
+                    HAS_GA=grad_h_post is not None, POST=False, PRECISION="tf32" if tf32 else "ieee")
     return grad_h, G, dH
 
 
@@ -491,6 +559,109 @@ def pre_mix_backward(h: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, 
 def _(h, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, grad_h_post, per_stream, tf32):
     return (torch.empty_like(h, memory_format=torch.contiguous_format),
             weight.new_empty(weight.shape, dtype=torch.float32), h.new_empty(h.shape[:-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("hcgpt::post_pre_mix", mutates_args=())
+def post_pre_mix(h: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: torch.Tensor, weight: torch.Tensor,
+                 gain: torch.Tensor, gate_scale: torch.Tensor, gate_bias: torch.Tensor, per_stream: bool, tf32: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(b) of one connection and (a) of the next in one kernel: h (..., n, C), y (..., C), H_res (..., n, n),
+    H_post (..., n) -> h_new = H_res h + H_post y (h's dtype), and pre_mix(h_new): m, rstd, x_in."""
+    *lead, n, C = h.shape
+    R = weight.shape[1]
+    hr = _rows(h, n, C)
+    M = hr.shape[0]
+    mshape = (*lead, n, R) if per_stream else (*lead, R)
+    h_new = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    m = h.new_empty(mshape, dtype=torch.float32)
+    rstd = h.new_empty(mshape[:-1], dtype=torch.float32)
+    x_in = h.new_empty((*lead, C))
+    if M > 0:
+        hn = h_new.view(M, n, C)
+        _launch_pre(_pre_mix_fwd_kernel, M, h.device,
+                    hn, weight.contiguous(), gain.contiguous(), gate_scale, gate_bias.contiguous(), m, rstd, x_in,
+                    hr, y.contiguous(), H_res.contiguous(), H_post.contiguous(),
+                    M, C, R, *hn.stride(), *hr.stride(), EPS, N=n, N_PAD=_pow2(n), R_PAD=_pow2(R, 16),
+                    HC=per_stream, POST=True, PRECISION="tf32" if tf32 else "ieee")
+    return h_new, m, rstd, x_in
+
+
+@post_pre_mix.register_fake
+def _(h, y, H_res, H_post, weight, gain, gate_scale, gate_bias, per_stream, tf32):
+    *lead, n, C = h.shape
+    mshape = (*lead, n, weight.shape[1]) if per_stream else (*lead, weight.shape[1])
+    return (torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(mshape, dtype=torch.float32),
+            h.new_empty(mshape[:-1], dtype=torch.float32), h.new_empty((*lead, C)))
+
+
+@torch.library.custom_op("hcgpt::post_pre_mix_backward", mutates_args=())
+def post_pre_mix_backward(h: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: torch.Tensor,
+                          h_new: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, gate_scale: torch.Tensor,
+                          gate_bias: torch.Tensor, m: torch.Tensor, rstd: torch.Tensor, grad_m: Optional[torch.Tensor],
+                          grad_x: torch.Tensor, grad_h_new: Optional[torch.Tensor], per_stream: bool, tf32: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor]:
+    """The backward of post_pre_mix, one kernel: h_new's gradient (from (a), plus grad_h_new from beyond it)
+    is formed on chip and taken through (b) -> grad h, grad y, grad H_res, grad H_post, and pre_mix_backward's
+    G, dL/dH_pre."""
+    *lead, n, C = h.shape
+    R = weight.shape[1]
+    hr = _rows(h, n, C)
+    M = hr.shape[0]
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    grad_res = torch.empty(H_res.shape, dtype=torch.float32, device=h.device)
+    grad_post = torch.empty(H_post.shape, dtype=torch.float32, device=h.device)
+    G = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+    dH = h.new_empty((*lead, n), dtype=torch.float32)
+    if M > 0:
+        hn = h_new.reshape(M, n, C)
+        gu = torch.empty((1,) if per_stream else (M, R), dtype=torch.float32, device=h.device)
+        gm = grad_m.contiguous() if grad_m is not None else m
+        _launch_pre(_pre_mix_bwd_kernel, M, h.device,
+                    hn, weight.contiguous(), gain.contiguous(), gate_scale, gate_bias.contiguous(), m, rstd, gm,
+                    grad_x.contiguous(), hn if grad_h_new is None else grad_h_new.contiguous(),
+                    grad_h, G, dH, gu,
+                    hr, y.contiguous(), H_res.contiguous(), H_post.contiguous(), grad_y, grad_res, grad_post,
+                    M, C, R, *hn.stride(), *hr.stride(),
+                    N=n, N_PAD=_pow2(n), R_PAD=_pow2(R, 16), HC=per_stream, HAS_GM=grad_m is not None,
+                    HAS_GA=grad_h_new is not None, POST=True, PRECISION="tf32" if tf32 else "ieee")
+    return grad_h, grad_y, grad_res.to(H_res.dtype), grad_post.to(H_post.dtype), G, dH
+
+
+@post_pre_mix_backward.register_fake
+def _(h, y, H_res, H_post, h_new, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, grad_h_new,
+      per_stream, tf32):
+    return (torch.empty_like(h, memory_format=torch.contiguous_format),
+            torch.empty_like(y, memory_format=torch.contiguous_format),
+            torch.empty_like(H_res, memory_format=torch.contiguous_format),
+            torch.empty_like(H_post, memory_format=torch.contiguous_format),
+            weight.new_empty(weight.shape, dtype=torch.float32), h.new_empty(h.shape[:-1], dtype=torch.float32))
+
+
+def _post_pre_mix_setup(ctx, inputs, output):
+    h, y, H_res, H_post, weight, gain, gate_scale, gate_bias, per_stream, tf32 = inputs
+    h_new, m, rstd, _ = output
+    ctx.save_for_backward(h, y, H_res, H_post, h_new, weight, gain, gate_scale, gate_bias, m, rstd)
+    ctx.mark_non_differentiable(rstd)
+    ctx.per_stream, ctx.tf32 = per_stream, tf32
+
+
+def _post_pre_mix_grad(ctx, grad_h_new, grad_m, grad_rstd, grad_x, grad_link=None):
+    """grad_link: the next (b)'s gradient of h_new (see _PostPreMix), added on chip like grad_h_new."""
+    h, y, H_res, H_post, h_new, weight, gain, gate_scale, gate_bias, m, rstd = ctx.saved_tensors
+    if grad_x is None:
+        grad_x = y.new_zeros(y.shape, dtype=h.dtype)
+    if grad_h_new is not None:   # the new streams used outside the chain too (not in the model)
+        grad_link = grad_h_new if grad_link is None else grad_h_new + grad_link
+    grad_h, grad_y, grad_res, grad_post, G, dH = post_pre_mix_backward(
+        h, y, H_res, H_post, h_new, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, grad_link,
+        ctx.per_stream, ctx.tf32)
+    return (grad_h, grad_y, grad_res, grad_post,
+            *_projection_grads(weight, gain, gate_scale, gate_bias, m, G, dH, ctx.per_stream), None, None)
+
+
+post_pre_mix.register_autograd(_post_pre_mix_grad, setup_context=_post_pre_mix_setup)
 
 
 def _pre_mix_setup(ctx, inputs, output):
@@ -503,25 +674,29 @@ def _pre_mix_setup(ctx, inputs, output):
 
 def _pre_mix_grad(ctx, grad_m, grad_rstd, grad_x, grad_h_post=None):
     h, weight, gain, gate_scale, gate_bias, m, rstd = ctx.saved_tensors
-    n = h.shape[-2]
     if grad_x is None:
         grad_x = h.new_zeros((*h.shape[:-2], h.shape[-1]))
     grad_h, G, dH = pre_mix_backward(h, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, grad_h_post,
                                      ctx.per_stream, ctx.tf32)
+    return (grad_h, *_projection_grads(weight, gain, gate_scale, gate_bias, m, G, dH, ctx.per_stream), None, None)
+
+
+def _projection_grads(weight, gain, gate_scale, gate_bias, m, G, dH, per_stream):
+    """The gradients of (a)'s parameters from the kernel's G = Σ_tokens x ⊗ grad_u and dL/dH_pre."""
+    n = dH.shape[-1]
     # m = rstd (x γ) W: dW = γ G, dγ = Σ_r W G
     gf = gain.float()
     grad_weight = (gf[:, None] * G).to(weight.dtype)
     grad_gain = (weight.float() * G).sum(1).to(gain.dtype)
     # the H_pre gate, recomputed from m (the same formula as in the kernel and in conn.gates)
-    if ctx.per_stream:   # H_pre = s tanh(p) + A_m with p = m[..., 0]
+    if per_stream:   # H_pre = s tanh(p) + A_m with p = m[..., 0]
         t = torch.tanh(m[..., 0])
         grad_scale, grad_bias = (dH * t).sum(), dH.reshape(-1, n).sum(0)
     else:                # H_pre = σ(α m[:n] + b)
         s = torch.sigmoid(gate_scale.float() * m[..., :n] + gate_bias.float())
         dz = dH * s * (1 - s)
         grad_scale, grad_bias = (dz * m[..., :n]).sum(), dz.reshape(-1, n).sum(0)
-    return (grad_h, grad_weight, grad_gain, grad_scale.to(gate_scale.dtype), grad_bias.to(gate_bias.dtype),
-            None, None)
+    return grad_weight, grad_gain, grad_scale.to(gate_scale.dtype), grad_bias.to(gate_bias.dtype)
 
 
 pre_mix.register_autograd(_pre_mix_grad, setup_context=_pre_mix_setup)
@@ -762,20 +937,62 @@ class _PostMix(torch.autograd.Function):
         return None, grad_h, grad_y, grad_res, grad_post
 
 
-def connection_forward(conn, h, branch):
-    """conn(h, branch) through (a) and (b): the equations of hc.Connection.forward."""
-    n = conn.n
+class _PostPreMix(torch.autograd.Function):
+    """(b) of one connection and (a) of the next, one kernel each way. h is read as stopgrad(h) + link
+    (its gradient goes to the previous (a), as in _PostMix); the new streams' own ``link`` takes the next
+    (b)'s h-gradient, which this backward kernel adds to (a)'s share on chip before going through (b)."""
+
+    @staticmethod
+    def forward(ctx, h, link, y, H_res, H_post, weight, gain, gate_scale, gate_bias, per_stream, tf32):
+        h_new, m, rstd, x_in = post_pre_mix(h, y, H_res, H_post, weight, gain, gate_scale, gate_bias, per_stream, tf32)
+        ctx.save_for_backward(h, y, H_res, H_post, h_new, weight, gain, gate_scale, gate_bias, m, rstd)
+        ctx.per_stream, ctx.tf32 = per_stream, tf32
+        ctx.set_materialize_grads(False)   # no pass of zeros for a gradient that is absent
+        return h_new, m, x_in, h_new.new_zeros(()).expand(h_new.shape)
+
+    @staticmethod
+    def backward(ctx, grad_h_new, grad_m, grad_x, grad_link):
+        return None, *_post_pre_mix_grad(ctx, grad_h_new, grad_m, None, grad_x, grad_link)
+
+
+def _projection(conn):
+    """(a)'s weight, gain, gate scale, gate bias and per_stream flag for ``conn``."""
+    if hasattr(conn, "W_r"):   # HC: per-stream norm, W = [W_m | W_r | W_β]
+        return torch.cat([conn.W_m, conn.W_r, conn.W_beta], dim=1), conn.norm_gain, conn.s_alpha, conn.A_m, True
+    return conn.phi, conn.gamma, conn.alpha_pre, conn.b_pre, False   # mHC family: one norm over the n C values
+
+
+def _gates(conn, m):
+    """H_post, H_res from (a)'s projection m, as conn.coefficients forms them."""
+    if hasattr(conn, "W_r"):
+        _, H_post, H_res = conn.gates(*m.split([1, conn.n, 1], dim=-1))
+    else:
+        _, H_post, H_res = conn.gates(m)
+    return H_post.contiguous(), H_res.contiguous()
+
+
+def chain_forward(conns, h, branches):
+    """conns[-1](... conns[0](h, branches[0]) ..., branches[-1]), the equations of hc.Connection.forward,
+    through (a) of the first connection, one kernel per boundary ((b) of one connection with (a) of the
+    next: post_pre_mix) and (b) of the last."""
     tf32 = tf32_enabled()   # as the torch path's matmul would on CUDA (the interpreter reads it too)
     with torch.autocast(h.device.type, enabled=False):
-        if hasattr(conn, "W_r"):   # HC: per-stream norm, W = [W_m | W_r | W_β]
-            W = torch.cat([conn.W_m, conn.W_r, conn.W_beta], dim=1)
-            m, x_in, link = _PreMix.apply(h, W, conn.norm_gain, conn.s_alpha, conn.A_m, True, tf32)
-            _, H_post, H_res = conn.gates(*m.split([1, n, 1], dim=-1))
-        else:                      # mHC family: one norm and projection over the token's n C values
-            m, x_in, link = _PreMix.apply(h, conn.phi, conn.gamma, conn.alpha_pre, conn.b_pre, False, tf32)
-            _, H_post, H_res = conn.gates(m)
-    y = branch(x_in)
-    return _PostMix.apply(h, link, y, H_res.contiguous(), H_post.contiguous())
+        *proj, per_stream = _projection(conns[0])
+        m, x_in, link = _PreMix.apply(h, *proj, per_stream, tf32)
+        H_post, H_res = _gates(conns[0], m)
+    for branch, nxt in zip(branches, [*conns[1:], None]):
+        y = branch(x_in)
+        if nxt is None:
+            return _PostMix.apply(h, link, y, H_res, H_post)
+        with torch.autocast(h.device.type, enabled=False):
+            *proj, per_stream = _projection(nxt)
+            h, m, x_in, link = _PostPreMix.apply(h, link, y, H_res, H_post, *proj, per_stream, tf32)
+            H_post, H_res = _gates(nxt, m)
+
+
+def connection_forward(conn, h, branch):
+    """conn(h, branch) through (a) and (b): the equations of hc.Connection.forward."""
+    return chain_forward([conn], h, [branch])
 
 
 def sinkhorn(logits, iters):

@@ -109,9 +109,9 @@ class Block(nn.Module):
 
     def forward(self, h):  # h: (B, T, n, C)
         dt = self.ln_1.weight.dtype  # the branches compute in the weights' dtype (or autocast's), whatever the stream's
-        h = self.hc_attn(h, lambda x: self.attn(self.ln_1(x.to(dt))))
-        h = self.hc_mlp(h, lambda x: self.mlp(self.ln_2(x.to(dt))))
-        return h
+        # h = hc_mlp(hc_attn(h, attn), mlp); the fused path joins the two connections in one kernel
+        return hc.run_connections((self.hc_attn, self.hc_mlp), (lambda x: self.attn(self.ln_1(x.to(dt))),
+                                                                 lambda x: self.mlp(self.ln_2(x.to(dt)))), h)
 
 
 # -----------------------------------------------------------------------------

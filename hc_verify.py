@@ -3,8 +3,8 @@
 The kernels of hc_kernels.py are tested in Triton's interpreter and compiled offline, but a
 user's GPU is where they first run for real. So before a run uses them (and before
 torch.compile traces the model or CUDA graphs capture it), ``verify_fused(model)`` runs one
-connection of every distinct kind (scheme, n, C, projection width, stream dtype) both ways on a
-real-sized input, thousands of tokens with random non-trivial parameters, and compares the
+connection of every distinct kind (scheme, n, C, projection width, stream dtype), alone and two
+in a chain (the joined boundary kernel of a block), both ways on a real-sized input, thousands of tokens with random non-trivial parameters, and compares the
 output and every gradient (the streams', each parameter's, the stand-in branch's) with an fp64
 run of the torch equations:
 
@@ -109,26 +109,29 @@ class _Branch(nn.Module):
         return self.fc(self.ln(x.to(self.fc.weight.dtype)))
 
 
-def _run(conn, branch, h, w, mode, autocast_dtype):
-    """Output and the gradients of <out, w> w.r.t. h and every parameter (conn's and the branch's),
-    under hc.FUSED = mode."""
+def _run(conns, branches, h, w, mode, autocast_dtype, prefix=""):
+    """Output of h through the connections (hc.run_connections: one connection, or a chain whose
+    fused path joins each boundary in one kernel) and the gradients of <out, w> w.r.t. h and every
+    parameter (the connections' and the branches'), under hc.FUSED = mode."""
     saved = hc.FUSED
     hc.FUSED = mode
     try:
-        conn.zero_grad(set_to_none=True)
-        branch.zero_grad(set_to_none=True)
+        for m in (*conns, *branches):
+            m.zero_grad(set_to_none=True)
         h = h.detach().clone().requires_grad_()
         autocast = (torch.autocast(h.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
         with torch.enable_grad(), autocast:
-            out = conn(h, branch)
+            out = hc.run_connections(conns, branches, h)
             (out.double() * w).sum().backward()
     finally:
         hc.FUSED = saved
-    grads = {"grad h": h.grad}
-    grads.update({f"grad {k}": p.grad for k, p in conn.named_parameters()})
-    grads.update({f"grad branch.{k}": p.grad for k, p in branch.named_parameters()})   # through y's gradient
-    return {"out": out.detach(), **grads}
+    result = {f"{prefix}out": out.detach(), f"{prefix}grad h": h.grad}
+    for i, (conn, branch) in enumerate(zip(conns, branches)):
+        at = f"{i}." if len(conns) > 1 else ""
+        result.update({f"{prefix}grad {at}{k}": p.grad for k, p in conn.named_parameters()})
+        result.update({f"{prefix}grad {at}branch.{k}": p.grad for k, p in branch.named_parameters()})  # via y's gradient
+    return result
 
 
 def rel_err(a, ref):
@@ -138,11 +141,10 @@ def rel_err(a, ref):
 
 
 def check_connection(conn, tokens=4096, stream_dtype=torch.float32, autocast_dtype=None, seed=0):
-    """Run a perturbed copy of conn fused, on the torch path and in fp64 on ``tokens`` random tokens.
+    """Run perturbed copies of conn fused, on the torch path and in fp64 on ``tokens`` random tokens:
+    one connection alone, and two in a chain (a block's attention and MLP: the joined boundary kernel).
     Returns {"ok", "reason", "errors": {tensor: (fused err, torch err)}}; never raises for the kernels."""
     device = next(conn.parameters()).device
-    conn = perturb(conn, seed)
-    branch = _Branch(conn.dim, seed + 1).to(device)
     g = torch.Generator().manual_seed(seed + 2)
     B = 4 if tokens % 4 == 0 else 1
     shape = (B, tokens // B, conn.n, conn.dim)
@@ -150,19 +152,23 @@ def check_connection(conn, tokens=4096, stream_dtype=torch.float32, autocast_dty
     w = torch.randn(shape, generator=g, dtype=torch.float64).to(device)
     bf16 = torch.bfloat16 in (stream_dtype, autocast_dtype)
     floor = FLOOR_BF16 if bf16 else FLOOR_FP32
-    try:
-        fused = _run(conn, branch, h, w, "on", autocast_dtype)
-    except Exception as e:   # a launch or compile error on this device: report it, do not crash the run
-        return {"ok": False, "reason": f"the fused kernels raised {type(e).__name__}: {str(e).splitlines()[0][:300]}",
-                "errors": {}}
-    ref_path = _run(conn, branch, h, w, "off", autocast_dtype)
-    ref64 = _run(copy.deepcopy(conn).double(), copy.deepcopy(branch).double(), h.double(), w, "off", None)
     errors, bad = {}, []
-    for name, ref in ref64.items():
-        ef, et = rel_err(fused[name], ref), rel_err(ref_path[name], ref)
-        errors[name] = (ef, et)
-        if not ef <= FACTOR * et + floor:      # also catches NaN
-            bad.append(f"{name}: error {ef:.2e} vs the torch path's {et:.2e}")
+    for prefix, k in (("", 1), ("chain: ", 2)):
+        conns = [perturb(conn, seed + 10 * i) for i in range(k)]
+        branches = [_Branch(conn.dim, seed + 10 * i + 1).to(device) for i in range(k)]
+        try:
+            fused = _run(conns, branches, h, w, "on", autocast_dtype, prefix)
+        except Exception as e:   # a launch or compile error on this device: report it, do not crash the run
+            return {"ok": False, "reason": f"the fused kernels raised {type(e).__name__}: "
+                                           f"{str(e).splitlines()[0][:300]}", "errors": errors}
+        ref_path = _run(conns, branches, h, w, "off", autocast_dtype, prefix)
+        ref64 = _run([copy.deepcopy(c).double() for c in conns], [copy.deepcopy(b).double() for b in branches],
+                     h.double(), w, "off", None, prefix)
+        for name, ref in ref64.items():
+            ef, et = rel_err(fused[name], ref), rel_err(ref_path[name], ref)
+            errors[name] = (ef, et)
+            if not ef <= FACTOR * et + floor:      # also catches NaN
+                bad.append(f"{name}: error {ef:.2e} vs the torch path's {et:.2e}")
     reason = None if not bad else "mismatch against fp64 (allowed: %g x the torch path's error + %g): %s" % (
         FACTOR, floor, "; ".join(bad[:4]) + (f"; and {len(bad) - 4} more" if len(bad) > 4 else ""))
     return {"ok": not bad, "reason": reason, "errors": errors}

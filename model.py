@@ -191,9 +191,9 @@ class NanochatBlock(nn.Module):
 
     def forward(self, h, cos, sin):  # h: (B, T, n, C)
         dt = self.mlp.c_fc.weight.dtype  # the branches compute in the weights' dtype (or autocast's)
-        h = self.hc_attn(h, lambda x: self.attn(norm(x.to(dt)), cos, sin))
-        h = self.hc_mlp(h, lambda x: self.mlp(norm(x.to(dt))))
-        return h
+        # h = hc_mlp(hc_attn(h, attn), mlp); the fused path joins the two connections in one kernel
+        return hc.run_connections((self.hc_attn, self.hc_mlp), (lambda x: self.attn(norm(x.to(dt)), cos, sin),
+                                                                 lambda x: self.mlp(norm(x.to(dt)))), h)
 
 
 @dataclass

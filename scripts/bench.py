@@ -142,8 +142,9 @@ def bench_one(scheme, recompute, args, device):
 def run(args):
     device = torch.device(args.device)
     hc.FUSED = args.fused
-    torch.backends.cuda.matmul.allow_tf32 = True  # as nanoGPT's train.py; the fused kernels follow it
-    torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":  # as train.py; the fused kernels follow it (a process-wide setting: CUDA only)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     results = []
     runs = [("plain", "none")] + [(s, r) for s in args.schemes for r in args.recompute if (s, r) != ("plain", "none")]
     for scheme, recompute in runs:   # plain without recomputation first: the baseline of every ratio

@@ -262,8 +262,9 @@ def main(argv=None):
     import hc
     shapes = INTERPRET if args.interpret else GPU
     device = "cpu" if args.interpret else "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = True   # as train.py on CUDA; the kernels follow it
-    torch.backends.cudnn.allow_tf32 = True
+    if device == "cuda":  # as train.py on CUDA; the kernels follow it
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     try:
         import triton
         triton_version = triton.__version__

@@ -6,7 +6,8 @@ the tests miss. A developer tool, not a test (pytest does not collect it; CI doe
     python tests/mutations.py --list           # names, files and tests, nothing run
 
 Each mutation replaces exact snippets of the code (each must occur exactly once) and runs only
-the tests that should catch it (pytest -x in the copy). Outcomes: "caught" (a test failed),
+the tests that should catch it (pytest -x in the copy), which must first pass on the unmutated
+code. Outcomes: "caught" (a test failed),
 "SURVIVED" (all passed: a hole in the tests), "STALE" (a snippet is no longer in the code:
 update this list), "TIMEOUT". Exit status 1 if anything survived or is stale. Run it before
 large changes to the training loop or the schemes, and add a mutation with every new behaviour.
@@ -84,8 +85,8 @@ MUTATIONS = [
     ("loader position saved per rank", [("data/loader.py", '"consumed_windows": int(self.consumed)',
                                          '"consumed_windows": int(self.consumed) // self.world_size')], DDP),
     ("loader position restored only on the same world size", [
-        ("train.py", '        train_loader.load_state_dict(ckpt["loader"])',
-         '        if len(ckpt["ranks"]) == world_size:\n            train_loader.load_state_dict(ckpt["loader"])')], DDP),
+        ("train.py", '            train_loader.load_state_dict(ckpt["loader"])',
+         '            if len(ckpt["ranks"]) == world_size:\n                train_loader.load_state_dict(ckpt["loader"])')], DDP),
     ("ranks read the same windows", [("data/loader.py", "first = self.consumed + self.rank * self.B",
                                       "first = self.consumed")], DDP),
     # ---- model config, loader, sampling, MFU
@@ -189,6 +190,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="hcgpt-mutations-") as tmp:
         base = os.path.join(tmp, "repo")
         shutil.copytree(REPO, base, ignore=ignore)
+        # a mutation is only "caught" if its tests pass without it: check each distinct test selection first
+        for tests in dict.fromkeys(tuple(t) for _, _, t in chosen):
+            outcome, detail = run_tests(base, tests, args.timeout)
+            if outcome != "SURVIVED":   # i.e. the unmutated code fails them
+                print(f"baseline: pytest {' '.join(tests)} fails on the unmutated code ({detail}); fix that first")
+                return 1
         for i, (name, edits, tests) in enumerate(chosen, 1):
             copy = os.path.join(tmp, f"m{i}")
             shutil.copytree(base, copy)

@@ -306,6 +306,9 @@ def test_muon_run_lrs_momentum_and_exact_resume(data_dir, tmp_path):
     train.main(muon_args(data_dir, full, "--max_iters=8", "--eval_interval=4"))
     part = tmp_path / "part"
     train.main(muon_args(data_dir, part, "--max_iters=4", "--lr_decay_iters=8", "--eval_interval=4"))
+    # inside the warmup: the step-4 checkpoint's last step (3) ran at momentum 0.85 + 0.1 * 3 / 6
+    saved = torch.load(part / "ckpt.pt", weights_only=False)["optimizer"]["muon"]["param_groups"]
+    assert [g["momentum"] for g in saved] == [pytest.approx(0.9)] * len(saved)
     train.main(muon_args(data_dir, part, "--max_iters=8", "--eval_interval=4", "--resume"))
 
     def records(out):

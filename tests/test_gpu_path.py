@@ -109,6 +109,15 @@ def off_by(factor, op):
     return broken
 
 
+def test_wrong_joined_boundary_kernel_is_caught(kernels, monkeypatch):
+    """A block's attention and MLP connections run through one joined kernel (post_pre_mix): the check
+    runs a two-connection chain too, so a wrong joined kernel fails it even where single connections pass."""
+    monkeypatch.setattr(kernels, "post_pre_mix", off_by(1.01, kernels.post_pre_mix))
+    monkeypatch.setattr(hc, "FUSED", "on")
+    with pytest.raises(hc_verify.FusedCheckError, match="chain: out: error"):
+        hc.verify_fused([hc.make_connection("mhc_lite", C, N, 0)], tokens=TOKENS)
+
+
 def test_wrong_forward_auto_falls_back_and_on_raises(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "post_mix", off_by(1.01, kernels.post_mix))   # 1 % off: above any roundoff
     conn = hc.make_connection("kromhc", C, N, 0)

@@ -1,7 +1,7 @@
 """
 Pretrain a GPT with any residual scheme, on one CPU, one GPU, or many GPUs with torchrun.
 
-    python train.py configs/quickstart.py                                  # CPU, ~3.5 minutes on 2 cores
+    python train.py configs/quickstart.py                                  # CPU, ~4 minutes on 2 cores
     torchrun --standalone --nproc_per_node=8 train.py configs/fwe_m.py --scheme=kromhc
 
 Config: the defaults below, then config files (configs/*.py) and --key=value overrides, in

@@ -1,4 +1,4 @@
-# Quickstart: a small KromHC GPT (n = 4 streams) on pydocs, on CPU in about 3.5 minutes on two cores.
+# Quickstart: a small KromHC GPT (n = 4 streams) on pydocs, on CPU in about 4 minutes on two cores.
 #   python data/prepare.py pydocs && python train.py configs/quickstart.py
 # Any key can be overridden, e.g. --scheme=mhc or --device=cuda.
 dataset = "pydocs"

@@ -367,9 +367,10 @@ def check_out_dir(cfg, run_scope):
     if cfg["resume"] and cfg["overwrite"]:
         raise ConfigError("config keys 'resume' and 'overwrite' contradict each other; pass one of them")
     if cfg["resume"] and not os.path.isfile(cfg["resume_from"]):
-        raise ConfigError(f"config key 'resume' is set but there is no checkpoint at {cfg['resume_from']}"
+        key = "resume" if cfg["resume_from"] == os.path.join(out, "ckpt.pt") else "resume_from"
+        raise ConfigError(f"config key {key!r} is set but there is no checkpoint at {cfg['resume_from']}"
                           + (f" ({out} holds {', '.join(ckpts)}; pick one with --resume_from=FILE)" if ckpts
-                             else "; drop --resume to start a new run"))
+                             else f"; drop --{key} to start a new run"))
     try:
         os.makedirs(out, exist_ok=True)
         run_scope.enter_context(dir_lock(out, ".train.lock", "train.py run"))  # released by the OS if we die

@@ -162,6 +162,8 @@ def test_resume_without_checkpoint(data_dir, run_copy, tmp_path):
     assert not (tmp_path / "new").exists()  # nothing made
     with pytest.raises(ConfigError, match=r"no checkpoint at .*ckpt_9.pt \(.*run holds ckpt.pt; pick one with"):
         train.main(tiny_args(data_dir, run_copy, "--resume_from=ckpt_9.pt"))
+    with pytest.raises(ConfigError, match="'resume_from' is set but .*gone.pt; drop --resume_from to start"):
+        train.main(tiny_args(data_dir, tmp_path / "new", "--resume_from=gone.pt"))
 
 
 def test_keep_checkpoints_needs_checkpoints(data_dir, tmp_path):

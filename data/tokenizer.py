@@ -260,8 +260,8 @@ def _run(args) -> int:
         ids = enc.encode_ordinary("hello world")
         print(f"{rank_file_path()}: sha256 ok, n_vocab={enc.n_vocab}, 'hello world' -> {ids}")
         if ids != [31373, 995]:  # the file is right: tiktoken itself disagrees
-            print(f"tokenizer.py: error: 'hello world' should encode to [31373, 995]; check the tiktoken "
-                  f"version (requirements.txt)", file=sys.stderr)
+            print("tokenizer.py: error: 'hello world' should encode to [31373, 995]; check the tiktoken "
+                  "version (requirements.txt)", file=sys.stderr)
             return 1
         return 0
     return 2

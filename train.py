@@ -596,7 +596,10 @@ def main(argv=None):
     master = rank == 0
     try:
         with contextlib.ExitStack() as run_scope:  # holds the out_dir lock for the run's life
-            return train(cfg, config_name, ddp, rank, world_size, device, device_type, master, run_scope)
+            result = train(cfg, config_name, ddp, rank, world_size, device, device_type, master, run_scope)
+        if ddp:  # every rank done before any tears down the process group (an early teardown can abort a peer)
+            dist.barrier()
+        return result
     finally:
         if ddp:
             dist.destroy_process_group()

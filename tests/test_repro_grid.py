@@ -299,8 +299,14 @@ def test_grid_config_trains(config, data_dir, tmp_path):
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     assert model.stream_dtype == (torch.float32 if scheme == "plain" else torch.bfloat16)
-    if scheme == "mhc":  # the statics were decayed: b_res moved off -8 towards 0 on the off-identity
-        assert ckpt["model"]["transformer.h.0.hc_attn.b_res"].min() > -8.0
+    if scheme == "mhc":  # decay_static reached the optimizer: its decayed group holds the 2-D statics
+        # (the decay's arithmetic is test_static_decay_step_shrinks_exactly_the_decayed; after a few Adam
+        # steps the statics' values depend on the sign of gradients near 1e-6, so they are not asserted)
+        groups = ckpt["optimizer"]["param_groups"]
+        decayed = [len(GPT(GPTConfig(**{**ckpt["model_config"], "decay_static": d}))
+                       .configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups[0]["params"])
+                   for d in (False, True)]
+        assert groups[0]["weight_decay"] > 0 and len(groups[0]["params"]) == decayed[1] > decayed[0]
 
 
 def test_train_rejects_bad_grid_keys(data_dir, tmp_path):

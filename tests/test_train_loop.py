@@ -31,6 +31,8 @@ def steps(monkeypatch):
         seen["steps"].append({
             "lr": [g["lr"] for g in optimizer.param_groups],
             "wd": [g["weight_decay"] for g in optimizer.param_groups],
+            "betas": [g.get("betas") for g in optimizer.param_groups],   # None for Muon's groups
+            "eps": [g.get("eps") for g in optimizer.param_groups],
             "ids": [{id(p) for p in g["params"]} for g in optimizer.param_groups],
             "grad_norm": torch.sqrt(sum((g * g).sum() for g in grads)).item(),
         })
@@ -127,6 +129,20 @@ def test_linear_warmdown_unclipped_and_hc_decay_groups(data_dir, tmp_path, steps
         assert s["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-3)
     assert max(s["grad_norm"] for s in steps["steps"]) > 1.0     # clipping at the default 1.0 would have acted
     check_groups(steps, 0.05, "hc")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "nanochat"])
+def test_adamw_betas_and_eps_reach_every_adamw_group_in_order(arch, data_dir, tmp_path, steps):
+    """beta1 is the first moment's decay and beta2 the second's: the groups hold (beta1, beta2) as
+    given, not swapped, and adam_eps, on AdamW alone (arch=nanochat) and beside Muon."""
+    extra = ["--arch=nanochat", "--bias=False", "--optimizer=muon"] if arch == "nanochat" else []
+    train.main(tiny_args(data_dir, tmp_path / arch, "--scheme=kromhc", "--beta1=0.71", "--beta2=0.93",
+                         "--adam_eps=3e-7", "--max_iters=2", "--eval_interval=100", *extra))
+    adamw = [s for s in steps["steps"] if all(b is not None for b in s["betas"])]  # Muon steps apart
+    assert len(adamw) == 2 and len(steps["steps"]) == (4 if arch == "nanochat" else 2)
+    for s in adamw:
+        assert [tuple(b) for b in s["betas"]] == [(0.71, 0.93)] * len(s["betas"])
+        assert s["eps"] == [3e-7] * len(s["eps"])
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

@@ -13,6 +13,8 @@ be read or compiled, or raises when run, is an error naming the file and line.
 
 import ast
 import difflib
+import io
+import tokenize
 import types
 
 
@@ -102,3 +104,25 @@ def load(defaults, argv, allowed_types=None):
                     continue
                 set_key(key, value, f"config file {arg!r}")
     return config
+
+
+def usage(path, defaults, name="DEFAULTS"):
+    """--help: every key of the dict `name = dict(...)` in the file at path, with its default and the
+    comment beside it (the file is the one source), under the section comments between them."""
+    with open(path) as f:
+        src = f.read()
+    comments = {t.start[0]: t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(src).readline)
+                if t.type == tokenize.COMMENT}
+    call = next(n.value for n in ast.parse(src).body
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == name)
+    lines = ["usage: python train.py [CONFIG.py ...] [--key=value ...]   (or torchrun ... train.py ...)", "",
+             "Config files and --key=value overrides apply in order on top of these defaults."]
+    prev = call.lineno
+    for kw in call.keywords:
+        for i in range(prev + 1, kw.lineno):  # section headers
+            lines += ["", f"{comments[i]}:"] if i in comments else []
+        value = defaults[kw.arg]
+        value = (value or '""') if isinstance(value, str) else repr(value)
+        lines.append(f"  --{kw.arg}={value}".ljust(40) + f" {comments.get(kw.end_lineno, '')}")
+        prev = kw.end_lineno
+    return "\n".join(lines)

@@ -12,6 +12,10 @@ OUTPUT stream i (rows = outputs, as in the papers). Coefficients are computed in
 may depend on the token: H_pre, H_post are (B, T, n), H_res is (B, T, n, n). The stream keeps
 the dtype it was given.
 
+This file is the reference path (plain torch). The fused path, the same equations as Triton
+kernels, lives in hc_kernels.py; hc_verify.py checks it on the device before a run; FUSED below
+chooses between them. Dependencies point one way: hc_verify -> hc, hc_kernels; hc -> hc_kernels.
+
 References (the spec with formulas, init and parameter counts is docs/residual-schemes.md
 of the project's shared docs):
   HC        Zhu et al., Hyper-Connections, arXiv 2409.19606, Eqs. 10-14
@@ -34,10 +38,12 @@ OPTIONS = {"sinkhorn_iters": 20, "sinkhorn_end": "rows", "kron_factors": None, "
            "gate_init": 0.01}
 SINKHORN_ENDS = ("rows", "cols")
 
-# The fused Triton kernels of hc_kernels.py compute the same equations as the torch code below
-# with fewer passes over the streams. "auto": on CUDA where they apply and where verify_fused
-# found them right on this device (warns once where not); "on": always, or raise (CPU needs
-# TRITON_INTERPRET=1); "off": this file's torch code only.
+# The fused path. hc_kernels.py holds Triton kernels for the same equations with fewer passes over
+# the streams; hc_verify.py checks them against this file on the device before a run uses them
+# (train.py and scripts/bench.py call hc_verify.verify_fused; this file never imports it). FUSED
+# chooses, per connection, at every call: "auto" runs the kernels on CUDA where they apply and where
+# that check passed (else this file's torch code, said once); "on" always runs them, or raises (CPU
+# needs TRITON_INTERPRET=1); "off" runs this file's torch code only.
 FUSED = "auto"
 AUTO_DEVICES = ("cuda",)  # where "auto" uses the kernels (tests add "cpu" for Triton's interpreter)
 
@@ -49,18 +55,9 @@ def _kernels(t, conn=None):
     import hc_kernels  # Triton is imported here only: the torch path needs none
     if not hc_kernels.use_fused(t, conn, FUSED):
         return None
-    if FUSED == "auto":
-        import hc_verify
-        if not hc_verify.verified(t, conn):
-            return None
+    if FUSED == "auto" and not hc_kernels.verified(t, conn):
+        return None
     return hc_kernels
-
-
-def verify_fused(model_or_connections, tokens=4096, stream_dtype=None, autocast_dtype=None):
-    """Check the fused kernels against this file's equations on this device before a run uses
-    them (hc_verify.py); call it before torch.compile, on every rank. Returns the path and why."""
-    import hc_verify
-    return hc_verify.verify_fused(model_or_connections, tokens, stream_dtype, autocast_dtype)
 
 
 # ----------------------------------------------------------------------------------------

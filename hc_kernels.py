@@ -874,7 +874,7 @@ def _device_unsupported(t):
     return f"tensors on {t.device.type} (fused: cuda)"
 
 
-_WARNED = set()
+_WARNED = set()   # what was said once: (op, reason) of use_fused, kind keys of verified and hc_verify
 
 
 def use_fused(t, conn, mode):
@@ -892,6 +892,43 @@ def use_fused(t, conn, mode):
         _WARNED.add((what, reason))
         warnings.warn(f"hc: the torch reference path runs {what}: {reason}", stacklevel=3)
     return False
+
+
+# ----------------------------------------------------------------------------------------
+# verdicts: what hc_verify.verify_fused found on this process's device
+
+VERDICTS = {}   # kind_key -> (ok, reason), written by hc_verify.verify_fused; read by hc.py's dispatch
+
+
+def kind_key(conn, h):
+    """What the kernels specialise on: the connection's kind, n, C, projection width, stream dtype."""
+    extra = (conn.sinkhorn_iters,) if hasattr(conn, "sinkhorn_iters") else ()   # mHC: the Sinkhorn it runs
+    return (type(conn).__name__, conn.n, conn.dim, projection_columns(conn), str(h.dtype), *extra)
+
+
+def sinkhorn_key(logits):
+    return ("Sinkhorn", logits.shape[-1])
+
+
+def kind_name(k):
+    if k[0] == "Sinkhorn":
+        return f"Sinkhorn n={k[1]}"
+    return f"{k[0]} n={k[1]} C={k[2]} ({k[3]} coefficients, {k[4].replace('torch.', '')} streams)"
+
+
+def verified(t, conn):
+    """Whether hc.FUSED = 'auto' may run the kernels for conn on t (conn None: Sinkhorn logits t): only
+    where hc_verify.verify_fused checked them on this device and they passed."""
+    k = sinkhorn_key(t) if conn is None else kind_key(conn, t)
+    verdict = VERDICTS.get(k)
+    if verdict is None:
+        if k not in _WARNED:
+            _WARNED.add(k)
+            warnings.warn(f"hc: the fused kernels for {kind_name(k)} were not verified on this device, so the torch "
+                          f"path runs them; call hc_verify.verify_fused(model) once before training (train.py and "
+                          f"scripts/bench.py do)", stacklevel=4)
+        return False
+    return verdict[0]
 
 
 @torch.compiler.assume_constant_result   # read once when torch.compile traces: dynamo cannot call the getter

@@ -33,43 +33,10 @@ import hc
 
 FACTOR = 4.0
 FLOOR_FP32, FLOOR_BF16 = 1e-3, 2.0 ** -5
-VERDICTS = {}   # key -> (ok, reason): what verify_fused found on this process's device
-_WARNED = set()
 
 
 class FusedCheckError(RuntimeError):
     """hc.FUSED = 'on' and the fused kernels disagree with the torch path (or raise) on this device."""
-
-
-def key(conn, h):
-    """What the kernels specialise on: the connection's kind, n, C, projection width, stream dtype."""
-    import hc_kernels
-    extra = (conn.sinkhorn_iters,) if isinstance(conn, hc.MHC) else ()
-    return (type(conn).__name__, conn.n, conn.dim, hc_kernels.projection_columns(conn), str(h.dtype), *extra)
-
-
-def sinkhorn_key(logits):
-    return ("Sinkhorn", logits.shape[-1])
-
-
-def verified(t, conn):
-    """Whether hc.FUSED = 'auto' may run the kernels for conn on t (conn None: Sinkhorn logits t)."""
-    k = sinkhorn_key(t) if conn is None else key(conn, t)
-    verdict = VERDICTS.get(k)
-    if verdict is None:
-        if k not in _WARNED:
-            _WARNED.add(k)
-            warnings.warn(f"hc: the fused kernels for {_name(k)} were not verified on this device, so the torch "
-                          f"path runs them; call hc.verify_fused(model) once before training (train.py and "
-                          f"scripts/bench.py do)", stacklevel=4)
-        return False
-    return verdict[0]
-
-
-def _name(k):
-    if k[0] == "Sinkhorn":
-        return f"Sinkhorn n={k[1]}"
-    return f"{k[0]} n={k[1]} C={k[2]} ({k[3]} coefficients, {k[4].replace('torch.', '')} streams)"
 
 
 # ----------------------------------------------------------------------------------------
@@ -210,13 +177,13 @@ def verify_fused(model_or_connections, tokens=4096, stream_dtype=None, autocast_
     kinds, reasons = {}, []
     for c in conns:
         probe = torch.empty(1, 1, c.n, c.dim, device=device, dtype=stream_dtype)
-        k = key(c, probe)
+        k = hc_kernels.kind_key(c, probe)
         if k in kinds:
             continue
         why = hc_kernels.unsupported(c, probe)
         if why is not None:             # the dispatch already keeps these on the torch path (or raises, 'on')
             hc_kernels.use_fused(probe, c, hc.FUSED)
-            reasons.append(f"{_name(k)}: {why}")
+            reasons.append(f"{hc_kernels.kind_name(k)}: {why}")
             continue
         kinds[k] = c
     results = {k: check_connection(c, tokens, stream_dtype, autocast_dtype, seed) for k, c in kinds.items()}
@@ -228,22 +195,22 @@ def verify_fused(model_or_connections, tokens=4096, stream_dtype=None, autocast_
     for (k, r), flag in zip(results.items(), flags.tolist()):
         ok = flag > 0
         reason = r["reason"] if not r["ok"] else (None if ok else "the check failed on another rank")
-        VERDICTS[k] = (ok, reason)
+        hc_kernels.VERDICTS[k] = (ok, reason)
         if isinstance(kinds[k], hc.MHC):    # its Sinkhorn ran fused inside the connection's check
             sk = ("Sinkhorn", k[1])
-            VERDICTS[sk] = (ok and VERDICTS.get(sk, (True,))[0], reason)
+            hc_kernels.VERDICTS[sk] = (ok and hc_kernels.VERDICTS.get(sk, (True,))[0], reason)
         errs = list(r["errors"].values())
-        checks.append({"kind": _name(k), "ok": ok, "reason": reason,
+        checks.append({"kind": hc_kernels.kind_name(k), "ok": ok, "reason": reason,
                        "max_err_fused": max((e[0] for e in errs), default=None),
                        "max_err_torch": max((e[1] for e in errs), default=None)})
         if not ok:
-            msg = f"the fused kernels failed their check for {_name(k)} on {device}: {reason}"
+            msg = f"the fused kernels failed their check for {hc_kernels.kind_name(k)} on {device}: {reason}"
             if hc.FUSED == "on":
                 raise FusedCheckError(msg + ". Set fused='auto' to fall back to the torch path, or 'off'.")
-            if k not in _WARNED:
-                _WARNED.add(k)
+            if k not in hc_kernels._WARNED:
+                hc_kernels._WARNED.add(k)
                 warnings.warn(f"hc: {msg}; the torch path runs these connections instead", stacklevel=2)
-            reasons.append(f"{_name(k)}: {reason}")
+            reasons.append(f"{hc_kernels.kind_name(k)}: {reason}")
     n_ok = sum(c["ok"] for c in checks)
     path = "fused" if n_ok == len(checks) > 0 and not reasons else "torch" if n_ok == 0 else "mixed"
     if path == "fused":

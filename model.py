@@ -543,31 +543,3 @@ class MuonAdamW:
     def load_state_dict(self, state):
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
-
-
-# -----------------------------------------------------------------------------
-# checkpoints (written by train.py; read by train.py --resume, sample.py and the evals)
-
-class CheckpointError(ValueError):
-    """A ckpt.pt that cannot be used: missing, truncated, not a checkpoint, or from another program."""
-
-
-def load_checkpoint(path):
-    """The dict train.py saved at path (a ckpt.pt or a run directory holding one), on the CPU.
-    Raises CheckpointError naming the file and the fix instead of torch's or pickle's traceback."""
-    import os
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}: pass a ckpt.pt or the out_dir of a train.py run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, random bytes, a pickle of something else: all unusable
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be truncated "
-                              f"or not a train.py checkpoint: use another checkpoint (e.g. ckpt_<step>.pt in "
-                              f"the same out_dir) or start the run afresh in a new out_dir") from None
-    missing = [k for k in ("model", "model_config", "step") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} is not a train.py checkpoint (no {', '.join(missing)}): pass the ckpt.pt "
-                              f"that train.py wrote in a run's out_dir")
-    return ckpt

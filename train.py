@@ -15,13 +15,10 @@ run's life, and a run already there is refused unless --resume or --overwrite=Tr
 """
 
 import contextlib
-import hashlib
 import json
 import math
 import os
 import random
-import re
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -37,12 +34,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
+import evals
 import hc
+import hc_verify
+import rundir
+import tracking
+from common import flag_nonfinite, fmt_time, init_distributed, peak_flops, rng_state, set_rng_state, skips_on_device
 from configurator import ConfigError
-from data import shards as shardlib
-from data.loader import TrainLoader, ValLoader, load_meta, load_token_bytes
-from data.shards import DirLocked, dir_lock
-from model import GPT, READOUTS, STREAM_DTYPES, CheckpointError, GPTConfig, load_checkpoint
+from data.loader import TrainLoader, ValLoader, data_id, load_meta, load_token_bytes, verify_shards
+from model import GPT, READOUTS, STREAM_DTYPES, GPTConfig
+from rundir import CheckpointWriteError
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -182,21 +183,6 @@ def validate(cfg):
             raise ConfigError(f"config key {key!r} must be in [0, 1), got {cfg[key]}")
 
 
-def skips_on_device(optimizer):
-    """Whether optimizer.step() honours a device-side found_inf flag (fused Adam/AdamW: the flagged
-    step leaves the weights, the moments and the step count as they were, as under GradScaler)."""
-    return bool(getattr(optimizer, "defaults", {}).get("fused"))  # Muon + AdamW: no, Muon has no found_inf
-
-
-def flag_nonfinite(nonfinite, step, loss, grad_norm, optimizer):
-    """The NaN/inf check of one step without a host sync. nonfinite (float64 [step, loss, grad
-    norm], step -1 while all is well) keeps the first non-finite step for the host to report; the
-    step itself is skipped on the device where the optimizer supports it. Returns the new nonfinite."""
-    bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-    if skips_on_device(optimizer):
-        optimizer.found_inf = bad.float()
-    now = torch.stack([torch.full_like(loss, step), loss, grad_norm.to(loss.dtype)]).double()
-    return torch.where(bad & (nonfinite[0] < 0), now, nonfinite)
 
 
 def get_lr(step, cfg, base_lr=None):
@@ -223,397 +209,18 @@ def muon_momentum(step, cfg):
     return (1 - frac) * cfg["muon_momentum_start"] + frac * cfg["muon_momentum"]
 
 
-def peak_flops(device_type):
-    if device_type != "cuda":
-        return None
-    from scripts.bench import bf16_peak  # the one table of dense bf16 peaks, shared with bench.py
-    return bf16_peak(torch.cuda.get_device_name())
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-
-
-def hres_figure(matrices, composite):
-    """A grid of heatmaps: every connection's token-averaged H_res, then the composite."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    items = list(matrices.items()) + [("composite", composite)]
-    cols = min(8, len(items))
-    rows = math.ceil(len(items) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (name, m) in zip(axes.flat, items):
-        ax.imshow(np.array(m), vmin=0.0, vmax=1.0, cmap="viridis")
-        ax.set_title(name, fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-@torch.no_grad()
-def evaluate(model, batches, token_bytes, ctx, device, ddp=False):
-    """(val loss, val BPB) over batches of (x, y), summed over ranks. Loss: mean nats per target
-    token. BPB = nats / (ln 2 x bytes) over the target tokens that are text: special tokens have
-    0 bytes in token_bytes and count in neither sum (as in nanochat)."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, nats of text, bytes
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with ctx:
-            _, loss = model(x, y, reduction="none")
-        loss = loss.double()
-        valid = y >= 0
-        nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0)
-        sums += torch.stack([loss.sum(), valid.sum(), (loss * (nbytes > 0)).sum(), nbytes.sum()])
-    if ddp:
-        dist.all_reduce(sums)
-    model.train(was_training)
-    nats, count, text_nats, nbytes = sums.tolist()
-    return nats / count, text_nats / (math.log(2) * nbytes)
-
-
-@torch.no_grad()
-def residual_diagnostics(raw_model, x, ctx):
-    """hc.diagnostics of every connection of the (uncompiled) model on the batch x."""
-    coeffs = []
-    hooks = [c.register_forward_pre_hook(lambda mod, args: coeffs.append(mod.coefficients(args[0])))
-             for c in raw_model.connections()]
-    was_training = raw_model.training
-    raw_model.eval()
-    try:
-        with ctx:
-            raw_model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        raw_model.train(was_training)
-    return hc.diagnostics(coeffs, raw_model.connection_names())
-
-
 # -----------------------------------------------------------------------------
-# run safety: --help, startup checks, the out_dir lock, crash-safe checkpoints and log
-# (every problem a user can cause is a ConfigError naming the key or file and the fix)
+# the run: settings derived from the config, checks before anything is written, model and optimizer
 
-class CheckpointWriteError(RuntimeError):
-    pass
-
-
-def usage():
-    """--help: every key with its default and the comment beside it in DEFAULTS (this file is the one source)."""
-    import ast
-    import io
-    import tokenize
-    with open(os.path.abspath(__file__)) as f:
-        src = f.read()
-    comments = {t.start[0]: t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(src).readline)
-                if t.type == tokenize.COMMENT}
-    call = next(n.value for n in ast.parse(src).body
-                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "DEFAULTS")
-    lines = ["usage: python train.py [CONFIG.py ...] [--key=value ...]   (or torchrun ... train.py ...)", "",
-             "Config files and --key=value overrides apply in order on top of these defaults."]
-    prev = call.lineno
-    for kw in call.keywords:
-        for i in range(prev + 1, kw.lineno):  # section headers
-            lines += ["", f"{comments[i]}:"] if i in comments else []
-        value = DEFAULTS[kw.arg]
-        value = (value or '""') if isinstance(value, str) else repr(value)
-        lines.append(f"  --{kw.arg}={value}".ljust(40) + f" {comments.get(kw.end_lineno, '')}")
-        prev = kw.end_lineno
-    return "\n".join(lines)
-
-
-def fmt_time(seconds):
-    s = int(seconds)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def read_log(path):
-    """The records of a log.jsonl. A crash can cut its last line: that line is dropped with a notice;
-    an unreadable line elsewhere is an error (the file was edited or mixed, and must be looked at)."""
-    with open(path, "rb") as f:
-        lines = f.read().decode("utf-8", "replace").splitlines()
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if i < len(lines) - 1:
-                raise ConfigError(f"{path}, line {i + 1} is not JSON; remove or repair that line, then rerun") from None
-            print(f"{path}: dropping its last line, cut by a crash: {line[:60]!r}")
-    return records
-
-
-def check_out_dir(cfg, run_scope):
-    """Make out_dir, lock it for the run's life (in run_scope), and refuse to mix two runs in it."""
-    out = cfg["out_dir"]
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"config key 'out_dir': {out} is a file, not a directory; pass another --out_dir")
-    names = os.listdir(out) if os.path.isdir(out) else []
-    ckpts = sorted(f for f in names if f.startswith("ckpt") and f.endswith(".pt"))
-    if cfg["resume"] and cfg["overwrite"]:
-        raise ConfigError("config keys 'resume' and 'overwrite' contradict each other; pass one of them")
-    if cfg["resume"] and not os.path.isfile(cfg["resume_from"]):
-        key = "resume" if cfg["resume_from"] == os.path.join(out, "ckpt.pt") else "resume_from"
-        raise ConfigError(f"config key {key!r} is set but there is no checkpoint at {cfg['resume_from']}"
-                          + (f" ({out} holds {', '.join(ckpts)}; pick one with --resume_from=FILE)" if ckpts
-                             else f"; drop --{key} to start a new run"))
-    try:
-        os.makedirs(out, exist_ok=True)
-        run_scope.enter_context(dir_lock(out, ".train.lock", "train.py run"))  # released by the OS if we die
-    except DirLocked as e:
-        raise ConfigError(f"config key 'out_dir': {e}") from None
-    except OSError as e:  # read-only, no permission, a path through a file
-        raise ConfigError(f"config key 'out_dir': cannot write in {out} ({e.strerror}); pass a writable "
-                          f"--out_dir") from None
-    log_path = os.path.join(out, "log.jsonl")
-    if cfg["resume"] or not (ckpts or os.path.exists(log_path)):
-        return
-    steps = [r["step"] for r in (read_log(log_path) if os.path.exists(log_path) else []) if "step" in r]
-    what = f"a run that reached step {max(steps)}" if steps else "a run"
-    if not cfg["overwrite"]:
-        raise ConfigError(f"config key 'out_dir': {out} already holds {what} ({', '.join(ckpts) or 'log.jsonl'}); "
-                          f"continue it with --resume, pick another --out_dir, or delete it and start afresh with "
-                          f"--overwrite=True")
-    for name in ckpts + ["log.jsonl", "ckpt.pt.tmp"]:  # nothing of the old run may mix with the new one
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    print(f"overwrite: deleted {what} in {out}")
-
-
-def check_wandb(cfg):
-    """wandb online needs an API key: say so now, not after the first eval or in a prompt on a cluster node."""
-    if not cfg["wandb_log"] or cfg["wandb_mode"] != "online" or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
-        return
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return
-    import netrc
-    from urllib.parse import urlparse
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
-    try:
-        if netrc.netrc(path).authenticators(host):
-            return
-    except (OSError, netrc.NetrcParseError):
-        pass
-    raise ConfigError(f"config key 'wandb_mode' is 'online' but no wandb API key was found (WANDB_API_KEY, or {host} "
-                      f"in {path}); run `wandb login`, or pass --wandb_mode=offline (sync later with `wandb sync`)")
-
-
-def check_shards(data_dir, meta):
-    """Every token id below the vocabulary, checked now (a numpy max over the memory-mapped shards: 0.1 s per GB
-    from the page cache, else the disk's read speed), so a corrupt or foreign shard is an error naming it and
-    the fix rather than a crash mid-run."""
-    fix = f"Re-run `python data/prepare.py {meta.get('dataset', os.path.basename(data_dir))} --restart`."
-    try:
-        for split in meta["splits"].values():
-            for e in split["shards"]:
-                shardlib.verify_shard(os.path.join(data_dir, e["file"]), meta["vocab_size"], fix)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"data ({data_dir}): {e}") from None
-
-
-def data_id(meta):
-    """What a checkpoint's data position depends on: the preparation settings and the shard list."""
-    blob = json.dumps([meta.get("fingerprint"), meta["splits"]], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def load_resume_checkpoint(cfg, meta):
-    """The checkpoint to resume from, refused if it is unreadable or from a run with other data or seed."""
-    try:
-        ckpt = load_checkpoint(cfg["resume_from"])
-    except CheckpointError as e:
-        raise ConfigError(f"config key 'resume': {e}") from None
-    old = ckpt.get("config", {})
-    if "seed" in old and old["seed"] != cfg["seed"]:
-        raise ConfigError(f"resume: the checkpoint's run used seed {old['seed']}, this run has seed {cfg['seed']} "
-                          f"(the data order would change mid-run); resume with --seed={old['seed']}, or start a "
-                          f"new run in another out_dir")
-    same = (ckpt["data_id"] == data_id(meta) if "data_id" in ckpt else
-            os.path.realpath(old.get("data_dir", cfg["data_dir"])) == os.path.realpath(cfg["data_dir"]))
-    if not same:
-        raise ConfigError(f"resume: the checkpoint was trained on other data ({old.get('data_dir')}) than this run's "
-                          f"data_dir ({cfg['data_dir']}); resume with --data_dir={old.get('data_dir')}, or start a "
-                          f"new run in another out_dir")
-    return ckpt
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_checkpoint(ckpt, path, keep=0):
-    """Write ckpt to path atomically and durably (tmp file, fsync, rename, fsync the directory). With keep > 0
-    also keep it as ckpt_<step>.pt (a hard link, else a copy) and delete all but the last `keep` of those.
-    On failure (disk full, read-only, ...) the partial file is removed and the previous checkpoint stays."""
-    out, tmp = os.path.dirname(path) or ".", path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(out)
-        if keep:
-            step_path = os.path.join(out, f"ckpt_{ckpt['step']}.pt")
-            try:
-                os.link(path, tmp)
-            except OSError:  # a filesystem without hard links
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, step_path)
-            steps = sorted(int(f[5:-3]) for f in os.listdir(out) if re.fullmatch(r"ckpt_\d+\.pt", f))
-            # a later step than this one is left from a continuation abandoned by --resume_from; the run replaces it
-            older = [s for s in steps if s <= ckpt["step"]]
-            for s in older[:-keep]:
-                os.remove(os.path.join(out, f"ckpt_{s}.pt"))
-            fsync_dir(out)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise CheckpointWriteError(f"could not write the step-{ckpt['step']} checkpoint {path} ({e}); the previous "
-                                   f"checkpoint is kept: free space / fix permissions in "
-                                   f"{out}, then rerun with --resume") from None
-
-
-def final_evaluations(cfg):
-    """What the end of the run evaluates: {"hellaswag": (path, items) or None, "core": bundle dir or
-    None, "skipped": [why]}. Only data on this machine is used (no download); a file or directory
-    the config names explicitly must exist, the default cache may be empty (the eval is skipped)."""
-    final = {"hellaswag": None, "core": None, "skipped": []}
-    if cfg["final_hellaswag"]:
-        from scripts.eval_hellaswag import cache_dir, load_examples
-        path = cfg["hellaswag_file"] or str(cache_dir() / "hellaswag_val.jsonl")
-        if os.path.isfile(path):
-            try:
-                final["hellaswag"] = (path, load_examples(path))
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"config key 'final_hellaswag': cannot read {path} ({e})") from None
-        elif cfg["hellaswag_file"]:
-            raise ConfigError(f"config key 'hellaswag_file': {path} does not exist; point it at a local "
-                              f"hellaswag_val.jsonl, or leave it empty to use the cache when it is there")
-        else:
-            final["skipped"].append(f"final_hellaswag: no {path}, so no HellaSwag at the end; copy hellaswag_val.jsonl "
-                                    f"there (or set hellaswag_file) and score the checkpoint with scripts/eval_hellaswag.py")
-    if cfg["final_core"]:
-        from scripts.eval_core import default_bundle_dir, load_bundle
-        bundle = cfg["core_bundle_dir"] or str(default_bundle_dir())
-        if os.path.isfile(os.path.join(bundle, "core.yaml")):
-            try:
-                load_bundle(bundle)
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"config key 'final_core': {bundle} is not a usable eval bundle ({e})") from None
-            final["core"] = bundle
-        elif cfg["core_bundle_dir"]:
-            raise ConfigError(f"config key 'core_bundle_dir': {bundle} holds no core.yaml; point it at an unpacked "
-                              f"eval bundle, or leave it empty to use the cache when it is there")
-        else:
-            final["skipped"].append(f"final_core: no eval bundle in {bundle}, so no CORE at the end; fetch it with "
-                                    f"`python scripts/eval_core.py --download ...` and score the checkpoint with it")
-    return final
-
-
-def run_final_evaluations(final, raw_model, cfg, step, tokens_per_step, device, ctx, master, log):
-    """HellaSwag and CORE once, at the end of the run, on every rank (the counts are all-reduced).
-    Logged as a "final" record and written to <out_dir>/hellaswag.json and core.json, as the eval
-    scripts write them (plot_runs.py reads them)."""
-    record = {"type": "final", "step": step, "tokens": step * tokens_per_step}
-    wandb_data, files = {}, {}
-    if final["hellaswag"]:
-        from scripts.eval_hellaswag import evaluate_hellaswag
-        path, examples = final["hellaswag"]
-        hs = evaluate_hellaswag(raw_model, examples, device, ctx=ctx)
-        record.update(hellaswag_acc_norm=hs["acc_norm"], hellaswag_acc=hs["acc"], hellaswag_n=hs["n"])
-        wandb_data.update({"final/hellaswag_acc_norm": hs["acc_norm"], "final/hellaswag_acc": hs["acc"]})
-        files["hellaswag.json"] = {"task": "hellaswag", "split": "val", **hs, "data_file": path}
-    if final["core"]:
-        from data.tokenizer import get_encoding
-        from scripts.eval_core import evaluate_core
-        res = evaluate_core(raw_model, get_encoding(), device, final["core"], cfg["core_max_per_task"], ctx=ctx,
-                            log=print if master else None)
-        record.update(core=res["core"], core_complete=res["complete"], core_centered=res["centered"])
-        wandb_data["final/core"] = res["core"]
-        files["core.json"] = {"task": "core", **res, "bundle_dir": final["core"]}
-    if final["skipped"]:
-        record["skipped"] = final["skipped"]
-    if master:
-        for msg in final["skipped"]:
-            print(f"note: {msg}")
-        parts = [f"hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in record else "",
-                 (f"CORE {record['core']:.4f}" if record.get("core_complete") else
-                  f"CORE-style mean {record['core']:.4f} (not all 22 tasks in full)") if "core" in record else ""]
-        if any(parts):
-            print(f"final step {step}: " + " | ".join(p for p in parts if p))
-        ckpt = os.path.join(cfg["out_dir"], "ckpt.pt")
-        for name, content in files.items():
-            with open(os.path.join(cfg["out_dir"], name), "w") as f:
-                json.dump({**content, "step": step, "tokens": step * tokens_per_step, "ckpt": ckpt}, f, indent=1)
-    log(record, wandb_data)
-    return {k: record[k] for k in ("hellaswag_acc_norm", "core") if k in record}
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(usage())
-        return None
-    cfg = configurator.load(DEFAULTS, argv, ALLOWED_TYPES)
-    validate(cfg)
-    config_files = [a for a in argv if not a.startswith("--")]
-    config_name = os.path.splitext(os.path.basename(config_files[-1]))[0] if config_files else "default"
-
-    # ---- distributed setup and device ----
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if cfg["device"] == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'device' is 'cuda' but CUDA is not available on this machine "
-                          "(torch.cuda.is_available() is False); use --device=cpu or --device=auto")
-    device_type = "cuda" if cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available()) else "cpu"
-    if ddp:
-        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        device = f"cuda:{local_rank}" if device_type == "cuda" else "cpu"
-        if device_type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    else:
-        rank, local_rank, world_size, device = 0, 0, 1, device_type
-    master = rank == 0
-    try:
-        with contextlib.ExitStack() as run_scope:  # holds the out_dir lock for the run's life
-            result = train(cfg, config_name, ddp, rank, world_size, device, device_type, master, run_scope)
-        if ddp:  # every rank done before any tears down the process group (an early teardown can abort a peer)
-            dist.barrier()
-        return result
-    finally:
-        if ddp:
-            dist.destroy_process_group()
-
-
-def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, run_scope):
-    # ---- derived config ----
+def resolve(cfg, config_name, world_size, device_type):
+    """Fill in what the config leaves to the run (n_streams, names, paths, vocab, dtype, compile);
+    -> (meta of the dataset, grad_accum)."""
     micro_tokens = cfg["batch_size"] * cfg["block_size"] * world_size
     if cfg["total_batch_tokens"] % micro_tokens:
         raise ConfigError(
             f"config key 'total_batch_tokens' ({cfg['total_batch_tokens']}) must be divisible by "
             f"batch_size x block_size x world_size = {cfg['batch_size']} x {cfg['block_size']} x {world_size} "
             f"= {micro_tokens}")
-    grad_accum = cfg["total_batch_tokens"] // micro_tokens
     if cfg["n_streams"] == 0:
         cfg["n_streams"] = 1 if cfg["scheme"] == "plain" else 4
     cfg["wandb_run_name"] = cfg["wandb_run_name"] or f"{config_name}-{cfg['scheme']}-n{cfg['n_streams']}-s{cfg['seed']}"
@@ -635,54 +242,56 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
         cfg["dtype"] = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if cfg["compile"] == "auto":
         cfg["compile"] = device_type == "cuda"
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    log_path = os.path.join(cfg["out_dir"], "log.jsonl")
-    # ---- startup checks: rank 0 decides (it alone writes out_dir) and every rank stops on its verdict ----
     if cfg["resume_from"]:  # a bare file name is in out_dir; a directory is another run's out_dir
         cfg["resume"] = True
         if not os.path.dirname(cfg["resume_from"]):
             cfg["resume_from"] = os.path.join(cfg["out_dir"], cfg["resume_from"])
         if os.path.isdir(cfg["resume_from"]):
             cfg["resume_from"] = os.path.join(cfg["resume_from"], "ckpt.pt")
-    cfg["resume_from"] = cfg["resume_from"] or (ckpt_path if cfg["resume"] else "")
-    # the evaluation data first: an error there must not come after --overwrite deleted the old run
-    hellaswag_examples = None
+    cfg["resume_from"] = cfg["resume_from"] or (os.path.join(cfg["out_dir"], "ckpt.pt") if cfg["resume"] else "")
+    return meta, cfg["total_batch_tokens"] // micro_tokens
+
+
+def check_run(cfg, meta, ddp, master, run_scope):
+    """Everything that can refuse the run, before out_dir is touched; -> (HellaSwag items for the
+    evals or None, the end-of-run plan). Rank 0 decides about out_dir (it alone writes there) and
+    every rank stops on its verdict."""
+    hellaswag_examples = None  # the evaluation data first: an error there must not come after --overwrite
     if cfg["hellaswag"]:
-        from scripts.eval_hellaswag import evaluate_hellaswag, load_examples
         try:
-            hellaswag_examples = load_examples(cfg["hellaswag_file"] or None, limit=cfg["hellaswag_limit"] or None)
+            hellaswag_examples = evals.load_examples(cfg["hellaswag_file"] or None, limit=cfg["hellaswag_limit"] or None)
         except (OSError, ValueError, RuntimeError) as e:  # missing file, bad jsonl, failed download
             raise ConfigError(f"config key 'hellaswag': cannot read the HellaSwag items ({e}); set 'hellaswag_file' "
                               f"to a local hellaswag_val.jsonl, or --hellaswag=False") from None
-
-    final = final_evaluations(cfg)
+    final = evals.plan_final_evals(cfg)
     verdict = [None]
     if master:
         try:
-            check_wandb(cfg)
-            check_shards(cfg["data_dir"], meta)
-            check_out_dir(cfg, run_scope)  # last: with --overwrite it deletes the old run
+            tracking.check_wandb(cfg)
+            try:
+                verify_shards(cfg["data_dir"], meta)
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"data ({cfg['data_dir']}): {e}") from None
+            rundir.check_out_dir(cfg, run_scope)  # last: with --overwrite it deletes the old run
         except ConfigError as e:
             verdict = [str(e)]
     if ddp:
         dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
         raise ConfigError(verdict[0])
-    tokens_per_step = cfg["total_batch_tokens"]
+    return hellaswag_examples, final
 
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" else nullcontext()
 
-    # ---- model and optimizer (same init on every rank) ----
+def build(cfg, meta, device, device_type):
+    """The model (the same init on every rank) and its optimizer, from the checkpoint when resuming;
+    -> (raw_model, optimizer, checkpoint or None, the fused path's check)."""
     torch.manual_seed(cfg["seed"])
     gptconf = GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
     try:
         raw_model = GPT(gptconf)
     except ValueError as e:  # hc.py's errors: a scheme that cannot take this n, bad factors, ...
         raise ConfigError(f"model config: {e}") from None
-    ckpt = load_resume_checkpoint(cfg, meta) if cfg["resume"] else None
+    ckpt = rundir.load_resume_checkpoint(cfg, meta) if cfg["resume"] else None
     if ckpt is not None:
         saved = {**asdict(GPTConfig()), **ckpt["model_config"]}  # keys newer than the checkpoint: defaults
         changed = [k for k in MODEL_KEYS if k != "recompute" and saved[k] != asdict(gptconf)[k]]
@@ -714,17 +323,112 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     # the fused kernels' check, on every rank, before torch.compile traces them (hc_verify.py)
     hc.FUSED = cfg["fused"]
     try:
-        fused_check = hc.verify_fused(raw_model, autocast_dtype=torch.bfloat16 if cfg["dtype"] == "bfloat16" else None)
+        fused_check = hc_verify.verify_fused(raw_model, autocast_dtype=torch.bfloat16 if cfg["dtype"] == "bfloat16"
+                                             else None)
     except RuntimeError as e:  # fused='on' and the kernels cannot run here or failed their check
         raise ConfigError(f"config key 'fused': {e}") from None
-    model = torch.compile(raw_model) if cfg["compile"] else raw_model
-    eval_model = model
+    return raw_model, optimizer, ckpt, fused_check
+
+
+def start_log(cfg, ckpt, start_step, header):
+    """log.jsonl's header record ("config", or "resume" after dropping records written after the
+    checkpoint) and the wandb run, on rank 0. -> the wandb run or None."""
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    log_path = os.path.join(cfg["out_dir"], "log.jsonl")
+    if ckpt is not None and os.path.exists(log_path):  # drop records written after the checkpoint
+        records = rundir.read_log(log_path)  # without a line cut by a crash
+        keep = [r for r in records if "step" not in r or r["step"] <= start_step]
+        with open(log_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+    header = {"type": "config" if ckpt is None else "resume", **cfg, **header}
+    if ckpt is not None:
+        header["step"] = start_step
+    with open(log_path, "w" if ckpt is None else "a") as f:
+        f.write(json.dumps(header) + "\n")
+    return tracking.start_wandb(cfg, (ckpt or {}).get("wandb_id")) if cfg["wandb_log"] else None
+
+
+def save_checkpoint(cfg, step, tokens, raw_model, optimizer, train_loader, meta, wandb_run, ddp, master, world_size):
+    """Every rank's random state and data position gathered; rank 0 writes ckpt.pt (rundir.py); every
+    rank stops if it could not."""
+    mine = {"rng": rng_state(), "loader": train_loader.state_dict()}
+    ranks = [None] * world_size
+    if ddp:
+        dist.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
+    error = [None]
+    if master and cfg["checkpoint"]:
+        ckpt = {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
+                "optimizer": optimizer.state_dict(), "step": step, "tokens": tokens, "config": cfg,
+                "rng": ranks[0]["rng"], "loader": ranks[0]["loader"], "ranks": ranks, "world_size": world_size,
+                "data_id": data_id(meta), "wandb_id": wandb_run.id if wandb_run is not None else None}
+        try:
+            rundir.write_checkpoint(ckpt, os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["keep_checkpoints"])
+        except CheckpointWriteError as e:
+            error = [str(e)]
+    if ddp:  # every rank stops if rank 0 could not write
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise CheckpointWriteError(error[0])
+
+
+def evaluate(step, tokens, eval_model, raw_model, val_loader, token_bytes, hellaswag_examples, diag_x, ctx,
+             device, ddp, wandb_run):
+    """One eval: val loss and BPB, HellaSwag if asked, the residual diagnostics on the fixed batch.
+    -> (log record, wandb metrics, the console line's extra part)."""
+    val_loss, val_bpb = evals.val_loss_bpb(eval_model, val_loader, token_bytes, ctx, device, ddp)
+    record = {"type": "eval", "step": step, "tokens": tokens, "val_loss": val_loss, "val_bpb": val_bpb}
+    wandb_data = {"val/loss": val_loss, "val/bpb": val_bpb}
+    extra = ""
+    if hellaswag_examples is not None:  # every rank scores its share; counts are all-reduced
+        hs = evals.evaluate_hellaswag(raw_model, hellaswag_examples, device, ctx=ctx)
+        record["hellaswag_acc_norm"] = wandb_data["val/hellaswag_acc_norm"] = hs["acc_norm"]
+        record["hellaswag_acc"] = wandb_data["val/hellaswag_acc"] = hs["acc"]
+        extra = f" | hellaswag acc_norm {hs['acc_norm']:.4f}"
+    if diag_x is not None:
+        d = evals.residual_diagnostics(raw_model, diag_x, ctx)
+        s = d["scalars"]
+        record.update(diag=s, hres=d["matrices"], hres_composite=d["composite"])
+        wandb_data.update({f"diag/{k}": v for k, v in s.items()})
+        if wandb_run is not None:
+            wandb_data["hres"] = tracking.hres_image(d)
+        extra += (f" | composite H_res amax fwd {s['composite/amax_fwd']:.3f} bwd {s['composite/amax_bwd']:.3f}"
+                  f" | max |H_res - I| {max(v for k, v in s.items() if k.endswith('/dist_identity')):.2e}")
+    return record, wandb_data, extra
+
+
+def diverged(cfg, nonfinite, step, optimizer, last_ckpt_step):
+    """The message for the first non-finite step (nonfinite: [step, loss, grad norm])."""
+    bad_step, bad_loss, bad_norm = int(nonfinite[0]), nonfinite[1], nonfinite[2]
+    where = (f"the last good checkpoint is {os.path.join(cfg['out_dir'], 'ckpt.pt')} (step {last_ckpt_step})"
+             if last_ckpt_step is not None and cfg["checkpoint"] else "no checkpoint had been written")
+    skipped = ("the optimizer skipped it on the device" if skips_on_device(optimizer)
+               else "the optimizer took it: the weights are not finite from then on")
+    return bad_step, (f"step {bad_step}: training loss is {bad_loss} (grad norm {bad_norm}); stopping at step {step}, "
+                      f"where it was checked ({skipped}); {where}. Lower learning_rate, raise warmup_iters or check "
+                      f"the data.")
+
+
+# -----------------------------------------------------------------------------
+# training
+
+def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, run_scope):
+    meta, grad_accum = resolve(cfg, config_name, world_size, device_type)
+    hellaswag_examples, final = check_run(cfg, meta, ddp, master, run_scope)
+    tokens_per_step = cfg["total_batch_tokens"]
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" else nullcontext()
+    raw_model, optimizer, ckpt, fused_check = build(cfg, meta, device, device_type)
+    model = eval_model = torch.compile(raw_model) if cfg["compile"] else raw_model
     if ddp:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
     flops_per_token = raw_model.estimate_flops_per_token(cfg["block_size"])
     peak = peak_flops(device_type)
 
-    # ---- data ----
+    # data: the train stream continues at the checkpoint's window; val and the diagnostics' batch are fixed
     eval_batch_size = cfg["eval_batch_size"] or cfg["batch_size"]
     try:
         train_loader = TrainLoader(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], rank, world_size, cfg["seed"])
@@ -737,11 +441,8 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
             diag_x = diag_x.to(device)
     except (ValueError, FileNotFoundError) as e:  # e.g. eval_tokens larger than the val split
         raise ConfigError(f"data ({cfg['data_dir']}): {e}") from None
-
-    # ---- state: fresh, or from the checkpoint ----
-    step = 0
+    step = start_step = ckpt["step"] if ckpt is not None else 0
     if ckpt is not None:
-        step = ckpt["step"]
         try:
             train_loader.load_state_dict(ckpt["loader"])  # one position in the window stream, for all ranks
         except ValueError as e:
@@ -754,29 +455,14 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     elif ckpt is not None and master:
         print(f"resuming {len(ckpt['ranks'])}-process checkpoint on {world_size} process(es): the data "
               f"continues exactly, the dropout random streams start afresh")
-    start_step = step
 
-    # ---- logging ----
     wandb_run = None
     if master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        if ckpt is not None and os.path.exists(log_path):  # drop records written after the checkpoint
-            records = read_log(log_path)  # without a line cut by a crash
-            keep = [r for r in records if "step" not in r or r["step"] <= start_step]
-            with open(log_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
-        header = {"type": "config" if ckpt is None else "resume", **cfg, "world_size": world_size,
-                  "grad_accum": grad_accum, "num_params": raw_model.num_params(), "flops_per_token": flops_per_token,
-                  "device_name": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
-                  "fused_path": fused_check["path"], "fused_reason": fused_check["reason"]}
-        if ckpt is not None:
-            header["step"] = start_step
-        with open(log_path, "w" if ckpt is None else "a") as f:
-            f.write(json.dumps(header) + "\n")
-        if cfg["wandb_log"]:
-            import wandb
-            wandb_run = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg,
-                                   mode=cfg["wandb_mode"], id=(ckpt or {}).get("wandb_id"), resume="allow")
+        wandb_run = start_log(cfg, ckpt, start_step, {
+            "world_size": world_size, "grad_accum": grad_accum, "num_params": raw_model.num_params(),
+            "flops_per_token": flops_per_token,
+            "device_name": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
+            "fused_path": fused_check["path"], "fused_reason": fused_check["reason"]})
         if ckpt is not None:
             print(f"resumed from step {start_step} ({cfg['resume_from']})")
         print(f"{cfg['wandb_run_name']}: {cfg['scheme']} n={cfg['n_streams']}, {raw_model.num_params() / 1e6:.2f}M params, "
@@ -789,34 +475,11 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     def log(record, wandb_data=None):
         if not master:
             return
-        with open(log_path, "a") as f:
+        with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if wandb_run is not None:
             wandb_run.log({**(wandb_data or {}), "tokens": record["tokens"]}, step=record["step"])
 
-    def save_checkpoint():
-        mine = {"rng": rng_state(), "loader": train_loader.state_dict()}
-        ranks = [None] * world_size
-        if ddp:
-            dist.all_gather_object(ranks, mine)
-        else:
-            ranks = [mine]
-        error = [None]
-        if master and cfg["checkpoint"]:
-            ckpt = {"model": raw_model.state_dict(), "model_config": asdict(gptconf), "optimizer": optimizer.state_dict(),
-                    "step": step, "tokens": step * tokens_per_step, "config": cfg, "rng": ranks[0]["rng"],
-                    "loader": ranks[0]["loader"], "ranks": ranks, "world_size": world_size, "data_id": data_id(meta),
-                    "wandb_id": wandb_run.id if wandb_run is not None else None}
-            try:
-                write_checkpoint(ckpt, ckpt_path, cfg["keep_checkpoints"])
-            except CheckpointWriteError as e:
-                error = [str(e)]
-        if ddp:  # every rank stops if rank 0 could not write
-            dist.broadcast_object_list(error, src=0)
-        if error[0] is not None:
-            raise CheckpointWriteError(error[0])
-
-    # ---- training loop ----
     last_ckpt_step = start_step if ckpt is not None else None
     nonfinite = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=device)  # first bad step, its loss, grad norm
     result = {}
@@ -826,36 +489,15 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     while True:
         # evaluate (and checkpoint) every eval_interval steps and at the end
         if (step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]) and not (ckpt is not None and step == start_step):
-            val_loss, val_bpb = evaluate(eval_model, val_loader, token_bytes, ctx, device, ddp)
-            record = {"type": "eval", "step": step, "tokens": step * tokens_per_step, "val_loss": val_loss, "val_bpb": val_bpb}
-            wandb_data = {"val/loss": val_loss, "val/bpb": val_bpb}
-            if hellaswag_examples is not None:  # every rank scores its share; counts are all-reduced
-                hs = evaluate_hellaswag(raw_model, hellaswag_examples, device, ctx=ctx)
-                record["hellaswag_acc_norm"] = wandb_data["val/hellaswag_acc_norm"] = hs["acc_norm"]
-                record["hellaswag_acc"] = wandb_data["val/hellaswag_acc"] = hs["acc"]
-            if diag_x is not None:
-                d = residual_diagnostics(raw_model, diag_x, ctx)
-                record.update(diag=d["scalars"], hres=d["matrices"], hres_composite=d["composite"])
-                wandb_data.update({f"diag/{k}": v for k, v in d["scalars"].items()})
-                if wandb_run is not None:
-                    import matplotlib.pyplot as plt
-                    import wandb
-                    fig = hres_figure(d["matrices"], d["composite"])
-                    wandb_data["hres"] = wandb.Image(fig)
-                    plt.close(fig)
+            record, wandb_data, extra = evaluate(step, step * tokens_per_step, eval_model, raw_model, val_loader,
+                                                 token_bytes, hellaswag_examples, diag_x, ctx, device, ddp, wandb_run)
             if master:
-                extra = ""
-                if diag_x is not None:
-                    s = d["scalars"]
-                    extra = (f" | composite H_res amax fwd {s['composite/amax_fwd']:.3f} bwd {s['composite/amax_bwd']:.3f}"
-                             f" | max |H_res - I| {max(v for k, v in s.items() if k.endswith('/dist_identity')):.2e}")
-                if hellaswag_examples is not None:
-                    extra = f" | hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}" + extra
-                print(f"eval step {step}: val loss {val_loss:.4f} | val bpb {val_bpb:.4f}{extra}")
+                print(f"eval step {step}: val loss {record['val_loss']:.4f} | val bpb {record['val_bpb']:.4f}{extra}")
             log(record, wandb_data)
-            result.update(step=step, val_loss=val_loss, val_bpb=val_bpb)
+            result.update(step=step, val_loss=record["val_loss"], val_bpb=record["val_bpb"])
             if step > 0 or ckpt is not None:
-                save_checkpoint()
+                save_checkpoint(cfg, step, step * tokens_per_step, raw_model, optimizer, train_loader, meta,
+                                wandb_run, ddp, master, world_size)
                 last_ckpt_step = step
             t_last, steps_since = time.perf_counter(), 0  # eval time is not training time
         if step >= cfg["max_iters"]:
@@ -889,25 +531,18 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
         optimizer.zero_grad(set_to_none=True)
         step += 1
         steps_since += 1
+
         # the host looks at log steps and before every eval and checkpoint: one sync, not one per step
         if step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step >= cfg["max_iters"]:
-            train_loss, grad_norm, bad_step, bad_loss, bad_norm = \
-                torch.cat([loss_sum.double().view(1), grad_norm.double().view(1), nonfinite]).tolist()
-            if bad_step >= 0:
-                bad_step = int(bad_step)
-                where = (f"the last good checkpoint is {ckpt_path} (step {last_ckpt_step})" if last_ckpt_step is not None
-                         and cfg["checkpoint"] else "no checkpoint had been written")
-                skipped = ("the optimizer skipped it on the device" if skips_on_device(optimizer)
-                           else "the optimizer took it: the weights are not finite from then on")
-                msg = (f"step {bad_step}: training loss is {bad_loss} (grad norm {bad_norm}); stopping at step {step}, "
-                       f"where it was checked ({skipped}); {where}. Lower learning_rate, raise warmup_iters or check "
-                       f"the data.")
+            train_loss, grad_norm, *bad = torch.cat([loss_sum.double().view(1), grad_norm.double().view(1),
+                                                     nonfinite]).tolist()
+            if bad[0] >= 0:
+                bad_step, msg = diverged(cfg, bad, step, optimizer, last_ckpt_step)
                 if master:
                     log({"type": "error", "step": bad_step, "tokens": bad_step * tokens_per_step, "message": msg})
                     if wandb_run is not None:
                         wandb_run.finish(exit_code=1)
                 raise Diverged(msg)
-
         if step % cfg["log_interval"] == 0 and master:
             dt = (time.perf_counter() - t_last) / steps_since
             tok_per_s = tokens_per_step / dt
@@ -922,14 +557,39 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
             t_last, steps_since = time.perf_counter(), 0
 
     if final["hellaswag"] or final["core"] or final["skipped"]:
-        result.update(run_final_evaluations(final, raw_model, cfg, step, tokens_per_step, device, ctx, master, log))
+        result.update(evals.run_final_evals(final, raw_model, cfg, step, tokens_per_step, device, ctx, master, log))
     if wandb_run is not None:
         wandb_run.finish()
     if master:
-        saved = ckpt_path if cfg["checkpoint"] else "none (checkpoint=False)"
+        saved = os.path.join(cfg["out_dir"], "ckpt.pt") if cfg["checkpoint"] else "none (checkpoint=False)"
         print(f"done: step {step}, {step * tokens_per_step:,} tokens, {fmt_time(time.perf_counter() - t_start)} | "
               f"val loss {result['val_loss']:.4f} | val bpb {result['val_bpb']:.4f} | checkpoint {saved}")
     return {**result, "out_dir": cfg["out_dir"]}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(configurator.usage(os.path.abspath(__file__), DEFAULTS))
+        return None
+    cfg = configurator.load(DEFAULTS, argv, ALLOWED_TYPES)
+    validate(cfg)
+    config_files = [a for a in argv if not a.startswith("--")]
+    config_name = os.path.splitext(os.path.basename(config_files[-1]))[0] if config_files else "default"
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'device' is 'cuda' but CUDA is not available on this machine "
+                          "(torch.cuda.is_available() is False); use --device=cpu or --device=auto")
+    device_type = "cuda" if cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available()) else "cpu"
+    ddp, rank, local_rank, world_size, device = init_distributed(device_type)
+    try:
+        with contextlib.ExitStack() as run_scope:  # holds the out_dir lock for the run's life
+            result = train(cfg, config_name, ddp, rank, world_size, device, device_type, rank == 0, run_scope)
+        if ddp:  # every rank done before any tears down the process group (an early teardown can abort a peer)
+            dist.barrier()
+        return result
+    finally:
+        if ddp:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ only mean something on the GPU. MFU = (6 x parameters except position embeddings
 x d_model x seq_len) x tokens/s / the device's dense bf16 peak, printed only for known devices.
 Peak memory is torch.cuda.max_memory_allocated; on CPU it is not measured (n/a).
 Each step is train.py's: backward, gradient clipping, the device-side NaN/inf flag, AdamW.
-Before timing, the fused kernels are checked against the torch path (hc.verify_fused), so the
+Before timing, the fused kernels are checked against the torch path (hc_verify.verify_fused), so the
 path column says what ran. --sync-compare also times each model with the host synchronized
 every step (train.py's former loss.item() / grad_norm.item()): column "ms +sync" (both timed
 three times, alternating, medians reported).
@@ -33,8 +33,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hc  # noqa: E402
+import hc_verify  # noqa: E402
+from common import bf16_peak, flag_nonfinite  # noqa: E402
 from model import GPT, GPTConfig, RECOMPUTE  # noqa: E402
-from train import flag_nonfinite  # noqa: E402
 
 MODELS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512),      # CPU, tests
@@ -46,20 +47,6 @@ MODELS = {
     "d2048": dict(n_layer=24, n_head=16, n_embd=2048),                  # the d_model 2048, 24-layer target
 }
 MODELS.update({"124M": MODELS["M"], "350M": MODELS["L"]})
-
-# Dense bf16 peak FLOP/s by device name (chip, part of the name), first match wins; an unknown
-# device gets no MFU. The one table: train.py's MFU reads it too.
-PEAK_BF16 = [("H100", "PCIe", 756e12), ("H100", "NVL", 835e12), ("H100", "HBM3", 989e12), ("H100", "SXM", 989e12),
-             ("H200", "", 989e12), ("A100", "", 312e12)]
-
-
-def bf16_peak(name):
-    """Dense bf16 FLOP/s of a device by its name, or None where it is not known."""
-    for chip, part, flops in PEAK_BF16:
-        if chip in name and part in name:
-            return flops
-    return None
-
 
 def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
@@ -77,7 +64,7 @@ def bench_one(scheme, recompute, args, device):
                     n_streams=1 if scheme == "plain" else args.n_streams, stream_dtype=args.stream_dtype)
     model = GPT(cfg).to(device)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
-    check = hc.verify_fused(model, autocast_dtype=torch.bfloat16 if args.dtype == "bfloat16" else None)
+    check = hc_verify.verify_fused(model, autocast_dtype=torch.bfloat16 if args.dtype == "bfloat16" else None)
     forward = torch.compile(model) if args.compile else model
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randint(cfg.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)

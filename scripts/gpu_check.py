@@ -113,6 +113,7 @@ def markov_task(vocab, batch, T, step, seed=1234):
 def train_curve(scheme, t, fused, device, perturb=0.0):
     import torch
     import hc
+    import hc_verify
     from model import GPT, GPTConfig
     hc.FUSED = fused
     torch.manual_seed(0)
@@ -126,7 +127,7 @@ def train_curve(scheme, t, fused, device, perturb=0.0):
                 p.mul_(1 + perturb * (2 * torch.randint(0, 2, p.shape, generator=g) - 1).to(device, p.dtype))
     autocast = torch.bfloat16
     if fused == "on" and device == "cuda":   # as train.py does (the compare part covers the interpreter)
-        hc.verify_fused(model, autocast_dtype=autocast)
+        hc_verify.verify_fused(model, autocast_dtype=autocast)
     opt = model.configure_optimizers(0.1, t["lr"], (0.9, 0.95), device)
     losses = []
     for step in range(t["steps"]):

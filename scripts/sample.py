@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_hellaswag import autocast, check_device, load_model, positive_int, run_cli  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import autocast, check_device, positive_int, run_cli  # noqa: E402
+from rundir import load_model  # noqa: E402
 
 
 def decode(enc, ids):

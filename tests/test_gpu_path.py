@@ -18,7 +18,9 @@ import torch.nn as nn
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import common  # noqa: E402
 import hc  # noqa: E402
+import hc_kernels  # noqa: E402
 import hc_verify  # noqa: E402
 
 C, N, TOKENS = 40, 4, 24   # two channel tiles of 32 in the interpreter; 24 tokens: two programs of 16
@@ -35,8 +37,8 @@ def kernels(monkeypatch):
         pytest.skip("Triton was imported without TRITON_INTERPRET=1: the interpreter cases run on CPU-only machines")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(hc, "AUTO_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(hc_verify, "VERDICTS", {})
-    monkeypatch.setattr(hc_verify, "_WARNED", set())
+    monkeypatch.setattr(hc_kernels, "VERDICTS", {})
+    monkeypatch.setattr(hc_kernels, "_WARNED", set())
     return hc_kernels
 
 
@@ -59,13 +61,13 @@ def run_conn(conn):
 def test_correct_kernels_pass_and_auto_then_uses_them(mode, kernels, monkeypatch):
     monkeypatch.setattr(hc, "FUSED", mode)
     conns = [hc.make_connection("mhc", C, N, i, sinkhorn_iters=5) for i in range(3)]   # one kind: checked once
-    report = hc.verify_fused(conns, tokens=TOKENS)
+    report = hc_verify.verify_fused(conns, tokens=TOKENS)
     assert report["path"] == "fused", report
     assert len(report["checks"]) == 1 and report["checks"][0]["ok"]
     assert report["checks"][0]["kind"] == "MHC n=4 C=40 (24 coefficients, float32 streams)"
     # a real comparison happened: the fused path differs from fp64 by roundoff, not by nothing
     assert 0 < report["checks"][0]["max_err_fused"] < 1e-4
-    assert hc_verify.VERDICTS[("Sinkhorn", N)][0]   # mHC's Sinkhorn ran fused inside the check
+    assert hc_kernels.VERDICTS[("Sinkhorn", N)][0]   # mHC's Sinkhorn ran fused inside the check
     calls = count_fused_calls(monkeypatch, kernels)
     with warnings.catch_warnings():
         warnings.simplefilter("error")               # no "not verified" warning
@@ -77,7 +79,7 @@ def test_auto_after_the_check_compiles_in_one_graph_with_the_kernels(kernels, mo
     """train.py checks, then compiles: 'auto' with a verdict traces in one graph through the custom ops."""
     monkeypatch.setattr(hc, "FUSED", "auto")
     conn = hc.make_connection("mhc", C, N, 0, sinkhorn_iters=3)
-    assert hc.verify_fused([conn], tokens=TOKENS)["path"] == "fused"
+    assert hc_verify.verify_fused([conn], tokens=TOKENS)["path"] == "fused"
     torch._dynamo.reset()
     graphs, branch = [], nn.Linear(C, C)
 
@@ -96,7 +98,7 @@ def test_every_scheme_passes_with_bf16_streams_and_autocast(kernels, monkeypatch
     """The tolerance is judged against fp64: bf16 roundoff in both paths must not fail a right kernel."""
     monkeypatch.setattr(hc, "FUSED", "on")
     conns = [hc.make_connection(s, C, N, 1, sinkhorn_iters=5) for s in ("hc", "mhc", "mhc_lite", "kromhc")]
-    report = hc.verify_fused(conns, tokens=TOKENS, stream_dtype=torch.bfloat16, autocast_dtype=torch.bfloat16)
+    report = hc_verify.verify_fused(conns, tokens=TOKENS, stream_dtype=torch.bfloat16, autocast_dtype=torch.bfloat16)
     assert report["path"] == "fused" and len(report["checks"]) == 4, report
     assert all(c["max_err_torch"] > 1e-4 for c in report["checks"])   # bf16 roundoff was present
 
@@ -115,7 +117,7 @@ def test_wrong_joined_boundary_kernel_is_caught(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "post_pre_mix", off_by(1.01, kernels.post_pre_mix))
     monkeypatch.setattr(hc, "FUSED", "on")
     with pytest.raises(hc_verify.FusedCheckError, match="chain: out: error"):
-        hc.verify_fused([hc.make_connection("mhc_lite", C, N, 0)], tokens=TOKENS)
+        hc_verify.verify_fused([hc.make_connection("mhc_lite", C, N, 0)], tokens=TOKENS)
 
 
 def test_wrong_forward_auto_falls_back_and_on_raises(kernels, monkeypatch):
@@ -123,7 +125,7 @@ def test_wrong_forward_auto_falls_back_and_on_raises(kernels, monkeypatch):
     conn = hc.make_connection("kromhc", C, N, 0)
     monkeypatch.setattr(hc, "FUSED", "auto")
     with pytest.warns(UserWarning, match="failed their check for KromHC n=4 C=40.*out: error"):
-        report = hc.verify_fused([conn], tokens=TOKENS)
+        report = hc_verify.verify_fused([conn], tokens=TOKENS)
     assert report["path"] == "torch" and "mismatch against fp64" in report["reason"]
     assert not report["checks"][0]["ok"]
     calls = count_fused_calls(monkeypatch, kernels)
@@ -131,7 +133,7 @@ def test_wrong_forward_auto_falls_back_and_on_raises(kernels, monkeypatch):
     assert calls == [] and out.shape == (2, 3, N, C)
     monkeypatch.setattr(hc, "FUSED", "on")
     with pytest.raises(hc_verify.FusedCheckError, match="KromHC.*Set fused='auto'"):
-        hc.verify_fused([conn], tokens=TOKENS)
+        hc_verify.verify_fused([conn], tokens=TOKENS)
 
 
 class WrongGrad(torch.autograd.Function):
@@ -152,13 +154,13 @@ def test_wrong_gradient_is_named(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "connection_forward", lambda conn, h, branch: WrongGrad.apply(real(conn, h, branch)))
     monkeypatch.setattr(hc, "FUSED", "auto")
     with pytest.warns(UserWarning):
-        report = hc.verify_fused([hc.make_connection("mhc_lite", C, N, 0)], tokens=TOKENS)
+        report = hc_verify.verify_fused([hc.make_connection("mhc_lite", C, N, 0)], tokens=TOKENS)
     reason = report["checks"][0]["reason"]
     assert "grad h: error" in reason and "grad phi" in reason     # everything upstream of the output
     assert "out:" not in reason
     monkeypatch.setattr(kernels, "connection_forward", lambda conn, h, branch: real(conn, WrongGrad.apply(h), branch))
     with pytest.warns(UserWarning):
-        report = hc.verify_fused([hc.make_connection("kromhc", C, N, 0)], tokens=TOKENS)
+        report = hc_verify.verify_fused([hc.make_connection("kromhc", C, N, 0)], tokens=TOKENS)
     reason = report["checks"][0]["reason"]
     assert "grad h: error" in reason and "grad phi" not in reason and "out:" not in reason
 
@@ -169,11 +171,11 @@ def test_raising_kernel_auto_falls_back_with_the_reason(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "pre_mix", boom)
     monkeypatch.setattr(hc, "FUSED", "auto")
     with pytest.warns(UserWarning, match="raised RuntimeError: out of resources"):
-        report = hc.verify_fused([hc.make_connection("hc", C, N, 0)], tokens=TOKENS)
+        report = hc_verify.verify_fused([hc.make_connection("hc", C, N, 0)], tokens=TOKENS)
     assert report["path"] == "torch" and "out of resources" in report["reason"]
     monkeypatch.setattr(hc, "FUSED", "on")
     with pytest.raises(hc_verify.FusedCheckError, match="out of resources"):
-        hc.verify_fused([hc.make_connection("hc", C, N, 0)], tokens=TOKENS)
+        hc_verify.verify_fused([hc.make_connection("hc", C, N, 0)], tokens=TOKENS)
 
 
 def test_unverified_kind_runs_the_torch_path_under_auto(kernels, monkeypatch):
@@ -199,20 +201,20 @@ def test_all_ranks_agree(kernels, monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     monkeypatch.setattr(hc, "FUSED", "auto")
     with pytest.warns(UserWarning, match="another rank"):
-        report = hc.verify_fused([hc.make_connection("kromhc", C, N, 0)], tokens=TOKENS)
+        report = hc_verify.verify_fused([hc.make_connection("kromhc", C, N, 0)], tokens=TOKENS)
     assert reduced == [dist.ReduceOp.MIN]
     assert report["path"] == "torch" and report["checks"][0]["reason"] == "the check failed on another rank"
 
 
 def test_nothing_to_check():
-    assert hc.verify_fused([hc.make_connection("plain", C, 1, 0)])["path"] == "-"
+    assert hc_verify.verify_fused([hc.make_connection("plain", C, 1, 0)])["path"] == "-"
     saved = hc.FUSED
     try:
         hc.FUSED = "off"
-        assert hc.verify_fused([hc.make_connection("mhc", C, N, 0)]) == {"path": "torch", "reason": "fused='off'",
+        assert hc_verify.verify_fused([hc.make_connection("mhc", C, N, 0)]) == {"path": "torch", "reason": "fused='off'",
                                                                           "checks": []}
         hc.FUSED = "auto"   # auto on a CPU: the torch path, nothing to check
-        r = hc.verify_fused([hc.make_connection("mhc", C, N, 0)])
+        r = hc_verify.verify_fused([hc.make_connection("mhc", C, N, 0)])
         assert r["path"] == "torch" and "CUDA only" in r["reason"]
     finally:
         hc.FUSED = saved
@@ -222,11 +224,11 @@ def test_nothing_to_check():
 @pytest.mark.parametrize("scheme", ["hc", "mhc", "mhc_lite", "kromhc"])
 def test_cuda_verify_gpt2_small_shapes(scheme, monkeypatch):
     monkeypatch.setattr(hc, "FUSED", "on")
-    monkeypatch.setattr(hc_verify, "VERDICTS", {})
+    monkeypatch.setattr(hc_kernels, "VERDICTS", {})
     torch.backends.cuda.matmul.allow_tf32 = True
     conn = hc.make_connection(scheme, 768, 4, 0).cuda()
     for stream_dtype in (torch.float32, torch.bfloat16):
-        report = hc.verify_fused([conn], tokens=4096, stream_dtype=stream_dtype, autocast_dtype=torch.bfloat16)
+        report = hc_verify.verify_fused([conn], tokens=4096, stream_dtype=stream_dtype, autocast_dtype=torch.bfloat16)
         assert report["path"] == "fused", report
 
 
@@ -350,20 +352,19 @@ def test_cli_reports_divergence_in_one_line(data_dir, tmp_path):
 def test_flagged_step_leaves_fused_adamw_untouched():
     """A non-finite step flagged on the device is skipped by fused AdamW: the weights, the moments
     and the step count are as before it, and the next steps equal a run that never saw it."""
-    import train
 
     def run(steps):
         torch.manual_seed(0)
         lin = nn.Linear(8, 4)
         opt = torch.optim.AdamW(lin.parameters(), lr=0.1, weight_decay=0.1, fused=True)
-        assert train.skips_on_device(opt)
+        assert common.skips_on_device(opt)
         nonfinite = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64)
         for i, poisoned in enumerate(steps, 1):
             x = torch.full((2, 8), float("nan")) if poisoned else torch.randn(2, 8, generator=torch.Generator().manual_seed(i))
             loss = lin(x).pow(2).mean()
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(lin.parameters(), 1.0)
-            nonfinite = train.flag_nonfinite(nonfinite, i, loss.detach(), norm, opt)
+            nonfinite = common.flag_nonfinite(nonfinite, i, loss.detach(), norm, opt)
             opt.step()
             opt.zero_grad(set_to_none=True)
         return lin, opt, nonfinite

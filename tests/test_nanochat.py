@@ -381,8 +381,9 @@ def test_muon_ddp_two_processes_match_one(data_dir, tmp_path, monkeypatch):
     assert e1 == pytest.approx(e2, abs=1e-4)
     # the ranks' shares of HellaSwag and CORE add up to the scores of the same weights in one process
     from data.tokenizer import get_encoding
-    from scripts.eval_core import evaluate_core
-    from scripts.eval_hellaswag import evaluate_hellaswag, load_examples, load_model
+    from evals import evaluate_core
+    from evals import evaluate_hellaswag, load_examples
+    from rundir import load_model
     final = [r for r in two if r["type"] == "final"]
     model = load_model(ddp)[0]
     hs = evaluate_hellaswag(model, load_examples(HELLASWAG), "cpu")
@@ -426,8 +427,8 @@ def test_nanochat_d12_trains_with_end_of_run_evals(data_dir, tmp_path):
     """The config at tiny overrides: builds, trains, and scores HellaSwag and CORE once at the end
     (all items), with the results in the log and in hellaswag.json / core.json."""
     from data.tokenizer import get_encoding
-    from scripts.eval_core import evaluate_core
-    from scripts.eval_hellaswag import evaluate_hellaswag, load_examples
+    from evals import evaluate_core
+    from evals import evaluate_hellaswag, load_examples
     out = tmp_path / "run"
     result = train.main([os.path.join(REPO, "configs", "nanochat_d12.py"), f"--data_dir={data_dir}",
                          f"--out_dir={out}", "--device=cpu", "--n_layer=1", "--n_embd=32", "--n_head=2",
@@ -441,7 +442,7 @@ def test_nanochat_d12_trains_with_end_of_run_evals(data_dir, tmp_path):
     final = [r for r in log if r["type"] == "final"]
     assert len(final) == 1 and final[0]["step"] == 3
     # the same numbers from the saved weights, scored here
-    from scripts.eval_hellaswag import load_model
+    from rundir import load_model
     model = load_model(out)[0]
     hs = evaluate_hellaswag(model, load_examples(HELLASWAG), "cpu")
     core = evaluate_core(model, get_encoding(), "cpu", BUNDLE, log=None)

@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model import GPT, GPTConfig  # noqa: E402
+import evals  # noqa: E402
+import rundir  # noqa: E402
 from scripts import eval_core, eval_hellaswag, sample  # noqa: E402
 
 HELLASWAG = REPO / "tests" / "fixtures" / "hellaswag" / "hellaswag_val_sample.jsonl"
@@ -90,7 +92,7 @@ def test_temperature_zero_is_greedy(ckpt, capsys):
     """Checked against an argmax loop written here, from two different seeds."""
     from data.tokenizer import get_encoding
     enc = get_encoding()
-    model, _ = eval_hellaswag.load_model(ckpt)
+    model, _ = rundir.load_model(ckpt)
     ids = enc.encode_ordinary("def f(")
     x = torch.tensor([ids])
     with torch.no_grad():
@@ -111,7 +113,7 @@ def test_sample_flags_out_of_range(flag, value, ckpt, capsys):
 
 
 def test_generate_refuses_negative_temperature(ckpt):
-    model, _ = eval_hellaswag.load_model(ckpt)
+    model, _ = rundir.load_model(ckpt)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         model.generate(torch.zeros(1, 1, dtype=torch.long), 2, temperature=-1.0)
 
@@ -161,7 +163,7 @@ def test_hellaswag_missing_or_empty_file(tmp_path, ckpt, capsys):
 def test_hellaswag_counts_must_be_positive(flag, value, ckpt, capsys):
     fails(eval_hellaswag.main, ["--ckpt", str(ckpt), flag, value], capsys, f"argument {flag}", "must be >= 1", code=2)
     with pytest.raises(ValueError, match="limit must be >= 1"):
-        eval_hellaswag.load_examples(HELLASWAG, limit=0)
+        evals.load_examples(HELLASWAG, limit=0)
 
 
 def test_hellaswag_limit_counts_items(ckpt, capsys):
@@ -562,7 +564,7 @@ def test_damaged_bundle_download(tmp_path):
     z = tmp_path / "eval_bundle.zip"
     z.write_bytes(os.urandom(1000))
     with pytest.raises(RuntimeError, match="not a readable zip.*--bundle-dir"):
-        eval_core.download_bundle(tmp_path / "b", url="file://" + str(z))
+        evals.download_bundle(tmp_path / "b", url="file://" + str(z))
     assert not (tmp_path / "b").exists()
 
 

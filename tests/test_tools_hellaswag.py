@@ -21,6 +21,8 @@ FIXTURE = REPO / "tests" / "fixtures" / "hellaswag" / "hellaswag_val_sample.json
 sys.path.insert(0, str(REPO))
 
 from conftest import ByteEnc  # noqa: E402
+import evals  # noqa: E402
+import rundir  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from scripts import eval_hellaswag as hs  # noqa: E402
 
@@ -67,7 +69,7 @@ def reference_scores(model, example, enc):
 
 @pytest.fixture(scope="module")
 def examples():
-    return hs.load_examples(FIXTURE)
+    return evals.load_examples(FIXTURE)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -77,7 +79,7 @@ def test_fixture_is_in_the_official_format(examples):
     assert len(examples) == 7
     for ex in examples:
         assert set(ex) == keys and len(ex["endings"]) == 4 and ex["label"] in range(4)
-    assert hs.load_examples(FIXTURE, limit=3) == examples[:3]
+    assert evals.load_examples(FIXTURE, limit=3) == examples[:3]
 
 
 def test_hand_checked_acc_norm_vs_acc(examples):
@@ -90,7 +92,7 @@ def test_hand_checked_acc_norm_vs_acc(examples):
     expected_sums = [3 * lo, lo + 4 * la, 2 * lo, 2 * lo + la]
     expected_means = [s / n for s, n in zip(expected_sums, (3, 5, 2, 3))]
     preds = []
-    res = hs.evaluate_hellaswag(UnigramLM(), examples[:2], "cpu", enc=ByteEnc(), predictions=preds)
+    res = evals.evaluate_hellaswag(UnigramLM(), examples[:2], "cpu", enc=ByteEnc(), predictions=preds)
     assert preds[0]["sum_loss"] == pytest.approx(expected_sums, abs=1e-4)
     assert preds[0]["mean_loss"] == pytest.approx(expected_means, abs=1e-4)
     assert (preds[0]["pred_norm"], preds[0]["pred"], preds[0]["label"]) == (1, 2, 1)
@@ -108,7 +110,7 @@ def reference(examples):
 def test_batched_scores_match_the_plain_reference(examples, reference, batch_size):
     model, refs = reference
     preds = []
-    res = hs.evaluate_hellaswag(model, examples, "cpu", enc=ByteEnc(), batch_size=batch_size, predictions=preds)
+    res = evals.evaluate_hellaswag(model, examples, "cpu", enc=ByteEnc(), batch_size=batch_size, predictions=preds)
     assert [p["index"] for p in preds] == list(range(len(examples)))
     for p, (sums, means) in zip(preds, refs):
         assert p["sum_loss"] == pytest.approx(sums, rel=1e-4, abs=1e-4)
@@ -122,9 +124,9 @@ def test_batched_scores_match_the_plain_reference(examples, reference, batch_siz
 
 def test_long_rows_are_cropped_on_the_left(examples):
     model, enc = tiny_gpt(block_size=16), ByteEnc()
-    rows, _ = hs.render_example(examples[2], enc)
+    rows, _ = evals.render_example(examples[2], enc)
     assert max(len(t) for t, _ in rows) > 16
-    sums, means = hs.score_rows(model, rows, "cpu", block_size=16)
+    sums, means = evals.score_rows(model, rows, "cpu", block_size=16)
     for (tokens, start), s, m in zip(rows, sums, means):
         cut = len(tokens) - 16
         kept, start = tokens[cut:], max(start - cut, 1)
@@ -136,7 +138,7 @@ def test_long_rows_are_cropped_on_the_left(examples):
 
 def test_training_mode_is_restored(examples):
     model = tiny_gpt().train()
-    hs.evaluate_hellaswag(model, examples[:2], "cpu", enc=ByteEnc())
+    evals.evaluate_hellaswag(model, examples[:2], "cpu", enc=ByteEnc())
     assert model.training
 
 
@@ -144,7 +146,7 @@ def test_bad_files_are_named(tmp_path):
     bad = tmp_path / "test.jsonl"
     bad.write_text(json.dumps({"ctx": "x", "endings": ["a", "b", "c", "d"], "label": ""}) + "\n")
     with pytest.raises(ValueError, match="test.jsonl:1"):
-        hs.load_examples(bad)
+        evals.load_examples(bad)
 
 
 # ----------------------------------------------------------------------------- download
@@ -153,15 +155,15 @@ def test_download_once_then_cached(tmp_path, monkeypatch):
     src = tmp_path / "upstream"
     src.mkdir()
     (src / "hellaswag_val.jsonl").write_bytes(FIXTURE.read_bytes())
-    monkeypatch.setattr(hs, "URL", "file://" + str(src) + "/hellaswag_{split}.jsonl")
+    monkeypatch.setattr(evals, "URL", "file://" + str(src) + "/hellaswag_{split}.jsonl")
     monkeypatch.setenv("HCGPT_CACHE_DIR", str(tmp_path / "cache"))
-    path = hs.download("val")
+    path = evals.download("val")
     assert path == tmp_path / "cache" / "hellaswag" / "hellaswag_val.jsonl"
     assert path.read_bytes() == FIXTURE.read_bytes()
     (src / "hellaswag_val.jsonl").unlink()  # upstream gone: the cached copy is used
-    assert hs.load_examples(split="val") == hs.load_examples(FIXTURE)
+    assert evals.load_examples(split="val") == evals.load_examples(FIXTURE)
     with pytest.raises(RuntimeError, match="--data-file"):
-        hs.download("train")  # not cached, and the "network" has no such file
+        evals.download("train")  # not cached, and the "network" has no such file
     assert not list((tmp_path / "cache" / "hellaswag").glob("*.tmp*"))
 
 
@@ -181,9 +183,9 @@ def test_cli_writes_results_next_to_the_checkpoint(ckpt_dir, enc, examples):
     res = hs.main(["--ckpt", str(ckpt_dir), "--data-file", str(FIXTURE), "--device", "cpu", "--batch-size", "3"])
     saved = json.loads((ckpt_dir / "hellaswag.json").read_text())
     assert saved["n"] == 7 and saved["step"] == 7 and saved["acc_norm"] == res["acc_norm"]
-    model, meta = hs.load_model(ckpt_dir)
+    model, meta = rundir.load_model(ckpt_dir)
     assert meta["step"] == 7 and "model" not in meta
-    assert hs.evaluate_hellaswag(model, examples, "cpu", enc=enc) == res
+    assert evals.evaluate_hellaswag(model, examples, "cpu", enc=enc) == res
 
 
 def test_torchrun_ddp_matches_one_process(ckpt_dir, tmp_path, enc, examples):
@@ -196,7 +198,7 @@ def test_torchrun_ddp_matches_one_process(ckpt_dir, tmp_path, enc, examples):
                        cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     ddp = json.loads(out.read_text())
-    one = hs.evaluate_hellaswag(hs.load_model(ckpt_dir)[0], examples, "cpu", enc=enc)
+    one = evals.evaluate_hellaswag(rundir.load_model(ckpt_dir)[0], examples, "cpu", enc=enc)
     assert {k: ddp[k] for k in one} == one and one["n"] == 7
 
 
@@ -208,12 +210,12 @@ def test_train_logs_hellaswag_at_each_eval(tmp_path, data_dir):
                 "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=2", "--total_batch_tokens=128",
                 "--eval_tokens=256", "--eval_interval=2", "--max_iters=2", "--warmup_iters=1",
                 "--hellaswag", f"--hellaswag_file={FIXTURE}", "--hellaswag_limit=5"])
-    evals = [json.loads(line) for line in open(out / "log.jsonl") if '"eval"' in line]
-    assert [e["step"] for e in evals] == [0, 2]
+    records = [json.loads(line) for line in open(out / "log.jsonl") if '"eval"' in line]
+    assert [e["step"] for e in records] == [0, 2]
     # the logged accuracies are those of the step-2 checkpoint, scored again here on the same 5 items
-    again = hs.evaluate_hellaswag(hs.load_model(out)[0], hs.load_examples(FIXTURE, limit=5), "cpu")
+    again = evals.evaluate_hellaswag(rundir.load_model(out)[0], evals.load_examples(FIXTURE, limit=5), "cpu")
     assert again["n"] == 5
-    assert (evals[-1]["hellaswag_acc_norm"], evals[-1]["hellaswag_acc"]) == (again["acc_norm"], again["acc"])
+    assert (records[-1]["hellaswag_acc_norm"], records[-1]["hellaswag_acc"]) == (again["acc_norm"], again["acc"])
 
 
 def test_train_names_a_missing_hellaswag_file(tmp_path, data_dir):

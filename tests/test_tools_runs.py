@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
+import rundir  # noqa: E402
 from scripts import eval_core, eval_hellaswag, plot_runs, sample  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -72,7 +73,7 @@ def test_plot_runs_end_to_end(runs, tmp_path):
         assert rows[label]["tokens"] == "768"
         assert rows[label]["tok/s"] != "–"
         ckpt = torch.load(runs[scheme] / "ckpt.pt", weights_only=False)
-        model, _ = eval_hellaswag.load_model(runs[scheme])
+        model, _ = rundir.load_model(runs[scheme])
         extra = sum(p.numel() for c in model.connections() for p in c.parameters())
         assert rows[label]["extra params"] == f"{extra:,}"
         assert (extra == 0) == (scheme == "plain")

@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+import common
+import rundir
+import tracking
 import train
 from configurator import ConfigError
 from conftest import read_log, tiny_args
@@ -115,7 +118,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(error, data_dir, tmp_pat
 
     monkeypatch.setattr(torch, "save", disk_full)
     out = tmp_path / "run"
-    with pytest.raises(train.CheckpointWriteError) as e:
+    with pytest.raises(rundir.CheckpointWriteError) as e:
         train.main(tiny_args(data_dir, out, "--max_iters=4", "--eval_interval=2"))
     msg = str(e.value)
     assert f"step-4 checkpoint {out / 'ckpt.pt'}" in msg and str(error) in msg
@@ -222,11 +225,11 @@ def test_killed_during_checkpoint_write_resumes_exactly(data_dir, tmp_path, caps
 def test_read_log_cut_and_corrupt_lines(tmp_path, capsys):
     path = tmp_path / "log.jsonl"
     path.write_text('{"type": "config"}\n{"type": "eval", "step": 5}\n{"type": "tr')
-    assert train.read_log(str(path)) == [{"type": "config"}, {"type": "eval", "step": 5}]
+    assert rundir.read_log(str(path)) == [{"type": "config"}, {"type": "eval", "step": 5}]
     assert "dropping its last line" in capsys.readouterr().out
     path.write_text('{"type": "config"}\nnot json\n{"type": "eval", "step": 5}\n')
     with pytest.raises(ConfigError, match=r"log.jsonl, line 2 is not JSON; remove or repair that line"):
-        train.read_log(str(path))
+        rundir.read_log(str(path))
 
 
 # ---- bad inputs: one clear message each, before any training ----
@@ -333,7 +336,7 @@ def test_out_dir_read_only(data_dir, tmp_path, monkeypatch):
 
         def read_only(directory, *args):
             raise OSError(errno.EROFS, "Read-only file system", str(directory))
-        monkeypatch.setattr(train, "dir_lock", read_only)
+        monkeypatch.setattr(rundir, "dir_lock", read_only)
     try:
         with pytest.raises(ConfigError, match=f"'out_dir': cannot write in {ro} .*writable --out_dir"):
             train.main(tiny_args(data_dir, ro))
@@ -355,10 +358,10 @@ def test_wandb_online_without_key(data_dir, tmp_path, monkeypatch):
     assert not (out / "log.jsonl").exists()  # refused before any training
     cfg = dict(train.DEFAULTS, wandb_log=True)
     netrc.write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
-    train.check_wandb(cfg)  # a key in .netrc (what `wandb login` writes) is enough
+    tracking.check_wandb(cfg)  # a key in .netrc (what `wandb login` writes) is enough
     netrc.write_text("")
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    train.check_wandb(cfg)
+    tracking.check_wandb(cfg)
 
 
 # ---- usability ----
@@ -396,7 +399,7 @@ def test_summary_and_eta_lines(data_dir, tmp_path, capsys):
 
 
 def test_fmt_time():
-    assert [train.fmt_time(s) for s in (0, 59.9, 61, 3599, 3600, 7322)] == ["0s", "59s", "1m01s", "59m59s", "1h00m",
+    assert [common.fmt_time(s) for s in (0, 59.9, 61, 3599, 3600, 7322)] == ["0s", "59s", "1m01s", "59m59s", "1h00m",
                                                                              "2h02m"]
 
 

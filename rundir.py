@@ -1,0 +1,211 @@
+"""A run's directory (out_dir): its lock, its checkpoints and its log.
+
+    check_out_dir           one run per out_dir: locked for the run's life; a run already there is
+                            refused unless resumed or --overwrite
+    write_checkpoint        atomic and durable (tmp, fsync, rename), ckpt_<step>.pt kept and pruned
+    load_checkpoint         read one back, or a CheckpointError naming the file and the fix
+    load_resume_checkpoint  the checkpoint to resume, refused when it is from other data or seed
+    load_model              a GPT from a checkpoint, for the evaluation and sampling scripts
+    read_log                the records of log.jsonl, a line cut by a crash dropped
+
+Every problem a user can cause is a ConfigError (or CheckpointError) naming the key or file and the fix.
+"""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from configurator import ConfigError
+from data.loader import data_id
+from data.shards import DirLocked, dir_lock
+from model import GPT, GPTConfig
+
+
+class CheckpointWriteError(RuntimeError):
+    pass
+
+
+
+class CheckpointError(ValueError):
+    """A ckpt.pt that cannot be used: missing, truncated, not a checkpoint, or from another program."""
+
+
+
+# -----------------------------------------------------------------------------
+# the directory and its log
+
+def check_out_dir(cfg, run_scope):
+    """Make out_dir, lock it for the run's life (in run_scope), and refuse to mix two runs in it."""
+    out = cfg["out_dir"]
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"config key 'out_dir': {out} is a file, not a directory; pass another --out_dir")
+    names = os.listdir(out) if os.path.isdir(out) else []
+    ckpts = sorted(f for f in names if f.startswith("ckpt") and f.endswith(".pt"))
+    if cfg["resume"] and cfg["overwrite"]:
+        raise ConfigError("config keys 'resume' and 'overwrite' contradict each other; pass one of them")
+    if cfg["resume"] and not os.path.isfile(cfg["resume_from"]):
+        key = "resume" if cfg["resume_from"] == os.path.join(out, "ckpt.pt") else "resume_from"
+        raise ConfigError(f"config key {key!r} is set but there is no checkpoint at {cfg['resume_from']}"
+                          + (f" ({out} holds {', '.join(ckpts)}; pick one with --resume_from=FILE)" if ckpts
+                             else f"; drop --{key} to start a new run"))
+    try:
+        os.makedirs(out, exist_ok=True)
+        run_scope.enter_context(dir_lock(out, ".train.lock", "train.py run"))  # released by the OS if we die
+    except DirLocked as e:
+        raise ConfigError(f"config key 'out_dir': {e}") from None
+    except OSError as e:  # read-only, no permission, a path through a file
+        raise ConfigError(f"config key 'out_dir': cannot write in {out} ({e.strerror}); pass a writable "
+                          f"--out_dir") from None
+    log_path = os.path.join(out, "log.jsonl")
+    if cfg["resume"] or not (ckpts or os.path.exists(log_path)):
+        return
+    steps = [r["step"] for r in (read_log(log_path) if os.path.exists(log_path) else []) if "step" in r]
+    what = f"a run that reached step {max(steps)}" if steps else "a run"
+    if not cfg["overwrite"]:
+        raise ConfigError(f"config key 'out_dir': {out} already holds {what} ({', '.join(ckpts) or 'log.jsonl'}); "
+                          f"continue it with --resume, pick another --out_dir, or delete it and start afresh with "
+                          f"--overwrite=True")
+    for name in ckpts + ["log.jsonl", "ckpt.pt.tmp"]:  # nothing of the old run may mix with the new one
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    print(f"overwrite: deleted {what} in {out}")
+
+
+
+def read_log(path):
+    """The records of a log.jsonl. A crash can cut its last line: that line is dropped with a notice;
+    an unreadable line elsewhere is an error (the file was edited or mixed, and must be looked at)."""
+    with open(path, "rb") as f:
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ConfigError(f"{path}, line {i + 1} is not JSON; remove or repair that line, then rerun") from None
+            print(f"{path}: dropping its last line, cut by a crash: {line[:60]!r}")
+    return records
+
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+
+def write_checkpoint(ckpt, path, keep=0):
+    """Write ckpt to path atomically and durably (tmp file, fsync, rename, fsync the directory). With keep > 0
+    also keep it as ckpt_<step>.pt (a hard link, else a copy) and delete all but the last `keep` of those.
+    On failure (disk full, read-only, ...) the partial file is removed and the previous checkpoint stays."""
+    out, tmp = os.path.dirname(path) or ".", path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(out)
+        if keep:
+            step_path = os.path.join(out, f"ckpt_{ckpt['step']}.pt")
+            try:
+                os.link(path, tmp)
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, step_path)
+            steps = sorted(int(f[5:-3]) for f in os.listdir(out) if re.fullmatch(r"ckpt_\d+\.pt", f))
+            # a later step than this one is left from a continuation abandoned by --resume_from; the run replaces it
+            older = [s for s in steps if s <= ckpt["step"]]
+            for s in older[:-keep]:
+                os.remove(os.path.join(out, f"ckpt_{s}.pt"))
+            fsync_dir(out)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CheckpointWriteError(f"could not write the step-{ckpt['step']} checkpoint {path} ({e}); the previous "
+                                   f"checkpoint is kept: free space / fix permissions in "
+                                   f"{out}, then rerun with --resume") from None
+
+
+
+def load_checkpoint(path):
+    """The dict train.py saved at path (a ckpt.pt or a run directory holding one), on the CPU.
+    Raises CheckpointError naming the file and the fix instead of torch's or pickle's traceback."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}: pass a ckpt.pt or the out_dir of a train.py run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, random bytes, a pickle of something else: all unusable
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be truncated "
+                              f"or not a train.py checkpoint: use another checkpoint (e.g. ckpt_<step>.pt in "
+                              f"the same out_dir) or start the run afresh in a new out_dir") from None
+    missing = [k for k in ("model", "model_config", "step") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a train.py checkpoint (no {', '.join(missing)}): pass the ckpt.pt "
+                              f"that train.py wrote in a run's out_dir")
+    return ckpt
+
+
+
+def load_resume_checkpoint(cfg, meta):
+    """The checkpoint to resume from, refused if it is unreadable or from a run with other data or seed."""
+    try:
+        ckpt = load_checkpoint(cfg["resume_from"])
+    except CheckpointError as e:
+        raise ConfigError(f"config key 'resume': {e}") from None
+    old = ckpt.get("config", {})
+    if "seed" in old and old["seed"] != cfg["seed"]:
+        raise ConfigError(f"resume: the checkpoint's run used seed {old['seed']}, this run has seed {cfg['seed']} "
+                          f"(the data order would change mid-run); resume with --seed={old['seed']}, or start a "
+                          f"new run in another out_dir")
+    same = (ckpt["data_id"] == data_id(meta) if "data_id" in ckpt else
+            os.path.realpath(old.get("data_dir", cfg["data_dir"])) == os.path.realpath(cfg["data_dir"]))
+    if not same:
+        raise ConfigError(f"resume: the checkpoint was trained on other data ({old.get('data_dir')}) than this run's "
+                          f"data_dir ({cfg['data_dir']}); resume with --data_dir={old.get('data_dir')}, or start a "
+                          f"new run in another out_dir")
+    return ckpt
+
+
+
+def resolve_ckpt(path):
+    """A ckpt.pt, or a run directory that holds one."""
+    p = Path(path)
+    return p / "ckpt.pt" if p.is_dir() else p
+
+
+
+def load_model(path, device="cpu"):
+    """GPT from a train.py checkpoint, in eval mode -> (model, checkpoint dict without weights).
+    An unusable checkpoint is a CheckpointError naming the file and the fix."""
+    path = resolve_ckpt(path)
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = GPTConfig(**ckpt["model_config"])
+        if cfg.vocab_size < 50257:  # the tools read and write GPT-2 tokens: a smaller table fails mid-run
+            raise ValueError(f"vocab_size {cfg.vocab_size} is smaller than the GPT-2 tokenizer's 50257 tokens")
+        model = GPT(cfg)
+        state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+        model.load_state_dict(state)
+    except Exception as e:  # a config or weights this model.py cannot build: another program's or version's
+        raise CheckpointError(f"{path}: not a model this version of model.py can build ({type(e).__name__}: "
+                              f"{str(e)[:300]}); pass a ckpt.pt written by this version of train.py on "
+                              f"GPT-2 token shards") from None
+    model.to(device).eval()
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng", "ranks", "loader")}
+    return model, meta

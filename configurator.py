@@ -9,6 +9,10 @@ literal, or a bare string); `--key` alone sets a bool key to True. An unknown ke
 value whose type does not match the default's, is an error naming the key. Names in a config
 file that start with "_", and imported modules, are not config keys. A config file that cannot
 be read or compiled, or raises when run, is an error naming the file and line.
+
+    load      the config: defaults, then config files and overrides in order
+    validate  the values train.py's keys may take, each error naming its key
+    usage     --help: every key with its default and comment, read from train.py's DEFAULTS
 """
 
 import ast
@@ -16,6 +20,9 @@ import difflib
 import io
 import tokenize
 import types
+
+import hc
+from model import READOUTS, RECOMPUTE, STREAM_DTYPES
 
 
 class ConfigError(ValueError):
@@ -126,3 +133,53 @@ def usage(path, defaults, name="DEFAULTS"):
         lines.append(f"  --{kw.arg}={value}".ljust(40) + f" {comments.get(kw.end_lineno, '')}")
         prev = kw.end_lineno
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# the values train.py's keys may take (its DEFAULTS say what each key is)
+
+CHOICES = {
+    "scheme": hc.SCHEMES, "stream_dtype": STREAM_DTYPES, "readout": READOUTS, "sinkhorn_end": hc.SINKHORN_ENDS,
+    "wandb_mode": ("online", "offline", "disabled"),
+    "lr_schedule": ("cosine", "linear"), "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
+    "compile": ("auto", True, False), "arch": ("gpt2", "nanochat"), "optimizer": ("adamw", "muon"),
+    "hc_optimizer": ("adamw", "muon"), "fused": ("auto", "on", "off"), "recompute": RECOMPUTE,
+}
+POSITIVE = ("eval_interval", "log_interval", "eval_tokens", "diag_batch_size", "batch_size", "block_size",
+            "total_batch_tokens", "n_layer", "n_head", "n_embd", "sinkhorn_iters")
+NON_NEGATIVE = ("hellaswag_limit", "eval_batch_size", "vocab_size", "n_streams", "max_iters", "weight_decay", "grad_clip",
+                "warmup_iters", "lr_decay_iters", "learning_rate", "keep_checkpoints", "matrix_lr", "embedding_lr",
+                "unembedding_lr", "muon_momentum_warmup", "adam_eps")
+
+
+def validate(cfg):
+    """Errors that do not need the data or the device, each naming its key."""
+    for key, options in CHOICES.items():
+        if cfg[key] not in options:
+            raise ConfigError(f"config key {key!r} must be one of {options}, got {cfg[key]!r}")
+    for key in POSITIVE:
+        if cfg[key] <= 0:
+            raise ConfigError(f"config key {key!r} must be > 0, got {cfg[key]!r}")
+    for key in NON_NEGATIVE:
+        if cfg[key] < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {cfg[key]!r}")
+    if not 0.0 <= cfg["dropout"] < 1.0:
+        raise ConfigError(f"config key 'dropout' must be in [0, 1), got {cfg['dropout']}")
+    if not 0.0 <= cfg["min_lr_ratio"] <= 1.0:
+        raise ConfigError(f"config key 'min_lr_ratio' must be in [0, 1], got {cfg['min_lr_ratio']}")
+    if not 0.0 < cfg["warmdown_frac"] <= 1.0:
+        raise ConfigError(f"config key 'warmdown_frac' must be in (0, 1], got {cfg['warmdown_frac']}")
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise ConfigError(f"config key 'n_embd' ({cfg['n_embd']}) must be divisible by 'n_head' ({cfg['n_head']})")
+    if cfg["keep_checkpoints"] and not cfg["checkpoint"]:
+        raise ConfigError("config key 'keep_checkpoints' needs checkpoints; drop it or drop --checkpoint=False")
+    if not (cfg["dataset"] or cfg["data_dir"]):
+        raise ConfigError("config key 'dataset' is empty; name a prepared dataset (--dataset=pydocs) or set 'data_dir'")
+    if not 0 <= cfg["seed"] < 2**31:  # numpy takes seed + rank below 2**32
+        raise ConfigError(f"config key 'seed' must be in [0, 2**31), got {cfg['seed']}")
+    if cfg["optimizer"] == "muon" and cfg["arch"] != "nanochat":
+        raise ConfigError(f"config key 'optimizer' is 'muon', nanochat's optimizer, which takes arch='nanochat' "
+                          f"(got arch={cfg['arch']!r}); add --arch=nanochat or use --optimizer=adamw")
+    for key in ("muon_momentum", "muon_momentum_start"):
+        if not 0.0 <= cfg[key] < 1.0:
+            raise ConfigError(f"config key {key!r} must be in [0, 1), got {cfg[key]}")

@@ -2,6 +2,7 @@
 
     val_loss_bpb          val loss and bits per byte over fixed val windows (nanochat's BPB)
     residual_diagnostics  the connections' H_pre / H_post / H_res on a fixed batch (hc.diagnostics)
+    training_eval         what train.py evaluates every eval_interval steps: the above, HellaSwag if asked
     HellaSwag             acc_norm / acc as nanoGPT and llm.c score it
     CORE                  the 22 DCLM tasks as nanochat scores them
     end of a run          plan_final_evals / run_final_evals: HellaSwag and CORE once, at the end of train.py
@@ -80,6 +81,32 @@ def residual_diagnostics(raw_model, x, ctx):
         raw_model.train(was_training)
     return hc.diagnostics(coeffs, raw_model.connection_names())
 
+
+
+def training_eval(step, tokens, eval_model, raw_model, val_loader, token_bytes, hellaswag_examples, diag_x, ctx,
+             device, ddp, wandb_run):
+    """One eval: val loss and BPB, HellaSwag if asked, the residual diagnostics on the fixed batch.
+    -> (log record, wandb metrics, the console line's extra part)."""
+    val_loss, val_bpb = val_loss_bpb(eval_model, val_loader, token_bytes, ctx, device, ddp)
+    record = {"type": "eval", "step": step, "tokens": tokens, "val_loss": val_loss, "val_bpb": val_bpb}
+    wandb_data = {"val/loss": val_loss, "val/bpb": val_bpb}
+    extra = ""
+    if hellaswag_examples is not None:  # every rank scores its share; counts are all-reduced
+        hs = evaluate_hellaswag(raw_model, hellaswag_examples, device, ctx=ctx)
+        record["hellaswag_acc_norm"] = wandb_data["val/hellaswag_acc_norm"] = hs["acc_norm"]
+        record["hellaswag_acc"] = wandb_data["val/hellaswag_acc"] = hs["acc"]
+        extra = f" | hellaswag acc_norm {hs['acc_norm']:.4f}"
+    if diag_x is not None:
+        d = residual_diagnostics(raw_model, diag_x, ctx)
+        s = d["scalars"]
+        record.update(diag=s, hres=d["matrices"], hres_composite=d["composite"])
+        wandb_data.update({f"diag/{k}": v for k, v in s.items()})
+        if wandb_run is not None:
+            from tracking import hres_image
+            wandb_data["hres"] = hres_image(d)
+        extra += (f" | composite H_res amax fwd {s['composite/amax_fwd']:.3f} bwd {s['composite/amax_bwd']:.3f}"
+                  f" | max |H_res - I| {max(v for k, v in s.items() if k.endswith('/dist_identity')):.2e}")
+    return record, wandb_data, extra
 
 # -----------------------------------------------------------------------------
 # HellaSwag (the official jsonl, github.com/rowanz/hellaswag): each of 4 endings appended to the

@@ -6,7 +6,9 @@
     load_checkpoint         read one back, or a CheckpointError naming the file and the fix
     load_resume_checkpoint  the checkpoint to resume, refused when it is from other data or seed
     load_model              a GPT from a checkpoint, for the evaluation and sampling scripts
-    read_log                the records of log.jsonl, a line cut by a crash dropped
+    save_checkpoint         a training run's checkpoint: the model, the optimizer, every rank's
+                            random state and data position
+    start_log / read_log    log.jsonl: the run's header record; the records, a line cut by a crash dropped
 
 Every problem a user can cause is a ConfigError (or CheckpointError) naming the key or file and the fix.
 """
@@ -15,14 +17,18 @@ import json
 import os
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from common import rng_state
 from configurator import ConfigError
 from data.loader import data_id
 from data.shards import DirLocked, dir_lock
 from model import GPT, GPTConfig
+from tracking import start_wandb
 
 
 class CheckpointWriteError(RuntimeError):
@@ -95,6 +101,24 @@ def read_log(path):
 
 
 
+def start_log(cfg, ckpt, start_step, header):
+    """log.jsonl's header record ("config", or "resume" after dropping records written after the
+    checkpoint) and the wandb run, on rank 0. -> the wandb run or None."""
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    log_path = os.path.join(cfg["out_dir"], "log.jsonl")
+    if ckpt is not None and os.path.exists(log_path):  # drop records written after the checkpoint
+        records = read_log(log_path)  # without a line cut by a crash
+        keep = [r for r in records if "step" not in r or r["step"] <= start_step]
+        with open(log_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+    header = {"type": "config" if ckpt is None else "resume", **cfg, **header}
+    if ckpt is not None:
+        header["step"] = start_step
+    with open(log_path, "w" if ckpt is None else "a") as f:
+        f.write(json.dumps(header) + "\n")
+    return start_wandb(cfg, (ckpt or {}).get("wandb_id")) if cfg["wandb_log"] else None
+
+
 # -----------------------------------------------------------------------------
 # checkpoints
 
@@ -139,6 +163,31 @@ def write_checkpoint(ckpt, path, keep=0):
                                    f"checkpoint is kept: free space / fix permissions in "
                                    f"{out}, then rerun with --resume") from None
 
+
+
+def save_checkpoint(cfg, step, tokens, raw_model, optimizer, train_loader, meta, wandb_run, ddp, master, world_size):
+    """Every rank's random state and data position gathered; rank 0 writes ckpt.pt (rundir.py); every
+    rank stops if it could not."""
+    mine = {"rng": rng_state(), "loader": train_loader.state_dict()}
+    ranks = [None] * world_size
+    if ddp:
+        dist.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
+    error = [None]
+    if master and cfg["checkpoint"]:
+        ckpt = {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
+                "optimizer": optimizer.state_dict(), "step": step, "tokens": tokens, "config": cfg,
+                "rng": ranks[0]["rng"], "loader": ranks[0]["loader"], "ranks": ranks, "world_size": world_size,
+                "data_id": data_id(meta), "wandb_id": wandb_run.id if wandb_run is not None else None}
+        try:
+            write_checkpoint(ckpt, os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["keep_checkpoints"])
+        except CheckpointWriteError as e:
+            error = [str(e)]
+    if ddp:  # every rank stops if rank 0 could not write
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise CheckpointWriteError(error[0])
 
 
 def load_checkpoint(path):

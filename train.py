@@ -39,10 +39,10 @@ import hc
 import hc_verify
 import rundir
 import tracking
-from common import flag_nonfinite, fmt_time, init_distributed, peak_flops, rng_state, set_rng_state, skips_on_device
+from common import flag_nonfinite, fmt_time, init_distributed, peak_flops, set_rng_state, skips_on_device
 from configurator import ConfigError
-from data.loader import TrainLoader, ValLoader, data_id, load_meta, load_token_bytes, verify_shards
-from model import GPT, READOUTS, STREAM_DTYPES, GPTConfig
+from data.loader import TrainLoader, ValLoader, load_meta, load_token_bytes, verify_shards
+from model import GPT, GPTConfig
 from rundir import CheckpointWriteError
 
 # -----------------------------------------------------------------------------
@@ -130,59 +130,12 @@ DEFAULTS = dict(
     seed=1337,  # init, data order and dropout seed, in [0, 2**31)
 )
 ALLOWED_TYPES = {"kron_factors": (tuple, type(None)), "compile": (bool, str)}
-CHOICES = {
-    "scheme": hc.SCHEMES, "stream_dtype": STREAM_DTYPES, "readout": READOUTS, "sinkhorn_end": hc.SINKHORN_ENDS,
-    "wandb_mode": ("online", "offline", "disabled"),
-    "lr_schedule": ("cosine", "linear"), "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
-    "compile": ("auto", True, False), "arch": ("gpt2", "nanochat"), "optimizer": ("adamw", "muon"),
-    "hc_optimizer": ("adamw", "muon"), "fused": ("auto", "on", "off"), "recompute": ("none", "connections", "blocks"),
-}
-POSITIVE = ("eval_interval", "log_interval", "eval_tokens", "diag_batch_size", "batch_size", "block_size",
-            "total_batch_tokens", "n_layer", "n_head", "n_embd", "sinkhorn_iters")
-NON_NEGATIVE = ("hellaswag_limit", "eval_batch_size", "vocab_size", "n_streams", "max_iters", "weight_decay", "grad_clip",
-                "warmup_iters", "lr_decay_iters", "learning_rate", "keep_checkpoints", "matrix_lr", "embedding_lr",
-                "unembedding_lr", "muon_momentum_warmup", "adam_eps")
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 class Diverged(RuntimeError):
     pass
-
-
-def validate(cfg):
-    """Errors that do not need the data or the device, each naming its key."""
-    for key, options in CHOICES.items():
-        if cfg[key] not in options:
-            raise ConfigError(f"config key {key!r} must be one of {options}, got {cfg[key]!r}")
-    for key in POSITIVE:
-        if cfg[key] <= 0:
-            raise ConfigError(f"config key {key!r} must be > 0, got {cfg[key]!r}")
-    for key in NON_NEGATIVE:
-        if cfg[key] < 0:
-            raise ConfigError(f"config key {key!r} must be >= 0, got {cfg[key]!r}")
-    if not 0.0 <= cfg["dropout"] < 1.0:
-        raise ConfigError(f"config key 'dropout' must be in [0, 1), got {cfg['dropout']}")
-    if not 0.0 <= cfg["min_lr_ratio"] <= 1.0:
-        raise ConfigError(f"config key 'min_lr_ratio' must be in [0, 1], got {cfg['min_lr_ratio']}")
-    if not 0.0 < cfg["warmdown_frac"] <= 1.0:
-        raise ConfigError(f"config key 'warmdown_frac' must be in (0, 1], got {cfg['warmdown_frac']}")
-    if cfg["n_embd"] % cfg["n_head"]:
-        raise ConfigError(f"config key 'n_embd' ({cfg['n_embd']}) must be divisible by 'n_head' ({cfg['n_head']})")
-    if cfg["keep_checkpoints"] and not cfg["checkpoint"]:
-        raise ConfigError("config key 'keep_checkpoints' needs checkpoints; drop it or drop --checkpoint=False")
-    if not (cfg["dataset"] or cfg["data_dir"]):
-        raise ConfigError("config key 'dataset' is empty; name a prepared dataset (--dataset=pydocs) or set 'data_dir'")
-    if not 0 <= cfg["seed"] < 2**31:  # numpy takes seed + rank below 2**32
-        raise ConfigError(f"config key 'seed' must be in [0, 2**31), got {cfg['seed']}")
-    if cfg["optimizer"] == "muon" and cfg["arch"] != "nanochat":
-        raise ConfigError(f"config key 'optimizer' is 'muon', nanochat's optimizer, which takes arch='nanochat' "
-                          f"(got arch={cfg['arch']!r}); add --arch=nanochat or use --optimizer=adamw")
-    for key in ("muon_momentum", "muon_momentum_start"):
-        if not 0.0 <= cfg[key] < 1.0:
-            raise ConfigError(f"config key {key!r} must be in [0, 1), got {cfg[key]}")
-
-
 
 
 def get_lr(step, cfg, base_lr=None):
@@ -330,72 +283,39 @@ def build(cfg, meta, device, device_type):
     return raw_model, optimizer, ckpt, fused_check
 
 
-def start_log(cfg, ckpt, start_step, header):
-    """log.jsonl's header record ("config", or "resume" after dropping records written after the
-    checkpoint) and the wandb run, on rank 0. -> the wandb run or None."""
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    log_path = os.path.join(cfg["out_dir"], "log.jsonl")
-    if ckpt is not None and os.path.exists(log_path):  # drop records written after the checkpoint
-        records = rundir.read_log(log_path)  # without a line cut by a crash
-        keep = [r for r in records if "step" not in r or r["step"] <= start_step]
-        with open(log_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-    header = {"type": "config" if ckpt is None else "resume", **cfg, **header}
+def loaders(cfg, ckpt, rank, world_size, master, device):
+    """The train stream (at the checkpoint's window when resuming), the fixed val windows, the bytes
+    per token for BPB, and the fixed batch of the residual diagnostics (rank 0, n > 1)."""
+    eval_batch_size = cfg["eval_batch_size"] or cfg["batch_size"]
+    try:
+        train_loader = TrainLoader(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], rank, world_size, cfg["seed"])
+        val_loader = ValLoader(cfg["data_dir"], eval_batch_size, cfg["block_size"], cfg["eval_tokens"], rank, world_size)
+        token_bytes = load_token_bytes(cfg["data_dir"]).to(device)
+        diag_x = None
+        if master and cfg["scheme"] != "plain":  # the first val windows
+            diag_x, _ = next(iter(ValLoader(cfg["data_dir"], cfg["diag_batch_size"], cfg["block_size"],
+                                            cfg["diag_batch_size"] * cfg["block_size"])))
+            diag_x = diag_x.to(device)
+    except (ValueError, FileNotFoundError) as e:  # e.g. eval_tokens larger than the val split
+        raise ConfigError(f"data ({cfg['data_dir']}): {e}") from None
     if ckpt is not None:
-        header["step"] = start_step
-    with open(log_path, "w" if ckpt is None else "a") as f:
-        f.write(json.dumps(header) + "\n")
-    return tracking.start_wandb(cfg, (ckpt or {}).get("wandb_id")) if cfg["wandb_log"] else None
-
-
-def save_checkpoint(cfg, step, tokens, raw_model, optimizer, train_loader, meta, wandb_run, ddp, master, world_size):
-    """Every rank's random state and data position gathered; rank 0 writes ckpt.pt (rundir.py); every
-    rank stops if it could not."""
-    mine = {"rng": rng_state(), "loader": train_loader.state_dict()}
-    ranks = [None] * world_size
-    if ddp:
-        dist.all_gather_object(ranks, mine)
-    else:
-        ranks = [mine]
-    error = [None]
-    if master and cfg["checkpoint"]:
-        ckpt = {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
-                "optimizer": optimizer.state_dict(), "step": step, "tokens": tokens, "config": cfg,
-                "rng": ranks[0]["rng"], "loader": ranks[0]["loader"], "ranks": ranks, "world_size": world_size,
-                "data_id": data_id(meta), "wandb_id": wandb_run.id if wandb_run is not None else None}
         try:
-            rundir.write_checkpoint(ckpt, os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["keep_checkpoints"])
-        except CheckpointWriteError as e:
-            error = [str(e)]
-    if ddp:  # every rank stops if rank 0 could not write
-        dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise CheckpointWriteError(error[0])
+            train_loader.load_state_dict(ckpt["loader"])  # one position in the window stream, for all ranks
+        except ValueError as e:
+            raise ConfigError(f"resume: {e}") from None
+    return train_loader, val_loader, token_bytes, diag_x
 
 
-def evaluate(step, tokens, eval_model, raw_model, val_loader, token_bytes, hellaswag_examples, diag_x, ctx,
-             device, ddp, wandb_run):
-    """One eval: val loss and BPB, HellaSwag if asked, the residual diagnostics on the fixed batch.
-    -> (log record, wandb metrics, the console line's extra part)."""
-    val_loss, val_bpb = evals.val_loss_bpb(eval_model, val_loader, token_bytes, ctx, device, ddp)
-    record = {"type": "eval", "step": step, "tokens": tokens, "val_loss": val_loss, "val_bpb": val_bpb}
-    wandb_data = {"val/loss": val_loss, "val/bpb": val_bpb}
-    extra = ""
-    if hellaswag_examples is not None:  # every rank scores its share; counts are all-reduced
-        hs = evals.evaluate_hellaswag(raw_model, hellaswag_examples, device, ctx=ctx)
-        record["hellaswag_acc_norm"] = wandb_data["val/hellaswag_acc_norm"] = hs["acc_norm"]
-        record["hellaswag_acc"] = wandb_data["val/hellaswag_acc"] = hs["acc"]
-        extra = f" | hellaswag acc_norm {hs['acc_norm']:.4f}"
-    if diag_x is not None:
-        d = evals.residual_diagnostics(raw_model, diag_x, ctx)
-        s = d["scalars"]
-        record.update(diag=s, hres=d["matrices"], hres_composite=d["composite"])
-        wandb_data.update({f"diag/{k}": v for k, v in s.items()})
-        if wandb_run is not None:
-            wandb_data["hres"] = tracking.hres_image(d)
-        extra += (f" | composite H_res amax fwd {s['composite/amax_fwd']:.3f} bwd {s['composite/amax_bwd']:.3f}"
-                  f" | max |H_res - I| {max(v for k, v in s.items() if k.endswith('/dist_identity')):.2e}")
-    return record, wandb_data, extra
+def seed_rank(cfg, ckpt, rank, world_size, master):
+    """This rank's random streams (dropout differs across ranks), or the checkpoint's for an exact continuation."""
+    torch.manual_seed(cfg["seed"] + rank)
+    np.random.seed(cfg["seed"] + rank)
+    random.seed(cfg["seed"] + rank)
+    if ckpt is not None and len(ckpt["ranks"]) == world_size:
+        set_rng_state(ckpt["ranks"][rank]["rng"])
+    elif ckpt is not None and master:
+        print(f"resuming {len(ckpt['ranks'])}-process checkpoint on {world_size} process(es): the data "
+              f"continues exactly, the dropout random streams start afresh")
 
 
 def diverged(cfg, nonfinite, step, optimizer, last_ckpt_step):
@@ -428,37 +348,13 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     flops_per_token = raw_model.estimate_flops_per_token(cfg["block_size"])
     peak = peak_flops(device_type)
 
-    # data: the train stream continues at the checkpoint's window; val and the diagnostics' batch are fixed
-    eval_batch_size = cfg["eval_batch_size"] or cfg["batch_size"]
-    try:
-        train_loader = TrainLoader(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], rank, world_size, cfg["seed"])
-        val_loader = ValLoader(cfg["data_dir"], eval_batch_size, cfg["block_size"], cfg["eval_tokens"], rank, world_size)
-        token_bytes = load_token_bytes(cfg["data_dir"]).to(device)
-        diag_x = None
-        if master and cfg["scheme"] != "plain":  # the fixed batch for the diagnostics: the first val windows
-            diag_x, _ = next(iter(ValLoader(cfg["data_dir"], cfg["diag_batch_size"], cfg["block_size"],
-                                            cfg["diag_batch_size"] * cfg["block_size"])))
-            diag_x = diag_x.to(device)
-    except (ValueError, FileNotFoundError) as e:  # e.g. eval_tokens larger than the val split
-        raise ConfigError(f"data ({cfg['data_dir']}): {e}") from None
+    train_loader, val_loader, token_bytes, diag_x = loaders(cfg, ckpt, rank, world_size, master, device)
+    seed_rank(cfg, ckpt, rank, world_size, master)
     step = start_step = ckpt["step"] if ckpt is not None else 0
-    if ckpt is not None:
-        try:
-            train_loader.load_state_dict(ckpt["loader"])  # one position in the window stream, for all ranks
-        except ValueError as e:
-            raise ConfigError(f"resume: {e}") from None
-    torch.manual_seed(cfg["seed"] + rank)  # dropout differs across ranks
-    np.random.seed(cfg["seed"] + rank)
-    random.seed(cfg["seed"] + rank)
-    if ckpt is not None and len(ckpt["ranks"]) == world_size:  # exact continuation
-        set_rng_state(ckpt["ranks"][rank]["rng"])
-    elif ckpt is not None and master:
-        print(f"resuming {len(ckpt['ranks'])}-process checkpoint on {world_size} process(es): the data "
-              f"continues exactly, the dropout random streams start afresh")
 
     wandb_run = None
     if master:
-        wandb_run = start_log(cfg, ckpt, start_step, {
+        wandb_run = rundir.start_log(cfg, ckpt, start_step, {
             "world_size": world_size, "grad_accum": grad_accum, "num_params": raw_model.num_params(),
             "flops_per_token": flops_per_token,
             "device_name": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
@@ -489,14 +385,14 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     while True:
         # evaluate (and checkpoint) every eval_interval steps and at the end
         if (step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]) and not (ckpt is not None and step == start_step):
-            record, wandb_data, extra = evaluate(step, step * tokens_per_step, eval_model, raw_model, val_loader,
+            record, wandb_data, extra = evals.training_eval(step, step * tokens_per_step, eval_model, raw_model, val_loader,
                                                  token_bytes, hellaswag_examples, diag_x, ctx, device, ddp, wandb_run)
             if master:
                 print(f"eval step {step}: val loss {record['val_loss']:.4f} | val bpb {record['val_bpb']:.4f}{extra}")
             log(record, wandb_data)
             result.update(step=step, val_loss=record["val_loss"], val_bpb=record["val_bpb"])
             if step > 0 or ckpt is not None:
-                save_checkpoint(cfg, step, step * tokens_per_step, raw_model, optimizer, train_loader, meta,
+                rundir.save_checkpoint(cfg, step, step * tokens_per_step, raw_model, optimizer, train_loader, meta,
                                 wandb_run, ddp, master, world_size)
                 last_ckpt_step = step
             t_last, steps_since = time.perf_counter(), 0  # eval time is not training time
@@ -573,7 +469,7 @@ def main(argv=None):
         print(configurator.usage(os.path.abspath(__file__), DEFAULTS))
         return None
     cfg = configurator.load(DEFAULTS, argv, ALLOWED_TYPES)
-    validate(cfg)
+    configurator.validate(cfg)
     config_files = [a for a in argv if not a.startswith("--")]
     config_name = os.path.splitext(os.path.basename(config_files[-1]))[0] if config_files else "default"
     if cfg["device"] == "cuda" and not torch.cuda.is_available():

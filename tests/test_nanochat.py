@@ -404,7 +404,7 @@ def test_muon_ddp_two_processes_match_one(data_dir, tmp_path, monkeypatch):
 
 def test_nanochat_d12_config():
     cfg = configurator.load(train.DEFAULTS, [os.path.join(REPO, "configs", "nanochat_d12.py")], train.ALLOWED_TYPES)
-    train.validate(cfg)
+    configurator.validate(cfg)
     assert (cfg["arch"], cfg["optimizer"], cfg["scheme"], cfg["n_streams"]) == ("nanochat", "muon", "kromhc", 0)
     assert (cfg["n_layer"], cfg["n_embd"], cfg["n_embd"] // cfg["n_head"], cfg["block_size"]) == (12, 768, 128, 2048)
     assert (cfg["total_batch_tokens"], cfg["dataset"], cfg["grad_clip"]) == (524_288, "fineweb_edu", 1.0)

@@ -122,7 +122,7 @@ def test_lr_schedule():
 def test_config_files_load():
     for name in sorted(os.listdir(os.path.join(REPO, "configs"))):
         cfg = configurator.load(train.DEFAULTS, [os.path.join(REPO, "configs", name)], train.ALLOWED_TYPES)
-        train.validate(cfg)
+        configurator.validate(cfg)
     grid = {"s": (6, 512, 1e-3), "m": (12, 768, 6e-4), "l": (24, 1024, 3e-4)}
     for ds, short in (("openwebtext", "owt"), ("fineweb_edu", "fwe")):
         for size, (L, C, lr) in grid.items():

@@ -6,6 +6,7 @@
     load_checkpoint         read one back, or a CheckpointError naming the file and the fix
     load_resume_checkpoint  the checkpoint to resume, refused when it is from other data or seed
     load_model              a GPT from a checkpoint, for the evaluation and sampling scripts
+    load_tokenizer          the tokenizer a checkpoint's run was trained with
     save_checkpoint         a training run's checkpoint: the model, the optimizer, every rank's
                             random state and data position
     start_log / read_log    log.jsonl: the run's header record; the records, a line cut by a crash dropped
@@ -258,3 +259,11 @@ def load_model(path, device="cpu"):
     model.to(device).eval()
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng", "ranks", "loader")}
     return model, meta
+
+
+def load_tokenizer(meta):
+    """The tokenizer of the run that wrote a checkpoint (meta: load_model's second value), as a
+    tiktoken.Encoding: every script that encodes or decodes a checkpoint's tokens takes it from here.
+    All runs so far are on GPT-2's BPE."""
+    from data.tokenizer import get_encoding
+    return get_encoding()

@@ -36,7 +36,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import autocast, run_cli, setup_device  # noqa: E402
 from evals import EVAL_BUNDLE_URL, default_bundle_dir, download_bundle, evaluate_core, load_bundle, select_tasks  # noqa: E402
-from rundir import load_model, resolve_ckpt  # noqa: E402
+from rundir import load_model, load_tokenizer, resolve_ckpt  # noqa: E402
 
 
 def main(argv=None):
@@ -68,9 +68,8 @@ def _main(args):
         if labels == []:
             raise ValueError("--tasks: no task labels given; pass e.g. --tasks hellaswag,piqa or leave it out for all")
         select_tasks(load_bundle(bundle)[0], labels, bundle)  # a bad bundle or label fails before the model loads
-        from data.tokenizer import get_encoding
-        enc = get_encoding()
         model, meta = load_model(args.ckpt, device)
+        enc = load_tokenizer(meta)
         res = evaluate_core(model, enc, device, bundle, args.max_per_task, labels, autocast(device_type, args.dtype),
                             log=print if rank == 0 else None)
         if rank == 0:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import autocast, positive_int, run_cli, setup_device  # noqa: E402
 from evals import download, evaluate_hellaswag, load_examples  # noqa: E402
-from rundir import load_model, resolve_ckpt  # noqa: E402
+from rundir import load_model, load_tokenizer, resolve_ckpt  # noqa: E402
 
 
 def main(argv=None):
@@ -66,7 +66,7 @@ def _main(args):
         if args.compile:
             model = torch.compile(model)
         t0 = time.time()
-        res = evaluate_hellaswag(model, examples, device, batch_size=args.batch_size,
+        res = evaluate_hellaswag(model, examples, device, enc=load_tokenizer(meta), batch_size=args.batch_size,
                                  ctx=autocast(device_type, args.dtype), rank=rank, world_size=world_size)
         dt = time.time() - t0
         if rank == 0:

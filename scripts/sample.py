@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import autocast, check_device, positive_int, run_cli  # noqa: E402
-from rundir import load_model  # noqa: E402
+from rundir import load_model, load_tokenizer  # noqa: E402
 
 
 def decode(enc, ids):
@@ -69,7 +69,6 @@ def main(argv=None):
 
 
 def _main(args):
-    from data.tokenizer import get_encoding
     device = check_device(args.device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     prompt = args.prompt
@@ -83,7 +82,7 @@ def _main(args):
     cfg = meta["model_config"]
     print(f"# {cfg['scheme']} n={cfg['n_streams']}, step {meta.get('step')}, temperature {args.temperature}, "
           f"top-k {args.top_k or 'all'}, seed {args.seed}")
-    texts = sample(model, get_encoding(), prompt, args.num_samples, args.max_new_tokens, args.temperature,
+    texts = sample(model, load_tokenizer(meta), prompt, args.num_samples, args.max_new_tokens, args.temperature,
                    args.top_k or None, args.seed, device, autocast(device_type, args.dtype))
     for text in texts:
         print(prompt + text)

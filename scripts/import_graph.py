@@ -1,0 +1,113 @@
+"""
+The import graph of hcgpt's own modules: who imports whom, and any cycle.
+
+    python scripts/import_graph.py            # one line per module: what of the project it imports
+    python scripts/import_graph.py --dot      # the same as a Graphviz digraph
+
+Every import counts, also one inside a function (a lazy import still ties two modules together).
+The rules it checks (exit status 1 where one is broken): no cycle among the modules, and the
+library (every module outside scripts/ and tests/) imports no script. tests/ are not part of
+the graph.
+"""
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("data", "scripts")
+
+
+def project_modules(repo=REPO):
+    """{module name: path} for the top-level files and the data/ and scripts/ packages."""
+    mods = {p.stem: p for p in repo.glob("*.py")}
+    for pkg in PACKAGES:
+        mods.update({f"{pkg}.{p.stem}": p for p in (repo / pkg).glob("*.py") if p.stem != "__init__"})
+    return mods
+
+
+def imports_of(name, path, mods):
+    """The project modules that the file at path imports, anywhere in it."""
+    found = set()
+    here = name.split(".")[0] if "." in name else None
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]  # `from data import shards`
+        else:
+            continue
+        for n in names:
+            # a script may import a sibling by its bare name (scripts/ is on its sys.path)
+            for candidate in (n, f"{here}.{n}" if here else None):
+                if candidate in mods and candidate != name:
+                    found.add(candidate)
+    return found
+
+
+def graph(repo=REPO):
+    mods = project_modules(repo)
+    return {name: sorted(imports_of(name, path, mods)) for name, path in sorted(mods.items())}
+
+
+def cycles(g):
+    """Every strongly connected component with more than one module (Tarjan), as sorted lists."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in g.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in g:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def library_imports_of_scripts(g):
+    """(library module, script) pairs: the library must not depend on a command line."""
+    return [(m, d) for m, deps in g.items() if not m.startswith("scripts.") for d in deps if d.startswith("scripts.")]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dot", action="store_true", help="print a Graphviz digraph")
+    args = ap.parse_args(argv)
+    g = graph()
+    if args.dot:
+        print("digraph hcgpt {")
+        for m, deps in g.items():
+            print("".join(f'  "{m}" -> "{d}";\n' for d in deps), end="")
+        print("}")
+    else:
+        for m, deps in g.items():
+            print(f"{m:24} -> {', '.join(deps) or '-'}")
+    bad = [f"cycle: {' <-> '.join(c)}" for c in cycles(g)]
+    bad += [f"{m} imports the script {d}" for m, d in library_imports_of_scripts(g)]
+    for line in bad:
+        print(f"import_graph: {line}", file=sys.stderr)
+    print(f"{len(g)} modules, {sum(len(d) for d in g.values())} imports, "
+          f"{'no cycle, the library imports no script' if not bad else f'{len(bad)} problem(s)'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -50,6 +50,8 @@ MUTATIONS = [
     ("gradients not zeroed between steps", [("train.py", "optimizer.zero_grad(set_to_none=True)\n        step += 1",
                                               "step += 1")], [LOOP]),
     # ---- clipping and weight decay
+    ("AdamW betas swapped", [("train.py", 'betas = (cfg["beta1"], cfg["beta2"])', 'betas = (cfg["beta2"], cfg["beta1"])')],
+     [LOOP, "-k", "betas"]),
     ("grad clip skipped", [("train.py", 'cfg["grad_clip"] or float("inf"))', 'float("inf"))')], [LOOP]),
     ("grad norm measured, not clipped", [("train.py", 'torch.nn.utils.clip_grad_norm_(raw_model.parameters(), '
                                           'cfg["grad_clip"] or float("inf"))',
@@ -71,15 +73,15 @@ MUTATIONS = [
     ("bf16 autocast never entered", [("train.py", 'ctx = torch.autocast(device_type, dtype=torch.bfloat16) if '
                                       'cfg["dtype"] == "bfloat16" else nullcontext()', "ctx = nullcontext()")],
      [LOOP, "-k", "autocast"]),
-    ("checkpoint=False ignored", [("train.py", 'if master and cfg["checkpoint"]:\n            ckpt = {', 'if master:\n            ckpt = {')],
+    ("checkpoint=False ignored", [("rundir.py", 'if master and cfg["checkpoint"]:\n        ckpt = {', 'if master:\n        ckpt = {')],
      [LOOP, "-k", "checkpoint"]),
     # ---- DDP, gradient accumulation, resume on another world size
     ("grad sync on the first micro-step", [("train.py", "model.require_backward_grad_sync = micro_step == grad_accum - 1",
                                             "model.require_backward_grad_sync = micro_step == 0")], DDP),
     ("train loss not averaged over ranks", [("train.py", "dist.all_reduce(loss_sum)\n", "pass\n")], DDP),
     ("micro-step loss not divided by grad_accum", [("train.py", "loss = loss / grad_accum", "loss = loss")], DDP),
-    ("dropout seeds equal on every rank", [("train.py", 'torch.manual_seed(cfg["seed"] + rank)  # dropout',
-                                            'torch.manual_seed(cfg["seed"])  # dropout'),
+    ("dropout seeds equal on every rank", [("train.py", 'torch.manual_seed(cfg["seed"] + rank)',
+                                            'torch.manual_seed(cfg["seed"])'),
                                            ("train.py", 'np.random.seed(cfg["seed"] + rank)', 'np.random.seed(cfg["seed"])'),
                                            ("train.py", '    random.seed(cfg["seed"] + rank)\n', '    random.seed(cfg["seed"])\n')], DDP),
     ("loader position saved per rank", [("data/loader.py", '"consumed_windows": int(self.consumed)',
@@ -106,11 +108,11 @@ MUTATIONS = [
     ("generate keeps top_k + 1", [("model.py", "torch.topk(logits, min(top_k, logits.size(-1)))",
                                    "torch.topk(logits, min(top_k + 1, logits.size(-1)))")],
      ["tests/test_model.py", "-k", "generate"]),
-    ("train.py's own peak table again", [("train.py", "return bf16_peak(torch.cuda.get_device_name())",
+    ("MFU with its own peak table again", [("common.py", "return bf16_peak(torch.cuda.get_device_name()) if",
                                           'return next((f for k, f in [("H100 PCIe", 756e12), ("H100", 989e12), '
-                                          '("A100", 312e12)] if k in torch.cuda.get_device_name()), None)')],
+                                          '("A100", 312e12)] if k in torch.cuda.get_device_name()), None) if')],
      [LOOP, "-k", "peak"]),
-    ("H100 NVL missing from the peak table", [("scripts/bench.py", '("H100", "NVL", 835e12), ', "")], [LOOP, "-k", "peak"]),
+    ("H100 NVL missing from the peak table", [("common.py", '("H100", "NVL", 835e12), ', "")], [LOOP, "-k", "peak"]),
     # ---- the schemes' equations: independent references (torch path and fused kernels)
     ("Sinkhorn one iteration short, op and its reference alike", [
         ("hc.py", "        L = logits\n        for _ in range(iters):", "        L = logits\n        for _ in range(iters - 1):"),

@@ -16,8 +16,7 @@ This file is the reference path (plain torch). The fused path, the same equation
 kernels, lives in hc_kernels.py; hc_verify.py checks it on the device before a run; FUSED below
 chooses between them. Dependencies point one way: hc_verify -> hc, hc_kernels; hc -> hc_kernels.
 
-References (the spec with formulas, init and parameter counts is docs/residual-schemes.md
-of the project's shared docs):
+References (formulas, init and parameter counts per scheme: docs/schemes.md):
   HC        Zhu et al., Hyper-Connections, arXiv 2409.19606, Eqs. 10-14
   mHC       Xie et al., Manifold-Constrained Hyper-Connections, arXiv 2512.24880, Eqs. 7-9, 14-19
   mHC-lite  Yang & Gao, arXiv 2601.05732 (Birkhoff-von Neumann: convex hull of permutations)

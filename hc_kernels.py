@@ -6,7 +6,7 @@ hc.py is the reference: these kernels compute its equations (residual-schemes.md
     h_new[i] = sum_j H_res[i, j] h[j] + H_post[i] y,        y = branch(x_in)
 
 with fewer passes over the stream h (B, T, n, C), which is what the stream ops cost: they are
-memory-bound (performance.md). Per connection:
+memory-bound (docs/speed.md). Per connection:
 
   (a) pre_mix   the RMS, the coefficient projection m (mHC Eqs. 14-15; HC Eqs. 10-13 per
                 stream) and x_in = sum_j H_pre[j] h[j] (a second pass over h, once H_pre is
@@ -28,7 +28,7 @@ gradients are summed in a nondeterministic order.
 
 Bytes per token and sublayer at n = 4, C = 768, bf16 streams (a state is 6 KB), forward +
 backward: 75 KB with separate (a) and (b), 57 KB at a joined boundary, 66 KB in hcgpt's blocks
-(their inner boundary joined); the table and what is left to fuse are in README.md ("Fused
+(their inner boundary joined); the table and what is left to fuse are in docs/speed.md ("Fused
 kernels: bytes per token").
 
 The kernels are torch.library custom ops (torch.compile sees them as opaque ops). They run on

@@ -7,7 +7,7 @@
     python scripts/bench.py --schemes kromhc --recompute none connections blocks   # activation memory
     python scripts/bench.py --sync-compare                     # also time train.py's old per-step host sync
 
-Method (performance.md): plain and every scheme are built from model.py with the same size,
+Method (docs/speed.md): plain and every scheme are built from model.py with the same size,
 batch, sequence length and compile mode, trained on the same random tokens with AdamW (fused
 on CUDA), warmed up (compile, autotune), then timed over --steps optimizer steps with the device
 synchronized around the timed region. Ratios to plain come from this one run; absolute times

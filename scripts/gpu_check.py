@@ -40,7 +40,7 @@ import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMES = ("hc", "mhc", "mhc_lite", "kromhc")
-# bench.py ratios to plain (performance.md targets, GPT-2 small, B 16, T 1024, n 4, one H100)
+# bench.py ratios to plain (the targets of docs/speed.md, GPT-2 small, B 16, T 1024, n 4, one H100)
 TARGETS = {"hc": 1.20, "mhc_lite": 1.20, "kromhc": 1.20, "mhc": 1.30}
 MEM_TARGET, D2048_TARGET = 1.35, 1.10
 

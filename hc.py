@@ -480,6 +480,7 @@ class MHCV4(Connection):
             raise ValueError(f"hc_eps must be >= 0, got {hc_eps}")
         n = n_streams
         self.sinkhorn_iters, self.eps = int(sinkhorn_iters), float(hc_eps)
+        self.r = n * n  # H_res logits, as the mHC family counts them (the fused path's key: r + 2n columns)
         self.fn = nn.Parameter(torch.empty((2 + n) * n, n * dim))    # rows: pre (n), post (n), comb (n², row-major)
         self.base = nn.Parameter(torch.empty((2 + n) * n))
         self.scale = nn.Parameter(torch.empty(3))                    # pre, post, comb

@@ -8,13 +8,14 @@ Prints the commands (default), or runs them one after another with --run.
     python scripts/sweep.py --configs configs/quickstart.py --schemes plain kromhc --run -- --max_iters=50
     python scripts/sweep.py --preset kromhc_n --configs configs/owt_m.py              # KromHC n = 4, 8, 16
     python scripts/sweep.py --preset schemes --configs configs/nanochat_d12.py        # the six schemes, n = 4
-    python scripts/sweep.py --schemes mhc mhc_v4 --configs configs/fwe_m.py -- --readout=hc_head   # V4's readout
+    python scripts/sweep.py --schemes mhc mhc_v4 --configs configs/fwe_m.py --out_root out/hc_head -- --readout=hc_head
 
 --preset names a published experiment (PRESETS: its schemes and n; --schemes / --n override
 them). plain always runs with n = 1 (once per config and seed, whatever --n says); a scheme
 that cannot take an n (mhc_lite beyond n = 6: n! logits) is left out with a note. Arguments after
-`--` are passed to every run as extra overrides (readout=hc_head takes n-stream schemes only: not plain). With --nnodes > 1 the commands use c10d
-rendezvous at $MASTER_ADDR:$MASTER_PORT; run each one on every node. The process count per node is
+`--` are passed to every run as extra overrides (readout=hc_head takes the n-stream schemes only, and
+run names do not carry overrides: give such a sweep its own --out_root). With --nnodes > 1 the commands
+use c10d rendezvous at $MASTER_ADDR:$MASTER_PORT; run each one on every node. The process count per node is
 this machine's GPU count unless --nproc says (0, a plain `python train.py`, without CUDA or for CPU
 configs), and a global batch that does not divide over the processes is an error before anything prints.
 """

@@ -120,7 +120,7 @@ def test_eps_enters_after_the_softmax():
     conn = randomize(hc.make_connection("mhc_v4", C, n, layer_idx=0), seed=5)
     h = streams(n)
     m = mixes_ref(conn.fn, h)
-    after, inside = (split_sinkhorn_ref(m, conn.scale, conn.base, n, 20, 1e-6, where)[2] for where in ("after", "inside"))
+    after, inside = (split_sinkhorn_ref(m, conn.scale, conn.base, n, 20, 1e-6, at)[2] for at in ("after", "inside"))
     H_res = conn.coefficients(h)[2].double()
     torch.testing.assert_close(H_res, after.transpose(-1, -2), rtol=1e-5, atol=1e-6)
     assert (H_res - inside.transpose(-1, -2)).abs().max() > 1e-2
@@ -281,6 +281,24 @@ def test_parameter_counts(capsys):
     model = GPT(tiny(scheme="mhc_v4", readout="hc_head", n_embd=32))
     plain = GPT(tiny(scheme="plain", n_streams=1, n_embd=32))
     assert model.num_params() - plain.num_params() == 4 * (4 * 32 * 24 + 24 + 3) + (4 * 4 * 32 + 5)
+
+
+def test_sweep_schemes_preset_in_both_setups(capsys):
+    """--preset schemes runs mhc_v4 beside the paper schemes in the GPT-2 grid and in the nanochat setup; a
+    readout=hc_head sweep names the n-stream schemes (plain has one stream)."""
+    from scripts import sweep
+    assert sweep.main(["--preset", "schemes", "--configs", "configs/fwe_s.py", "configs/nanochat_d12.py",
+                       "--nproc", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    runs = [(line.split()[4], line.split("--scheme=")[1].split()[0]) for line in lines]
+    assert runs == [(c, s) for c in ("configs/fwe_s.py", "configs/nanochat_d12.py") for s in hc.SCHEMES]
+    assert sum("--scheme=mhc_v4 --n_streams=4" in line for line in lines) == 2
+    with pytest.raises(SystemExit):
+        sweep.main(["--preset", "schemes", "--configs", "configs/fwe_s.py", "--nproc", "8", "--", "--readout=hc_head"])
+    assert "readout 'hc_head' weighs n streams and plain has one" in capsys.readouterr().err
+    assert sweep.main(["--schemes", "mhc", "mhc_v4", "--configs", "configs/fwe_s.py", "--nproc", "8", "--",
+                       "--readout=hc_head"]) == 0
+    assert all(line.endswith("--readout=hc_head") for line in capsys.readouterr().out.splitlines())
 
 
 # ---------------------------------------------------------------------------------------

@@ -449,7 +449,7 @@ V4_INIT_STD = 0.02  # torchtitan's DeepSeek-V4 init of fn, base and scale: trunc
 
 def v4_projection(fn, h):
     """m = (x fnᵀ) · rsqrt(mean(x²) + 1e-6) with x = flatten(h) (B, T, nC) in fp32: DeepSeek-V4's
-    coefficient projection (no norm gain γ: the V4 code folds it into fn)."""
+    coefficient projection (no norm gain γ: the V4 code has none, a gain would fold into fn)."""
     x = h.float().flatten(-2)
     return (x @ fn.t()) / rms(x)
 
@@ -504,7 +504,9 @@ class MHCV4(Connection):
             return pre, post, comb.transpose(-1, -2)                                # H_res[k, j] = comb[j, k]
 
     def sinkhorn(self, z):
-        """comb from its logits z (…, n, n) [input j, output k]: DeepSeek-V4's Sinkhorn with eps."""
+        """comb from its logits z (…, n, n) [input j, output k]: DeepSeek-V4's Sinkhorn with eps, eps added after
+        the softmax as DeepSeek's inference kernel (vLLM, Megatron-Core, Liger) has it; torchtitan puts it in
+        the softmax's denominator instead, which differs on sharp logits (docs/mhc_v4.md)."""
         eps = self.eps
         comb = torch.softmax(z, dim=-1) + eps
         comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)

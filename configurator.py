@@ -149,7 +149,7 @@ POSITIVE = ("eval_interval", "log_interval", "eval_tokens", "diag_batch_size", "
             "total_batch_tokens", "n_layer", "n_head", "n_embd", "sinkhorn_iters")
 NON_NEGATIVE = ("hellaswag_limit", "eval_batch_size", "vocab_size", "n_streams", "max_iters", "weight_decay", "grad_clip",
                 "warmup_iters", "lr_decay_iters", "learning_rate", "keep_checkpoints", "matrix_lr", "embedding_lr",
-                "unembedding_lr", "muon_momentum_warmup", "adam_eps")
+                "unembedding_lr", "muon_momentum_warmup", "adam_eps", "hc_eps")
 
 
 def validate(cfg):

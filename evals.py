@@ -66,10 +66,14 @@ def val_loss_bpb(model, batches, token_bytes, ctx, device, ddp=False):
 
 @torch.no_grad()
 def residual_diagnostics(raw_model, x, ctx):
-    """hc.diagnostics of every connection of the (uncompiled) model on the batch x."""
-    coeffs = []
+    """hc.diagnostics of every connection of the (uncompiled) model on the batch x, with the readout
+    weights of each stream (hc.readout_diagnostics) where the model reads out with hc_head."""
+    coeffs, readout = [], []
     hooks = [c.register_forward_pre_hook(lambda mod, args: coeffs.append(mod.coefficients(args[0])))
              for c in raw_model.connections()]
+    head = getattr(raw_model, "hc_head", None)
+    if head is not None:
+        hooks.append(head.register_forward_pre_hook(lambda mod, args: readout.append(mod.weights(args[0]))))
     was_training = raw_model.training
     raw_model.eval()
     try:
@@ -79,7 +83,10 @@ def residual_diagnostics(raw_model, x, ctx):
         for h in hooks:
             h.remove()
         raw_model.train(was_training)
-    return hc.diagnostics(coeffs, raw_model.connection_names())
+    d = hc.diagnostics(coeffs, raw_model.connection_names())
+    for w in readout:
+        d["scalars"].update(hc.readout_diagnostics(w))
+    return d
 
 
 
@@ -106,6 +113,9 @@ def training_eval(step, tokens, eval_model, raw_model, val_loader, token_bytes, 
             wandb_data["hres"] = hres_image(d)
         extra += (f" | composite H_res amax fwd {s['composite/amax_fwd']:.3f} bwd {s['composite/amax_bwd']:.3f}"
                   f" | max |H_res - I| {max(v for k, v in s.items() if k.endswith('/dist_identity')):.2e}")
+        means = [v for k, v in s.items() if k.startswith("readout/w_mean/")]
+        if means:
+            extra += f" | readout w {' '.join(f'{v:.3f}' for v in means)}"
     return record, wandb_data, extra
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Residual schemes for hcgpt: plain, HC, mHC, mHC-lite, KromHC behind one interface.
+"""Residual schemes for hcgpt: plain, HC, mHC, mHC-lite, KromHC, DeepSeek-V4's mHC behind one interface.
 
 Every sublayer F (attention or MLP, with its own pre-norm) is wrapped by a *connection*
 acting on n parallel residual streams h of shape (B, T, n, C):
@@ -21,6 +21,8 @@ References (formulas, init and parameter counts per scheme: docs/schemes.md):
   mHC       Xie et al., Manifold-Constrained Hyper-Connections, arXiv 2512.24880, Eqs. 7-9, 14-19
   mHC-lite  Yang & Gao, arXiv 2601.05732 (Birkhoff-von Neumann: convex hull of permutations)
   KromHC    Zhou et al., arXiv 2601.21579 (Kronecker product of small doubly stochastic factors)
+  mHC (V4)  DeepSeek-V4's production mHC and its stream readout hc_head, read from torchtitan, vLLM,
+            Megatron-Core and Liger-Kernel (docs/mhc_v4.md names each source file)
 """
 
 import itertools
@@ -31,10 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-SCHEMES = ("plain", "hc", "mhc", "mhc_lite", "kromhc")
+SCHEMES = ("plain", "hc", "mhc", "mhc_lite", "kromhc", "mhc_v4")
 MAX_PERM_SIZE = 6  # n! permutation logits: 720 at 6, 40,320 at 8 (248 M parameters at C = 768)
 OPTIONS = {"sinkhorn_iters": 20, "sinkhorn_end": "rows", "kron_factors": None, "res_logit_init": -8.0,
-           "gate_init": 0.01}
+           "gate_init": 0.01, "hc_eps": 1e-6}
 SINKHORN_ENDS = ("rows", "cols")
 
 # The fused path. hc_kernels.py holds Triton kernels for the same equations with fewer passes over
@@ -438,6 +440,129 @@ class KromHC(ManifoldConnection):
 
 
 # ----------------------------------------------------------------------------------------
+# mHC as DeepSeek-V4 runs it, and its learned readout of the streams (docs/mhc_v4.md: each
+# formula with the source file it was read from)
+
+V4_INIT_STD = 0.02  # torchtitan's DeepSeek-V4 init of fn, base and scale: trunc_normal_(std=0.02)
+
+
+def v4_projection(fn, h):
+    """m = (x fnᵀ) · rsqrt(mean(x²) + 1e-6) with x = flatten(h) (B, T, nC) in fp32: DeepSeek-V4's
+    coefficient projection (no norm gain γ: the V4 code has none, a gain would fold into fn)."""
+    x = h.float().flatten(-2)
+    return (x @ fn.t()) / rms(x)
+
+
+class MHCV4(Connection):
+    """DeepSeek-V4's mHC, in DeepSeek's names (fn, base, scale) and coefficient layout:
+
+        m      = (x fnᵀ) · rsqrt(mean(x²) + 1e-6)                  fn: ((2 + n) n, nC), x = flatten(h)
+        pre    = σ(scale[0] m_pre + base_pre) + eps                 (n,)
+        post   = 2 σ(scale[1] m_post + base_post)                   (n,)
+        comb   = softmax_k(scale[2] mat(m_res) + base_res) + eps    (n, n), comb[j, k]: input j -> output k
+        comb   = comb / (Σ_j comb[j, k] + eps)                      then (iters - 1) times: rows, columns,
+                                                                    each divided by (its sum + eps)
+        out[k] = post[k] y + Σ_j comb[j, k] h[j]
+
+    In hcgpt's convention (rows = outputs): H_pre = pre, H_post = post, H_res = combᵀ. The softmax runs
+    over comb's rows, i.e. H_res's columns, and the last step normalises H_res's rows: each output stream
+    is a convex combination of the inputs to within eps, and the columns carry the error of finitely
+    many iterations (measured in docs/mhc_v4.md). Init as torchtitan's training code: fn, base, scale
+    ~ N(0, 0.02²), so at step 0 H_pre ≈ 1/2, H_post ≈ 1 and H_res ≈ 1/n everywhere.
+    """
+
+    def __init__(self, dim, n_streams, layer_idx, sinkhorn_iters=20, hc_eps=1e-6):
+        super().__init__(dim, n_streams, layer_idx)
+        if int(sinkhorn_iters) < 1:
+            raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
+        if not hc_eps >= 0:
+            raise ValueError(f"hc_eps must be >= 0, got {hc_eps}")
+        n = n_streams
+        self.sinkhorn_iters, self.eps = int(sinkhorn_iters), float(hc_eps)
+        self.r = n * n  # H_res logits, as the mHC family counts them (the fused path's key: r + 2n columns)
+        self.fn = nn.Parameter(torch.empty((2 + n) * n, n * dim))    # rows: pre (n), post (n), comb (n², row-major)
+        self.base = nn.Parameter(torch.empty((2 + n) * n))
+        self.scale = nn.Parameter(torch.empty(3))                    # pre, post, comb
+        for p in (self.fn, self.base, self.scale):
+            nn.init.trunc_normal_(p, std=V4_INIT_STD)
+
+    def decay_parameters(self):
+        return [self.fn]
+
+    def coefficients(self, h):
+        self.check(h)
+        n, eps = self.n, self.eps
+        with torch.autocast(h.device.type, enabled=False):
+            m_pre, m_post, m_res = v4_projection(self.fn, h).split([n, n, n * n], dim=-1)
+            base_pre, base_post, base_res = self.base.split([n, n, n * n])
+            pre = torch.sigmoid(self.scale[0] * m_pre + base_pre) + eps
+            post = 2 * torch.sigmoid(self.scale[1] * m_post + base_post)
+            z = (self.scale[2] * m_res + base_res).unflatten(-1, (n, n))           # comb logits [j, k]
+            # the 2·iters (…, n, n) iterates are recomputed in backward rather than saved
+            comb = checkpoint(self.sinkhorn, z, use_reentrant=False) if torch.is_grad_enabled() else self.sinkhorn(z)
+            return pre, post, comb.transpose(-1, -2)                                # H_res[k, j] = comb[j, k]
+
+    def sinkhorn(self, z):
+        """comb from its logits z (…, n, n) [input j, output k]: DeepSeek-V4's Sinkhorn with eps, eps added after
+        the softmax as DeepSeek's inference kernel (vLLM, Megatron-Core, Liger) has it; torchtitan puts it in
+        the softmax's denominator instead, which differs on sharp logits (docs/mhc_v4.md)."""
+        eps = self.eps
+        comb = torch.softmax(z, dim=-1) + eps
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+        for _ in range(self.sinkhorn_iters - 1):
+            comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+        return comb
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, sinkhorn_iters={self.sinkhorn_iters}, hc_eps={self.eps}"
+
+
+class HCHead(nn.Module):
+    """DeepSeek-V4's readout of the streams (hc_head), before the final norm and the unembedding:
+
+        m   = (x fnᵀ) · rsqrt(mean(x²) + 1e-6)          fn: (n, nC), x = flatten(h)
+        w   = σ(scale · m + base) + eps                 (B, T, n): one weight per stream and token
+        out = Σ_j w[j] h[j]                             (B, T, C)
+
+    Init as torchtitan's: fn, base, scale ~ N(0, 0.02²), so w ≈ 1/2 at step 0 (a scaled mean, which
+    the final norm undoes).
+    """
+
+    def __init__(self, dim, n_streams, hc_eps=1e-6):
+        super().__init__()
+        if not hc_eps >= 0:
+            raise ValueError(f"hc_eps must be >= 0, got {hc_eps}")
+        self.dim, self.n, self.eps = dim, n_streams, float(hc_eps)
+        self.fn = nn.Parameter(torch.empty(n_streams, n_streams * dim))
+        self.base = nn.Parameter(torch.empty(n_streams))
+        self.scale = nn.Parameter(torch.empty(1))
+        for p in (self.fn, self.base, self.scale):
+            nn.init.trunc_normal_(p, std=V4_INIT_STD)
+
+    def decay_parameters(self):
+        """Weight-decayed like the connections' dynamic projections: fn."""
+        return [self.fn]
+
+    def static_decay_parameters(self):
+        return []
+
+    def weights(self, h):
+        """The readout weight of each stream, w (B, T, n), fp32."""
+        if h.dim() != 4 or h.shape[-2:] != (self.n, self.dim):
+            raise ValueError(f"HCHead expects streams of shape (B, T, n={self.n}, C={self.dim}), got {tuple(h.shape)}")
+        with torch.autocast(h.device.type, enabled=False):
+            return torch.sigmoid(self.scale * v4_projection(self.fn, h) + self.base) + self.eps
+
+    def forward(self, h):
+        w = self.weights(h)
+        return (w.unsqueeze(-1) * h.float()).sum(dim=-2).to(h.dtype)
+
+    def extra_repr(self):
+        return f"dim={self.dim}, n_streams={self.n}, hc_eps={self.eps}"
+
+
+# ----------------------------------------------------------------------------------------
 # construction
 
 def make_connection(scheme, dim, n_streams, layer_idx, **options):
@@ -445,10 +570,10 @@ def make_connection(scheme, dim, n_streams, layer_idx, **options):
 
     scheme: one of SCHEMES; dim: C; n_streams: n; layer_idx: index of the connection in depth
     (block i: attention 2i, MLP 2i+1), which picks the home stream layer_idx mod n.
-    options: sinkhorn_iters (mhc, 20), sinkhorn_end (mhc, "rows": mHC Eq. 9, or "cols": the
+    options: sinkhorn_iters (mhc, mhc_v4, 20), sinkhorn_end (mhc, "rows": mHC Eq. 9, or "cols": the
     published code's orientation), kron_factors (kromhc, prime factors of n),
-    res_logit_init (off-identity H_res logit, -8.0), gate_init (0.01). Options a scheme does
-    not use are ignored, so one model config can carry them all.
+    res_logit_init (off-identity H_res logit, -8.0), gate_init (0.01), hc_eps (mhc_v4, 1e-6).
+    Options a scheme does not use are ignored, so one model config can carry them all.
     """
     unknown = set(options) - set(OPTIONS)
     if unknown:
@@ -463,7 +588,7 @@ def make_connection(scheme, dim, n_streams, layer_idx, **options):
     if scheme == "plain":
         if n_streams != 1:
             raise ValueError(f"scheme 'plain' is the single-stream residual: it takes n_streams=1, "
-                             f"got {n_streams}; use 'hc', 'mhc', 'mhc_lite' or 'kromhc' for n > 1")
+                             f"got {n_streams}; use 'hc', 'mhc', 'mhc_lite', 'kromhc' or 'mhc_v4' for n > 1")
         return Plain(dim, 1, layer_idx)
     if n_streams < 2:
         raise ValueError(f"scheme {scheme!r} needs n_streams >= 2 (got {n_streams}); "
@@ -471,6 +596,8 @@ def make_connection(scheme, dim, n_streams, layer_idx, **options):
     gates = dict(gate_init=opts["gate_init"])
     if scheme == "hc":
         return HyperConnection(dim, n_streams, layer_idx, **gates)
+    if scheme == "mhc_v4":
+        return MHCV4(dim, n_streams, layer_idx, sinkhorn_iters=opts["sinkhorn_iters"], hc_eps=opts["hc_eps"])
     res = dict(gates, res_logit_init=opts["res_logit_init"])
     if scheme == "mhc":
         return MHC(dim, n_streams, layer_idx, sinkhorn_iters=opts["sinkhorn_iters"],
@@ -543,3 +670,11 @@ def diagnostics(coeffs, names):
                                                            **doubly_stochastic_error(composite)}.items()})
         composite = composite.flatten(0, -3).mean(0).tolist()
     return {"scalars": scalars, "matrices": matrices, "composite": composite}
+
+
+@torch.no_grad()
+def readout_diagnostics(w):
+    """Mean, min and max readout weight of each stream over the tokens, from HCHead.weights (…, n)."""
+    w = w.float().flatten(0, -2)
+    return {f"readout/w_{stat}/{i}": getattr(w[:, i], stat)().item()
+            for stat in ("mean", "min", "max") for i in range(w.shape[-1])}

@@ -4,9 +4,10 @@ GPT with a pluggable residual scheme, in two architectures (GPTConfig.arch).
 Every sublayer (attention, MLP) of every block is wrapped by a connection from hc.py:
     h_new = conn(h, branch)        h: (B, T, n, C), the n residual streams
 The embedding is expanded to n streams before the first block; at the end the streams are
-averaged before the final norm (readout="mean", the HC paper) or normed one by one and summed
-(readout="norm_sum", the published mHC-lite / KromHC code). With scheme="plain" (n = 1) each architecture is exactly its reference
-model: the same parameter names and shapes, the same output.
+averaged before the final norm (readout="mean", the HC paper), normed one by one and summed
+(readout="norm_sum", the published mHC-lite / KromHC code), or weighted by DeepSeek-V4's learned,
+input-dependent readout (readout="hc_head", hc.HCHead). With scheme="plain" (n = 1) each architecture
+is exactly its reference model: the same parameter names and shapes, the same output.
 
 arch="gpt2": nanoGPT's GPT-2 (learned position embedding, LayerNorm, GELU MLP, tied
 embedding and unembedding, optional biases, dropout, GPT-2's init).
@@ -206,17 +207,19 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2
-    # residual scheme (hc.py): "plain", "hc", "mhc", "mhc_lite", "kromhc"
+    # residual scheme (hc.py): "plain", "hc", "mhc", "mhc_lite", "kromhc", "mhc_v4"
     scheme: str = "plain"
     n_streams: int = 1
     stream_dtype: str = "float32"  # dtype of the residual streams: one of STREAM_DTYPES
-    readout: str = "mean"  # "mean": ln_f(mean of the streams); "norm_sum": sum of ln_f(each stream)
+    readout: str = "mean"  # "mean": ln_f(mean of the streams); "norm_sum": sum of ln_f(each stream);
+    # "hc_head": ln_f(DeepSeek-V4's learned weighted sum of the streams, hc.HCHead)
     decay_static: bool = False  # also weight-decay the 2-D static coefficients of hc / mhc (published code)
-    sinkhorn_iters: int = 20  # mhc
+    sinkhorn_iters: int = 20  # mhc, mhc_v4
     sinkhorn_end: str = "rows"  # mhc: "rows" (mHC Eq. 9) | "cols" (published code's orientation)
     kron_factors: tuple | None = None  # kromhc; None: the prime factors of n_streams
     res_logit_init: float = -8.0  # mhc / mhc_lite / kromhc: off-identity H_res logit at init
     gate_init: float = 0.01  # mhc / mhc_lite / kromhc: the alpha gates at init
+    hc_eps: float = 1e-6  # mhc_v4 and readout="hc_head": DeepSeek-V4's eps (H_pre, Sinkhorn, readout weights)
     hc_branch_init_scale_sqrt_n: bool = False  # HC paper: output projections' init std x sqrt(n)
     # activation memory: "none" saves what backward needs; "connections" recomputes the connections'
     # coefficients and pre-mix in backward (torch path; the fused kernels always do); "blocks"
@@ -227,7 +230,7 @@ class GPTConfig:
         if self.scheme == "plain":
             return {}
         opts = dict(sinkhorn_iters=self.sinkhorn_iters, sinkhorn_end=self.sinkhorn_end,
-                    res_logit_init=self.res_logit_init, gate_init=self.gate_init)
+                    res_logit_init=self.res_logit_init, gate_init=self.gate_init, hc_eps=self.hc_eps)
         if self.kron_factors is not None:
             opts["kron_factors"] = tuple(self.kron_factors)
         return opts
@@ -237,7 +240,7 @@ class GPTConfig:
 # in bf16, so the carried streams are rounded to bf16 at every sublayer, while nanoGPT's plain
 # residual x = x + f(x) stays fp32.
 STREAM_DTYPES = ("float32", "bfloat16", "bfloat16_hc")
-READOUTS = ("mean", "norm_sum")
+READOUTS = ("mean", "norm_sum", "hc_head")
 
 
 class GPT(nn.Module):
@@ -254,6 +257,9 @@ class GPT(nn.Module):
             raise ValueError(f"arch must be one of {ARCHS}, got {config.arch!r}")
         if config.recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {RECOMPUTE}, got {config.recompute!r}")
+        if config.readout == "hc_head" and config.n_streams < 2:
+            raise ValueError(f"readout 'hc_head' weighs n streams: it takes an n-stream scheme (n_streams >= 2), got "
+                             f"scheme={config.scheme!r} with n_streams={config.n_streams}; use readout='mean'")
         self.config = config
         self.stream_dtype = torch.bfloat16 if config.stream_dtype == "bfloat16" or (
             config.stream_dtype == "bfloat16_hc" and config.n_streams > 1) else torch.float32
@@ -263,6 +269,8 @@ class GPT(nn.Module):
             self._build_gpt2()
         for c in self.connections():
             c.recompute = config.recompute == "connections"
+        if config.readout == "hc_head":  # built last: its init draws leave the rest of the model as with "mean"
+            self.hc_head = hc.HCHead(config.n_embd, config.n_streams, hc_eps=config.hc_eps)
 
     def _build_gpt2(self):
         config = self.config
@@ -340,6 +348,10 @@ class GPT(nn.Module):
         """The connections in depth order: two per block, attention then MLP."""
         return [c for b in self.transformer.h for c in (b.hc_attn, b.hc_mlp)]
 
+    def hc_modules(self):
+        """Every module with hyper-connection parameters: the connections, and the hc_head readout."""
+        return self.connections() + ([self.hc_head] if self.config.readout == "hc_head" else [])
+
     def connection_names(self):
         return [f"L{i:02d}.{s}" for i in range(self.config.n_layer) for s in ("attn", "mlp")]
 
@@ -398,14 +410,19 @@ class GPT(nn.Module):
 
     def read_out(self, h, norm):
         """The streams (B, T, n, C) -> the unembedding's input (B, T, C): norm(mean of the streams)
-        (readout="mean", HC paper), or the sum of norm(each stream) ("norm_sum", the published code)."""
+        (readout="mean", HC paper), the sum of norm(each stream) ("norm_sum", the published code), or
+        norm(Σ_j w_j h_j) with DeepSeek-V4's input-dependent weights w ("hc_head")."""
         dt = self.lm_head.weight.dtype
-        return norm(h.to(dt)).sum(dim=-2) if self.config.readout == "norm_sum" else norm(hc.reduce_streams(h).to(dt))
+        if self.config.readout == "norm_sum":
+            return norm(h.to(dt)).sum(dim=-2)
+        if self.config.readout == "hc_head":
+            return norm(self.hc_head(h).to(dt))
+        return norm(hc.reduce_streams(h).to(dt))
 
     def connection_decay_ids(self):
-        """ids of the connections' parameters that take weight decay: the dynamic projections, and
-        with decay_static the static coefficients the published code decays."""
-        conns = self.connections()
+        """ids of the connections' (and hc_head's) parameters that take weight decay: the dynamic
+        projections, and with decay_static the static coefficients the published code decays."""
+        conns = self.hc_modules()
         ids = {id(p) for c in conns for p in c.decay_parameters()}
         if self.config.decay_static:
             ids |= {id(p) for c in conns for p in c.static_decay_parameters()}
@@ -416,7 +433,7 @@ class GPT(nn.Module):
         the connections' dynamic projections (conn.decay_parameters()), plus, with decay_static,
         the static coefficients the published code decays (conn.static_decay_parameters()). Not
         decayed: norms, biases, and the connections' other static coefficients and gates."""
-        conn_params = {id(p) for c in self.connections() for p in c.parameters()}
+        conn_params = {id(p) for c in self.hc_modules() for p in c.parameters()}
         conn_decay = self.connection_decay_ids()
         decay, no_decay = [], []
         for p in self.parameters():  # tied weights appear once
@@ -443,9 +460,9 @@ class GPT(nn.Module):
             Muon  (lr matrix_lr, nesterov momentum, no weight decay)   the blocks' 2-D matrices
             AdamW (betas, eps, weight_decay), lr x (n_embd / 768)^-0.5  unembedding: unembedding_lr
                                                                         embedding:   embedding_lr
-        The connections' parameters (their placement in KromHC's runs is not public) go to AdamW
-        at hc_lr, unscaled, weight decay on the dynamic projections only (hcgpt's AdamW rule);
-        hc_optimizer="muon" moves their 2-D dynamic projections to Muon at matrix_lr.
+        The connections' parameters (their placement in KromHC's runs is not public), and hc_head's,
+        go to AdamW at hc_lr, unscaled, weight decay on the dynamic projections only (hcgpt's AdamW
+        rule); hc_optimizer="muon" moves their 2-D dynamic projections to Muon at matrix_lr.
         Every group carries its name and base_lr, the lr the schedule multiplies (train.py)."""
         if self.config.arch != "nanochat":
             raise ValueError(f"optimizer 'muon' is nanochat's optimizer: it takes arch='nanochat', got "
@@ -456,7 +473,7 @@ class GPT(nn.Module):
                              f"{torch.__version__}")
         if hc_optimizer not in ("adamw", "muon"):
             raise ValueError(f"hc_optimizer must be 'adamw' or 'muon', got {hc_optimizer!r}")
-        conns = self.connections()
+        conns = self.hc_modules()
         conn_ids = {id(p) for c in conns for p in c.parameters()}
         conn_decay = self.connection_decay_ids()
         conn_muon = [p for c in conns for p in c.decay_parameters() if p.dim() == 2] if hc_optimizer == "muon" else []

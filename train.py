@@ -87,16 +87,17 @@ DEFAULTS = dict(
     bias=True,  # biases in the linear layers and LayerNorms
     vocab_size=0,  # 0 -> the tokenizer's vocab rounded up to a multiple of 64 (50304 for GPT-2)
     # residual scheme (hc.py)
-    scheme="plain",  # plain | hc | mhc | mhc_lite | kromhc
+    scheme="plain",  # plain | hc | mhc | mhc_lite | kromhc | mhc_v4 (DeepSeek-V4's mHC, docs/mhc_v4.md)
     n_streams=0,  # 0 -> 1 for plain, 4 for the others
     stream_dtype="float32",  # float32 | bfloat16 | bfloat16_hc (bf16 for n > 1, fp32 for plain): the residual streams
-    readout="mean",  # mean: ln_f(mean of the streams) | norm_sum: sum of ln_f(each stream), as the published code
+    readout="mean",  # mean: ln_f(stream mean) | norm_sum: Σ ln_f(each stream) (published code) | hc_head: DeepSeek-V4
     decay_static=False,  # also weight-decay hc's and mhc's 2-D static coefficients, as the published code
-    sinkhorn_iters=20,  # mhc: Sinkhorn-Knopp iterations
+    sinkhorn_iters=20,  # mhc, mhc_v4: Sinkhorn-Knopp iterations
     sinkhorn_end="rows",  # mhc: rows (mHC Eq. 9, rows exact) | cols (the published code: columns exact)
     kron_factors=None,  # kromhc: e.g. (2, 3) for n = 6; None -> the prime factors of n
     res_logit_init=-8.0,  # mhc / mhc_lite / kromhc: off-identity H_res logit at init
     gate_init=0.01,  # the alpha gates at init
+    hc_eps=1e-6,  # mhc_v4 and readout=hc_head: DeepSeek-V4's eps (added to H_pre and the readout weights, in Sinkhorn)
     hc_branch_init_scale_sqrt_n=False,  # HC paper: output projections' init std x sqrt(n)
     recompute="none",  # none | connections | blocks: recompute activations in backward instead of saving them
     # optimizer: adamw (everything on AdamW) | muon (nanochat's Muon + AdamW; arch="nanochat" only)

@@ -5,7 +5,7 @@
 block_size = 1024
 dropout = 0.0
 bias = False  # nanoGPT train.py's default, which no config of the published grid overrides (plain too)
-n_streams = 0  # 0: 4 for hc / mhc / mhc_lite / kromhc, 1 for plain
+n_streams = 0  # 0: 4 for hc / mhc / mhc_lite / kromhc / mhc_v4, 1 for plain
 readout = "norm_sum"  # its model.py applies ln_f to every stream and sums them (logits ~n x larger at init)
 decay_static = True  # its optimizer decays every parameter with dim >= 2, incl. hc's and mhc's static_alpha
 sinkhorn_end = "cols"  # its mhc.py normalises alpha[in, out] ending on the input side: columns of H_res exact

@@ -5,7 +5,7 @@
 
 Per connection and per model (two connections per block: attention and MLP), to check
 against the papers (KromHC reports 1,843.8 K / 2,433.9 K / 958.8 K extra for mHC / mHC-lite /
-KromHC on GPT-2 small at n = 4).
+KromHC on GPT-2 small at n = 4), and the readout="hc_head" readout (once per model, any n-stream scheme).
 """
 
 import argparse
@@ -47,6 +47,12 @@ def main(argv=None):
                 continue
             total = 2 * args.n_layer * c
             print(f"| {scheme} | {n} | {c:,} | {total:,} | {total / 1e3:,.1f} |")
+    print("\nreadout='hc_head' (hc.HCHead, once per model, added to any n-stream scheme's count)\n")
+    print("| readout | n | per model |")
+    print("|---|---|---|")
+    for n in args.n_streams:
+        if n > 1:
+            print(f"| hc_head | {n} | {sum(p.numel() for p in hc.HCHead(args.dim, n).parameters()):,} |")
 
 
 if __name__ == "__main__":

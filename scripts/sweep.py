@@ -4,16 +4,18 @@ with distinct run names (<config>-<scheme>-n<n>-s<seed>) and out dirs (out/<run 
 Prints the commands (default), or runs them one after another with --run.
 
     python scripts/sweep.py --configs configs/fwe_s.py configs/fwe_m.py \\
-        --schemes plain hc mhc mhc_lite kromhc --n 4 --seeds 0 1 2 --nproc 8
+        --schemes plain hc mhc mhc_lite kromhc mhc_v4 --n 4 --seeds 0 1 2 --nproc 8
     python scripts/sweep.py --configs configs/quickstart.py --schemes plain kromhc --run -- --max_iters=50
     python scripts/sweep.py --preset kromhc_n --configs configs/owt_m.py              # KromHC n = 4, 8, 16
-    python scripts/sweep.py --preset schemes --configs configs/nanochat_d12.py        # the five schemes, n = 4
+    python scripts/sweep.py --preset schemes --configs configs/nanochat_d12.py        # the six schemes, n = 4
+    python scripts/sweep.py --schemes mhc mhc_v4 --configs configs/fwe_m.py --out_root out/hc_head -- --readout=hc_head
 
 --preset names a published experiment (PRESETS: its schemes and n; --schemes / --n override
 them). plain always runs with n = 1 (once per config and seed, whatever --n says); a scheme
 that cannot take an n (mhc_lite beyond n = 6: n! logits) is left out with a note. Arguments after
-`--` are passed to every run as extra overrides. With --nnodes > 1 the commands use c10d
-rendezvous at $MASTER_ADDR:$MASTER_PORT; run each one on every node. The process count per node is
+`--` are passed to every run as extra overrides (readout=hc_head takes the n-stream schemes only, and
+run names do not carry overrides: give such a sweep its own --out_root). With --nnodes > 1 the commands
+use c10d rendezvous at $MASTER_ADDR:$MASTER_PORT; run each one on every node. The process count per node is
 this machine's GPU count unless --nproc says (0, a plain `python train.py`, without CUDA or for CPU
 configs), and a global batch that does not divide over the processes is an error before anything prints.
 """
@@ -33,7 +35,7 @@ import hc  # noqa: E402
 
 PRESETS = {
     "kromhc_n": dict(schemes=["kromhc"], n=[4, 8, 16]),      # KromHC's n-scaling (factors of 2)
-    "schemes": dict(schemes=list(hc.SCHEMES), n=[4]),        # the five-scheme comparison at n = 4
+    "schemes": dict(schemes=list(hc.SCHEMES), n=[4]),        # every scheme at n = 4 (mhc_v4 included)
 }
 
 
@@ -138,6 +140,10 @@ def main(argv=None):
         p.error(error)
     preset = PRESETS.get(args.preset, {})
     schemes = args.schemes or preset.get("schemes") or list(hc.SCHEMES)
+    head = [c for c, cfg in cfgs.items() if cfg["readout"] == "hc_head"]
+    if "plain" in schemes and head:
+        p.error(f"{head[0]}: readout 'hc_head' weighs n streams and plain has one; name the n-stream schemes with "
+                f"--schemes (e.g. --schemes {' '.join(s for s in hc.SCHEMES if s != 'plain')})")
     ns = args.n or preset.get("n") or [4]
     runs, left_out = [], {}
     for run in grid(args.configs, schemes, ns, args.seeds):

@@ -338,7 +338,7 @@ def test_sweep_presets(capsys):
     cap = capsys.readouterr()
     runs = [(line.split("--scheme=")[1].split()[0], line.split("--n_streams=")[1].split()[0]) for line in cap.out.splitlines()]
     assert runs == [("plain", "1"), ("hc", "4"), ("hc", "8"), ("mhc", "4"), ("mhc", "8"), ("mhc_lite", "4"),
-                    ("kromhc", "4"), ("kromhc", "8")]
+                    ("kromhc", "4"), ("kromhc", "8"), ("mhc_v4", "4"), ("mhc_v4", "8")]
     assert "leaving out mhc_lite at n=8" in cap.err and cap.err.count("leaving out") == 1
     with pytest.raises(SystemExit):
         sweep.main(["--schemes", "kromhc", "--n", "7", "--configs", "configs/fwe_s.py"])

@@ -272,10 +272,10 @@ class ManifoldConnection(Connection):
     def coefficients(self, h):
         self.check(h)
         with torch.autocast(h.device.type, enabled=False):
-            if self.coeff_norm == "stream":
-                m = ((h.float() / rms(h.float())).flatten(-2) * self.gamma) @ self.phi
-                return self.gates(m)
-            x = h.float().flatten(-2)                                   # (B, T, nC)
+            x = h.float()
+            if self.coeff_norm == "stream":   # each stream over its own C (docs/peers.md)
+                return self.gates(((x / rms(x)).flatten(-2) * self.gamma) @ self.phi)
+            x = x.flatten(-2)                                           # (B, T, nC)
             m = ((x * self.gamma) @ self.phi) / rms(x)                  # (B, T, r + 2n)
             return self.gates(m)
 

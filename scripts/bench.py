@@ -326,7 +326,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     ap.add_argument("--peers", action="store_true",
-                    help="rows for plain, hcgpt's torch and fused path per scheme, Liger's and lucidrains' HC / mHC")
+                    help="rows for plain, hcgpt's torch and fused path per scheme, Liger's and lucidrains' HC / mHC "
+                         "(docs/peers.md; recompute none, --fused and --sync-compare do not apply)")
     ap.add_argument("--sinkhorn-iters", type=int, default=None,
                     help="Sinkhorn iterations of mhc and of the peers' mHC alike (default 20, all three's default)")
     ap.add_argument("--tiny", action="store_true",

@@ -69,16 +69,17 @@ class LigerConnection(hc.Connection):
     def __init__(self, dim, n_streams, layer_idx, stream_dtype, sinkhorn_iters=20):
         super().__init__(dim, n_streams, layer_idx)
         from liger_kernel.transformers import LigerMHC
+        from liger_kernel.transformers.functional import liger_mhc_forward
         self.peer = LigerMHC(torch.nn.Identity(), hc=n_streams, c=dim, tmax=sinkhorn_iters, phi_dtype=stream_dtype,
                              allow_fp32=stream_dtype == torch.float32)
+        self.liger_mhc_forward = liger_mhc_forward   # bound here: no import inside a compiled forward
 
     def forward(self, h, branch):
         self.check(h)
-        from liger_kernel.transformers.functional import liger_mhc_forward
         m = self.peer
-        return liger_mhc_forward(h, branch, m.phi, m.b, m.alpha_pre, m.alpha_post, m.alpha_res,
-                                 allow_fp32=m.allow_fp32, tmax=m.tmax, rms_eps=m.rms_eps, pre_eps=m.pre_eps,
-                                 sinkhorn_eps=m.sinkhorn_eps, post_mult=m.post_mult)
+        return self.liger_mhc_forward(h, branch, m.phi, m.b, m.alpha_pre, m.alpha_post, m.alpha_res,
+                                      allow_fp32=m.allow_fp32, tmax=m.tmax, rms_eps=m.rms_eps, pre_eps=m.pre_eps,
+                                      sinkhorn_eps=m.sinkhorn_eps, post_mult=m.post_mult)
 
     def decay_parameters(self):
         return [self.peer.phi]

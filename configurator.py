@@ -140,6 +140,7 @@ def usage(path, defaults, name="DEFAULTS"):
 
 CHOICES = {
     "scheme": hc.SCHEMES, "stream_dtype": STREAM_DTYPES, "readout": READOUTS, "sinkhorn_end": hc.SINKHORN_ENDS,
+    "coeff_norm": hc.COEFF_NORMS,
     "wandb_mode": ("online", "offline", "disabled"),
     "lr_schedule": ("cosine", "linear"), "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
     "compile": ("auto", True, False), "arch": ("gpt2", "nanochat"), "optimizer": ("adamw", "muon"),

@@ -36,8 +36,9 @@ from torch.utils.checkpoint import checkpoint
 SCHEMES = ("plain", "hc", "mhc", "mhc_lite", "kromhc", "mhc_v4")
 MAX_PERM_SIZE = 6  # n! permutation logits: 720 at 6, 40,320 at 8 (248 M parameters at C = 768)
 OPTIONS = {"sinkhorn_iters": 20, "sinkhorn_end": "rows", "kron_factors": None, "res_logit_init": -8.0,
-           "gate_init": 0.01, "hc_eps": 1e-6}
+           "gate_init": 0.01, "coeff_norm": "flat", "hc_eps": 1e-6}
 SINKHORN_ENDS = ("rows", "cols")
+COEFF_NORMS = ("flat", "stream")
 
 # The fused path. hc_kernels.py holds Triton kernels for the same equations with fewer passes over
 # the streams; hc_verify.py checks them against this file on the device before a run uses them
@@ -235,12 +236,19 @@ class ManifoldConnection(Connection):
     Init (published mHC-lite / KromHC code): φ = 0, γ = 1, α = gate_init, b_pre = b_post =
     +1 on the home stream and -1 elsewhere (breaks the symmetry of identical streams),
     b_res = 0 on the identity and ``res_logit_init`` elsewhere.
+
+    coeff_norm="flat" is mHC Eq. 7: one RMS over the token's n C values. "stream" divides each
+    stream by its own RMS over C instead, as HC and the hyper-connections package's mHC do
+    (docs/peers.md); the fused kernels implement "flat" only.
     """
 
-    def __init__(self, dim, n_streams, layer_idx, n_res_logits, gate_init=0.01, res_logit_init=-8.0):
+    def __init__(self, dim, n_streams, layer_idx, n_res_logits, gate_init=0.01, res_logit_init=-8.0,
+                 coeff_norm="flat"):
         super().__init__(dim, n_streams, layer_idx)
+        if coeff_norm not in COEFF_NORMS:
+            raise ValueError(f"coeff_norm must be one of {COEFF_NORMS}, got {coeff_norm!r}")
         n, r = n_streams, n_res_logits
-        self.r = r
+        self.r, self.coeff_norm = r, coeff_norm
         self.phi = nn.Parameter(torch.zeros(n * dim, r + 2 * n))
         self.gamma = nn.Parameter(torch.ones(n * dim))
         self.alpha_pre = nn.Parameter(torch.tensor(float(gate_init)))
@@ -265,7 +273,10 @@ class ManifoldConnection(Connection):
     def coefficients(self, h):
         self.check(h)
         with torch.autocast(h.device.type, enabled=False):
-            x = h.float().flatten(-2)                                   # (B, T, nC)
+            x = h.float()
+            if self.coeff_norm == "stream":   # each stream over its own C (docs/peers.md)
+                return self.gates(((x / rms(x)).flatten(-2) * self.gamma) @ self.phi)
+            x = x.flatten(-2)                                           # (B, T, nC)
             m = ((x * self.gamma) @ self.phi) / rms(x)                  # (B, T, r + 2n)
             return self.gates(m)
 
@@ -572,7 +583,8 @@ def make_connection(scheme, dim, n_streams, layer_idx, **options):
     (block i: attention 2i, MLP 2i+1), which picks the home stream layer_idx mod n.
     options: sinkhorn_iters (mhc, mhc_v4, 20), sinkhorn_end (mhc, "rows": mHC Eq. 9, or "cols": the
     published code's orientation), kron_factors (kromhc, prime factors of n),
-    res_logit_init (off-identity H_res logit, -8.0), gate_init (0.01), hc_eps (mhc_v4, 1e-6).
+    res_logit_init (off-identity H_res logit, -8.0), gate_init (0.01), coeff_norm (mhc family,
+    "flat": mHC Eq. 7, or "stream": each stream normed on its own), hc_eps (mhc_v4, 1e-6).
     Options a scheme does not use are ignored, so one model config can carry them all.
     """
     unknown = set(options) - set(OPTIONS)
@@ -598,7 +610,7 @@ def make_connection(scheme, dim, n_streams, layer_idx, **options):
         return HyperConnection(dim, n_streams, layer_idx, **gates)
     if scheme == "mhc_v4":
         return MHCV4(dim, n_streams, layer_idx, sinkhorn_iters=opts["sinkhorn_iters"], hc_eps=opts["hc_eps"])
-    res = dict(gates, res_logit_init=opts["res_logit_init"])
+    res = dict(gates, res_logit_init=opts["res_logit_init"], coeff_norm=opts["coeff_norm"])
     if scheme == "mhc":
         return MHC(dim, n_streams, layer_idx, sinkhorn_iters=opts["sinkhorn_iters"],
                    sinkhorn_end=opts["sinkhorn_end"], **res)

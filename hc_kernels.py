@@ -837,6 +837,8 @@ def unsupported(conn, h):
         return f"Triton is not importable ({TRITON_ERROR})"
     if not (hasattr(conn, "W_r") or hasattr(conn, "phi")):
         return f"there is no fused kernel for {type(conn).__name__}"
+    if getattr(conn, "coeff_norm", "flat") != "flat":
+        return f"coeff_norm={conn.coeff_norm!r} (the kernels norm the token's n C values together: 'flat')"
     reason = _device_unsupported(h)
     if reason:
         return reason

@@ -219,6 +219,7 @@ class GPTConfig:
     kron_factors: tuple | None = None  # kromhc; None: the prime factors of n_streams
     res_logit_init: float = -8.0  # mhc / mhc_lite / kromhc: off-identity H_res logit at init
     gate_init: float = 0.01  # mhc / mhc_lite / kromhc: the alpha gates at init
+    coeff_norm: str = "flat"  # mhc / mhc_lite / kromhc: "flat" (mHC Eq. 7) | "stream" (each stream normed alone)
     hc_eps: float = 1e-6  # mhc_v4 and readout="hc_head": DeepSeek-V4's eps (H_pre, Sinkhorn, readout weights)
     hc_branch_init_scale_sqrt_n: bool = False  # HC paper: output projections' init std x sqrt(n)
     # activation memory: "none" saves what backward needs; "connections" recomputes the connections'
@@ -230,7 +231,8 @@ class GPTConfig:
         if self.scheme == "plain":
             return {}
         opts = dict(sinkhorn_iters=self.sinkhorn_iters, sinkhorn_end=self.sinkhorn_end,
-                    res_logit_init=self.res_logit_init, gate_init=self.gate_init, hc_eps=self.hc_eps)
+                    res_logit_init=self.res_logit_init, gate_init=self.gate_init, hc_eps=self.hc_eps,
+                    coeff_norm=self.coeff_norm)
         if self.kron_factors is not None:
             opts["kron_factors"] = tuple(self.kron_factors)
         return opts

@@ -97,6 +97,7 @@ DEFAULTS = dict(
     kron_factors=None,  # kromhc: e.g. (2, 3) for n = 6; None -> the prime factors of n
     res_logit_init=-8.0,  # mhc / mhc_lite / kromhc: off-identity H_res logit at init
     gate_init=0.01,  # the alpha gates at init
+    coeff_norm="flat",  # mhc family: flat (mHC Eq. 7: one RMS over the n C values) | stream (each stream alone)
     hc_eps=1e-6,  # mhc_v4 and readout=hc_head: DeepSeek-V4's eps (added to H_pre and the readout weights, in Sinkhorn)
     hc_branch_init_scale_sqrt_n=False,  # HC paper: output projections' init std x sqrt(n)
     recompute="none",  # none | connections | blocks: recompute activations in backward instead of saving them

@@ -6,6 +6,8 @@
     python scripts/bench.py --device cpu --json                # CPU: tiny model, fp32, eager (tests the code path)
     python scripts/bench.py --schemes kromhc --recompute none connections blocks   # activation memory
     python scripts/bench.py --sync-compare                     # also time train.py's old per-step host sync
+    python scripts/bench.py --peers                            # beside Liger-Kernel's and lucidrains' HC / mHC
+    python scripts/bench.py --peers --tiny                     # the same rows at toy sizes on the CPU
 
 Method (docs/speed.md): plain and every scheme are built from model.py with the same size,
 batch, sequence length and compile mode, trained on the same random tokens with AdamW (fused
@@ -18,12 +20,20 @@ Each step is train.py's: backward, gradient clipping, the device-side NaN/inf fl
 Before timing, the fused kernels are checked against the torch path (hc_verify.verify_fused), so the
 path column says what ran. --sync-compare also times each model with the host synchronized
 every step (train.py's former loss.item() / grad_norm.item()): column "ms +sync" (both timed
-three times, alternating, medians reported).
+three times, alternating, medians reported). Forward and backward ms are timed inside the timed
+steps (CUDA events, no host sync); the rest of a step is clipping, the flag and AdamW.
+
+--peers (docs/peers.md): one run times plain; hcgpt's torch path (hc.FUSED "off") and fused path
+("on") for every scheme; Liger-Kernel's LigerMHC and lucidrains' HC and mHC wired into the same
+model (scripts/peers.py). A peer that is not installed is a row that says so. --tiny: those rows
+(or the scheme rows) at toy sizes on the CPU, the fused kernels and Liger's in Triton's interpreter:
+it proves every row runs, its times mean nothing.
 """
 
 import argparse
 import contextlib
 import gc
+import importlib.metadata
 import json
 import os
 import sys
@@ -34,11 +44,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hc  # noqa: E402
 import hc_verify  # noqa: E402
+import peers  # noqa: E402  (scripts/peers.py: imports no peer until a row needs it)
 from common import bf16_peak, flag_nonfinite  # noqa: E402
 from model import GPT, GPTConfig, RECOMPUTE  # noqa: E402
 
 MODELS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512),      # CPU, tests
+    "toy": dict(n_layer=1, n_head=2, n_embd=32, vocab_size=256),       # --tiny: the interpreter's kernels
     "S": dict(n_layer=6, n_head=8, n_embd=512),                         # mHC-lite paper's S
     "M": dict(n_layer=12, n_head=12, n_embd=768),                       # GPT-2 small
     "L": dict(n_layer=24, n_head=16, n_embd=1024),                      # GPT-2 medium
@@ -57,14 +69,41 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench_one(scheme, recompute, args, device):
+class Marks:
+    """Time stamps inside the timed steps without a host sync: CUDA events on a GPU, the host clock on a
+    CPU (which runs synchronously)."""
+
+    def __init__(self, device):
+        self.cuda, self.steps = device.type == "cuda", []
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def mean_ms(self, i, j):
+        """Mean ms from stamp i to stamp j of each step (read after the device is synchronized)."""
+        ms = [a.elapsed_time(b) if self.cuda else 1e3 * (b - a) for a, b in ((s[i], s[j]) for s in self.steps)]
+        return sum(ms) / len(ms)
+
+
+def bench_one(scheme, recompute, args, device, peer=None):
+    """One model's row; peer: a key of peers.PEERS whose connections replace hcgpt's."""
     torch.manual_seed(args.seed)
     cfg = dict(MODELS[args.model])
     cfg = GPTConfig(**cfg, block_size=args.seq_len, dropout=0.0, scheme=scheme, recompute=recompute,
-                    n_streams=1 if scheme == "plain" else args.n_streams, stream_dtype=args.stream_dtype)
+                    n_streams=1 if scheme == "plain" else args.n_streams, stream_dtype=args.stream_dtype,
+                    sinkhorn_iters=args.sinkhorn_iters)
     model = GPT(cfg).to(device)
+    if peer:
+        peers.wire(model, peer, sinkhorn_iters=args.sinkhorn_iters)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
-    check = hc_verify.verify_fused(model, autocast_dtype=torch.bfloat16 if args.dtype == "bfloat16" else None)
+    check = hc_verify.verify_fused(model, tokens=args.verify_tokens,
+                                   autocast_dtype=torch.bfloat16 if args.dtype == "bfloat16" else None)
+    if peer:
+        check = dict(path="peer", reason=None)
     forward = torch.compile(model) if args.compile else model
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randint(cfg.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
@@ -74,11 +113,17 @@ def bench_one(scheme, recompute, args, device):
 
     nonfinite = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=device)
 
-    def step(host_sync=False):   # train.py's step: no host sync unless asked (its former NaN check)
+    def step(host_sync=False, marks=None):   # train.py's step: no host sync unless asked (its former NaN check)
         nonlocal nonfinite
+        stamps = [marks.now()] if marks else None
         with autocast:
             _, loss = forward(x, y)
+        if marks:
+            stamps.append(marks.now())
         loss.backward()
+        if marks:
+            stamps.append(marks.now())
+            marks.steps.append(stamps)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if host_sync:
             loss.item(), norm.item()
@@ -87,11 +132,11 @@ def bench_one(scheme, recompute, args, device):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    def timed(host_sync):
+    def timed(host_sync, marks=None):
         sync(device)
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            loss = step(host_sync)
+            loss = step(host_sync, marks)
         sync(device)
         return (time.perf_counter() - t0) / args.steps, loss
 
@@ -101,7 +146,8 @@ def bench_one(scheme, recompute, args, device):
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
         step()
-    dt, loss = timed(False)
+    marks = Marks(device)
+    dt, loss = timed(False, marks)
     if args.sync_compare:   # alternate the two, three times each, and take the medians: fair on a noisy machine
         times = {False: [dt], True: []}
         for host_sync in (True, False, True, False, True):
@@ -113,6 +159,8 @@ def bench_one(scheme, recompute, args, device):
     flops_per_token = model.estimate_flops_per_token(args.seq_len)
     result.update(
         ms_per_step=1e3 * dt,
+        fwd_ms=marks.mean_ms(0, 1),
+        bwd_ms=marks.mean_ms(1, 2),
         tokens_per_s=tokens_per_s,
         mfu=flops_per_token * tokens_per_s / peak if peak else None,
         peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -150,9 +198,82 @@ def run(args):
     config = dict(device=device_name(device), torch=torch.__version__, model=args.model, **MODELS[args.model],
                   batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, stream_dtype=args.stream_dtype,
                   compile=args.compile, fused=args.fused, recompute=args.recompute, sync_compare=args.sync_compare,
+                  sinkhorn_iters=args.sinkhorn_iters,
                   warmup=args.warmup, steps=args.steps,
                   peak_bf16_flops=bf16_peak(device_name(device)))
     return dict(config=config, results=results)
+
+
+def run_peers(args):
+    """plain; hcgpt torch and fused per scheme; each peer: rows named as the table prints them."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    plan = [("plain", "plain", "off", None)]
+    plan += [(f"hcgpt {s} {path}", s, fused, None) for s in args.schemes if s != "plain"
+             for path, fused in (("torch", "off"), ("fused", "on"))]
+    plan += [(name, scheme, "off", name) for name, (_, scheme, _) in peers.PEERS.items()]
+    rows = []
+    for name, scheme, fused, peer in plan:
+        row = dict(name=name, scheme=scheme, n_streams=1 if scheme == "plain" else args.n_streams)
+        why = peer and peers.missing(peer)
+        if why:
+            rows.append(dict(row, note=why))
+            continue
+        hc.FUSED = fused
+        try:
+            r = bench_one(scheme, "none", args, device, peer=peer)
+            rows.append(dict(row, path=r["path"], ms=r["ms_per_step"], fwd_ms=r["fwd_ms"], bwd_ms=r["bwd_ms"],
+                             peak_gib=r["peak_mem_gib"], params=r["params"], loss=r["loss"]))
+        except Exception as e:   # one row's failure (out of memory, a peer that does not compile) is that row's
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            torch._dynamo.reset()
+            msg = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else f"{type(e).__name__}: {e}"
+            rows.append(dict(row, error=msg.strip().splitlines()[0][:300]))
+        finally:
+            hc.FUSED = args.fused
+    base = rows[0]
+    for r in rows:
+        ok = "ms" in r and "ms" in base
+        r["step_x"] = r["ms"] / base["ms"] if ok else None
+        r["mem_x"] = r["peak_gib"] / base["peak_gib"] if ok and base["peak_gib"] else None
+    config = dict(device=device_name(device), torch=torch.__version__, model=args.model, **MODELS[args.model],
+                  n_streams=args.n_streams, batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype,
+                  stream_dtype=args.stream_dtype, compile=args.compile, warmup=args.warmup, steps=args.steps,
+                  sinkhorn_iters=args.sinkhorn_iters, versions=peer_versions())
+    return dict(config=config, rows=rows)
+
+
+def peer_versions():
+    out = {}
+    for dist in ("liger-kernel", "hyper-connections", "triton"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def peer_table(report):
+    c = report["config"]
+    v = ", ".join(f"{k} {ver or 'not installed'}" for k, ver in c["versions"].items())
+    lines = [f"{c['device']}, torch {c['torch']}, {v}: model {c['model']} ({c['n_layer']} layers, d_model "
+             f"{c['n_embd']}), n {c['n_streams']}, B {c['batch_size']}, T {c['seq_len']}, {c['dtype']} compute, "
+             f"{c['stream_dtype']} streams, {'compiled' if c['compile'] else 'eager'}, Sinkhorn {c['sinkhorn_iters']} "
+             f"iterations, {c['warmup']} warmup + {c['steps']} timed steps", "",
+             "| row | path | ms/step | x plain | fwd ms | bwd ms | peak GiB | mem x plain |",
+             "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    for r in report["rows"]:
+        if "ms" not in r:
+            lines.append(f"| {r['name']} | | {r.get('error') or r.get('note')} | | | | | |")
+            continue
+        lines.append(f"| {r['name']} | {r['path']} | {r['ms']:.1f} | {fmt(r['step_x'], '.2f')} | {r['fwd_ms']:.1f} | "
+                     f"{r['bwd_ms']:.1f} | {fmt(r['peak_gib'], '.2f')} | {fmt(r['mem_x'], '.2f')} |")
+    return "\n".join(lines)
 
 
 def table(report):
@@ -204,7 +325,24 @@ def main(argv=None):
                     help="also time each model with a host sync every step (train.py's former NaN check)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    ap.add_argument("--peers", action="store_true",
+                    help="rows for plain, hcgpt's torch and fused path per scheme, Liger's and lucidrains' HC / mHC "
+                         "(docs/peers.md; recompute none, --fused and --sync-compare do not apply)")
+    ap.add_argument("--sinkhorn-iters", type=int, default=None,
+                    help="Sinkhorn iterations of mhc and of the peers' mHC alike (default 20, all three's default)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="toy sizes on the CPU (model toy, B 2, T 16, 4 Sinkhorn iterations, 1 step; the kernels "
+                         "in Triton's interpreter): proves every row runs")
     args = ap.parse_args(argv)
+    if args.tiny:
+        if args.model or args.batch_size or args.seq_len or args.device not in ("cpu", ap.get_default("device")):
+            ap.error("--tiny sets the device, model, batch size and sequence length itself; drop those arguments")
+        args.device, args.model, args.batch_size, args.seq_len = "cpu", "toy", 2, 16
+        args.steps, args.warmup = args.steps or 1, 0 if args.warmup is None else args.warmup
+        args.sinkhorn_iters = args.sinkhorn_iters or 4
+    args.sinkhorn_iters = args.sinkhorn_iters or 20
+    if args.sinkhorn_iters < 1:
+        ap.error(f"argument --sinkhorn-iters: must be >= 1, got {args.sinkhorn_iters}")
     try:
         cuda = torch.device(args.device).type == "cuda"
     except RuntimeError:
@@ -224,8 +362,14 @@ def main(argv=None):
     for k in ("n_streams", "batch_size", "seq_len"):
         if getattr(args, k) < 1:
             ap.error(f"argument --{k.replace('_', '-')}: must be >= 1, got {getattr(args, k)}")
-    report = run(args)
-    print(json.dumps(report, indent=2) if args.json else table(report))
+    args.verify_tokens = 4096 if cuda else 32   # the fused path's start check (32 tokens: the CPU's interpreter)
+    if not cuda and (args.peers or args.tiny or args.fused == "on"):
+        # the fused kernels and Liger's run on a CPU only in Triton's interpreter, chosen at Triton's first import
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            ap.error("Triton was imported before TRITON_INTERPRET=1 could be set; run bench.py as its own process")
+        os.environ["TRITON_INTERPRET"] = "1"
+    report = run_peers(args) if args.peers else run(args)
+    print(json.dumps(report, indent=2) if args.json else (peer_table if args.peers else table)(report))
     return report
 
 

@@ -1,6 +1,7 @@
 """One command for a GPU node: is the fused path right on this GPU, and how fast is it?
 
-    python scripts/gpu_check.py                      # on a GPU node; about 15-20 minutes on one H100
+    python scripts/gpu_check.py                      # on a GPU node; about 15-20 minutes on one H100, plus the
+                                                     # peer rows (12 more compiled models; not yet timed)
     python scripts/gpu_check.py --out /tmp/gc.json   # where the JSON report goes (default gpu_check.json)
     python scripts/gpu_check.py --interpret          # the same checks, small shapes, Triton's CPU interpreter
 
@@ -20,8 +21,11 @@ Four parts, each PASS or FAIL, then one verdict line (PASS only if all four pass
             between torch and its perturbed copy (or 0.01 nats, whichever is larger), the first
             losses (the same weights, before any update) agree within 0.01, and the model learns.
   bench     scripts/bench.py: GPT-2 small, every scheme against plain, with --sync-compare; kromhc
-            with each recompute choice; d_model 2048. It passes if it ran; the speed and memory
-            targets are reported beside the verdict (they measure speed, not correctness).
+            with each recompute choice; d_model 2048; --peers: hcgpt's torch and fused paths beside
+            Liger-Kernel's and lucidrains' HC / mHC in the same model (docs/peers.md; a peer that is
+            not installed or fails is a row that says so and fails nothing). It passes if hcgpt's
+            rows ran; the speed and memory targets are reported beside the verdict (they measure
+            speed, not correctness), the peer table last before it.
 
 --interpret shrinks everything (C 40, 24 tokens, a 1-layer model for 6 steps, a tiny bench) so
 that CI exercises this script on a CPU in well under a minute; its pytest part selects the CUDA
@@ -217,8 +221,15 @@ def part_bench(interpret):
         tables.append(bench_module.table(reports[name]))
     errors = [f"{name}: {r['scheme']} {r['error']}" for name, rep in reports.items() for r in rep["results"]
               if "error" in r]
-    return {"ok": not errors, "reason": "; ".join(errors) or None, "reports": reports, "tables": tables,
-            "targets": [] if interpret else targets(reports)}
+    # the peers (docs/peers.md): hcgpt's rows must run; a peer's failure or absence is reported, not failed
+    a = ["--peers", "--tiny", "--schemes", "kromhc"] if interpret else ["--peers"]
+    log(f"  bench {' '.join(a)}")
+    peer_report = bench(a, interpret)
+    tables.append(bench_module.peer_table(peer_report))
+    errors += [f"peers: {r['name']} {r['error']}" for r in peer_report["rows"]
+               if "error" in r and r["name"] not in bench_module.peers.PEERS]
+    return {"ok": not errors, "reason": "; ".join(errors) or None, "reports": reports, "peers": peer_report,
+            "tables": tables, "targets": [] if interpret else targets(reports)}
 
 
 def targets(reports):

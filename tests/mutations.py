@@ -142,6 +142,16 @@ MUTATIONS = [
         ("hc_kernels.py", "return conn.phi, conn.gamma, conn.alpha_pre, conn.b_pre, False",
          "return conn.phi, conn.gamma, conn.alpha_post, conn.b_pre, False")],
      ["tests/test_kernels_reference.py"]),
+    # the peers (docs/peers.md): lucidrains' per-stream norm, the wiring of the benchmark's peer rows
+    ("coeff_norm stream ignored", [("hc.py", 'if self.coeff_norm == "stream":', "if False:")],
+     ["tests/test_peers.py", "-k", "lucidrains_mhc"]),
+    ("fused kernels accept coeff_norm stream", [("hc_kernels.py", 'if getattr(conn, "coeff_norm", "flat") != "flat":',
+                                                 "if False:")], ["tests/test_peers.py", "-k", "coeff_norm"]),
+    ("peer streams folded stream-major", [("scripts/peers.py", "self.peer(h.transpose(1, 2).reshape(B * n, T, C))",
+                                           "self.peer(h.reshape(B * n, T, C))")],
+     ["tests/test_peers.py", "-k", "lucidrains_wired"]),
+    ("peer rows all on one hc.FUSED", [("scripts/bench.py", "        hc.FUSED = fused\n", "        hc.FUSED = args.fused\n")],
+     ["tests/test_bench.py", "-k", "peer_rows_assembly"]),
 ]
 
 

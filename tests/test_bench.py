@@ -64,3 +64,71 @@ def test_table_and_mfu(capsys):
                        ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA L4", None)]:
         assert bench.bf16_peak(name) == peak, name
     assert bench.bf16_peak(bench.device_name(bench.torch.device("cpu"))) is None
+
+
+# ----------------------------------------------------------------------------------------
+# --peers: hcgpt's paths beside Liger-Kernel's and lucidrains' HC / mHC (docs/peers.md)
+
+PEER_ROWS = ["plain"] + [f"hcgpt {s} {p}" for s in ("hc", "mhc", "mhc_lite", "kromhc") for p in ("torch", "fused")] \
+    + ["liger mHC", "lucidrains HC", "lucidrains mHC"]
+
+
+def test_peers_tiny_runs_every_row():
+    """`bench.py --peers --tiny` on a CPU: every row ran (the fused kernels and Liger's in Triton's
+    interpreter), on the path it names, and its ratios come from this run."""
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--peers", "--tiny", "--json"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # bench.py sets it itself
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    c = report["config"]
+    assert (c["model"], c["batch_size"], c["seq_len"], c["sinkhorn_iters"], c["n_streams"]) == ("toy", 2, 16, 4, 4)
+    assert c["versions"]["liger-kernel"] == "0.8.5" and c["versions"]["hyper-connections"] == "0.4.11"
+    rows = report["rows"]
+    assert [r["name"] for r in rows] == PEER_ROWS
+    assert all("error" not in r and "note" not in r for r in rows), [r for r in rows if "ms" not in r]
+    paths = {r["name"]: r["path"] for r in rows}
+    assert paths["plain"] == "-" and paths["liger mHC"] == paths["lucidrains HC"] == "peer"
+    assert all(paths[f"hcgpt {s} {p}"] == p for s in ("hc", "mhc", "mhc_lite", "kromhc") for p in ("torch", "fused"))
+    for r in rows:
+        assert r["ms"] > 0 and 0 < r["fwd_ms"] and 0 < r["bwd_ms"] and r["fwd_ms"] + r["bwd_ms"] < r["ms"]
+        assert r["step_x"] == pytest.approx(r["ms"] / rows[0]["ms"], rel=1e-9)
+        assert r["peak_gib"] is None and r["mem_x"] is None       # not measured on a CPU
+        assert math.isfinite(r["loss"]) and abs(r["loss"] - math.log(256)) < 1.0   # one step from ln(vocab)
+    # each peer replaced hcgpt's connections: their own parameter counts
+    params = {r["name"]: r["params"] for r in rows}
+    assert params["lucidrains HC"] == params["hcgpt hc torch"]            # HC: the same parameters
+    assert params["liger mHC"] == params["hcgpt mhc torch"] - 2 * 4 * 32   # no γ: n C fewer in each of 2 connections
+
+
+def test_peer_rows_assembly(monkeypatch):
+    """run_peers: ratios to plain from the same run, a missing peer and a failing row as rows that say so."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import bench
+    import peers
+    monkeypatch.setitem(peers.PEERS, "absent peer", ("no_such_module_for_hcgpt", "mhc", "absent==1.0"))
+
+    def fake(scheme, recompute, args, device, peer=None):
+        if peer == "lucidrains mHC":
+            raise RuntimeError("it did not compile\nsecond line")
+        ms = {"plain": 10.0, "hc": 12.0}.get(scheme, 15.0) + (1.0 if peer else 0.0)
+        return dict(path="peer" if peer else bench.hc.FUSED, ms_per_step=ms, fwd_ms=3.0, bwd_ms=6.0,
+                    peak_mem_gib=2.0 * ms / 10, params=1, loss=1.0)
+
+    monkeypatch.setattr(bench, "bench_one", fake)
+    args = bench.argparse.Namespace(device="cpu", schemes=["hc"], n_streams=4, fused="auto", model="toy",
+                                    batch_size=2, seq_len=16, dtype="float32", stream_dtype="float32",
+                                    compile=False, warmup=0, steps=1, sinkhorn_iters=4)
+    report = bench.run_peers(args)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["plain", "hcgpt hc torch", "hcgpt hc fused", "liger mHC", "lucidrains HC",
+                          "lucidrains mHC", "absent peer"]
+    assert (rows["hcgpt hc torch"]["path"], rows["hcgpt hc fused"]["path"]) == ("off", "on")   # hc.FUSED per row
+    assert rows["hcgpt hc fused"]["step_x"] == pytest.approx(1.2) and rows["liger mHC"]["mem_x"] == pytest.approx(1.6)
+    assert rows["lucidrains mHC"]["error"] == "RuntimeError: it did not compile"
+    assert rows["absent peer"]["note"] == "not installed (pip install absent==1.0)"
+    assert bench.hc.FUSED == "auto"   # restored
+    text = bench.peer_table(dict(report, config=dict(report["config"], device="cpu", torch="x")))
+    assert "| hcgpt hc fused | on | 12.0 | 1.20 | 3.0 | 6.0 | 2.40 | 1.20 |" in text
+    assert "| absent peer | | not installed (pip install absent==1.0) |" in text
+    assert "| lucidrains mHC | | RuntimeError: it did not compile |" in text

@@ -464,6 +464,11 @@ def test_gpu_check_script_interpret(tmp_path):
     rows = parts["bench"]["reports"]["schemes"]["results"]
     assert [(r["scheme"], r["recompute"]) for r in rows] == \
         [("plain", "none"), ("kromhc", "none"), ("kromhc", "connections"), ("kromhc", "blocks")]
+    peer_rows = parts["bench"]["peers"]["rows"]   # bench.py --peers --tiny: every row ran, its table printed
+    assert [(r["name"], r.get("path")) for r in peer_rows] == \
+        [("plain", "-"), ("hcgpt kromhc torch", "torch"), ("hcgpt kromhc fused", "fused"), ("liger mHC", "peer"),
+         ("lucidrains HC", "peer"), ("lucidrains mHC", "peer")]
+    assert "| row | path | ms/step | x plain | fwd ms | bwd ms | peak GiB | mem x plain |" in p.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -247,9 +247,10 @@ def sinkhorn_probabilities(logits, iters):
 
 @pytest.mark.parametrize("scheme", ["hc", "mhc", "mhc_lite", "kromhc"])
 def test_config_options_reach_every_connection(scheme):
-    """GPTConfig's sinkhorn_iters, res_logit_init and gate_init arrive in each of the connections."""
+    """GPTConfig's sinkhorn_iters, res_logit_init, gate_init and coeff_norm arrive in each of the connections."""
     n = 4
-    model = GPT(tiny(scheme=scheme, n_streams=n, sinkhorn_iters=3, res_logit_init=-2.5, gate_init=0.3))
+    model = GPT(tiny(scheme=scheme, n_streams=n, sinkhorn_iters=3, res_logit_init=-2.5, gate_init=0.3,
+                     coeff_norm="stream"))
     identity_logits = {  # 0 where the logit selects the identity, res_logit_init elsewhere
         "mhc": -2.5 * (1 - torch.eye(n)).flatten(),
         "mhc_lite": torch.tensor([0.0] + [-2.5] * 23),           # 4! permutations, the identity first
@@ -261,6 +262,7 @@ def test_config_options_reach_every_connection(scheme):
         assert all(v == pytest.approx(0.3) for v in gates.values()), gates
         if scheme != "hc":
             torch.testing.assert_close(conn.b_res.detach(), identity_logits[scheme], rtol=0, atol=0)
+            assert conn.coeff_norm == "stream"
     if scheme == "mhc":  # phi = 0 at init: H_res = Sinkhorn(b_res), here with random logits and 3 iterations
         conn = model.connections()[1]
         with torch.no_grad():

@@ -234,7 +234,8 @@ def check_task_dir(path):
     itself skips a broken file silently, and the task would then look unknown."""
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"--include-path {path}: no such directory; pass a directory of lm-eval task YAML files")
+        raise FileNotFoundError(f"--include-path {path}: no such directory; pass a directory of lm-eval task "
+                                f"YAML files")
     files = sorted(root.glob("**/*.yaml"))
     if not files:
         raise ValueError(f"--include-path {path}: no *.yaml task files in it; pass a directory of lm-eval task YAMLs")
@@ -242,8 +243,9 @@ def check_task_dir(path):
         try:
             cfg = load_yaml(f, resolve_func=False, recursive=True)
         except Exception as e:
-            raise ValueError(f"--include-path: {f} is not a task file lm-eval can read ({type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:300]}); fix the YAML (see lm-eval's docs/task_guide.md)") from None
+            why = " ".join(str(e).split())[:300]
+            raise ValueError(f"--include-path: {f} is not a task file lm-eval can read ({type(e).__name__}: {why}); "
+                             f"fix the YAML (see lm-eval's docs/task_guide.md)") from None
         if not isinstance(cfg, dict) or not ({"task", "group", "tag"} & set(cfg) or "include" in cfg):
             raise ValueError(f"--include-path: {f} is YAML but not an lm-eval task (no 'task:' or 'group:' key); "
                              f"fix it or move it out of {path}")

@@ -47,7 +47,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ckpt", nargs="?", help="checkpoint file, or the run directory holding ckpt.pt")
     ap.add_argument("--tasks", required=True, help="comma-separated lm-eval task names; 'commonsense' = the suite")
-    ap.add_argument("--num-fewshot", type=non_negative_int, default=None, help="few-shot examples (default: the task's)")
+    ap.add_argument("--num-fewshot", type=non_negative_int, default=None,
+                    help="few-shot examples (default: the task's)")
     ap.add_argument("--limit", type=positive_int, default=None, help="only the first N items of each task (testing)")
     ap.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward pass (results do not change)")
     ap.add_argument("--include-path", default=None, help="a directory of local lm-eval task YAML files")

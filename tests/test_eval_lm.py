@@ -6,7 +6,6 @@ log.jsonl / wandb records, the HellaSwag cross-check and every bad input's error
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -20,7 +19,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # every task here is a local file: nothing may be downloaded
 
 import lm_eval  # noqa: E402  (the tests need it; .ci/run installs it from requirements-test.txt)
 import harness  # noqa: E402
@@ -267,8 +265,8 @@ def test_local_tasks_end_to_end(run_dir, tasks_dir, capsys):
 def test_a_trained_tokenizer_is_used(run_dir, tasks_dir, monkeypatch, tmp_path):
     """rundir.load_tokenizer is where the scripts get a run's tokenizer: a byte-level Encoding
     (another vocabulary, end-of-text 256) returned there is what the rolling task is scored with."""
-    byte_enc = tiktoken.Encoding(name="bytes256", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
-                                 special_tokens={"<|endoftext|>": 256})
+    byte_enc = tiktoken.Encoding(name="bytes256", pat_str=r"[\s\S]", special_tokens={"<|endoftext|>": 256},
+                                 mergeable_ranks={bytes([i]): i for i in range(256)})
     monkeypatch.setattr(rundir, "load_tokenizer", lambda meta: byte_enc)
     out = tmp_path / "bytes.json"
     res = eval_lm.main([str(run_dir), "--tasks", "t_ppl", "--include-path", str(tasks_dir), "--device", "cpu",
@@ -313,6 +311,16 @@ def test_wandb_run_gets_the_results(tmp_path, tasks_dir, monkeypatch):
         time.sleep(0.5)
     for key in (b"lm_eval/t_mc/acc_norm", b"lm_eval/step", b"wb-lm-eval"):
         assert key in data, key
+
+
+def test_the_documented_example_tasks_parse():
+    """docs/lm-eval-tasks (the example of docs/lm-eval.md): every YAML reads, every data file is there."""
+    d = REPO / "docs" / "lm-eval-tasks"
+    harness.check_task_dir(d)
+    for y in d.glob("*.yaml"):
+        cfg = harness.load_yaml(y, resolve_func=False, recursive=True)
+        for path in cfg["dataset_kwargs"]["data_files"].values():
+            assert [json.loads(line) for line in (REPO / path).read_text().splitlines()], path
 
 
 # ----------------------------------------------------------------------------- HellaSwag cross-check
@@ -362,7 +370,8 @@ def test_bad_input_is_named(tmp_path, tasks_dir, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "x.yaml").write_text("task: x\ndataset_path: json\n  dataset_kwargs: [unclosed\n")
-    fails([str(ok), "--tasks", "x", "--include-path", str(broken)], capsys, "x.yaml is not a task file lm-eval can read")
+    fails([str(ok), "--tasks", "x", "--include-path", str(broken)], capsys,
+          "x.yaml is not a task file lm-eval can read")
     fails([str(ok), "--tasks", "x", "--include-path", str(tmp_path / "none")], capsys, "no such directory")
     fails([str(ok), "--tasks", ",", *local], capsys, "names no task")
 

@@ -64,7 +64,7 @@ SUITES = {"commonsense": COMMONSENSE}
 class HcgptLM(TemplateLM):
     """A GPT (model.py, either arch, any scheme) and a tiktoken Encoding as an lm_eval model.
 
-    model: anything whose forward(idx) returns (logits, ...) with config.block_size; in eval mode.
+    model: anything whose forward(idx) returns (logits, ...) with config.block_size (put in eval mode).
     enc: rundir.load_tokenizer(meta). ctx: the autocast context of every forward (bf16 on CUDA).
     batch_size: rows per forward; results do not depend on it (rows are right-padded and the model
     is causal, so a row's logits never see its padding).
@@ -72,7 +72,7 @@ class HcgptLM(TemplateLM):
 
     def __init__(self, model, enc, device="cpu", batch_size=16, ctx=None, info=None):
         super().__init__()
-        self.model, self.enc, self._device = model, enc, torch.device(device)
+        self.model, self.enc, self._device = model.eval(), enc, torch.device(device)
         self.batch_size, self.ctx, self.info = int(batch_size), ctx or nullcontext(), dict(info or {})
         self.max_length = model.config.block_size
         self.max_gen_toks = 256  # lm-eval's default for Hugging Face models
@@ -111,7 +111,7 @@ class HcgptLM(TemplateLM):
         The model reads the last block_size + 1 tokens of context + continuation less the last one
         (lm-eval's left truncation); greedy: every continuation token is the argmax of its logits."""
         rows = []
-        for key, context, continuation in requests:
+        for _, context, continuation in requests:
             if len(continuation) > self.max_length:
                 raise ValueError(f"a continuation of {len(continuation)} tokens is longer than the model's block_size "
                                  f"{self.max_length}: it cannot be scored in one window; shorten the task's targets")

@@ -376,6 +376,18 @@ def test_bad_input_is_named(tmp_path, tasks_dir, capsys):
     fails([str(ok), "--tasks", ",", *local], capsys, "names no task")
 
 
+def test_download_only_and_a_dataset_missing_offline(tmp_path, tasks_dir, monkeypatch, capsys):
+    eval_lm.main(["--download-only", "--tasks", "t_mc,t_ppl", "--include-path", str(tasks_dir)])
+    out = capsys.readouterr().out
+    assert "t_mc: test 6" in out and "t_ppl: test 3" in out and "HF_DATASETS_OFFLINE=1" in out
+
+    def offline(**kw):  # what `datasets` raises for a hub dataset that is not cached, offline
+        raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub (OfflineModeIsEnabled)")
+    monkeypatch.setattr(harness.lm_eval, "simple_evaluate", offline)
+    fails([str(save_gpt(tmp_path / "ok")), "--tasks", "t_mc", "--include-path", str(tasks_dir), "--device", "cpu"],
+          capsys, "Rowan/hellaswag", "--download-only --tasks t_mc", "HF_DATASETS_OFFLINE=1")
+
+
 def test_lm_eval_missing_is_one_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
     monkeypatch.delitem(sys.modules, "harness")

@@ -56,7 +56,7 @@ def _main(args):
         print(f"{side:28s} {got['acc']:7.4f} {got['acc_norm']:9.4f}   acc_norm: {how}")
         print(f"{'  recomputed by definition':28s} {ref['acc']:7.4f} {ref['acc_norm']:9.4f}")
     print(f"summed log-likelihoods of the endings: largest |lm-eval - evals.py| {res['max_ll_diff']:.2e} "
-          f"(float noise when the two prompts are the same text)")
+          f"(float noise only where both score the same prompt text; lm-eval's hellaswag adds the activity label)")
     print(f"same prediction on {res['same_pred']:.1%} of items (acc), {res['same_pred_norm']:.1%} (acc_norm)")
     if args.output:
         Path(args.output).write_text(json.dumps(res, indent=1) + "\n")

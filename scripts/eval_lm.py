@@ -94,8 +94,14 @@ def _main(args):
     cfg = meta.get("config") or {}
     use_wandb = bool(meta.get("wandb_id")) and cfg.get("wandb_log") and not args.no_wandb
     if use_wandb:  # online without an API key: say so now, not after the evaluation
+        from configurator import ConfigError
         from tracking import check_wandb
-        check_wandb({"wandb_log": True, "wandb_mode": cfg.get("wandb_mode", "online")})
+        try:
+            check_wandb({"wandb_log": True, "wandb_mode": cfg.get("wandb_mode", "online")})
+        except ConfigError:
+            raise ValueError(f"the checkpoint's run logs to wandb run {meta['wandb_id']} online, but no wandb API key "
+                             f"was found: run `wandb login`, set WANDB_MODE=offline (sync later with `wandb sync`), "
+                             f"or pass --no-wandb") from None
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device_type == "cuda" else "float32"
     mc = model.config
     info = {"hcgpt_ckpt": str(ckpt), "step": meta.get("step"), "tokens": meta.get("tokens"), "arch": mc.arch,

@@ -323,6 +323,19 @@ def test_the_documented_example_tasks_parse():
             assert [json.loads(line) for line in (REPO / path).read_text().splitlines()], path
 
 
+def test_wandb_online_without_key_stops_before_the_evaluation(tmp_path, tasks_dir, monkeypatch, capsys):
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    d = save_gpt(tmp_path / "online")
+    ckpt = torch.load(d / "ckpt.pt", weights_only=False)
+    ckpt.update(wandb_id="abc", config={"wandb_log": True, "wandb_mode": "online"})
+    torch.save(ckpt, d / "ckpt.pt")
+    fails([str(d), "--tasks", "t_mc", "--include-path", str(tasks_dir), "--device", "cpu"], capsys,
+          "wandb run abc online", "`wandb login`", "WANDB_MODE=offline", "--no-wandb")
+    assert not list(d.glob("lm_eval_*.json"))  # refused before the evaluation
+
+
 # ----------------------------------------------------------------------------- HellaSwag cross-check
 
 def test_hellaswag_crosscheck(tmp_path, tasks_dir):

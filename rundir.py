@@ -10,6 +10,7 @@
     save_checkpoint         a training run's checkpoint: the model, the optimizer, every rank's
                             random state and data position
     start_log / read_log    log.jsonl: the run's header record; the records, a line cut by a crash dropped
+    append_log              one record at the end of log.jsonl (an evaluation of a checkpoint after the run)
 
 Every problem a user can cause is a ConfigError (or CheckpointError) naming the key or file and the fix.
 """
@@ -99,6 +100,14 @@ def read_log(path):
                 raise ConfigError(f"{path}, line {i + 1} is not JSON; remove or repair that line, then rerun") from None
             print(f"{path}: dropping its last line, cut by a crash: {line[:60]!r}")
     return records
+
+
+
+def append_log(out_dir, record):
+    """Append one record to out_dir/log.jsonl (one write of one line: a run still training there
+    appends its own records between ours)."""
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 

@@ -3,6 +3,7 @@
     check_wandb   online mode needs an API key: said at start, not after the first eval
     start_wandb   the wandb run (resumed with the checkpoint's run id)
     hres_image    every connection's token-averaged H_res as one image, logged at each eval
+    log_to_run    results computed after a run (scripts/eval_lm.py) added to that run
 
 train.py imports wandb only when wandb_log is set.
 """
@@ -69,3 +70,20 @@ def hres_image(diag):
     image = wandb.Image(fig)
     plt.close(fig)
     return image
+
+
+
+def log_to_run(cfg, run_id, data, step_metric):
+    """Add data to the finished wandb run run_id (resumed; cfg: the run's config from its checkpoint,
+    wandb_mode honoured, WANDB_MODE overriding it as in train.py). The keys of data are plotted
+    against data[step_metric] (the checkpoint's step), since the run's own step has moved past it."""
+    mode = os.environ.get("WANDB_MODE") or cfg.get("wandb_mode", "online")
+    run = start_wandb(dict(cfg, wandb_mode=mode), run_id)
+    try:
+        prefix = step_metric.split("/")[0]
+        run.define_metric(step_metric, hidden=True)
+        run.define_metric(f"{prefix}/*", step_metric=step_metric)
+        run.log(data)
+    finally:
+        run.finish()
+    return run.id

@@ -66,6 +66,7 @@ META_FORMAT = "hcgpt-token-shards/1"
 DEFAULT_SHARD_TOKENS = 100_000_000
 PROGRESS_EVERY_S = 30.0  # a plain progress line this often when stderr is not a terminal (a log file)
 STAGING = ".restart"  # --restart over a complete preparation builds here, then swaps in
+READ_CHARS = 1 << 24  # characters per read of a text file split into documents at a separator
 
 DATASETS = {
     "openwebtext": dict(hub="Skylion007/openwebtext", revision="refs/convert/parquet", subset=None,
@@ -198,7 +199,7 @@ def _read_stories(files, separator):
     for path in files:
         with open(path, encoding="utf-8") as f:
             rest = ""
-            while chunk := f.read(1 << 24):
+            while chunk := f.read(READ_CHARS):
                 *stories, rest = (rest + chunk).split(separator)  # a separator cut by the chunk stays in rest
                 for story in stories:
                     if story.strip():

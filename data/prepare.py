@@ -74,7 +74,7 @@ DATASETS = {
     "fineweb_edu": dict(hub="HuggingFaceFW/fineweb-edu", revision=None, subset="sample-10BT",
                         val_fraction=0.005, seed=42),
     "pydocs": dict(hub=None, revision=None, subset=None, val_fraction=0.1, seed=1337),
-    # Eldan & Li 2023 (arXiv 2305.07759): 2,119,719 train / 21,990 validation stories in the hub's parquet
+    # Eldan & Li 2023 (arXiv 2305.07759): 2,119,719 train / about 22 K validation stories in the hub's parquet
     # files (GPT-3.5 and GPT-4 stories). val_fraction None: the published validation split is val; the
     # seed only serves an explicit --val-fraction. The .txt files (TinyStoriesV2-GPT4-*.txt: GPT-4 stories
     # only) are one story per <|endoftext|>-separated block.

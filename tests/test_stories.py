@@ -24,6 +24,11 @@ from model import GPT, GPTConfig  # noqa: E402
 from scripts import eval_stories  # noqa: E402
 
 GOOD = '{"grammar": 7, "creativity": 5, "consistency": 8, "plot": 6}'
+
+
+@pytest.fixture(autouse=True)
+def own_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HCGPT_CACHE_DIR", str(tmp_path / "hcgpt_cache"))  # never the user's grade cache
 RUBRIC = stories.load_rubric(stories.DEFAULT_RUBRIC)
 
 
@@ -371,6 +376,19 @@ def test_cli_errors_before_any_work(ckpt, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         eval_stories.main([])
     assert e.value.code == 2
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"items": [{"id": "a", "beginning": "x"}]}')
+    with pytest.raises(SystemExit):
+        eval_stories.main(["--completions", str(notes), "--dry-run"])
+    assert "notes.json: not a results file of eval_stories.py" in capsys.readouterr().err
+
+
+def test_dry_run_needs_no_key_and_makes_no_call(ckpt, prompts, monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    got = eval_stories.main([str(ckpt), "--prompts", str(prompts), "--max-new-tokens", "2", "--device", "cpu",
+                             "--dry-run", "--judge-base-url", "http://127.0.0.1:9/v1"])
+    assert got == {"calls": 3, "cached": 0, "items": 3}
+    assert "story_grades.jsonl" in capsys.readouterr().out and not (tmp_path / "hcgpt_cache").exists()
 
 
 def test_shipped_prompts_and_rubric():

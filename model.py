@@ -516,24 +516,30 @@ class GPT(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens tokens after the context idx (LongTensor (b, t)); temperature 0 is greedy
-        (the argmax at every step)."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, generator=None):
+        """Sample up to max_new_tokens tokens after the context idx (LongTensor (b, t)); temperature 0 is greedy
+        (the argmax at every step). With stop_token, stop once every row has produced it (a row's tokens after
+        its first stop_token are not meaningful). generator: the torch.Generator to sample with (default: torch's)."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
             logits, _ = self(idx_cond)
             if temperature == 0:
-                idx = torch.cat((idx, logits[:, -1, :].argmax(-1, keepdim=True)), dim=1)
-                continue
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('Inf')
-            probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1)
+                idx_next = logits[:, -1, :].argmax(-1, keepdim=True)
+            else:
+                logits = logits[:, -1, :] / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float('Inf')
+                probs = F.softmax(logits, dim=-1)
+                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat((idx, idx_next), dim=1)
+            if stop_token is not None:
+                done |= idx_next[:, 0] == stop_token
+                if bool(done.all()):
+                    break
         return idx
 
 

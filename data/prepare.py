@@ -5,6 +5,8 @@
     python data/prepare.py fineweb_edu             # HuggingFaceFW/fineweb-edu, sample-10BT
     python data/prepare.py fineweb_edu --subset sample-100BT
     python data/prepare.py fineweb_edu --data-files shards/*.parquet --out-dir data/my_fwe
+    python data/prepare.py tinystories             # roneneldan/TinyStories, its own train / validation splits
+    python data/prepare.py tinystories --data-files TinyStoriesV2-GPT4-train.txt TinyStoriesV2-GPT4-valid.txt
 
 Output in ``data/<DATASET>/`` (or ``--out-dir``): ``val_000000.bin, ...``,
 ``train_000000.bin, ...`` (llm.c format, see ``data/shards.py``; ``--shard-tokens`` per shard,
@@ -14,8 +16,13 @@ stream.
 
 Train/val split: ``Dataset.train_test_split(test_size=val_fraction, seed=seed)`` on the
 document list (openwebtext: 0.05 %, seed 2357 as in nanoGPT; fineweb_edu: 0.5 %, seed 42;
-pydocs: 10 %, seed 1337). ``--data-files`` feeds local parquet / json(l) / text files that have a
-``text`` column through the same path as the hub download, with the dataset's split settings.
+pydocs: 10 %, seed 1337). A dataset published with its own validation split (tinystories) keeps it:
+val is that split, train the train split (``--val-fraction`` splits all its documents at random
+instead). ``--data-files`` feeds local parquet / json(l) / text files that have a ``text`` column
+through the same path as the hub download, with the dataset's split settings; for a dataset with
+its own split, a file whose name says ``val``, ``valid`` or ``validation`` (``TinyStories-valid.txt``,
+``validation-00000-of-00001.parquet``) is val, every other file train. TinyStories' ``.txt`` files
+hold many stories separated by ``<|endoftext|>``: each story is a document.
 
 Resumable and atomic: shards are written as ``*.bin.tmp`` and renamed when complete, and
 ``progress.json`` records the completed shards and the document cursor after each one. A
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -58,6 +66,7 @@ META_FORMAT = "hcgpt-token-shards/1"
 DEFAULT_SHARD_TOKENS = 100_000_000
 PROGRESS_EVERY_S = 30.0  # a plain progress line this often when stderr is not a terminal (a log file)
 STAGING = ".restart"  # --restart over a complete preparation builds here, then swaps in
+READ_CHARS = 1 << 24  # characters per read of a text file split into documents at a separator
 
 DATASETS = {
     "openwebtext": dict(hub="Skylion007/openwebtext", revision="refs/convert/parquet", subset=None,
@@ -65,9 +74,17 @@ DATASETS = {
     "fineweb_edu": dict(hub="HuggingFaceFW/fineweb-edu", revision=None, subset="sample-10BT",
                         val_fraction=0.005, seed=42),
     "pydocs": dict(hub=None, revision=None, subset=None, val_fraction=0.1, seed=1337),
+    # Eldan & Li 2023 (arXiv 2305.07759): 2,119,719 train / about 22 K validation stories in the hub's parquet
+    # files (GPT-3.5 and GPT-4 stories). val_fraction None: the published validation split is val; the
+    # seed only serves an explicit --val-fraction. The .txt files (TinyStoriesV2-GPT4-*.txt: GPT-4 stories
+    # only) are one story per <|endoftext|>-separated block.
+    "tinystories": dict(hub="roneneldan/TinyStories", revision=None, subset=None, val_fraction=None, seed=1337,
+                        hub_files={"train": "data/train-*.parquet", "val": "data/validation-*.parquet"},
+                        separator="<|endoftext|>"),
 }
 SPLITS = ("val", "train")  # order of preparation (val is small and ready first)
 _SHARD_RE = re.compile(r"^(train|val)_\d{6}\.bin(\.tmp)?$")
+_VAL_FILE_RE = re.compile(r"(^|[-_. ])(val|valid|validation)([-_. ]|$)")  # TinyStories-valid.txt, validation-0.parquet
 _FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".ndjson": "json",
             ".txt": "text", ".text": "text", ".md": "text"}
 
@@ -108,21 +125,42 @@ def expand_data_files(patterns: list[str]) -> tuple[list[str], str]:
     return files, fmts.pop()
 
 
-def source_spec(dataset: str, data_files=None, subset=None, revision=None, max_docs=None) -> dict:
-    """What will be read: recorded in meta.json and used to decide whether a rerun may resume."""
+def file_split(path: str) -> str:
+    """'val' for a file whose name marks it as a validation file, else 'train'."""
+    return "val" if _VAL_FILE_RE.search(os.path.basename(path).lower()) else "train"
+
+
+def source_spec(dataset: str, data_files=None, subset=None, revision=None, max_docs=None,
+                own_split=False) -> dict:
+    """What will be read: recorded in meta.json and used to decide whether a rerun may resume.
+    own_split: the dataset's own train / val splits are kept (each data file gets its split from its name)."""
     cfg = DATASETS[dataset]
     if data_files:
         files, fmt = expand_data_files(list(data_files))
         st = [os.stat(f) for f in files]
-        return {"kind": "data_files", "format": fmt, "max_docs": max_docs,
-                "data_files": [{"path": f, "bytes": s.st_size, "mtime_ns": s.st_mtime_ns}
-                               for f, s in zip(files, st)]}
+        entries = [{"path": f, "bytes": s.st_size, "mtime_ns": s.st_mtime_ns} for f, s in zip(files, st)]
+        if own_split:
+            for e in entries:
+                e["split"] = file_split(e["path"])
+            missing = [s for s in SPLITS if not any(e["split"] == s for e in entries)]
+            if missing:
+                raise ValueError(f"--data-files: no {missing[0]} file among {', '.join(files[:3])}"
+                                 f"{' ...' if len(files) > 3 else ''}; {dataset} keeps its own validation split: "
+                                 f"pass its train and its validation files (a name with 'valid' or 'validation', as "
+                                 f"TinyStoriesV2-GPT4-valid.txt or validation-*.parquet), or --val-fraction F to "
+                                 f"split the documents at random")
+        spec = {"kind": "data_files", "format": fmt, "max_docs": max_docs, "data_files": entries}
+        if fmt == "text" and cfg.get("separator"):
+            spec["separator"] = cfg["separator"]
+        return spec
     if cfg["hub"] is None:
         from data import pydocs
         return {"kind": "embedded", **pydocs.source_info(), "max_docs": max_docs}
-    return {"kind": "hub", "name": cfg["hub"],
-            "revision": revision if revision is not None else cfg["revision"],
+    spec = {"kind": "hub", "name": cfg["hub"], "revision": revision if revision is not None else cfg["revision"],
             "subset": subset if subset is not None else cfg["subset"], "max_docs": max_docs}
+    if cfg.get("hub_files"):
+        spec["files"] = cfg["hub_files"]
+    return spec
 
 
 FILES_FIX = ("--data-files takes parquet, JSON-lines or UTF-8 text files with one document per row "
@@ -155,8 +193,22 @@ def diagnose_file(path: str, fmt: str) -> str | None:
     return None
 
 
-def _load_files(datasets, source: dict, cache_dir):
-    files, fmt = [d["path"] for d in source["data_files"]], source["format"]
+def _read_stories(files, separator):
+    """{'text': story} for each block of the text files between separators (TinyStories' .txt layout: a
+    story, then a line <|endoftext|>), whitespace stripped; a block of whitespace only is no story."""
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            rest = ""
+            while chunk := f.read(READ_CHARS):
+                *stories, rest = (rest + chunk).split(separator)  # a separator cut by the chunk stays in rest
+                for story in stories:
+                    if story.strip():
+                        yield {"text": story.strip()}
+            if rest.strip():
+                yield {"text": rest.strip()}
+
+
+def _load_files(datasets, files: list, fmt: str, cache_dir, separator=None):
     for f in files:  # cheap checks first: an empty file is a StopIteration deep inside datasets
         if os.path.getsize(f) == 0 or fmt == "parquet":  # a parquet footer is a few KB
             cause = diagnose_file(f, fmt)
@@ -166,7 +218,14 @@ def _load_files(datasets, source: dict, cache_dir):
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error lines would repeat ours below
     try:
-        ds = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir, **kw)
+        if fmt == "text" and separator:  # many documents per file; cached as Arrow like load_dataset's output
+            stamp = json.dumps([[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files] + [separator])
+            ds = datasets.Dataset.from_generator(
+                _read_stories, features=datasets.Features({"text": datasets.Value("string")}), cache_dir=cache_dir,
+                gen_kwargs={"files": files, "separator": separator},
+                fingerprint=hashlib.sha256(stamp.encode()).hexdigest()[:16])
+        else:
+            ds = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir, **kw)
         if fmt == "json" and "text" in ds.column_names:  # Arrow's JSON reader lets bad UTF-8 through to
             ds.data.column("text").validate(full=True)    # the tokenizer; one pass in C catches it here
         return ds
@@ -178,9 +237,10 @@ def _load_files(datasets, source: dict, cache_dir):
         datasets.logging.set_verbosity(verbosity)
 
 
-def load_documents(source: dict, cache_dir=None, num_proc=None, progress=True):
-    """A ``datasets.Dataset`` with one ``text`` column, one row per document. An unreadable input
-    is a ValueError naming the file and the fix."""
+def load_documents(source: dict, cache_dir=None, num_proc=None, progress=True, split=None):
+    """A ``datasets.Dataset`` with one ``text`` column, one row per document: the source's documents of
+    ``split`` ('train' or 'val', for a dataset with its own splits), or all of them (split None). An
+    unreadable input is a ValueError naming the file and the fix."""
     import datasets
 
     if not progress or not sys.stderr.isatty():  # tqdm's carriage returns make a log file unreadable
@@ -191,8 +251,8 @@ def load_documents(source: dict, cache_dir=None, num_proc=None, progress=True):
         ds = datasets.Dataset.from_dict({"text": pydocs.documents()})
         where = "the pydocs corpus"
     elif kind == "data_files":
-        ds = _load_files(datasets, source, cache_dir)
-        files = [d["path"] for d in source["data_files"]]
+        files = [d["path"] for d in source["data_files"] if split is None or d.get("split") == split]
+        ds = _load_files(datasets, files, source["format"], cache_dir, source.get("separator"))
         where = ", ".join(files[:3]) + (" ..." if len(files) > 3 else "")
     else:
         kw = {}
@@ -200,14 +260,20 @@ def load_documents(source: dict, cache_dir=None, num_proc=None, progress=True):
             kw["name"] = source["subset"]
         if source.get("revision"):
             kw["revision"] = source["revision"]
-        try:
-            ds = datasets.load_dataset(source["name"], split="train", cache_dir=cache_dir,
-                                       num_proc=num_proc if num_proc and num_proc > 1 else None, **kw)
-        except Exception as e:  # no network, a wrong --subset or --revision, a broken cache
-            raise ValueError(f"cannot load {source['name']} from the Hugging Face hub ({type(e).__name__}: "
-                             f"{str(e)[:300]}); check the network, --subset and --revision, or pass local "
-                             f"files with --data-files") from None
-        where = source["name"]
+        hub_splits = [None] if split is None and not source.get("files") else [split] if split else list(SPLITS)
+        parts = []
+        for s in hub_splits:  # a dataset with its own splits names their files; all documents: both splits
+            if s is not None:
+                kw["data_files"] = source["files"][s]
+            try:
+                parts.append(datasets.load_dataset(source["name"], split="train", cache_dir=cache_dir,
+                                                   num_proc=num_proc if num_proc and num_proc > 1 else None, **kw))
+            except Exception as e:  # no network, a wrong --subset or --revision, a broken cache
+                raise ValueError(f"cannot load {source['name']} from the Hugging Face hub ({type(e).__name__}: "
+                                 f"{str(e)[:300]}); check the network, --subset and --revision, or pass local "
+                                 f"files with --data-files") from None
+        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        where = source["name"] + (f" ({split} split)" if split else "")
     if "text" not in ds.column_names:
         raise ValueError(f"{where}: no 'text' column (columns: {ds.column_names}); "
                          f"the input needs one document per row in a column named 'text'")
@@ -230,6 +296,19 @@ def drop_null_texts(ds, num_proc=None):
     ds = ds.filter(lambda texts: [t is not None for t in texts], batched=True, input_columns="text",
                    num_proc=num_proc if num_proc and num_proc > 1 and n > 100_000 else None)
     return ds, n - len(ds)
+
+
+def load_splits(source: dict, val_fraction, seed, cache_dir=None, num_proc=None, progress=True):
+    """-> ({'train': Dataset, 'val': Dataset}, how many null texts were dropped): the source's own splits
+    (val_fraction None), else a fixed-seed random split of all its documents."""
+    if val_fraction is None:
+        splits, skipped = {}, 0
+        for s in SPLITS:
+            splits[s], n = drop_null_texts(load_documents(source, cache_dir, num_proc, progress, split=s), num_proc)
+            skipped += n
+        return splits, skipped
+    ds, skipped = drop_null_texts(load_documents(source, cache_dir, num_proc, progress), num_proc)
+    return split_documents(ds, val_fraction, seed), skipped
 
 
 def split_documents(ds, val_fraction: float, seed: int) -> dict:
@@ -325,10 +404,14 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     cfg = DATASETS[dataset]
     val_fraction = cfg["val_fraction"] if val_fraction is None else float(val_fraction)
-    seed = cfg["seed"] if seed is None else int(seed)
-    if not 0 < val_fraction < 1:
+    own_split = val_fraction is None  # the dataset's published train / validation splits
+    if own_split and seed is not None:
+        raise ValueError(f"--seed: {dataset} keeps its own validation split, so there is no random split to seed; "
+                         f"pass --val-fraction too to split its documents at random")
+    seed = None if own_split else cfg["seed"] if seed is None else int(seed)
+    if not own_split and not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    if not 0 <= seed < 2**32:
+    if seed is not None and not 0 <= seed < 2**32:
         raise ValueError(f"--seed must be in [0, 2**32), got {seed}")
     shard_tokens = int(shard_tokens)
     if not 1 <= shard_tokens < 2**31:
@@ -348,7 +431,7 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
 
     enc = toklib.get_encoding()  # fail early (and clearly) if the rank file is missing
     token_bytes = toklib.token_byte_lengths(enc)
-    source = source_spec(dataset, data_files, subset, revision, max_docs)
+    source = source_spec(dataset, data_files, subset, revision, max_docs, own_split)
     fingerprint = {"format": META_FORMAT, "dataset": dataset, "source": source,
                    "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                    "tokenizer_sha256": toklib.RANK_FILE_SHA256}
@@ -389,12 +472,10 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
                     p.unlink()
 
         t0 = time.time()
-        ds = load_documents(source, cache_dir=cache_dir, num_proc=workers, progress=progress)
-        ds, skipped = drop_null_texts(ds, workers)
+        splits, skipped = load_splits(source, val_fraction, seed, cache_dir, workers, progress)
         if skipped:
-            log(f"skipped {skipped:,} of {skipped + len(ds):,} documents whose text is null "
+            log(f"skipped {skipped:,} of {skipped + sum(map(len, splits.values())):,} documents whose text is null "
                 f"(recorded in meta.json as skipped_docs)")
-        splits = split_documents(ds, val_fraction, seed)
         sizes = {s: len(splits[s]) for s in SPLITS}
         if state.setdefault("num_docs", sizes) != sizes:  # the source changed under a resume
             log("the source now has other documents than the unfinished run saw; starting clean")
@@ -556,6 +637,7 @@ def _build_meta(dataset, source, state, token_bytes, val_fraction, seed, shard_t
         "shard_format": {"magic": shardlib.MAGIC, "version": shardlib.VERSION,
                          "header_bytes": shardlib.HEADER_BYTES, "dtype": "uint16"},
         "source": source,
+        "val_split": "own" if val_fraction is None else "random",  # own: the dataset's published validation split
         "val_fraction": val_fraction,
         "seed": seed,
         "shard_tokens": shard_tokens,
@@ -608,16 +690,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=None, help="output directory (default: data/<dataset>)")
     ap.add_argument("--data-files", nargs="+", default=None, metavar="PATH",
                     help="local parquet/json(l)/txt files (globs, dirs) with a 'text' column, "
-                         "instead of the hub download")
+                         "instead of the hub download (tinystories: its .txt files too, and a file named "
+                         "*valid* / *validation* is the val split)")
     ap.add_argument("--subset", default=None, help="hub config (fineweb_edu: sample-10BT, sample-100BT, ...)")
     ap.add_argument("--revision", default=None, help="hub revision (openwebtext: refs/convert/parquet)")
-    ap.add_argument("--val-fraction", type=float, default=None, help="override the dataset's val fraction")
+    ap.add_argument("--val-fraction", type=float, default=None,
+                    help="override the dataset's val fraction (tinystories: split all its documents at random "
+                         "instead of keeping its own validation split)")
     ap.add_argument("--seed", type=_count(0), default=None, help="override the dataset's split seed")
     ap.add_argument("--shard-tokens", type=_count(1), default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
     ap.add_argument("--workers", type=_count(1), default=None, help="tokenizer processes (default: all cores)")
     ap.add_argument("--chunk-docs", type=_count(1), default=None, help="documents per tokenizer task")
     ap.add_argument("--max-docs", type=_count(1), default=None,
-                    help="use only the first N >= 1 documents (trials; default: all)")
+                    help="use only the first N >= 1 documents, of each split for a dataset with its own "
+                         "(trials; default: all)")
     ap.add_argument("--cache-dir", default=None, help="Hugging Face datasets cache directory")
     ap.add_argument("--restart", action="store_true", help="discard previous output and start clean")
     ap.add_argument("--verify", action="store_true", help="only check an already prepared directory")

@@ -8,16 +8,18 @@ Prints the commands (default), or runs them one after another with --run.
     python scripts/sweep.py --configs configs/quickstart.py --schemes plain kromhc --run -- --max_iters=50
     python scripts/sweep.py --preset kromhc_n --configs configs/owt_m.py              # KromHC n = 4, 8, 16
     python scripts/sweep.py --preset schemes --configs configs/nanochat_d12.py        # the six schemes, n = 4
+    python scripts/sweep.py --preset tinystories --seeds 0 1 2                        # them on configs/tinystories.py
     python scripts/sweep.py --schemes mhc mhc_v4 --configs configs/fwe_m.py --out_root out/hc_head -- --readout=hc_head
 
---preset names a published experiment (PRESETS: its schemes and n; --schemes / --n override
-them). plain always runs with n = 1 (once per config and seed, whatever --n says); a scheme
-that cannot take an n (mhc_lite beyond n = 6: n! logits) is left out with a note. Arguments after
-`--` are passed to every run as extra overrides (readout=hc_head takes the n-stream schemes only, and
-run names do not carry overrides: give such a sweep its own --out_root). With --nnodes > 1 the commands
-use c10d rendezvous at $MASTER_ADDR:$MASTER_PORT; run each one on every node. The process count per node is
-this machine's GPU count unless --nproc says (0, a plain `python train.py`, without CUDA or for CPU
-configs), and a global batch that does not divide over the processes is an error before anything prints.
+--preset names a published experiment (PRESETS: its schemes and n, and its configs where it has
+them; --schemes / --n / --configs override them). plain always runs with n = 1 (once per config and
+seed, whatever --n says); a scheme that cannot take an n (mhc_lite beyond n = 6: n! logits) is left
+out with a note. Arguments after `--` are passed to every run as extra overrides (readout=hc_head
+takes the n-stream schemes only, and run names do not carry overrides: give such a sweep its own
+--out_root). With --nnodes > 1 the commands use c10d rendezvous at $MASTER_ADDR:$MASTER_PORT; run
+each one on every node. The process count per node is this machine's GPU count unless --nproc says
+(0, a plain `python train.py`, without CUDA or for CPU configs), and a global batch that does not
+divide over the processes is an error before anything prints.
 """
 
 import argparse
@@ -36,6 +38,7 @@ import hc  # noqa: E402
 PRESETS = {
     "kromhc_n": dict(schemes=["kromhc"], n=[4, 8, 16]),      # KromHC's n-scaling (factors of 2)
     "schemes": dict(schemes=list(hc.SCHEMES), n=[4]),        # every scheme at n = 4 (mhc_v4 included)
+    "tinystories": dict(schemes=list(hc.SCHEMES), n=[4], configs=["configs/tinystories.py"]),  # the same on TinyStories
 }
 
 
@@ -111,7 +114,7 @@ def main(argv=None):
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", nargs="+", required=True, help="config files")
+    p.add_argument("--configs", nargs="+", help="config files (default: the preset's)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="schemes and n of a published experiment")
     p.add_argument("--schemes", nargs="+", choices=hc.SCHEMES, help="default: all, or the preset's")
     p.add_argument("--n", nargs="+", type=int, help="n_streams for the non-plain schemes (default: 4, or the preset's)")
@@ -123,6 +126,10 @@ def main(argv=None):
     p.add_argument("--out_root", default="out")
     p.add_argument("--run", action="store_true", help="run the commands one after another (default: print them)")
     args = p.parse_args(argv)
+    if not args.configs:  # the preset's, as paths from here like any --configs
+        args.configs = [os.path.relpath(os.path.join(REPO, c)) for c in PRESETS.get(args.preset, {}).get("configs", [])]
+    if not args.configs:
+        p.error("--configs is required (only a preset that names its configs goes without)")
     for c in args.configs:
         if not os.path.exists(c):
             p.error(f"config file {c} not found")

@@ -1,0 +1,376 @@
+"""Story grades from an LLM judge, after the TinyStories paper's GPT-Eval (Eldan & Li 2023, arXiv
+2305.07759, Sec. 3): a model completes the beginning of a story; the judge reads the beginning, a ***
+separator and the completion, and grades the completion's grammar, creativity, consistency with the
+beginning and plot, each an integer from 1 to 10.
+
+    load_prompts        the story beginnings (JSON lines {"id", "beginning"}, or plain text, one a line)
+    load_rubric         the judge's instructions, with {beginning} and {completion} in them
+    complete            one completion of a beginning, stopping at the end-of-text token
+    Judge               an OpenAI-compatible chat API, with retries and backoff; a reply that is not one JSON
+                        object of four integer grades in 1..10 is asked for again, then a failure (never a 0)
+    GradeCache          grades already paid for, keyed by (judge model, rubric, temperature, beginning, completion)
+    grade_all           every item through the cache and the judge, --concurrency requests at once
+    summarize           each criterion's mean with a 95 % Student-t interval
+    compare             two result files paired by prompt: the mean difference with its paired 95 % interval
+
+scripts/eval_stories.py is the command line; docs/tinystories.md the page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_PROMPTS = REPO / "data" / "tinystories_prompts.jsonl"
+DEFAULT_RUBRIC = REPO / "data" / "tinystories_rubric.md"
+DEFAULT_JUDGE = "gpt-4.1-nano"
+CRITERIA = ("grammar", "creativity", "consistency", "plot")
+_FIELD = re.compile(r"\{(beginning|completion)\}")
+_FENCE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.S)
+
+
+class JudgeError(RuntimeError):
+    """The judge cannot be used at all (no key, unreachable, refused): the run stops, naming the fix."""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def load_prompts(path) -> list[dict]:
+    """[{'id', 'beginning'}] from a .jsonl file (one {"id": ..., "beginning": ...} object a line; id optional)
+    or any other text file (one beginning a line, its line number as id). ValueError naming the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--prompts {path}: cannot read it ({e}); pass a UTF-8 .jsonl or text file") from None
+    fix = 'each line one JSON object {"id": "...", "beginning": "..."}'
+    items, seen = [], set()
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON line ({e}); {fix}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("beginning"), str) or not obj["beginning"].strip():
+                raise ValueError(f"{path}:{lineno}: no non-empty string 'beginning'; {fix}")
+            pid = str(obj.get("id", lineno))
+            beginning = obj["beginning"]
+        else:
+            pid, beginning = str(lineno), line
+        if pid in seen:
+            raise ValueError(f"{path}:{lineno}: id {pid!r} appears twice; give every prompt its own id")
+        seen.add(pid)
+        items.append({"id": pid, "beginning": beginning})
+    if not items:
+        raise ValueError(f"--prompts {path}: no story beginnings in it; {fix}")
+    return items
+
+
+def load_rubric(path) -> str:
+    path = Path(path)
+    try:
+        rubric = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--rubric {path}: cannot read it ({e}); pass a UTF-8 text file") from None
+    for name in ("beginning", "completion"):
+        if rubric.count("{" + name + "}") != 1:
+            raise ValueError(f"--rubric {path}: needs {{{name}}} exactly once (where the judge reads the "
+                             f"{name}), found {rubric.count('{' + name + '}')}")
+    return rubric
+
+
+def render(rubric: str, beginning: str, completion: str) -> str:
+    """The judge's message: the rubric with the beginning and the completion in place (one pass, so text
+    that happens to contain '{completion}' stays as it is)."""
+    return _FIELD.sub(lambda m: beginning if m.group(1) == "beginning" else completion, rubric)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- completions
+
+def prompt_seed(seed: int, beginning: str) -> int:
+    """The sampling seed of one beginning: fixed by (seed, text), so a completion does not depend on the
+    order of the prompts file or on which other prompts are in it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{beginning}".encode()).digest()[:8], "little") >> 1
+
+
+@torch.no_grad()
+def complete(model, enc, beginning: str, max_new_tokens=400, temperature=0.0, top_k=None, seed=0,
+             device="cpu", ctx=None) -> dict:
+    """One completion of a beginning: {'completion', 'new_tokens', 'ended'} (ended: the model produced the
+    end-of-text token, which is not part of the text; otherwise it ran into max_new_tokens). The context is
+    <|endoftext|> + beginning, as every training document starts after one. temperature 0 is greedy."""
+    ids = [enc.eot_token] + enc.encode_ordinary(beginning)
+    block_size = model.config.block_size
+    if len(ids) > block_size:
+        ids = ids[-block_size:]
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None]
+    gen = torch.Generator(device=device).manual_seed(prompt_seed(seed, beginning))
+    with ctx or nullcontext():
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, stop_token=enc.eot_token,
+                           generator=gen)
+    new = y[0, len(ids):].tolist()
+    ended = enc.eot_token in new
+    if ended:
+        new = new[:new.index(enc.eot_token)]
+    text = enc.decode([i for i in new if i < enc.n_vocab])  # ids past the vocabulary: the embedding's padding
+    return {"completion": text, "new_tokens": len(new), "ended": ended}
+
+
+# ----------------------------------------------------------------------------- the judge
+
+def parse_grades(reply) -> dict | None:
+    """{criterion: int} from a reply that is one JSON object with exactly the four criteria as integers in
+    1..10 (surrounding whitespace and one ``` fence allowed); None for anything else: no number is guessed."""
+    if not isinstance(reply, str):
+        return None
+    text = reply.strip()
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or set(obj) != set(CRITERIA):
+        return None
+    if not all(type(obj[c]) is int and 1 <= obj[c] <= 10 for c in CRITERIA):  # bool, float, "7": refused
+        return None
+    return {c: obj[c] for c in CRITERIA}
+
+
+class Judge:
+    """Grades through an OpenAI-compatible chat-completions API with the `openai` client.
+
+    Rate limits (429), timeouts, dropped connections and server errors (5xx) are retried up to `retries`
+    times, waiting the server's Retry-After or an exponential backoff (backoff * 2^k, jittered, at most
+    max_wait s). A reply that does not parse is asked for again up to `parse_retries` times. Either way the
+    item then counts as a failure. Errors every request would repeat (bad key, unknown model, refused
+    request, a judge still unreachable after the retries) raise JudgeError and stop the run."""
+
+    def __init__(self, model=DEFAULT_JUDGE, base_url=None, api_key=None, temperature=0.0, timeout=60.0,
+                 retries=6, parse_retries=2, backoff=1.0, max_wait=60.0, max_tokens=100):
+        import openai
+
+        api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        if not api_key:
+            raise JudgeError("OPENAI_API_KEY is not set; export the judge's API key (a local server that takes "
+                             "none accepts any value, e.g. OPENAI_API_KEY=none), or use --dry-run to count the calls")
+        self.model, self.base_url, self.temperature = model, base_url, temperature
+        self.retries, self.parse_retries, self.backoff, self.max_wait = retries, parse_retries, backoff, max_wait
+        self.max_tokens = max_tokens
+        self.stop = threading.Event()  # set when the run is stopping: no new request, no more waiting
+        self.openai = openai
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+        self.where = base_url or "the OpenAI API"
+
+    def _wait(self, attempt, error):
+        headers = getattr(getattr(error, "response", None), "headers", None) or {}
+        wait = None
+        for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+            try:
+                wait = float(headers[name]) * scale
+                break
+            except (KeyError, TypeError, ValueError):
+                continue
+        if wait is None:
+            wait = self.backoff * 2 ** attempt * (0.5 + random.random())
+        self.stop.wait(min(max(wait, 0.0), self.max_wait))
+
+    def ask(self, message: str) -> str:
+        """The judge's raw reply to one message (transient errors retried); JudgeError when it cannot answer."""
+        oa = self.openai
+        transient = (oa.RateLimitError, oa.APITimeoutError, oa.APIConnectionError, oa.InternalServerError)
+        for attempt in range(self.retries + 1):
+            if self.stop.is_set():
+                raise JudgeError("stopped")
+            try:
+                resp = self.client.chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": message}],
+                    temperature=self.temperature, max_tokens=self.max_tokens)
+                return resp.choices[0].message.content if resp.choices else None
+            except transient as e:
+                if attempt == self.retries:
+                    if isinstance(e, oa.APIConnectionError) and not isinstance(e, oa.APITimeoutError):
+                        raise JudgeError(f"cannot reach the judge at {self.where} ({e}); check --judge-base-url "
+                                         f"and that the server is up (grades so far are in the cache: a rerun "
+                                         f"does not pay for them again)") from None
+                    raise TransientFailure(f"{type(e).__name__} after {self.retries + 1} attempts: {e}") from None
+                self._wait(attempt, e)
+            except oa.APIStatusError as e:  # 400, 401, 403, 404, ...: every request would get the same answer
+                raise JudgeError(f"the judge at {self.where} refused the request with HTTP {e.status_code} "
+                                 f"({str(e)[:300]}); check OPENAI_API_KEY, --judge-model and --judge-base-url"
+                                 ) from None
+
+    def grade(self, beginning: str, completion: str, rubric: str) -> dict:
+        """{'scores': {criterion: int} or None, 'replies': [raw replies in order], 'error': None or why}."""
+        message = render(rubric, beginning, completion)
+        replies = []
+        for _ in range(self.parse_retries + 1):
+            try:
+                reply = self.ask(message)
+            except TransientFailure as e:
+                return {"scores": None, "replies": replies, "error": str(e)}
+            replies.append(reply)
+            scores = parse_grades(reply)
+            if scores is not None:
+                return {"scores": scores, "replies": replies, "error": None}
+        return {"scores": None, "replies": replies,
+                "error": f"no valid grades in {len(replies)} replies (one JSON object with four integers 1-10 "
+                         f"was asked for)"}
+
+
+class TransientFailure(Exception):
+    """Rate limits or timeouts outlasted the retries: this item fails, the run goes on."""
+
+
+# ----------------------------------------------------------------------------- cache
+
+def cache_file() -> Path:
+    """The default grade cache: $HCGPT_CACHE_DIR/story_grades.jsonl (~/.cache/hcgpt/story_grades.jsonl)."""
+    from evals import cache_root
+    return cache_root() / "story_grades.jsonl"
+
+
+def cache_key(judge_model: str, rubric: str, temperature: float, beginning: str, completion: str) -> str:
+    """What a grade depends on. The server's URL is not in it: a model name means the same judge anywhere."""
+    return sha256(json.dumps([judge_model, sha256(rubric), float(temperature), beginning, completion]))
+
+
+class GradeCache:
+    """Valid grades already paid for, one JSON object a line in a file that only grows (a torn last line, from
+    a killed run, is skipped). Failures are not cached: a rerun asks again."""
+
+    def __init__(self, path):
+        self.path = Path(path) if path else None
+        self.entries, self.lock = {}, threading.Lock()
+        if self.path is not None and self.path.is_file():
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        e = json.loads(line)
+                        if parse_grades(json.dumps(e["scores"])) is not None:
+                            self.entries[e["key"]] = e
+                    except (ValueError, KeyError, TypeError):
+                        continue
+
+    def get(self, key):
+        return self.entries.get(key)
+
+    def put(self, key, entry):
+        entry = {"key": key, **entry}
+        with self.lock:
+            self.entries[key] = entry
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                    f.flush()
+
+
+def grade_all(items, rubric, judge_model, temperature, cache, judge=None, concurrency=4, log=print) -> dict:
+    """Grade every item ({'beginning', 'completion', ...}) in place: adds 'scores', 'replies', 'error', 'cached'.
+    Cached items first; the rest through `judge` (None: only the cache is read). -> counts."""
+    todo = []
+    for item in items:
+        key = cache_key(judge_model, rubric, temperature, item["beginning"], item["completion"])
+        hit = cache.get(key)
+        if hit is not None:
+            item.update(scores=hit["scores"], replies=hit["replies"], error=None, cached=True)
+        else:
+            todo.append((key, item))
+    if todo and judge is None:
+        raise JudgeError(f"{len(todo)} items are not in the cache and there is no judge to ask")
+    done, lock = [0], threading.Lock()
+
+    def one(job):
+        key, item = job
+        try:
+            result = judge.grade(item["beginning"], item["completion"], rubric)
+        except JudgeError:
+            judge.stop.set()  # the other workers stop instead of retrying a judge that cannot answer
+            raise
+        item.update(result, cached=False)
+        if result["scores"] is not None:
+            cache.put(key, {"judge_model": judge_model, "scores": result["scores"], "replies": result["replies"]})
+        with lock:
+            done[0] += 1
+            if done[0] % 10 == 0 or done[0] == len(todo):
+                log(f"graded {done[0]}/{len(todo)}")
+
+    if todo:
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            futures = [pool.submit(one, job) for job in todo]
+            errors = [f.exception() for f in futures]  # waits for all; the first JudgeError is the cause
+        first = next((e for e in errors if isinstance(e, JudgeError) and str(e) != "stopped"), None)
+        first = first or next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+    failed = sum(item["scores"] is None for item in items)
+    return {"items": len(items), "graded": len(items) - failed, "failed": failed,
+            "cached": len(items) - len(todo), "judged": len(todo)}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def mean_ci(values, confidence=0.95) -> dict:
+    """{'mean', 'ci95': [lo, hi], 'n'}: the mean and its Student-t interval (scipy.stats.t); no interval from
+    fewer than 2 values, a zero-width one when they are all equal."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "ci95": None, "n": n}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    if sd == 0:
+        return {"mean": mean, "ci95": [mean, mean], "n": n}
+    lo, hi = stats.t.interval(confidence, n - 1, loc=mean, scale=sd / math.sqrt(n))
+    return {"mean": mean, "ci95": [float(lo), float(hi)], "n": n}
+
+
+def summarize(items) -> dict:
+    """{criterion: mean_ci over the graded items}; failed items are left out (and counted elsewhere)."""
+    graded = [item["scores"] for item in items if item.get("scores")]
+    return {c: mean_ci([s[c] for s in graded]) for c in CRITERIA}
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Two result files (the --output JSON), paired by (id, beginning): {criterion: mean_ci of b - a over the
+    prompts graded in both}, plus 'pairs'."""
+    def by_prompt(res):
+        return {(it["id"], it["beginning"]): it["scores"] for it in res["items"] if it.get("scores")}
+
+    sa, sb = by_prompt(a), by_prompt(b)
+    common = [k for k in sa if k in sb]
+    if not common:
+        raise ValueError("the two result files have no graded prompt in common (same id and beginning); "
+                         "compare runs made on the same prompts file")
+    out = {c: mean_ci([sb[k][c] - sa[k][c] for k in common]) for c in CRITERIA}
+    out["pairs"] = len(common)
+    return out
+
+
+def format_row(name, s) -> str:
+    if s["mean"] is None:
+        return f"{name:12s}    -   (no graded items)"
+    ci = f"[{s['ci95'][0]:5.2f}, {s['ci95'][1]:5.2f}]" if s["ci95"] else "[  n/a       ]"
+    return f"{name:12s} {s['mean']:6.2f}  95% CI {ci}  n={s['n']}"

@@ -106,7 +106,7 @@ DEFAULTS = dict(
     optimizer="adamw",  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest; arch=nanochat)
     learning_rate=6e-4,  # peak lr; adamw: every parameter; muon: the connections' AdamW parameters
     max_iters=10_000,  # optimizer steps in the run; 0 -> from param_data_ratio
-    param_data_ratio=20,  # max_iters=0: steps = ratio x all parameters // total_batch_tokens (nanochat's rule)
+    param_data_ratio=20.0,  # max_iters=0: steps = ratio x all parameters // total_batch_tokens (nanochat's rule)
     weight_decay=0.1,  # AdamW's, on its 2-D weights (muon: embedding, unembedding, connections' projections)
     beta1=0.9,  # AdamW beta1
     beta2=0.95,  # AdamW beta2
@@ -192,8 +192,12 @@ def resolve(cfg, config_name, world_size, device_type):
     cfg["out_dir"] = cfg["out_dir"] or os.path.join("out", cfg["wandb_run_name"])
     cfg["data_dir"] = cfg["data_dir"] or os.path.join(REPO, "data", cfg["dataset"])
     if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")):
-        raise ConfigError(f"config key 'dataset': {cfg['data_dir']} has no meta.json; prepare it with "
-                          f"`python data/prepare.py {cfg['dataset']}` (or point 'data_dir' at a prepared directory)")
+        base = cfg["dataset"].split("-")[0]  # fineweb_edu-65536: fineweb_edu with tokenizer fineweb_edu-65536
+        how = (f"`python data/prepare.py {base}`" if base == cfg["dataset"] else
+               f"`python data/prepare.py {base} --tokenizer data/tokenizers/{cfg['dataset']}.tiktoken`, after "
+               f"`python data/tokenizer.py train {base} ...` (docs/reproduce-d12.md)")
+        raise ConfigError(f"config key 'dataset': {cfg['data_dir']} has no meta.json; prepare it with {how} (or "
+                          f"point 'data_dir' at a prepared directory)")
     try:
         meta = load_meta(cfg["data_dir"])
     except (ValueError, OSError) as e:

@@ -224,7 +224,7 @@ def tokenizer_record(data_dir, meta):
         try:
             _TOKENIZER_RECORDS[key] = toklib.checkpoint_record(data_dir, meta)
         except ValueError as e:
-            raise ConfigError(f"data ({data_dir}): {e}") from None
+            raise ConfigError(f"data: {e}") from None
     return _TOKENIZER_RECORDS[key]
 
 

@@ -480,8 +480,8 @@ def checkpoint_record(data_dir, meta: dict) -> dict:
     file (about 1 MB at 65,536 tokens), so the checkpoint decodes and evaluates anywhere."""
     rec = dict(meta.get("tokenizer") or GPT2_RECORD)
     if not is_gpt2(rec):
+        for_data(data_dir, meta)  # verified before it is written anywhere
         rec["rank_file"] = _data_rank_bytes(data_dir, rec)
-        from_record(rec, rec["rank_file"], where=str(data_dir))  # verified before it is written anywhere
     return rec
 
 

@@ -173,8 +173,8 @@ def validate(cfg):
     if cfg["n_embd"] % cfg["n_head"]:
         raise ConfigError(f"config key 'n_embd' ({cfg['n_embd']}) must be divisible by 'n_head' ({cfg['n_head']})")
     if cfg["max_iters"] == 0 and cfg["param_data_ratio"] == 0:
-        raise ConfigError("config key 'max_iters' is 0 (steps from 'param_data_ratio') but 'param_data_ratio' is 0 too; "
-                          "set one of them")
+        raise ConfigError("config key 'max_iters' is 0 (steps from 'param_data_ratio') but 'param_data_ratio' is 0 "
+                          "too; set one of them")
     if cfg["keep_checkpoints"] and not cfg["checkpoint"]:
         raise ConfigError("config key 'keep_checkpoints' needs checkpoints; drop it or drop --checkpoint=False")
     if not (cfg["dataset"] or cfg["data_dir"]):

@@ -1,8 +1,8 @@
 # KromHC's main setup: nanochat's d12 model and recipe as of karpathy/nanochat e1770a3 (2025-12-27:
 # nanochat/gpt.py, nanochat/muon.py, scripts/base_train.py, scripts/tok_train.py) on FineWeb-Edu, with
 # nanochat's own tokenizer. The pipeline (docs/reproduce-d12.md):
-#   python data/tokenizer.py train fineweb_edu --max-chars 2000000000     # -> data/tokenizers/fineweb_edu-65536.tiktoken
-#   python data/prepare.py fineweb_edu --tokenizer data/tokenizers/fineweb_edu-65536.tiktoken  # -> data/fineweb_edu-65536
+#   python data/tokenizer.py train fineweb_edu --max-chars 2000000000   # data/tokenizers/fineweb_edu-65536.tiktoken
+#   python data/prepare.py fineweb_edu --tokenizer data/tokenizers/fineweb_edu-65536.tiktoken   # data/fineweb_edu-65536
 #   torchrun --standalone --nproc_per_node=8 train.py configs/nanochat_d12.py --scheme=kromhc
 # The scheme is an override (--scheme=plain is nanochat itself). configs/kromhc_d12.py: the recipe
 # the KromHC paper states (nanochat of 2026-01-05).

@@ -359,3 +359,13 @@ def test_d12_configs():
     assert (krom["nanochat_init"], krom["muon_weight_decay"], krom["embedding_lr"], krom["warmdown_frac"]) == \
         ("48abd7d", 0.2, 0.3, 0.4)
     assert (krom["learning_rate"], krom["hc_optimizer"], krom["matrix_lr"]) == (0.005, "adamw", 0.02)
+
+
+def test_d12_budget_script(data_dir, bpe_data, capsys):
+    import scripts.d12_budget as budget
+    budget.main([str(data_dir), str(bpe_data), "--schemes", "plain", "kromhc"])
+    out = capsys.readouterr().out
+    meta = json.loads((bpe_data / "meta.json").read_text())["splits"]["train"]
+    assert f"{meta['bytes'] / meta['tokens']:.3f} |" in out
+    assert "| GPT-2's BPE (50,257) | plain | 162,201,600 | 6,187 | 3.244 B |" in out
+    assert "| pydocs-4096 (4,096) | kromhc | 92,184,936 | 3,516 | 1.843 B |" in out

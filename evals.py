@@ -669,13 +669,10 @@ def core_line(res):
     return f"{name} {res['core']:.4f} (x100: {100 * res['core']:.3f})"
 
 
-def run_final_evals(final, raw_model, cfg, step, tokens_per_step, device, ctx, master, log, enc=None):
+def run_final_evals(final, raw_model, cfg, step, tokens_per_step, device, ctx, master, log, enc):
     """HellaSwag and CORE once, at the end of the run, on every rank (the counts are all-reduced),
-    with enc, the run's tokenizer (default GPT-2's). Logged as a "final" record and written to
+    with enc, the run's tokenizer (rundir.data_tokenizer). Logged as a "final" record and written to
     <out_dir>/hellaswag.json and core.json, as the eval scripts write them (plot_runs.py reads them)."""
-    if enc is None:
-        from data.tokenizer import get_encoding
-        enc = get_encoding()
     record = {"type": "final", "step": step, "tokens": step * tokens_per_step}
     wandb_data, files = {}, {}
     if final["hellaswag"]:

@@ -88,7 +88,7 @@ DEFAULTS = dict(
     bias=True,  # biases in the linear layers and LayerNorms
     vocab_size=0,  # 0 -> the data's tokenizer's vocab (meta.json) rounded up to a multiple of 64 (50304 for GPT-2)
     nanochat_init="e1770a3",  # arch nanochat: e1770a3 (normal, zero unembedding) | 48abd7d (uniform; from 2026-01-01)
-    embedding_dtype="float32",  # arch nanochat: float32 | bfloat16 (the token embedding stored in bf16, as nanochat on CUDA)
+    embedding_dtype="float32",  # arch nanochat: float32 | bfloat16 (token embedding stored in bf16: nanochat on CUDA)
     # residual scheme (hc.py)
     scheme="plain",  # plain | hc | mhc | mhc_lite | kromhc
     n_streams=0,  # 0 -> 1 for plain, 4 for the others
@@ -479,7 +479,8 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
             record = {"type": "train", "step": step, "tokens": step * tokens_per_step, "loss": train_loss,
                       "loss_ema": train_loss_ema, "lr": lr, "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu,
                       "ms": dt * 1000}
-            print(f"step {step:6d} | loss {train_loss:.4f} (ema {train_loss_ema:.4f}) | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+            print(f"step {step:6d} | loss {train_loss:.4f} (ema {train_loss_ema:.4f}) | lr {lr:.2e} | "
+                  f"grad norm {grad_norm:.3f} | "
                   f"{tok_per_s:,.0f} tok/s | mfu {'-' if mfu is None else f'{mfu:.1%}'} | {dt * 1000:.0f} ms | "
                   f"eta {fmt_time(dt * (cfg['max_iters'] - step))}")
             log(record, {f"train/{k}": v for k, v in record.items()

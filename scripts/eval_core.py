@@ -35,7 +35,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import autocast, run_cli, setup_device  # noqa: E402
-from evals import EVAL_BUNDLE_URL, core_line, default_bundle_dir, download_bundle, evaluate_core, load_bundle, select_tasks  # noqa: E402
+from evals import (EVAL_BUNDLE_URL, core_line, default_bundle_dir, download_bundle, evaluate_core,  # noqa: E402
+                   load_bundle, select_tasks)
 from rundir import load_model, load_tokenizer, resolve_ckpt  # noqa: E402
 
 

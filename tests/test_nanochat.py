@@ -276,12 +276,13 @@ def test_muon_update_is_nanochats():
             assert (delta - expected).norm() / expected.norm() < 0.05, k
 
 
-def test_schedule_and_momentum_warmup():
-    """Linear warmdown with warmup 0 and min_lr_ratio 0 is nanochat's get_lr_multiplier; the
-    momentum is nanochat's get_muon_momentum."""
-    cfg = configurator.load(train.DEFAULTS, [os.path.join(REPO, "configs", "nanochat_d12.py")], train.ALLOWED_TYPES)
-    N = cfg["max_iters"]
-    warmdown = round(0.2 * N)
+@pytest.mark.parametrize("config, ratio", [("nanochat_d12.py", 0.2), ("kromhc_d12.py", 0.4)])
+def test_schedule_and_momentum_warmup(config, ratio):
+    """Linear warmdown with warmup 0 and min_lr_ratio 0 is nanochat's get_lr_multiplier (warmdown_ratio
+    0.2 at e1770a3, 0.4 from ae0bf52); the momentum is nanochat's get_muon_momentum."""
+    cfg = configurator.load(train.DEFAULTS, [os.path.join(REPO, "configs", config)], train.ALLOWED_TYPES)
+    cfg["max_iters"] = N = 7080  # the configs' max_iters = 0: nanochat's rule (plain at 65,536 tokens)
+    warmdown = round(ratio * N)
     for step in list(range(0, N, 97)) + [N - warmdown - 1, N - warmdown, N - warmdown + 1, N - 1]:
         nanochat = 1.0 if step <= N - warmdown else (N - step) / warmdown
         for base in (0.02, 0.004, 6e-4):

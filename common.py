@@ -113,6 +113,30 @@ def flag_nonfinite(nonfinite, step, loss, grad_norm, optimizer):
     return torch.where(bad & (nonfinite[0] < 0), now, nonfinite)
 
 
+class LossEMA:
+    """nanochat's logged "train loss" (scripts/base_train.py): an EMA (beta 0.9) of the loss of rank 0's
+    last micro-batch, debiased by 1 - beta^steps. Kept on the device: no host sync per step."""
+
+    def __init__(self, device, beta=0.9):
+        self.beta, self.steps = beta, 0
+        self.ema = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, loss):
+        self.ema.mul_(self.beta).add_(loss.detach().double(), alpha=1 - self.beta)
+        self.steps += 1
+
+    def value(self):
+        """The debiased EMA, a 0-d tensor (nan before the first step)."""
+        return self.ema / (1 - self.beta ** self.steps) if self.steps else torch.full_like(self.ema, float("nan"))
+
+    def state_dict(self):
+        return {"ema": self.ema.item(), "steps": self.steps, "beta": self.beta}
+
+    def load_state_dict(self, state):
+        self.ema.fill_(state["ema"])
+        self.steps, self.beta = int(state["steps"]), float(state["beta"])
+
+
 # -----------------------------------------------------------------------------
 # random state, time, command lines
 

@@ -22,7 +22,7 @@ import tokenize
 import types
 
 import hc
-from model import READOUTS, RECOMPUTE, STREAM_DTYPES
+from model import EMBEDDING_DTYPES, NANOCHAT_INITS, READOUTS, RECOMPUTE, STREAM_DTYPES
 
 
 class ConfigError(ValueError):
@@ -145,12 +145,14 @@ CHOICES = {
     "lr_schedule": ("cosine", "linear"), "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
     "compile": ("auto", True, False), "arch": ("gpt2", "nanochat"), "optimizer": ("adamw", "muon"),
     "hc_optimizer": ("adamw", "muon"), "fused": ("auto", "on", "off"), "recompute": RECOMPUTE,
+    "nanochat_init": NANOCHAT_INITS, "embedding_dtype": EMBEDDING_DTYPES,
 }
 POSITIVE = ("eval_interval", "log_interval", "eval_tokens", "diag_batch_size", "batch_size", "block_size",
             "total_batch_tokens", "n_layer", "n_head", "n_embd", "sinkhorn_iters")
 NON_NEGATIVE = ("hellaswag_limit", "eval_batch_size", "vocab_size", "n_streams", "max_iters", "weight_decay", "grad_clip",
                 "warmup_iters", "lr_decay_iters", "learning_rate", "keep_checkpoints", "matrix_lr", "embedding_lr",
-                "unembedding_lr", "muon_momentum_warmup", "adam_eps", "hc_eps")
+                "unembedding_lr", "muon_momentum_warmup", "adam_eps", "hc_eps", "param_data_ratio",
+                "muon_weight_decay")
 
 
 def validate(cfg):
@@ -172,6 +174,9 @@ def validate(cfg):
         raise ConfigError(f"config key 'warmdown_frac' must be in (0, 1], got {cfg['warmdown_frac']}")
     if cfg["n_embd"] % cfg["n_head"]:
         raise ConfigError(f"config key 'n_embd' ({cfg['n_embd']}) must be divisible by 'n_head' ({cfg['n_head']})")
+    if cfg["max_iters"] == 0 and cfg["param_data_ratio"] == 0:
+        raise ConfigError("config key 'max_iters' is 0 (steps from 'param_data_ratio') but 'param_data_ratio' is 0 "
+                          "too; set one of them")
     if cfg["keep_checkpoints"] and not cfg["checkpoint"]:
         raise ConfigError("config key 'keep_checkpoints' needs checkpoints; drop it or drop --checkpoint=False")
     if not (cfg["dataset"] or cfg["data_dir"]):

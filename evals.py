@@ -91,15 +91,15 @@ def residual_diagnostics(raw_model, x, ctx):
 
 
 def training_eval(step, tokens, eval_model, raw_model, val_loader, token_bytes, hellaswag_examples, diag_x, ctx,
-             device, ddp, wandb_run):
-    """One eval: val loss and BPB, HellaSwag if asked, the residual diagnostics on the fixed batch.
-    -> (log record, wandb metrics, the console line's extra part)."""
+             device, ddp, wandb_run, enc=None):
+    """One eval: val loss and BPB, HellaSwag if asked (enc: the run's tokenizer), the residual
+    diagnostics on the fixed batch. -> (log record, wandb metrics, the console line's extra part)."""
     val_loss, val_bpb = val_loss_bpb(eval_model, val_loader, token_bytes, ctx, device, ddp)
     record = {"type": "eval", "step": step, "tokens": tokens, "val_loss": val_loss, "val_bpb": val_bpb}
     wandb_data = {"val/loss": val_loss, "val/bpb": val_bpb}
     extra = ""
     if hellaswag_examples is not None:  # every rank scores its share; counts are all-reduced
-        hs = evaluate_hellaswag(raw_model, hellaswag_examples, device, ctx=ctx)
+        hs = evaluate_hellaswag(raw_model, hellaswag_examples, device, enc=enc, ctx=ctx)
         record["hellaswag_acc_norm"] = wandb_data["val/hellaswag_acc_norm"] = hs["acc_norm"]
         record["hellaswag_acc"] = wandb_data["val/hellaswag_acc"] = hs["acc"]
         extra = f" | hellaswag acc_norm {hs['acc_norm']:.4f}"
@@ -343,8 +343,17 @@ def common_length(seqs, direction="left"):
 
 
 
+def bos_token(enc):
+    """The token that starts a document: enc.bos_token (hcgpt's tokenizers: GPT-2's <|endoftext|>, a
+    trained tokenizer's <|bos|>), else eot_token (a plain tiktoken GPT-2 encoding, whose <|endoftext|>
+    hcgpt's shards put before every document)."""
+    bos = getattr(enc, "bos_token", None)
+    return enc.eot_token if bos is None else bos
+
+
 def encode(enc, prompts):
-    bos = enc.eot_token  # GPT-2's <|endoftext|> doubles as BOS
+    """Each prompt's tokens after the BOS token, as nanochat's CORE encodes them."""
+    bos = bos_token(enc)
     return [[bos] + enc.encode_ordinary(p) for p in prompts]
 
 
@@ -424,7 +433,7 @@ def evaluate_example(idx, model, enc, data, device, task, ctx=None):
         raise ValueError(f"unsupported task type {kind!r}; choose one of {TASK_TYPES}")
     block_size = getattr(getattr(_unwrap(model), "config", None), "block_size", None)
     tokens, starts, ends = crop(tokens, starts, ends, block_size)
-    losses, preds, ids = forward_losses(model, tokens, enc.eot_token, device, ctx)
+    losses, preds, ids = forward_losses(model, tokens, bos_token(enc), device, ctx)  # padded with BOS, as nanochat
     if kind == "language_modeling":
         s, e = starts[0], ends[0]
         correct = bool(torch.equal(preds[0, s - 1:e - 1], ids[0, s:e]))
@@ -658,21 +667,32 @@ def plan_final_evals(cfg):
     return final
 
 
-def run_final_evals(final, raw_model, cfg, step, tokens_per_step, device, ctx, master, log):
-    """HellaSwag and CORE once, at the end of the run, on every rank (the counts are all-reduced).
-    Logged as a "final" record and written to <out_dir>/hellaswag.json and core.json, as the eval
-    scripts write them (plot_runs.py reads them)."""
+def core_line(res):
+    """CORE on nanochat's scale (a fraction: base_eval's "core_metric") and x100 (the scale the KromHC
+    paper quotes, e.g. 16.872); a mean over fewer tasks or items is named as such."""
+    if res["complete"]:
+        name = "CORE"
+    elif res.get("max_per_task", -1) > 0 and set(CORE_TASKS) <= set(res["results"]):
+        name = f"CORE on {res['max_per_task']} items per task (nanochat base_train's variant)"
+    else:
+        name = f"CORE-style mean over {len(res['results'])} task(s) (not CORE)"
+    return f"{name} {res['core']:.4f} (x100: {100 * res['core']:.3f})"
+
+
+def run_final_evals(final, raw_model, cfg, step, tokens_per_step, device, ctx, master, log, enc):
+    """HellaSwag and CORE once, at the end of the run, on every rank (the counts are all-reduced),
+    with enc, the run's tokenizer (rundir.data_tokenizer). Logged as a "final" record and written to
+    <out_dir>/hellaswag.json and core.json, as the eval scripts write them (plot_runs.py reads them)."""
     record = {"type": "final", "step": step, "tokens": step * tokens_per_step}
     wandb_data, files = {}, {}
     if final["hellaswag"]:
         path, examples = final["hellaswag"]
-        hs = evaluate_hellaswag(raw_model, examples, device, ctx=ctx)
+        hs = evaluate_hellaswag(raw_model, examples, device, enc=enc, ctx=ctx)
         record.update(hellaswag_acc_norm=hs["acc_norm"], hellaswag_acc=hs["acc"], hellaswag_n=hs["n"])
         wandb_data.update({"final/hellaswag_acc_norm": hs["acc_norm"], "final/hellaswag_acc": hs["acc"]})
         files["hellaswag.json"] = {"task": "hellaswag", "split": "val", **hs, "data_file": path}
     if final["core"]:
-        from data.tokenizer import get_encoding
-        res = evaluate_core(raw_model, get_encoding(), device, final["core"], cfg["core_max_per_task"], ctx=ctx,
+        res = evaluate_core(raw_model, enc, device, final["core"], cfg["core_max_per_task"], ctx=ctx,
                             log=print if master else None)
         record.update(core=res["core"], core_complete=res["complete"], core_centered=res["centered"])
         wandb_data["final/core"] = res["core"]
@@ -683,8 +703,7 @@ def run_final_evals(final, raw_model, cfg, step, tokens_per_step, device, ctx, m
         for msg in final["skipped"]:
             print(f"note: {msg}")
         parts = [f"hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in record else "",
-                 (f"CORE {record['core']:.4f}" if record.get("core_complete") else
-                  f"CORE-style mean {record['core']:.4f} (not all 22 tasks in full)") if "core" in record else ""]
+                 core_line(res) if "core" in record else ""]
         if any(parts):
             print(f"final step {step}: " + " | ".join(p for p in parts if p))
         ckpt = os.path.join(cfg["out_dir"], "ckpt.pt")

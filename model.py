@@ -20,14 +20,21 @@ arch="nanochat": nanochat's d12-era model (karpathy/nanochat, nanochat/gpt.py at
   sublayer, and before the unembedding
 - ReLU^2 MLP, 4x wide
 - no biases anywhere; untied embedding and unembedding
-- logits soft-capped at 15: 15 tanh(z / 15)
+- logits soft-capped at 15: 15 tanh(z / 15), in fp32 (the unembedding's output is cast up first,
+  also under bf16 autocast, as nanochat does)
 - as many key/value heads as query heads (nanochat's n_kv_head = n_head); nanochat's heads
   are 128 wide, so d12 (768 wide) has n_head = 6; n_head is taken from the config
-- init: every Linear normal with std 1/sqrt(fan_in) * min(1, sqrt(fan_out / fan_in)) (arXiv
-  2310.17813), the embedding with std 1, the unembedding and every c_proj zero
-Where it differs from nanochat: weights stay fp32 under bf16 autocast (nanochat stores the
-embedding in bf16); the rotary tables are computed in fp32 and cast to the activations' dtype
-(bf16 under autocast, as nanochat keeps them).
+- init (nanochat_init="e1770a3"): every Linear normal with std 1/sqrt(fan_in) * min(1, sqrt(fan_out /
+  fan_in)) (arXiv 2310.17813), the embedding with std 1, the unembedding and every c_proj zero;
+  nanochat_init="48abd7d" (nanochat from 2026-01-01): c_q, c_k, c_v, c_fc uniform with std
+  1/sqrt(n_embd) (bound sqrt(3) times that), the unembedding normal with std 0.001, c_proj zero
+- embedding_dtype="bfloat16": the token embedding stored in bf16, as nanochat stores it on CUDA
+  (its optimizer then updates bf16 weights); default fp32. The embedding's output is then bf16;
+  the streams are still held in stream_dtype.
+Where it differs from nanochat: the rotary tables are computed in fp32 and cast to the
+activations' dtype (bf16 under autocast, as nanochat keeps them); the logits of a vocabulary
+padded to a multiple of 64 keep their padded columns (nanochat slices them off before the
+softmax; a tokenizer of 65,536 or 4,096 tokens has none).
 """
 
 import inspect
@@ -120,6 +127,8 @@ class Block(nn.Module):
 
 ARCHS = ("gpt2", "nanochat")
 LOGIT_SOFTCAP = 15.0
+NANOCHAT_INITS = ("e1770a3", "48abd7d")  # nanochat's init until / from 2026-01-01
+EMBEDDING_DTYPES = ("float32", "bfloat16")
 
 
 def norm(x):
@@ -226,6 +235,8 @@ class GPTConfig:
     # coefficients and pre-mix in backward (torch path; the fused kernels always do); "blocks"
     # recomputes whole blocks (torch.utils.checkpoint), saving only each block's input streams
     recompute: str = "none"
+    nanochat_init: str = "e1770a3"  # arch nanochat: "e1770a3" (2025-12) | "48abd7d" (2026-01-01 on): see the top
+    embedding_dtype: str = "float32"  # arch nanochat: "bfloat16" stores the token embedding in bf16, as nanochat
 
     def hc_options(self):
         if self.scheme == "plain":
@@ -262,6 +273,13 @@ class GPT(nn.Module):
         if config.readout == "hc_head" and config.n_streams < 2:
             raise ValueError(f"readout 'hc_head' weighs n streams: it takes an n-stream scheme (n_streams >= 2), got "
                              f"scheme={config.scheme!r} with n_streams={config.n_streams}; use readout='mean'")
+        if config.nanochat_init not in NANOCHAT_INITS:
+            raise ValueError(f"nanochat_init must be one of {NANOCHAT_INITS}, got {config.nanochat_init!r}")
+        if config.embedding_dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"embedding_dtype must be one of {EMBEDDING_DTYPES}, got {config.embedding_dtype!r}")
+        if config.embedding_dtype != "float32" and config.arch != "nanochat":
+            raise ValueError(f"embedding_dtype {config.embedding_dtype!r} is nanochat's (arch='nanochat'); GPT-2's "
+                             f"embedding is tied to lm_head: keep embedding_dtype='float32'")
         self.config = config
         self.stream_dtype = torch.bfloat16 if config.stream_dtype == "bfloat16" or (
             config.stream_dtype == "bfloat16_hc" and config.n_streams > 1) else torch.float32
@@ -331,20 +349,30 @@ class GPT(nn.Module):
         self.register_buffer("rotary_sin", sin, persistent=False)
 
         # nanochat's init for everything but the connections, which initialise themselves
-        conn_ids = {id(m) for c in self.connections() for m in c.modules()}
-        for m in self.modules():
-            if id(m) in conn_ids:
-                continue
-            if isinstance(m, nn.Linear):
-                fan_out, fan_in = m.weight.shape
-                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
-                torch.nn.init.normal_(m.weight, mean=0.0, std=std)
-            elif isinstance(m, nn.Embedding):
-                torch.nn.init.normal_(m.weight, mean=0.0, std=1.0)
-        torch.nn.init.zeros_(self.lm_head.weight)  # uniform logits at init: loss = ln(vocab_size)
+        if config.nanochat_init == "e1770a3":
+            conn_ids = {id(m) for c in self.connections() for m in c.modules()}
+            for m in self.modules():
+                if id(m) in conn_ids:
+                    continue
+                if isinstance(m, nn.Linear):
+                    fan_out, fan_in = m.weight.shape
+                    std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                    torch.nn.init.normal_(m.weight, mean=0.0, std=std)
+                elif isinstance(m, nn.Embedding):
+                    torch.nn.init.normal_(m.weight, mean=0.0, std=1.0)
+            torch.nn.init.zeros_(self.lm_head.weight)  # uniform logits at init: loss = ln(vocab_size)
+        else:  # 48abd7d: uniform (no outliers) with the same std 1/sqrt(n_embd); a small unembedding
+            torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+            torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+            bound = 3 ** 0.5 * config.n_embd ** -0.5
+            for block in self.transformer.h:
+                for m in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                    torch.nn.init.uniform_(m.weight, -bound, bound)
         for block in self.transformer.h:  # every branch starts as the zero function
             torch.nn.init.zeros_(block.attn.c_proj.weight)
             torch.nn.init.zeros_(block.mlp.c_proj.weight)
+        if config.embedding_dtype == "bfloat16":
+            self.transformer.wte.to(torch.bfloat16)
 
     def connections(self):
         """The connections in depth order: two per block, attention then MLP."""
@@ -407,7 +435,7 @@ class GPT(nn.Module):
         h = hc.expand_streams(x, self.config.n_streams).to(self.stream_dtype)
         for block in self.transformer.h:
             h = self.run_block(block, h, cos, sin)
-        logits = self.lm_head(self.read_out(h, norm))  # norm before the unembedding
+        logits = self.lm_head(self.read_out(h, norm)).float()  # norm before the unembedding; the cap in fp32
         return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)  # soft cap: |logit| < 15
 
     def read_out(self, h, norm):
@@ -456,15 +484,19 @@ class GPT(nn.Module):
 
     def configure_muon(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, hc_lr=6e-4,
                        hc_optimizer="adamw", weight_decay=0.0, betas=(0.8, 0.95), eps=1e-10, momentum=0.95,
-                       device_type="cpu"):
+                       device_type="cpu", muon_weight_decay=0.0):
         """nanochat's optimizer (nanochat/gpt.py setup_optimizers at e1770a3), arch="nanochat" only:
 
-            Muon  (lr matrix_lr, nesterov momentum, no weight decay)   the blocks' 2-D matrices
+            Muon  (lr matrix_lr, nesterov momentum, muon_weight_decay)  the blocks' 2-D matrices
             AdamW (betas, eps, weight_decay), lr x (n_embd / 768)^-0.5  unembedding: unembedding_lr
                                                                         embedding:   embedding_lr
         The connections' parameters (their placement in KromHC's runs is not public), and hc_head's,
         go to AdamW at hc_lr, unscaled, weight decay on the dynamic projections only (hcgpt's AdamW
         rule); hc_optimizer="muon" moves their 2-D dynamic projections to Muon at matrix_lr.
+        muon_weight_decay (nanochat at e1770a3 .. ae0bf52: none) is torch's decoupled decay,
+        p <- p (1 - lr wd) every step, on every Muon group; nanochat's Muon decay from 2c4473d
+        (2026-01-11) is another rule: cautious (only where update and weight agree in sign) and
+        ramped linearly to 0 over the run.
         Every group carries its name and base_lr, the lr the schedule multiplies (train.py)."""
         if self.config.arch != "nanochat":
             raise ValueError(f"optimizer 'muon' is nanochat's optimizer: it takes arch='nanochat', got "
@@ -503,8 +535,8 @@ class GPT(nn.Module):
         # torch's Muon: nesterov momentum, Newton-Schulz in bf16 with Keller Jordan's quintic
         # coefficients, lr x sqrt(max(1, rows / cols)) ("original"): nanochat's Muon; its default
         # weight decay is 0.1, nanochat's none
-        muon = torch.optim.Muon(muon_groups, lr=matrix_lr, weight_decay=0.0, momentum=momentum, nesterov=True,
-                                adjust_lr_fn="original")
+        muon = torch.optim.Muon(muon_groups, lr=matrix_lr, weight_decay=muon_weight_decay, momentum=momentum,
+                                nesterov=True, adjust_lr_fn="original")
         fused = dict(fused=True) if device_type == "cuda" else {}
         adamw = torch.optim.AdamW(adamw_groups, lr=embedding_lr, betas=betas, eps=eps, **fused)
         return MuonAdamW(muon, adamw)

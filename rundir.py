@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from common import rng_state
 from configurator import ConfigError
+from data import tokenizer as toklib
 from data.loader import data_id
 from data.shards import DirLocked, dir_lock
 from model import GPT, GPTConfig
@@ -175,9 +176,11 @@ def write_checkpoint(ckpt, path, keep=0):
 
 
 
-def save_checkpoint(cfg, step, tokens, raw_model, optimizer, train_loader, meta, wandb_run, ddp, master, world_size):
+def save_checkpoint(cfg, step, tokens, raw_model, optimizer, train_loader, meta, wandb_run, ddp, master, world_size,
+                    extra=None):
     """Every rank's random state and data position gathered; rank 0 writes ckpt.pt (rundir.py); every
-    rank stops if it could not."""
+    rank stops if it could not. The checkpoint carries the run's tokenizer (tokenizer_record) and
+    extra (the loop's state, e.g. the train-loss EMA)."""
     mine = {"rng": rng_state(), "loader": train_loader.state_dict()}
     ranks = [None] * world_size
     if ddp:
@@ -189,7 +192,8 @@ def save_checkpoint(cfg, step, tokens, raw_model, optimizer, train_loader, meta,
         ckpt = {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
                 "optimizer": optimizer.state_dict(), "step": step, "tokens": tokens, "config": cfg,
                 "rng": ranks[0]["rng"], "loader": ranks[0]["loader"], "ranks": ranks, "world_size": world_size,
-                "data_id": data_id(meta), "wandb_id": wandb_run.id if wandb_run is not None else None}
+                "data_id": data_id(meta), "wandb_id": wandb_run.id if wandb_run is not None else None,
+                "tokenizer": tokenizer_record(cfg["data_dir"], meta), **(extra or {})}
         try:
             write_checkpoint(ckpt, os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["keep_checkpoints"])
         except CheckpointWriteError as e:
@@ -221,13 +225,39 @@ def load_checkpoint(path):
 
 
 
+def tokenizer_record(data_dir, meta):
+    """The dataset's tokenizer as a checkpoint carries it (data/tokenizer.py checkpoint_record), read
+    and verified once per run: a trained tokenizer's rank file travels in every checkpoint."""
+    key = (os.path.realpath(data_dir), (meta.get("tokenizer") or {}).get("rank_file_sha256"))
+    if key not in _TOKENIZER_RECORDS:
+        try:
+            _TOKENIZER_RECORDS[key] = toklib.checkpoint_record(data_dir, meta)
+        except ValueError as e:
+            raise ConfigError(f"data: {e}") from None
+    return _TOKENIZER_RECORDS[key]
+
+
+_TOKENIZER_RECORDS = {}
+
+
+def data_tokenizer(cfg, meta):
+    """The tokenizer of the run's data (the one its checkpoints will carry), for the evals."""
+    return load_tokenizer({"tokenizer": tokenizer_record(cfg["data_dir"], meta)})
+
+
 def load_resume_checkpoint(cfg, meta):
-    """The checkpoint to resume from, refused if it is unreadable or from a run with other data or seed."""
+    """The checkpoint to resume from, refused if it is unreadable or from a run with another tokenizer,
+    other data or another seed."""
     try:
         ckpt = load_checkpoint(cfg["resume_from"])
     except CheckpointError as e:
         raise ConfigError(f"config key 'resume': {e}") from None
     old = ckpt.get("config", {})
+    if not toklib.same_tokenizer(ckpt.get("tokenizer"), meta.get("tokenizer")):
+        raise ConfigError(f"resume: the checkpoint was trained with {toklib.describe(ckpt.get('tokenizer'))}, but "
+                          f"data_dir {cfg['data_dir']} is tokenized with {toklib.describe(meta.get('tokenizer'))}; "
+                          f"resume with the checkpoint's data_dir ({old.get('data_dir')}), or start a new run in "
+                          f"another out_dir")
     if "seed" in old and old["seed"] != cfg["seed"]:
         raise ConfigError(f"resume: the checkpoint's run used seed {old['seed']}, this run has seed {cfg['seed']} "
                           f"(the data order would change mid-run); resume with --seed={old['seed']}, or start a "
@@ -254,25 +284,39 @@ def load_model(path, device="cpu"):
     An unusable checkpoint is a CheckpointError naming the file and the fix."""
     path = resolve_ckpt(path)
     ckpt = load_checkpoint(path)
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng", "ranks", "loader")}
+    try:  # GPT-2's needs no rank file for its size; a trained one is rebuilt (and checked) from the checkpoint
+        n_vocab = toklib.VOCAB_SIZE if toklib.is_gpt2(meta.get("tokenizer")) else load_tokenizer(meta).n_vocab
+    except ValueError as e:  # a damaged tokenizer record: a CheckpointError says so
+        raise CheckpointError(f"{path}: {e}") from None
     try:
         cfg = GPTConfig(**ckpt["model_config"])
-        if cfg.vocab_size < 50257:  # the tools read and write GPT-2 tokens: a smaller table fails mid-run
-            raise ValueError(f"vocab_size {cfg.vocab_size} is smaller than the GPT-2 tokenizer's 50257 tokens")
+        if cfg.vocab_size < n_vocab:  # the tools read and write the tokenizer's ids: a smaller table fails mid-run
+            raise ValueError(f"vocab_size {cfg.vocab_size} is smaller than its tokenizer's {n_vocab} tokens")
         model = GPT(cfg)
         state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
         model.load_state_dict(state)
     except Exception as e:  # a config or weights this model.py cannot build: another program's or version's
         raise CheckpointError(f"{path}: not a model this version of model.py can build ({type(e).__name__}: "
-                              f"{str(e)[:300]}); pass a ckpt.pt written by this version of train.py on "
-                              f"GPT-2 token shards") from None
+                              f"{str(e)[:300]}); pass a ckpt.pt written by this version of train.py") from None
     model.to(device).eval()
-    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng", "ranks", "loader")}
     return model, meta
 
 
 def load_tokenizer(meta):
-    """The tokenizer of the run that wrote a checkpoint (meta: load_model's second value), as a
-    tiktoken.Encoding: every script that encodes or decodes a checkpoint's tokens takes it from here.
-    All runs so far are on GPT-2's BPE."""
-    from data.tokenizer import get_encoding
-    return get_encoding()
+    """The tokenizer of the run that wrote a checkpoint (meta: load_model's second value): every
+    script that encodes or decodes a checkpoint's tokens takes it from here.
+
+    -> a data.tokenizer.Tokenizer, a tiktoken.Encoding (encode_ordinary, encode, decode, n_vocab,
+    eot_token) with bos_token, the token that starts every document (GPT-2: <|endoftext|> 50256,
+    also its eot_token; a trained tokenizer: <|bos|>, which eot_token returns as well). A checkpoint
+    without a tokenizer record is from a run on GPT-2's BPE (the only one before records existed);
+    a trained tokenizer is rebuilt from the rank file the checkpoint carries and checked against
+    its sha256: a missing or damaged one is a ValueError, never GPT-2's BPE instead."""
+    rec = meta.get("tokenizer")
+    if toklib.is_gpt2(rec):
+        return toklib.get_encoding()
+    if not isinstance(rec.get("rank_file"), bytes):
+        raise ValueError(f"the checkpoint names {toklib.describe(rec)} but carries no rank file for it; use a "
+                         f"checkpoint written by train.py")
+    return toklib.from_record(rec, rec["rank_file"], where=f"the checkpoint's tokenizer {rec.get('name')}")

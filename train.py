@@ -39,8 +39,9 @@ import hc
 import hc_verify
 import rundir
 import tracking
-from common import flag_nonfinite, fmt_time, init_distributed, peak_flops, set_rng_state, skips_on_device
+from common import LossEMA, flag_nonfinite, fmt_time, init_distributed, peak_flops, set_rng_state, skips_on_device
 from configurator import ConfigError
+from data import tokenizer as toklib
 from data.loader import TrainLoader, ValLoader, load_meta, load_token_bytes, verify_shards
 from model import GPT, GPTConfig
 from rundir import CheckpointWriteError
@@ -62,7 +63,7 @@ DEFAULTS = dict(
     final_hellaswag=False,  # HellaSwag on all items once at the end, if the jsonl is here (hellaswag_file or the cache)
     final_core=False,  # CORE (scripts/eval_core.py) once at the end, if the eval bundle is here
     core_bundle_dir="",  # "" -> the cache ($HCGPT_CACHE_DIR/eval_bundle, ~/.cache/hcgpt/eval_bundle)
-    core_max_per_task=-1,  # items per CORE task at the end; -1 -> all
+    core_max_per_task=-1,  # items per CORE task at the end; -1 -> all (nanochat's base_eval), 500: base_train's
     resume=False,  # continue from <out_dir>/ckpt.pt
     resume_from="",  # continue from this checkpoint (ckpt_2000.pt in out_dir, a path or a run dir); implies resume
     overwrite=False,  # start afresh in an out_dir that holds a run, deleting its ckpt*.pt and log.jsonl
@@ -85,7 +86,9 @@ DEFAULTS = dict(
     n_embd=768,  # model width (d_model)
     dropout=0.0,  # dropout probability (0 for pretraining)
     bias=True,  # biases in the linear layers and LayerNorms
-    vocab_size=0,  # 0 -> the tokenizer's vocab rounded up to a multiple of 64 (50304 for GPT-2)
+    vocab_size=0,  # 0 -> the data's tokenizer's vocab (meta.json) rounded up to a multiple of 64 (50304 for GPT-2)
+    nanochat_init="e1770a3",  # arch nanochat: e1770a3 (normal, zero unembedding) | 48abd7d (uniform; from 2026-01-01)
+    embedding_dtype="float32",  # arch nanochat: float32 | bfloat16 (token embedding stored in bf16: nanochat on CUDA)
     # residual scheme (hc.py)
     scheme="plain",  # plain | hc | mhc | mhc_lite | kromhc | mhc_v4 (DeepSeek-V4's mHC, docs/mhc_v4.md)
     n_streams=0,  # 0 -> 1 for plain, 4 for the others
@@ -104,7 +107,8 @@ DEFAULTS = dict(
     # optimizer: adamw (everything on AdamW) | muon (nanochat's Muon + AdamW; arch="nanochat" only)
     optimizer="adamw",  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest; arch=nanochat)
     learning_rate=6e-4,  # peak lr; adamw: every parameter; muon: the connections' AdamW parameters
-    max_iters=10_000,  # optimizer steps in the run
+    max_iters=10_000,  # optimizer steps in the run; 0 -> from param_data_ratio
+    param_data_ratio=20.0,  # max_iters=0: steps = ratio x all parameters // total_batch_tokens (nanochat's rule)
     weight_decay=0.1,  # AdamW's, on its 2-D weights (muon: embedding, unembedding, connections' projections)
     beta1=0.9,  # AdamW beta1
     beta2=0.95,  # AdamW beta2
@@ -117,6 +121,7 @@ DEFAULTS = dict(
     muon_momentum=0.95,  # reached after muon_momentum_warmup steps ...
     muon_momentum_start=0.85,  # ... linearly from this one (nanochat: 0.85 -> 0.95 over 300 steps)
     muon_momentum_warmup=300,  # steps of the Muon momentum warmup
+    muon_weight_decay=0.0,  # Muon's decoupled weight decay (p <- p (1 - lr wd)) on the blocks' matrices; nanochat: none
     hc_optimizer="adamw",  # muon: the connections' 2-D projections on adamw (learning_rate) | muon (matrix_lr)
     # learning rate schedule: linear warmup, then cosine (or hold + linear warmdown) to min_lr
     lr_schedule="cosine",  # cosine | linear
@@ -158,6 +163,13 @@ def get_lr(step, cfg, base_lr=None):
     return lr + (step - start) / max(1, decay_iters - start) * (min_lr - lr)
 
 
+def ratio_steps(num_params, ratio, total_batch_tokens):
+    """nanochat's training horizon (scripts/base_train.py, target_param_data_ratio): ratio x num_params
+    tokens in whole steps, num_params counting every parameter (embedding, unembedding, the
+    connections): 20 x 185,597,952 // 524,288 = 7,080 steps for nanochat's d12 at 65,536 tokens."""
+    return int(ratio * num_params) // total_batch_tokens
+
+
 def muon_momentum(step, cfg):
     """Muon's momentum: muon_momentum_start -> muon_momentum linearly over muon_momentum_warmup steps."""
     frac = min(step / cfg["muon_momentum_warmup"], 1.0) if cfg["muon_momentum_warmup"] else 1.0
@@ -182,12 +194,17 @@ def resolve(cfg, config_name, world_size, device_type):
     cfg["out_dir"] = cfg["out_dir"] or os.path.join("out", cfg["wandb_run_name"])
     cfg["data_dir"] = cfg["data_dir"] or os.path.join(REPO, "data", cfg["dataset"])
     if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")):
-        raise ConfigError(f"config key 'dataset': {cfg['data_dir']} has no meta.json; prepare it with "
-                          f"`python data/prepare.py {cfg['dataset']}` (or point 'data_dir' at a prepared directory)")
+        base = cfg["dataset"].split("-")[0]  # fineweb_edu-65536: fineweb_edu with tokenizer fineweb_edu-65536
+        how = (f"`python data/prepare.py {base}`" if base == cfg["dataset"] else
+               f"`python data/prepare.py {base} --tokenizer data/tokenizers/{cfg['dataset']}.tiktoken`, after "
+               f"`python data/tokenizer.py train {base} ...` (docs/reproduce-d12.md)")
+        raise ConfigError(f"config key 'dataset': {cfg['data_dir']} has no meta.json; prepare it with {how} (or "
+                          f"point 'data_dir' at a prepared directory)")
     try:
         meta = load_meta(cfg["data_dir"])
     except (ValueError, OSError) as e:
         raise ConfigError(f"config key 'data_dir': {e}") from None
+    rundir.tokenizer_record(cfg["data_dir"], meta)  # a trained tokenizer's copy is there and is the recorded one
     if cfg["vocab_size"] == 0:
         cfg["vocab_size"] = (meta["vocab_size"] + 63) // 64 * 64
     elif cfg["vocab_size"] < meta["vocab_size"]:
@@ -259,7 +276,8 @@ def build(cfg, meta, device, device_type):
         try:
             optimizer = raw_model.configure_muon(cfg["matrix_lr"], cfg["embedding_lr"], cfg["unembedding_lr"],
                                                  cfg["learning_rate"], cfg["hc_optimizer"], cfg["weight_decay"],
-                                                 betas, cfg["adam_eps"], cfg["muon_momentum"], device_type)
+                                                 betas, cfg["adam_eps"], cfg["muon_momentum"], device_type,
+                                                 muon_weight_decay=cfg["muon_weight_decay"])
         except ValueError as e:  # e.g. a torch without Muon
             raise ConfigError(f"config key 'optimizer': {e}") from None
     else:
@@ -344,6 +362,12 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
         torch.backends.cudnn.allow_tf32 = True
     ctx = torch.autocast(device_type, dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" else nullcontext()
     raw_model, optimizer, ckpt, fused_check = build(cfg, meta, device, device_type)
+    horizon = ""
+    if cfg["max_iters"] == 0:  # nanochat's rule, counting this scheme's parameters
+        n = raw_model.num_params(non_embedding=False)
+        cfg["max_iters"] = ratio_steps(n, cfg["param_data_ratio"], tokens_per_step)
+        horizon = f" = {cfg['param_data_ratio']:g} x {n:,} params // {tokens_per_step:,}"
+    enc = rundir.data_tokenizer(cfg, meta) if hellaswag_examples or final["hellaswag"] or final["core"] else None
     model = eval_model = torch.compile(raw_model) if cfg["compile"] else raw_model
     if ddp:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
@@ -354,6 +378,10 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     seed_rank(cfg, ckpt, rank, world_size, master)
     step = start_step = ckpt["step"] if ckpt is not None else 0
 
+    loss_ema = LossEMA(device)
+    if ckpt is not None and "loss_ema" in ckpt:
+        loss_ema.load_state_dict(ckpt["loss_ema"])
+    tokenizer_name = toklib.describe(meta.get("tokenizer"))
     wandb_run = None
     if master:
         wandb_run = rundir.start_log(cfg, ckpt, start_step, {
@@ -363,6 +391,8 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
             "fused_path": fused_check["path"], "fused_reason": fused_check["reason"]})
         if ckpt is not None:
             print(f"resumed from step {start_step} ({cfg['resume_from']})")
+        print(f"{cfg['max_iters']:,} steps{horizon}, {cfg['max_iters'] * tokens_per_step:,} tokens; tokenizer "
+              f"{tokenizer_name}")
         print(f"{cfg['wandb_run_name']}: {cfg['scheme']} n={cfg['n_streams']}, {raw_model.num_params() / 1e6:.2f}M params, "
               f"{world_size} process(es) on {device_type}, {grad_accum} micro-step(s) of {cfg['batch_size']} x "
               f"{cfg['block_size']} per rank, {tokens_per_step:,} tokens/step, out_dir {cfg['out_dir']}")
@@ -388,14 +418,15 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
         # evaluate (and checkpoint) every eval_interval steps and at the end
         if (step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]) and not (ckpt is not None and step == start_step):
             record, wandb_data, extra = evals.training_eval(step, step * tokens_per_step, eval_model, raw_model, val_loader,
-                                                 token_bytes, hellaswag_examples, diag_x, ctx, device, ddp, wandb_run)
+                                                 token_bytes, hellaswag_examples, diag_x, ctx, device, ddp, wandb_run,
+                                                 enc)
             if master:
                 print(f"eval step {step}: val loss {record['val_loss']:.4f} | val bpb {record['val_bpb']:.4f}{extra}")
             log(record, wandb_data)
             result.update(step=step, val_loss=record["val_loss"], val_bpb=record["val_bpb"])
             if step > 0 or ckpt is not None:
                 rundir.save_checkpoint(cfg, step, step * tokens_per_step, raw_model, optimizer, train_loader, meta,
-                                wandb_run, ddp, master, world_size)
+                                wandb_run, ddp, master, world_size, extra={"loss_ema": loss_ema.state_dict()})
                 last_ckpt_step = step
             t_last, steps_since = time.perf_counter(), 0  # eval time is not training time
         if step >= cfg["max_iters"]:
@@ -417,9 +448,11 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with ctx:
                 _, loss = model(x, y)
-                loss = loss / grad_accum
+            last_loss = loss.detach()
+            loss = loss / grad_accum
             loss.backward()
             loss_sum += loss.detach()
+        loss_ema.update(last_loss)  # nanochat's logged loss: rank 0's last micro-batch, smoothed
         if ddp:
             dist.all_reduce(loss_sum)
             loss_sum /= world_size
@@ -432,8 +465,8 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
 
         # the host looks at log steps and before every eval and checkpoint: one sync, not one per step
         if step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step >= cfg["max_iters"]:
-            train_loss, grad_norm, *bad = torch.cat([loss_sum.double().view(1), grad_norm.double().view(1),
-                                                     nonfinite]).tolist()
+            train_loss, train_loss_ema, grad_norm, *bad = torch.cat([
+                loss_sum.double().view(1), loss_ema.value().view(1), grad_norm.double().view(1), nonfinite]).tolist()
             if bad[0] >= 0:
                 bad_step, msg = diverged(cfg, bad, step, optimizer, last_ckpt_step)
                 if master:
@@ -445,17 +478,19 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
             dt = (time.perf_counter() - t_last) / steps_since
             tok_per_s = tokens_per_step / dt
             mfu = flops_per_token * tok_per_s / (peak * world_size) if peak else None
-            record = {"type": "train", "step": step, "tokens": step * tokens_per_step, "loss": train_loss, "lr": lr,
-                      "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu, "ms": dt * 1000}
-            print(f"step {step:6d} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+            record = {"type": "train", "step": step, "tokens": step * tokens_per_step, "loss": train_loss,
+                      "loss_ema": train_loss_ema, "lr": lr, "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu,
+                      "ms": dt * 1000}
+            print(f"step {step:6d} | loss {train_loss:.4f} (ema {train_loss_ema:.4f}) | lr {lr:.2e} | "
+                  f"grad norm {grad_norm:.3f} | "
                   f"{tok_per_s:,.0f} tok/s | mfu {'-' if mfu is None else f'{mfu:.1%}'} | {dt * 1000:.0f} ms | "
                   f"eta {fmt_time(dt * (cfg['max_iters'] - step))}")
-            log(record, {f"train/{k}": v for k, v in record.items() if k in ("loss", "lr", "grad_norm", "tok_per_s", "mfu", "ms")
-                         and v is not None})
+            log(record, {f"train/{k}": v for k, v in record.items()
+                         if k in ("loss", "loss_ema", "lr", "grad_norm", "tok_per_s", "mfu", "ms") and v is not None})
             t_last, steps_since = time.perf_counter(), 0
 
     if final["hellaswag"] or final["core"] or final["skipped"]:
-        result.update(evals.run_final_evals(final, raw_model, cfg, step, tokens_per_step, device, ctx, master, log))
+        result.update(evals.run_final_evals(final, raw_model, cfg, step, tokens_per_step, device, ctx, master, log, enc))
     if wandb_run is not None:
         wandb_run.finish()
     if master:

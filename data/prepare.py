@@ -1,4 +1,4 @@
-"""Tokenize a text dataset into GPT-2 token shards.
+"""Tokenize a text dataset into token shards (GPT-2's BPE, or a tokenizer trained by data/tokenizer.py).
 
     python data/prepare.py pydocs                  # embedded corpus, no download, seconds
     python data/prepare.py openwebtext             # Skylion007/openwebtext (parquet revision)
@@ -7,12 +7,20 @@
     python data/prepare.py fineweb_edu --data-files shards/*.parquet --out-dir data/my_fwe
     python data/prepare.py tinystories             # roneneldan/TinyStories, its own train / validation splits
     python data/prepare.py tinystories --data-files TinyStoriesV2-GPT4-train.txt TinyStoriesV2-GPT4-valid.txt
+    python data/prepare.py fineweb_edu --tokenizer data/tokenizers/fineweb_edu-65536.tiktoken   # data/fineweb_edu-65536
 
-Output in ``data/<DATASET>/`` (or ``--out-dir``): ``val_000000.bin, ...``,
+Output in ``data/<DATASET>/`` (with ``--tokenizer FILE``: ``data/<DATASET>-<NAME>/``, NAME the
+file's name without its suffix, or ``data/<NAME>/`` when NAME starts with ``<DATASET>-``, as
+``fineweb_edu-65536``; or ``--out-dir``): ``val_000000.bin, ...``,
 ``train_000000.bin, ...`` (llm.c format, see ``data/shards.py``; ``--shard-tokens`` per shard,
-100 M by default) and ``meta.json``. Every document is preceded by the EOT token (50256), and
-documents run on across shard boundaries: the concatenation of a split's shards is its token
-stream.
+100 M by default) and ``meta.json``. Every document is preceded by the tokenizer's document
+token (``bos_token``: GPT-2's ``<|endoftext|>`` 50256, a trained tokenizer's ``<|bos|>``, as
+nanochat's loader prepends it), and documents run on across shard boundaries: the concatenation
+of a split's shards is its token stream. Shards hold uint16 ids: a tokenizer of more than 65,536
+tokens is refused. ``meta.json`` records the tokenizer (``"tokenizer"``: name, rank-file sha256,
+vocabulary, special tokens, BOS) and ``token_bytes``, each token's exact UTF-8 byte count (0 for
+special tokens) for bits per byte; a trained tokenizer's rank file is copied in as
+``tokenizer.tiktoken``, so the dataset (and every checkpoint trained on it) carries its tokenizer.
 
 Train/val split: ``Dataset.train_test_split(test_size=val_fraction, seed=seed)`` on the
 document list (openwebtext: 0.05 %, seed 2357 as in nanoGPT; fineweb_edu: 0.5 %, seed 42;
@@ -325,25 +333,34 @@ def split_documents(ds, val_fraction: float, seed: int) -> dict:
 _W: dict = {}
 
 
-def _worker_init(splits: dict) -> None:
+def _worker_init(splits: dict, enc) -> None:
     if mp.current_process().name != "MainProcess":  # Ctrl-C: the parent stops the pool, no worker tracebacks
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     _W["splits"] = splits
-    _W["enc"] = toklib.get_encoding()
+    _W["enc"] = enc
 
 
 def _tokenize_range(task: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of documents [a, b) of a split, EOT before each; and each document's length."""
+    """Tokens of documents [a, b) of a split, the BOS token before each; and each document's length."""
     split, a, b = task
     texts = _W["splits"][split][a:b]["text"]
     ids = _W["enc"].encode_ordinary_batch(texts, num_threads=1)
     lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    eot = (toklib.EOT,)
-    flat = chain.from_iterable(chain(eot, x) for x in ids)  # consumed in C by fromiter
+    bos = (_W["enc"].bos_token,)
+    flat = chain.from_iterable(chain(bos, x) for x in ids)  # consumed in C by fromiter
     return np.fromiter(flat, dtype=np.uint16, count=int(lens.sum())), lens
 
 
 # ----------------------------------------------------------------------------- output dir
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
 
 def _atomic_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -357,7 +374,7 @@ def _atomic_json(path: Path, obj) -> None:
 def _clean_dir(out_dir: Path) -> None:
     for p in out_dir.iterdir():
         if _SHARD_RE.match(p.name) or p.name in ("meta.json", "progress.json", "meta.json.tmp",
-                                                 "progress.json.tmp"):
+                                                 "progress.json.tmp", toklib.DATA_RANK_FILE):
             p.unlink()
 
 
@@ -392,12 +409,35 @@ def _resume_state(out_dir: Path, fingerprint: dict, log) -> dict | None:
 
 # ----------------------------------------------------------------------------- main routine
 
+def load_tokenizer(tokenizer=None):
+    """-> (the encoding, its record for meta.json): GPT-2's for None or "gpt2", else the trained
+    tokenizer at that path (data/tokenizer.py train). More than 65,536 tokens: ValueError."""
+    if tokenizer in (None, "", toklib.NAME):
+        enc = toklib.get_encoding()  # fail early (and clearly) if the rank file is missing
+        return enc, toklib.record(enc)
+    enc = toklib.load_bpe(tokenizer)
+    if enc.n_vocab > toklib.UINT16_VOCAB:
+        raise ValueError(f"--tokenizer {tokenizer}: {enc.n_vocab:,} tokens do not fit the uint16 shards (ids below "
+                         f"{toklib.UINT16_VOCAB:,}); train one with --vocab-size {toklib.UINT16_VOCAB} or less")
+    return enc, {**toklib.record(enc, tokenizer), "file": toklib.DATA_RANK_FILE}
+
+
+def default_out_dir(dataset: str, tok_record: dict) -> Path:
+    """data/<dataset> (GPT-2's BPE), data/<dataset>-<tokenizer name> (a trained tokenizer; its name
+    alone when it starts with the dataset's, as data/tokenizer.py names them: fineweb_edu-65536)."""
+    if toklib.is_gpt2(tok_record):
+        return DATA_ROOT / dataset
+    name = tok_record["name"]
+    return DATA_ROOT / (name if name.startswith(f"{dataset}-") else f"{dataset}-{name}")
+
+
 def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=None,
             val_fraction=None, seed=None, shard_tokens=DEFAULT_SHARD_TOKENS, workers=None,
             chunk_docs=None, cache_dir=None, max_docs=None, restart=False, progress=True,
-            on_shard=None, log=print) -> dict:
+            on_shard=None, log=print, tokenizer=None) -> dict:
     """Prepare ``dataset`` into ``out_dir``; returns the meta dict. See the module docstring.
 
+    ``tokenizer``: None (GPT-2's BPE) or the path of a trained tokenizer's rank file.
     ``on_shard(split, index, path)`` is called after each shard is committed.
     """
     if dataset not in DATASETS:
@@ -421,7 +461,8 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
     if workers is not None and int(workers) < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     workers = int(workers if workers is not None else (os.cpu_count() or 1))
-    out_dir = Path(out_dir) if out_dir is not None else DATA_ROOT / dataset
+    enc, tok_record = load_tokenizer(tokenizer)  # before out_dir is touched
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(dataset, tok_record)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -429,16 +470,17 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
     if not os.access(out_dir, os.W_OK):
         raise ValueError(f"--out-dir {out_dir}: not writable; pass a writable directory")
 
-    enc = toklib.get_encoding()  # fail early (and clearly) if the rank file is missing
     token_bytes = toklib.token_byte_lengths(enc)
     source = source_spec(dataset, data_files, subset, revision, max_docs, own_split)
     fingerprint = {"format": META_FORMAT, "dataset": dataset, "source": source,
                    "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
-                   "tokenizer_sha256": toklib.RANK_FILE_SHA256}
+                   "tokenizer_sha256": tok_record["rank_file_sha256"]}
+    if not toklib.is_gpt2(tok_record):  # GPT-2's datasets keep the fingerprint they always had
+        fingerprint["tokenizer"] = {k: tok_record[k] for k in ("pattern", "special_tokens", "bos")}
 
     kw = dict(data_files=data_files, subset=subset, revision=revision, val_fraction=val_fraction, seed=seed,
               shard_tokens=shard_tokens, workers=workers, chunk_docs=chunk_docs, cache_dir=cache_dir,
-              max_docs=max_docs, progress=progress, on_shard=on_shard, log=log)
+              max_docs=max_docs, progress=progress, on_shard=on_shard, log=log, tokenizer=tokenizer)
     with shardlib.dir_lock(out_dir, ".prepare.lock", "`prepare.py`"):
         meta_path = out_dir / "meta.json"
         meta = _read_meta(meta_path, restart)
@@ -484,14 +526,14 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
             state["num_docs"] = sizes
         n_tok_new = 0
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(splits,)) if workers > 1 else None
+        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(splits, enc)) if workers > 1 else None
         if pool is None:
-            _worker_init(splits)
+            _worker_init(splits, enc)
         t1 = time.time()
         try:
             for split in SPLITS:
                 n_tok_new += _prepare_split(split, splits[split], state, out_dir, shard_tokens,
-                                            token_bytes, pool, workers, chunk_docs, progress,
+                                            token_bytes, enc.bos_token, pool, workers, chunk_docs, progress,
                                             on_shard)
         finally:
             if pool is not None:
@@ -500,7 +542,9 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
         dt = time.time() - t1
 
         meta = _build_meta(dataset, source, state, token_bytes, val_fraction, seed, shard_tokens,
-                           fingerprint, skipped)
+                           fingerprint, skipped, tok_record)
+        if not toklib.is_gpt2(tok_record):  # the dataset carries its tokenizer; meta.json comes last
+            _atomic_bytes(out_dir / toklib.DATA_RANK_FILE, toklib.rank_file_bytes(enc))
         _atomic_json(meta_path, meta)
         (out_dir / "progress.json").unlink(missing_ok=True)
     rate = n_tok_new / max(dt, 1e-9)
@@ -538,13 +582,13 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
     (out_dir / "meta.json").unlink()
     _clean_dir(out_dir)
     for p in sorted(staging.iterdir()):
-        if _SHARD_RE.match(p.name) and not p.name.endswith(".tmp"):
+        if (_SHARD_RE.match(p.name) and not p.name.endswith(".tmp")) or p.name == toklib.DATA_RANK_FILE:
             os.replace(p, out_dir / p.name)
     os.replace(staging / "meta.json", out_dir / "meta.json")
     shutil.rmtree(staging)
 
 
-def _prepare_split(split, ds, state, out_dir, shard_tokens, token_bytes, pool, workers,
+def _prepare_split(split, ds, state, out_dir, shard_tokens, token_bytes, bos, pool, workers,
                    chunk_docs, progress, on_shard) -> int:
     st = state["splits"][split]
     if st["done"]:
@@ -567,9 +611,9 @@ def _prepare_split(split, ds, state, out_dir, shard_tokens, token_bytes, pool, w
         index = len(st["shards"])
         name = shardlib.shard_name(split, index)
         shardlib.write_shard(out_dir / name, tokens)
-        counts = np.bincount(tokens, minlength=toklib.VOCAB_SIZE)
+        counts = np.bincount(tokens, minlength=token_bytes.size)
         st["shards"].append({"file": name, "tokens": int(fill),
-                             "documents": int(counts[toklib.EOT]),
+                             "documents": int(counts[bos]),
                              "bytes": int(counts[: token_bytes.size] @ token_bytes)})
         st["next_doc"], st["skip_tokens"] = int(nd), int(sk)
         _atomic_json(out_dir / "progress.json", state)
@@ -619,7 +663,8 @@ def _prepare_split(split, ds, state, out_dir, shard_tokens, token_bytes, pool, w
     return written
 
 
-def _build_meta(dataset, source, state, token_bytes, val_fraction, seed, shard_tokens, fingerprint, skipped_docs):
+def _build_meta(dataset, source, state, token_bytes, val_fraction, seed, shard_tokens, fingerprint, skipped_docs,
+                tok_record):
     splits = {}
     for s in SPLITS:
         shards = state["splits"][s]["shards"]
@@ -630,10 +675,10 @@ def _build_meta(dataset, source, state, token_bytes, val_fraction, seed, shard_t
     return {
         "format": META_FORMAT,
         "dataset": dataset,
-        "tokenizer": {"name": toklib.NAME, "encoding": "tiktoken gpt2 (r50k_base ranks)",
-                      "rank_file_sha256": toklib.RANK_FILE_SHA256, "eot": toklib.EOT},
-        "vocab_size": toklib.VOCAB_SIZE,
-        "eot": toklib.EOT,
+        "tokenizer": tok_record,
+        "vocab_size": tok_record["n_vocab"],
+        "eot": tok_record["bos"],  # the document token (its name from GPT-2's <|endoftext|>)
+        "bos": tok_record["bos"],
         "shard_format": {"magic": shardlib.MAGIC, "version": shardlib.VERSION,
                          "header_bytes": shardlib.HEADER_BYTES, "dtype": "uint16"},
         "source": source,
@@ -657,6 +702,9 @@ def verify(out_dir) -> dict:
     meta = load_meta(out_dir)
     token_bytes = np.asarray(meta["token_bytes"], dtype=np.int64)
     fix = f"Re-run `python data/prepare.py {meta.get('dataset', out_dir.name)} --restart`."
+    enc = toklib.for_data(out_dir, meta)  # a trained tokenizer's copy is there and is the recorded one
+    if not np.array_equal(toklib.token_byte_lengths(enc), token_bytes):
+        raise ValueError(f"{out_dir / 'meta.json'}: token_bytes are not the tokenizer's. {fix}")
     for s in SPLITS:
         for sh in meta["splits"][s]["shards"]:
             path = out_dir / sh["file"]
@@ -687,7 +735,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dataset", choices=sorted(DATASETS))
-    ap.add_argument("--out-dir", default=None, help="output directory (default: data/<dataset>)")
+    ap.add_argument("--out-dir", default=None,
+                    help="output directory (default: data/<dataset>, with --tokenizer data/<dataset>-<its name>)")
+    ap.add_argument("--tokenizer", default=None, metavar="FILE",
+                    help="a tokenizer trained by `python data/tokenizer.py train` (its .tiktoken file, the .json "
+                         "beside it); default: GPT-2's BPE")
     ap.add_argument("--data-files", nargs="+", default=None, metavar="PATH",
                     help="local parquet/json(l)/txt files (globs, dirs) with a 'text' column, "
                          "instead of the hub download (tinystories: its .txt files too, and a file named "
@@ -713,7 +765,10 @@ def main(argv=None) -> int:
 
     try:
         if args.verify:
-            out = Path(args.out_dir) if args.out_dir else DATA_ROOT / args.dataset
+            if args.out_dir:
+                out = Path(args.out_dir)
+            else:
+                out = default_out_dir(args.dataset, load_tokenizer(args.tokenizer)[1])
             meta = verify(out)
             counts = ", ".join(f"{s}: {meta['splits'][s]['tokens']:,} tokens" for s in SPLITS)
             print(f"{out}: ok ({counts})")
@@ -722,7 +777,7 @@ def main(argv=None) -> int:
                 revision=args.revision, val_fraction=args.val_fraction, seed=args.seed,
                 shard_tokens=args.shard_tokens, workers=args.workers, chunk_docs=args.chunk_docs,
                 cache_dir=args.cache_dir, max_docs=args.max_docs, restart=args.restart,
-                progress=not args.no_progress)
+                progress=not args.no_progress, tokenizer=args.tokenizer)
     except (OSError, ValueError, shardlib.DirLocked) as e:  # bad input, a busy directory: the message says what to do
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 1

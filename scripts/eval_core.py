@@ -35,7 +35,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import autocast, run_cli, setup_device  # noqa: E402
-from evals import EVAL_BUNDLE_URL, default_bundle_dir, download_bundle, evaluate_core, load_bundle, select_tasks  # noqa: E402
+from evals import (EVAL_BUNDLE_URL, core_line, default_bundle_dir, download_bundle, evaluate_core,  # noqa: E402
+                   load_bundle, select_tasks)
 from rundir import load_model, load_tokenizer, resolve_ckpt  # noqa: E402
 
 
@@ -73,8 +74,7 @@ def _main(args):
         res = evaluate_core(model, enc, device, bundle, args.max_per_task, labels, autocast(device_type, args.dtype),
                             log=print if rank == 0 else None)
         if rank == 0:
-            name = "CORE" if res["complete"] else f"CORE-style mean over {len(res['results'])} task(s) (not CORE)"
-            print(f"{name}: {res['core']:.4f} | step {meta.get('step')}")
+            print(f"{core_line(res)} | step {meta.get('step')}")
             ckpt = resolve_ckpt(args.ckpt)
             out = ckpt.parent / "core.json" if args.out is None else args.out
             if out != "-":

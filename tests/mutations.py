@@ -152,6 +152,26 @@ MUTATIONS = [
      ["tests/test_peers.py", "-k", "lucidrains_wired"]),
     ("peer rows all on one hc.FUSED", [("scripts/bench.py", "        hc.FUSED = fused\n", "        hc.FUSED = args.fused\n")],
      ["tests/test_bench.py", "-k", "peer_rows_assembly"]),
+    # ---- the d12 reproduction: tokenizer, precision, recipe
+    ("softcap in bf16 under autocast", [("model.py", "self.lm_head(self.read_out(h, norm)).float()",
+                                         "self.lm_head(self.read_out(h, norm))")],
+     ["tests/test_reproduce_d12.py", "-k", "softcap"]),
+    ("GPT-2's EOT before every document whatever the tokenizer", [("data/prepare.py", 'bos = (_W["enc"].bos_token,)',
+                                                                   "bos = (toklib.EOT,)")], ["tests/test_reproduce_d12.py", "-k", "bos"]),
+    ("special tokens counted as bytes", [("data/tokenizer.py", "        if i not in special:\n", "        if True:\n")],
+     ["tests/test_reproduce_d12.py", "-k", "exact_bytes"]),
+    ("a checkpoint's trained tokenizer replaced by GPT-2's", [
+        ("rundir.py", '    rec = meta.get("tokenizer")\n    if toklib.is_gpt2(rec):',
+         '    rec = meta.get("tokenizer")\n    if True:')],
+     ["tests/test_reproduce_d12.py", "-k", "evals_with_the_trained"]),
+    ("resume on another tokenizer's data", [("rundir.py", "if not toklib.same_tokenizer(",
+                                             "if False and not toklib.same_tokenizer(")], ["tests/test_reproduce_d12.py", "-k", "resume_with"]),
+    ("train-loss EMA not debiased", [("common.py", "self.ema / (1 - self.beta ** self.steps) if", "self.ema if")],
+     ["tests/test_reproduce_d12.py", "-k", "loss_ema"]),
+    ("step rule without the embedding", [("train.py", "n = raw_model.num_params(non_embedding=False)",
+                                          "n = raw_model.num_params()")], ["tests/test_reproduce_d12.py", "-k", "max_iters_from"]),
+    ("Muon weight decay dropped", [("model.py", "weight_decay=muon_weight_decay,", "weight_decay=0.0,")],
+     ["tests/test_reproduce_d12.py", "-k", "muon_weight_decay"]),
 ]
 
 

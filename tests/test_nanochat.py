@@ -276,12 +276,13 @@ def test_muon_update_is_nanochats():
             assert (delta - expected).norm() / expected.norm() < 0.05, k
 
 
-def test_schedule_and_momentum_warmup():
-    """Linear warmdown with warmup 0 and min_lr_ratio 0 is nanochat's get_lr_multiplier; the
-    momentum is nanochat's get_muon_momentum."""
-    cfg = configurator.load(train.DEFAULTS, [os.path.join(REPO, "configs", "nanochat_d12.py")], train.ALLOWED_TYPES)
-    N = cfg["max_iters"]
-    warmdown = round(0.2 * N)
+@pytest.mark.parametrize("config, ratio", [("nanochat_d12.py", 0.2), ("kromhc_d12.py", 0.4)])
+def test_schedule_and_momentum_warmup(config, ratio):
+    """Linear warmdown with warmup 0 and min_lr_ratio 0 is nanochat's get_lr_multiplier (warmdown_ratio
+    0.2 at e1770a3, 0.4 from ae0bf52); the momentum is nanochat's get_muon_momentum."""
+    cfg = configurator.load(train.DEFAULTS, [os.path.join(REPO, "configs", config)], train.ALLOWED_TYPES)
+    cfg["max_iters"] = N = 7080  # the configs' max_iters = 0: nanochat's rule (plain at 65,536 tokens)
+    warmdown = round(ratio * N)
     for step in list(range(0, N, 97)) + [N - warmdown - 1, N - warmdown, N - warmdown + 1, N - 1]:
         nanochat = 1.0 if step <= N - warmdown else (N - step) / warmdown
         for base in (0.02, 0.004, 6e-4):
@@ -314,7 +315,8 @@ def test_muon_run_lrs_momentum_and_exact_resume(data_dir, tmp_path):
     train.main(muon_args(data_dir, part, "--max_iters=8", "--eval_interval=4", "--resume"))
 
     def records(out):
-        return [(r["type"], r["step"], r.get("loss"), r.get("lr"), r.get("grad_norm"), r.get("val_loss"))
+        return [(r["type"], r["step"], r.get("loss"), r.get("loss_ema"), r.get("lr"), r.get("grad_norm"),
+                 r.get("val_loss"))
                 for r in read_log(out) if r["type"] in ("train", "eval")]
 
     assert records(part) == records(full)
@@ -407,20 +409,20 @@ def test_nanochat_d12_config():
     configurator.validate(cfg)
     assert (cfg["arch"], cfg["optimizer"], cfg["scheme"], cfg["n_streams"]) == ("nanochat", "muon", "kromhc", 0)
     assert (cfg["n_layer"], cfg["n_embd"], cfg["n_embd"] // cfg["n_head"], cfg["block_size"]) == (12, 768, 128, 2048)
-    assert (cfg["total_batch_tokens"], cfg["dataset"], cfg["grad_clip"]) == (524_288, "fineweb_edu", 1.0)
+    assert (cfg["total_batch_tokens"], cfg["dataset"], cfg["grad_clip"]) == (524_288, "fineweb_edu-65536", 1.0)
     assert (cfg["eval_interval"], cfg["eval_tokens"]) == (250, 20 * 524_288)
     assert (cfg["matrix_lr"], cfg["embedding_lr"], cfg["unembedding_lr"]) == (0.02, 0.2, 0.004)
     assert (cfg["beta1"], cfg["beta2"], cfg["adam_eps"], cfg["weight_decay"]) == (0.8, 0.95, 1e-10, 0.0)
     assert (cfg["lr_schedule"], cfg["warmup_iters"], cfg["warmdown_frac"], cfg["min_lr_ratio"]) == ("linear", 0, 0.2, 0)
     for gpus in (1, 2, 4, 8):
         assert cfg["total_batch_tokens"] % (cfg["batch_size"] * cfg["block_size"] * gpus) == 0
-    # nanochat: num_iterations = 20 x (every parameter of its model) // tokens per step
+    # nanochat: num_iterations = 20 x (every parameter of its model) // tokens per step, at 65,536 tokens
     with torch.device("meta"):
         model = GPT(GPTConfig(**{k: cfg[k] for k in train.MODEL_KEYS if k not in ("scheme", "n_streams", "vocab_size")},
-                              vocab_size=50304))
+                              vocab_size=65536))
     n_params = sum(p.numel() for p in model.parameters())
-    assert n_params == 2 * 50304 * 768 + 12 * 12 * 768 ** 2 == 162_201_600
-    assert cfg["max_iters"] == 20 * n_params // 524_288 == 6187
+    assert n_params == 2 * 65536 * 768 + 12 * 12 * 768 ** 2 == 185_597_952
+    assert cfg["max_iters"] == 0 and train.ratio_steps(n_params, cfg["param_data_ratio"], 524_288) == 7080
 
 
 def test_nanochat_d12_trains_with_end_of_run_evals(data_dir, tmp_path):

@@ -35,7 +35,7 @@ def test_every_scheme_learns_and_logs(scheme, data_dir, tmp_path):
     assert [t["step"] for t in trains] == list(range(1, 11))
     assert [t["tokens"] for t in trains] == [128 * s for s in range(1, 11)]
     for t in trains:
-        assert set(t) == {"type", "step", "tokens", "loss", "lr", "grad_norm", "tok_per_s", "mfu", "ms"}
+        assert set(t) == {"type", "step", "tokens", "loss", "loss_ema", "lr", "grad_norm", "tok_per_s", "mfu", "ms"}
         assert math.isfinite(t["loss"]) and t["mfu"] is None  # no MFU on CPU
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0, evals
     assert evals[-1]["val_bpb"] < evals[0]["val_bpb"]

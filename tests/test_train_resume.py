@@ -12,7 +12,8 @@ from conftest import read_log, tiny_args
 
 
 def test_exact_resume(data_dir, tmp_path):
-    """Stop at step 4 and resume to 8: the same losses, weights and val loss as an uninterrupted run, bit for bit."""
+    """Stop at step 4 and resume to 8: the same losses (and their EMA), weights and val loss as an uninterrupted
+    run, bit for bit."""
     common = ["--scheme=kromhc", "--dropout=0.1", "--eval_interval=4", "--log_interval=1"]
     full = tmp_path / "full"
     train.main(tiny_args(data_dir, full, *common, "--max_iters=8"))
@@ -21,7 +22,8 @@ def test_exact_resume(data_dir, tmp_path):
     train.main(tiny_args(data_dir, part, *common, "--max_iters=8", "--resume"))
 
     def records(out):
-        return [(r["type"], r["step"], r.get("loss"), r.get("grad_norm"), r.get("val_loss"), r.get("val_bpb"))
+        return [(r["type"], r["step"], r.get("loss"), r.get("loss_ema"), r.get("grad_norm"), r.get("val_loss"),
+                 r.get("val_bpb"))
                 for r in read_log(out) if r["type"] in ("train", "eval")]
 
     assert records(part) == records(full)  # no duplicate eval at the resume step either

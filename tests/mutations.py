@@ -96,7 +96,7 @@ MUTATIONS = [
                                          "opts = dict(")], ["tests/test_model.py", "-k", "config_options"]),
     ("GPTConfig drops res_logit_init", [("model.py", "res_logit_init=self.res_logit_init, ", "")],
      ["tests/test_model.py", "-k", "config_options"]),
-    ("GPTConfig drops gate_init", [("model.py", ", gate_init=self.gate_init)", ")")],
+    ("GPTConfig drops gate_init", [("model.py", "gate_init=self.gate_init, ", "")],
      ["tests/test_model.py", "-k", "config_options"]),
     ("train windows off by one", [("data/loader.py", "self.num_windows = (self.stream.num_tokens - 1) // self.T",
                                    "self.num_windows = self.stream.num_tokens // self.T")], ["tests/test_loader_windows.py"]),

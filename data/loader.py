@@ -205,7 +205,8 @@ class TrainLoader:
 class ValLoader:
     """The fixed validation windows; each rank iterates over its contiguous share."""
 
-    def __init__(self, data_dir, batch_size, seq_len, num_tokens, rank=0, world_size=1):
+    def __init__(self, data_dir, batch_size, seq_len, num_tokens, rank=0, world_size=1, knob="the eval tokens"):
+        """knob: what sets num_tokens, named in the fix of a val split that is too small."""
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
         if not 0 <= rank < world_size:
@@ -214,7 +215,7 @@ class ValLoader:
         self.B, self.T, self.rank, self.world_size = int(batch_size), int(seq_len), int(rank), int(world_size)
         available = (stream.num_tokens - 1) // self.T
         where = ", ".join(str(p) for p in stream.paths[:3]) + (" ..." if len(stream.paths) > 3 else "")
-        fix = (f"lower the eval tokens / seq_len, or prepare a larger val split "
+        fix = (f"lower {knob} or seq_len, or prepare a larger val split "
                f"(`{_prepare_cmd(stream.data_dir, stream.meta)} --val-fraction F --restart`)")
         if available < 1:
             raise ValueError(f"val split ({where}) has {stream.num_tokens} tokens, fewer than one "
@@ -223,7 +224,7 @@ class ValLoader:
             num_tokens = available * self.T
         self.num_windows = int(num_tokens) // self.T
         if self.num_windows < 1:
-            raise ValueError(f"num_tokens={num_tokens} is less than one window of seq_len={self.T}")
+            raise ValueError(f"{knob} ({num_tokens}) is less than one window of seq_len={self.T}")
         if self.num_windows > available:
             raise ValueError(f"requested {num_tokens} val tokens ({self.num_windows} windows of {self.T}) "
                              f"but the val split ({where}) has {stream.num_tokens} tokens, i.e. "

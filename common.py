@@ -7,6 +7,7 @@
     flag_nonfinite     the NaN/inf check of a training step without a host sync
     rng_state          every random stream of a process, saved in checkpoints for exact resume
     run_cli            a script's body: a user's mistake ends in one line and exit status 1
+    out_file_error     a results file that cannot be written, said before the work that produces it
 """
 
 import argparse
@@ -218,6 +219,32 @@ def positive_int(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def out_file_error(path):
+    """Why a script cannot write its results file at path, or None ("-" or None: no file). Checked
+    when the script starts: a long evaluation must not end in a missing folder."""
+    if path in (None, "-"):
+        return None
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{path} is a directory; pass a file path"
+    if not os.path.isdir(parent):
+        return f"the folder {parent} does not exist; create it, or pass another path"
+    if not os.access(parent, os.W_OK):
+        return f"cannot write in {parent}; pass another path"
+    return None
+
+
+def non_negative_int(text):
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
 
 

@@ -187,8 +187,9 @@ def resolve(cfg, config_name, world_size, device_type):
     cfg["out_dir"] = cfg["out_dir"] or os.path.join("out", cfg["wandb_run_name"])
     cfg["data_dir"] = cfg["data_dir"] or os.path.join(REPO, "data", cfg["dataset"])
     if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")):
+        from data.prepare import prepare_command
         raise ConfigError(f"config key 'dataset': {cfg['data_dir']} has no meta.json; prepare it with "
-                          f"`python data/prepare.py {cfg['dataset']}` (or point 'data_dir' at a prepared directory)")
+                          f"`{prepare_command(cfg['data_dir'])}` (or point 'data_dir' at a prepared directory)")
     try:
         meta = load_meta(cfg["data_dir"])
     except (ValueError, OSError) as e:

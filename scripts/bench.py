@@ -224,6 +224,12 @@ def main(argv=None):
     for k in ("n_streams", "batch_size", "seq_len"):
         if getattr(args, k) < 1:
             ap.error(f"argument --{k.replace('_', '-')}: must be >= 1, got {getattr(args, k)}")
+    stream_dtype = torch.bfloat16 if args.stream_dtype == "bfloat16" else torch.float32
+    for scheme in args.schemes:  # train.py's refusals, before anything is built or timed
+        why = hc_verify.setup_error(scheme, 1 if scheme == "plain" else args.n_streams, MODELS[args.model]["n_embd"],
+                                    args.fused, torch.device(args.device).type, stream_dtype)
+        if why:
+            ap.error(f"--schemes {scheme} --n-streams {args.n_streams} --fused {args.fused}: {why}")
     report = run(args)
     print(json.dumps(report, indent=2) if args.json else table(report))
     return report

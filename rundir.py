@@ -95,7 +95,7 @@ def check_out_dir(cfg):
     while not os.path.exists(parent):  # the folder that will hold it
         parent = os.path.dirname(parent)
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
-        raise ConfigError(f"config key 'out_dir': cannot write in {parent} (no permission, or not a directory); "
+        raise ConfigError(f"config key 'out_dir': cannot write in {out} ({parent} is not a writable directory); "
                           f"pass a writable --out_dir")
     log_path = os.path.join(out, "log.jsonl")
     if cfg["resume"] or not (ckpts or os.path.exists(log_path)):

@@ -189,7 +189,8 @@ def resolve(cfg, config_name, world_size, device_type):
     if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")):
         from data.prepare import prepare_command
         raise ConfigError(f"config key 'dataset': {cfg['data_dir']} has no meta.json; prepare it with "
-                          f"`{prepare_command(cfg['data_dir'])}` (or point 'data_dir' at a prepared directory)")
+                          f"`{prepare_command(cfg['data_dir'], {'dataset': cfg['dataset']})}` (or point 'data_dir' at a "
+                          f"prepared directory)")
     try:
         meta = load_meta(cfg["data_dir"])
     except (ValueError, OSError) as e:

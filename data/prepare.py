@@ -129,13 +129,13 @@ def prepare_command(data_dir, meta=None, **flags) -> str:
     """The `python data/prepare.py ...` command that makes the dataset in data_dir again, as its
     meta.json records it (the dataset, --data-files, --subset / --revision / --val-fraction / --seed
     where they differ from the dataset's defaults, --max-docs, and --out-dir unless data/<dataset>);
-    without a meta.json the dataset stands as <dataset> (the one it was prepared from), unless data_dir
-    is data/<dataset>.
+    without a meta.json the dataset is the folder's name if that names one, else <dataset> (the one it
+    was prepared from).
     flags: more options, e.g. restart=True -> --restart, val_fraction="F" -> --val-fraction F."""
     import shlex
     data_dir, meta = Path(data_dir), meta or {}
     name = meta.get("dataset")
-    if name is None and data_dir.name in DATASETS and data_dir.resolve() == (DATA_ROOT / data_dir.name).resolve():
+    if name is None and data_dir.name in DATASETS:  # data/<dataset>, or a folder named after it
         name = data_dir.name
     opts, source, defaults = {}, meta.get("source") or {}, DATASETS.get(name, {})
     if source.get("kind") == "data_files":

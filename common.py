@@ -13,7 +13,9 @@
 import argparse
 import os
 import random
+import socket
 import sys
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -77,26 +79,48 @@ def rendezvous(rank, world_size, addr, port):
     seen = ", ".join(f"{k}={os.environ.get(k)}" for k in TORCHRUN_ENV)
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts the store
     host = not agent and rank == 0
+    deadline = time.monotonic() + timeout
+    while not host:  # rank 0's store up? (polled here: torch's own retries print C++ stack traces)
+        try:
+            socket.create_connection((addr, port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise DistributedSetupError(f"rank {rank}: the rendezvous at {addr}:{port} was not reachable within "
+                                            f"{timeout:g} s: rank 0 has not started, or MASTER_ADDR/MASTER_PORT point "
+                                            f"elsewhere ({seen}; {RENDEZVOUS_TIMEOUT_ENV} sets the wait)") from None
+            time.sleep(0.1)
     try:
         store = dist.TCPStore(addr, port, world_size, is_master=host, timeout=wait, wait_for_workers=False,
                               multi_tenant=host)
     except Exception as e:  # DistNetworkError / DistStoreError / RuntimeError, by torch version
-        why = (f"rank 0 cannot host it ({str(e).splitlines()[0][:200]}): is MASTER_PORT in use?" if host else
-               f"it was not reachable within {timeout:g} s: rank 0 has not started, or MASTER_ADDR/MASTER_PORT "
-               f"point elsewhere")
-        raise DistributedSetupError(f"rank {rank}: rendezvous at {addr}:{port} failed: {why} ({seen}; "
-                                    f"{RENDEZVOUS_TIMEOUT_ENV} sets the wait)") from None
+        why = "is MASTER_PORT in use by another program?" if host else "did rank 0 stop?"
+        raise DistributedSetupError(f"rank {rank}: the rendezvous at {addr}:{port} failed "
+                                    f"({str(e).splitlines()[0][:200]}); {why} ({seen})") from None
     prefix = f"hcgpt/joined/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
     store.set(f"{prefix}{rank}", "1")
-    try:
-        store.wait([f"{prefix}{r}" for r in range(world_size)], wait)
-    except Exception:  # DistStoreError: the wait timed out
-        missing = [r for r in range(world_size) if not store.check([f"{prefix}{r}"])]
-        shown = ", ".join(map(str, missing[:16])) + (f" ... ({len(missing)} in all)" if len(missing) > 16 else "")
-        raise DistributedSetupError(f"rank {rank}: rank(s) {shown} of {world_size} did not join the rendezvous at "
+    joined, verdict, missing = store.add(f"{prefix}count", 1), f"{prefix}missing", None
+    while joined < world_size and time.monotonic() < deadline:  # polled: a timed-out store.wait prints C++ noise
+        time.sleep(0.05)
+        try:
+            joined = store.add(f"{prefix}count", 0)
+            if not host and store.check([verdict]):  # rank 0 gave up: its count, not a dropped connection
+                missing = store.get(verdict).decode()
+                break
+        except Exception:  # DistNetworkError: the store's host failed
+            raise DistributedSetupError(f"rank {rank}: the rendezvous at {addr}:{port} closed before all "
+                                        f"{world_size} ranks joined ({seen})") from None
+    if joined < world_size:
+        if missing is None:
+            gone = [r for r in range(world_size) if not store.check([f"{prefix}{r}"])]
+            missing = ", ".join(map(str, gone[:16])) + (f" ... ({len(gone)} in all)" if len(gone) > 16 else "")
+        if host:  # tell the ranks that did come, then stop hosting
+            store.set(verdict, missing)
+            time.sleep(0.5)
+        raise DistributedSetupError(f"rank {rank}: rank(s) {missing} of {world_size} did not join the rendezvous at "
                                     f"{addr}:{port} within {timeout:g} s ({seen}); start every rank (torchrun "
                                     f"--nproc_per_node, the same command on every node), or raise "
-                                    f"{RENDEZVOUS_TIMEOUT_ENV}") from None
+                                    f"{RENDEZVOUS_TIMEOUT_ENV}")
     store.set_timeout(timedelta(minutes=30))  # torch's default for what follows (collectives, NCCL set-up)
     return store
 

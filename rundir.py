@@ -36,7 +36,6 @@ from configurator import ConfigError
 from data.loader import data_id
 from data.shards import DirLocked, dir_lock
 from model import GPT, GPTConfig
-from tracking import start_wandb
 
 
 class CheckpointWriteError(RuntimeError):
@@ -223,9 +222,7 @@ def read_log(path):
 
 def start_log(cfg, ckpt, start_step, header):
     """log.jsonl's header record ("config", or "resume" after dropping records written after the
-    checkpoint) and the wandb run, on rank 0. -> the wandb run or None."""
-    # wandb first: a run it refuses (no network, a rejected key) leaves no log behind to block its out_dir
-    wandb_run = start_wandb(cfg, (ckpt or {}).get("wandb_id")) if cfg["wandb_log"] else None
+    checkpoint), on rank 0."""
     log_path = os.path.join(cfg["out_dir"], "log.jsonl")
     if ckpt is not None and os.path.exists(log_path):  # drop records written after the checkpoint
         records = read_log(log_path)  # without a line cut by a crash
@@ -237,7 +234,6 @@ def start_log(cfg, ckpt, start_step, header):
         header["step"] = start_step
     with open(log_path, "w" if ckpt is None else "a") as f:
         f.write(json.dumps(header) + "\n")
-    return wandb_run
 
 
 # -----------------------------------------------------------------------------

@@ -369,9 +369,13 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     # tokens trained so far, counted (a resume may change the batch): the checkpoint carries them
     tokens = ckpt.get("tokens", start_step * tokens_per_step) if ckpt is not None else 0
 
-    # every check has passed: the run's first write in out_dir (--overwrite: the old run moves aside)
-    old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope, raw_model), ddp, master)
-    wandb_run = rundir.on_rank0(lambda: rundir.start_log(cfg, ckpt, start_step, {
+    # wandb, the last check (a server that does not answer), then the run's first write in out_dir
+    wandb_run = rundir.on_rank0(lambda: tracking.start_wandb(cfg, (ckpt or {}).get("wandb_id")) if cfg["wandb_log"]
+                                else None, ddp, master)
+    if wandb_run is not None:  # a run that stops by an error is marked failed on wandb
+        run_scope.push(lambda exc_type, *_: wandb_run.finish(exit_code=1) if exc_type else None)
+    old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope, raw_model), ddp, master)  # --overwrite: aside
+    rundir.on_rank0(lambda: rundir.start_log(cfg, ckpt, start_step, {
         "world_size": world_size, "grad_accum": grad_accum, "num_params": raw_model.num_params(),
         "flops_per_token": flops_per_token, "tokens": tokens,
         "device_name": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
@@ -460,8 +464,6 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
                 if master:
                     log({"type": "error", "step": bad_step, "tokens": tokens - (step - bad_step) * tokens_per_step,
                          "message": msg})
-                    if wandb_run is not None:
-                        wandb_run.finish(exit_code=1)
                 raise Diverged(msg)
         if step % cfg["log_interval"] == 0 and master:
             dt = (time.perf_counter() - t_last) / steps_since

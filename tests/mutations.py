@@ -24,6 +24,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOP = "tests/test_train_loop.py"
 DDP = ["tests/test_train_ddp.py", "-k", "accum"]
+BAD = "tests/test_bad_input.py"
 
 # (name, [(file, old, new), ...], pytest arguments)
 MUTATIONS = [
@@ -140,6 +141,22 @@ MUTATIONS = [
         ("hc_kernels.py", "return conn.phi, conn.gamma, conn.alpha_pre, conn.b_pre, False",
          "return conn.phi, conn.gamma, conn.alpha_post, conn.b_pre, False")],
      ["tests/test_kernels_reference.py"]),
+    # ---- bad input: nothing lost, nothing silently wrong (tests/test_bad_input.py)
+    ("overwrite deletes the old run at once", [("rundir.py", "            fsync_dir(self.dir)\n            fsync_dir(out)",
+                                                "            shutil.rmtree(self.dir)\n            fsync_dir(out)")],
+     [BAD, "-k", "overwrite"]),
+    ("overwritten run not moved back", [("rundir.py", "self.discard() if exc_type is None else self.restore()",
+                                         "self.discard()")], [BAD, "-k", "overwrite"]),
+    ("out_dir claimed before the loaders", [
+        ("train.py", "    old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope, raw_model), ddp, master)",
+         "    pass"),
+        ("train.py", "    train_loader, val_loader, token_bytes, diag_x = loaders(",
+         "    old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope, raw_model), ddp, master)\n"
+         "    train_loader, val_loader, token_bytes, diag_x = loaders(")], [BAD, "-k", "refused_overwrite"]),
+    ("tokens as step x this run's batch", [("train.py", 'tokens = ckpt.get("tokens", start_step * tokens_per_step)',
+                                            "tokens = (start_step * tokens_per_step)")], [BAD, "-k", "tokens"]),
+    ("imported names are keys", [("configurator.py", "not_a_key = key in imported or", "not_a_key = False and")],
+     [BAD, "-k", "imports"]),
 ]
 
 

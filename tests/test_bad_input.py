@@ -80,22 +80,23 @@ OVERWRITE_REFUSALS = {
 
 
 @pytest.mark.parametrize("case", OVERWRITE_REFUSALS)
-def test_refused_overwrite_leaves_the_old_run(case, data_dir, run, monkeypatch):
+def test_refused_overwrite_leaves_the_old_run(case, data_dir, run, monkeypatch, capsys):
     extra, message = OVERWRITE_REFUSALS[case]
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", os.devnull)
     if case == "disk":
         monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**6, 10**6 - 1000, 1000))
-    if case == "wandb unreachable":  # refused after the old run was moved aside: it must come back
+    if case == "wandb unreachable":
 
         def unreachable(cfg, run_id=None):
             raise ConfigError("wandb could not start the run at http://127.0.0.1:9 within 1 s")
-        monkeypatch.setattr(rundir, "start_wandb", unreachable)
+        monkeypatch.setattr(tracking, "start_wandb", unreachable)
     before = snapshot(run)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         train.main(tiny_args(data_dir, run, *TINY, "--overwrite=True", *extra))
     assert snapshot(run) == before
+    assert "overwrite: moved" not in capsys.readouterr().out  # refused before out_dir was touched at all
     assert not (run / rundir.ASIDE).exists()
 
 

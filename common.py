@@ -114,7 +114,7 @@ def rendezvous(rank, world_size, addr, port):
         if missing is None:
             gone = [r for r in range(world_size) if not store.check([f"{prefix}{r}"])]
             missing = ", ".join(map(str, gone[:16])) + (f" ... ({len(gone)} in all)" if len(gone) > 16 else "")
-        if host:  # tell the ranks that did come, then stop hosting
+        if host and joined > 1:  # tell the ranks that did come, then stop hosting
             store.set(verdict, missing)
             time.sleep(0.5)
         raise DistributedSetupError(f"rank {rank}: rank(s) {missing} of {world_size} did not join the rendezvous at "

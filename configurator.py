@@ -249,7 +249,9 @@ def ignored(cfg, defaults):
     for key in defaults:
         if cfg[key] != defaults[key] and not applies(key, cfg):
             on, values = _condition(key)
-            need = " or ".join(f"{k}={v!r}" for k in on for v in values)
+            vals = [repr(v) for v in values]
+            one = vals[0] if len(vals) == 1 else ", ".join(vals[:-1]) + " or " + vals[-1]
+            need = " or ".join(f"{k}={one}" for k in on)
             have = ", ".join(f"{k}={cfg[k]!r}" for k in on)
             notes[key] = f"{key}={cfg[key]!r} is ignored: it applies with {need} (this run: {have})"
     return notes

@@ -80,9 +80,10 @@ def start_wandb(cfg, run_id=None):
         return wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg,
                           mode=cfg["wandb_mode"], id=run_id, resume="allow",
                           settings=wandb.Settings(init_timeout=timeout))
-    except (wandb.errors.Error, TimeoutError, ConnectionError) as e:  # no network, a rejected key, a dead server
+    except Exception as e:  # no network, a rejected key, a dead server, a bad WANDB_* variable: wandb's own types
         url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-        raise ConfigError(f"wandb could not start the run at {url} within {timeout:g} s ({str(e).splitlines()[0]}); "
+        raise ConfigError(f"wandb could not start the run at {url} within {timeout:g} s ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:300]}); "
                           f"check the network and the key, or pass --wandb_mode=offline and sync later with "
                           f"`wandb sync` (WANDB_INIT_TIMEOUT sets the wait)") from None
 

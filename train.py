@@ -370,8 +370,8 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     tokens = ckpt.get("tokens", start_step * tokens_per_step) if ckpt is not None else 0
 
     # wandb, the last check (a server that does not answer), then the run's first write in out_dir
-    wandb_run = rundir.on_rank0(lambda: tracking.start_wandb(cfg, (ckpt or {}).get("wandb_id")) if cfg["wandb_log"]
-                                else None, ddp, master)
+    run_id = (ckpt or {}).get("wandb_id")
+    wandb_run = rundir.on_rank0(lambda: tracking.start_wandb(cfg, run_id), ddp, master) if cfg["wandb_log"] else None
     if wandb_run is not None:  # a run that stops by an error is marked failed on wandb
         run_scope.push(lambda exc_type, *_: wandb_run.finish(exit_code=1) if exc_type else None)
     old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope, raw_model), ddp, master)  # --overwrite: aside

@@ -68,7 +68,7 @@ DEFAULTS = dict(
     core_max_per_task=-1,  # items per CORE task at the end; -1 -> all
     resume=False,  # continue from <out_dir>/ckpt.pt
     resume_from="",  # continue from this checkpoint (ckpt_2000.pt in out_dir, a path or a run dir); implies resume
-    overwrite=False,  # start afresh in an out_dir that holds a run (deleted once the new run's first checkpoint is written)
+    overwrite=False,  # start afresh in an out_dir holding a run (deleted at the new run's first checkpoint)
     keep_checkpoints=0,  # also keep the last K checkpoints as <out_dir>/ckpt_<step>.pt; 0 -> ckpt.pt only
     # wandb
     wandb_log=False,  # log to Weights & Biases
@@ -189,8 +189,8 @@ def resolve(cfg, config_name, world_size, device_type):
     if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")):
         from data.prepare import prepare_command
         raise ConfigError(f"config key 'dataset': {cfg['data_dir']} has no meta.json; prepare it with "
-                          f"`{prepare_command(cfg['data_dir'], {'dataset': cfg['dataset']})}` (or point 'data_dir' at a "
-                          f"prepared directory)")
+                          f"`{prepare_command(cfg['data_dir'], {'dataset': cfg['dataset']})}` (or point "
+                          f"'data_dir' at a prepared directory)")
     try:
         meta = load_meta(cfg["data_dir"])
     except (ValueError, OSError) as e:
@@ -301,8 +301,8 @@ def loaders(cfg, ckpt, rank, world_size, master, device):
     eval_batch_size = cfg["eval_batch_size"] or cfg["batch_size"]
     try:
         train_loader = TrainLoader(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], rank, world_size, cfg["seed"])
-        val_loader = ValLoader(cfg["data_dir"], eval_batch_size, cfg["block_size"], cfg["eval_tokens"], rank, world_size,
-                               knob=f"eval_tokens ({cfg['eval_tokens']})")
+        val_loader = ValLoader(cfg["data_dir"], eval_batch_size, cfg["block_size"], cfg["eval_tokens"], rank,
+                               world_size, knob=f"eval_tokens ({cfg['eval_tokens']})")
         token_bytes = load_token_bytes(cfg["data_dir"]).to(device)
         diag_x = None
         if cfg["scheme"] != "plain":  # the first val windows; made on every rank, so that all stop alike
@@ -374,7 +374,7 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     wandb_run = rundir.on_rank0(lambda: tracking.start_wandb(cfg, run_id), ddp, master) if cfg["wandb_log"] else None
     if wandb_run is not None:  # a run that stops by an error is marked failed on wandb
         run_scope.push(lambda exc_type, *_: wandb_run.finish(exit_code=1) if exc_type else None)
-    old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope, raw_model), ddp, master)  # --overwrite: aside
+    old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope, raw_model), ddp, master)
     rundir.on_rank0(lambda: rundir.start_log(cfg, ckpt, start_step, {
         "world_size": world_size, "grad_accum": grad_accum, "num_params": raw_model.num_params(),
         "flops_per_token": flops_per_token, "tokens": tokens,

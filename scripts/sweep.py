@@ -15,7 +15,8 @@ that cannot take an n (mhc_lite beyond n = 6: n! logits) is left out with a note
 `--` are passed to every run as extra overrides. With --nnodes > 1 the commands use c10d
 rendezvous at $MASTER_ADDR:$MASTER_PORT; run each one on every node. A key the sweep sets for
 each run (scheme, n_streams, seed, wandb_run_name, out_dir) is refused after `--`, naming the
-flag that sets it, and every run's config is checked with train.py's value rules before anything prints. The process count per node is
+flag that sets it, and every run's config is checked with train.py's value rules before anything
+prints. The process count per node is
 this machine's GPU count unless --nproc says (0, a plain `python train.py`, without CUDA or for CPU
 configs), and a global batch that does not divide over the processes is an error before anything prints.
 """

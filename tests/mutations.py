@@ -142,14 +142,14 @@ MUTATIONS = [
          "return conn.phi, conn.gamma, conn.alpha_post, conn.b_pre, False")],
      ["tests/test_kernels_reference.py"]),
     # ---- bad input: nothing lost, nothing silently wrong (tests/test_bad_input.py)
-    ("overwrite deletes the old run at once", [("rundir.py", "            fsync_dir(self.dir)\n            fsync_dir(out)",
-                                                "            shutil.rmtree(self.dir)\n            fsync_dir(out)")],
+    ("overwrite deletes the old run at once", [("rundir.py", "fsync_dir(self.dir)\n            fsync_dir(out)",
+                                                "shutil.rmtree(self.dir)\n            fsync_dir(out)")],
      [BAD, "-k", "overwrite"]),
     ("overwritten run not moved back", [("rundir.py", "self.discard() if exc_type is None else self.restore()",
                                          "self.discard()")], [BAD, "-k", "overwrite"]),
     ("out_dir claimed before the loaders", [
-        ("train.py", "    old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope, raw_model), ddp, master)",
-         "    pass"),
+        ("train.py", "    old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(",
+         "    old_run = (lambda *a: None)(("),
         ("train.py", "    train_loader, val_loader, token_bytes, diag_x = loaders(",
          "    old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope, raw_model), ddp, master)\n"
          "    train_loader, val_loader, token_bytes, diag_x = loaders(")], [BAD, "-k", "refused_overwrite"]),

@@ -462,7 +462,8 @@ def test_never_prepared(tmp_path):
 
 def test_missing_shard(damaged):
     (damaged / "train_000002.bin").unlink()
-    with pytest.raises(FileNotFoundError, match=rf"train_000002\.bin.*prepare\.py fineweb_edu .*--out-dir {damaged} --restart"):
+    with pytest.raises(FileNotFoundError, match=rf"train_000002\.bin.*prepare\.py fineweb_edu .*--out-dir {damaged} "
+                                                r"--restart"):
         TrainLoader(damaged, 2, 8)
 
 

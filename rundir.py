@@ -1,7 +1,8 @@
 """A run's directory (out_dir): its lock, its checkpoints and its log.
 
     check_out_dir           read-only, with the run's other checks: a run already in out_dir is
-                            refused unless resumed or --overwrite, an unwritable or full disk too
+                            refused unless resumed or --overwrite, an unwritable folder too
+    check_disk              read-only: room for a checkpoint of this model
     claim_out_dir           the run's first write, after every check: out_dir made and locked for
                             the run's life; with --overwrite the old run moved aside (OldRun)
     OldRun                  the overwritten run in <out_dir>/.overwritten/<time>/: deleted once the new
@@ -9,7 +10,8 @@
     on_rank0                a step only rank 0 takes (out_dir, wandb), its ConfigError raised on every rank
     write_checkpoint        atomic and durable (tmp, fsync, rename), ckpt_<step>.pt kept and pruned
     load_checkpoint         read one back, or a CheckpointError naming the file and the fix
-    load_resume_checkpoint  the checkpoint to resume, refused when it is from other data or seed
+    load_resume_checkpoint  the checkpoint to resume, refused when it is from other data or seed,
+                            or at or past max_iters
     load_model              a GPT from a checkpoint, for the evaluation and sampling scripts
     load_tokenizer          the tokenizer a checkpoint's run was trained with
     save_checkpoint         a training run's checkpoint: the model, the optimizer, every rank's
@@ -127,12 +129,10 @@ def check_disk(cfg, raw_model):
                           f"--checkpoint=False")
 
 
-def claim_out_dir(cfg, run_scope, raw_model):
-    """The run's first write in out_dir, after every check that can refuse the run (the last: the disk
-    space for a checkpoint of raw_model): make out_dir and lock it for the run's life (in run_scope);
-    with --overwrite move the run there aside. -> OldRun or None."""
+def claim_out_dir(cfg, run_scope):
+    """The run's first write in out_dir, after every check that can refuse the run: make out_dir and
+    lock it for the run's life (in run_scope); with --overwrite move the run there aside. -> OldRun or None."""
     out = cfg["out_dir"]
-    check_disk(cfg, raw_model)
     try:
         os.makedirs(out, exist_ok=True)
         run_scope.enter_context(dir_lock(out, ".train.lock", "train.py run"))  # released by the OS if we die

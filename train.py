@@ -369,12 +369,13 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     # tokens trained so far, counted (a resume may change the batch): the checkpoint carries them
     tokens = ckpt.get("tokens", start_step * tokens_per_step) if ckpt is not None else 0
 
-    # wandb, the last check (a server that does not answer), then the run's first write in out_dir
+    # the last checks (the disk, wandb's server), then the run's first write in out_dir
+    rundir.on_rank0(lambda: rundir.check_disk(cfg, raw_model), ddp, master)
     run_id = (ckpt or {}).get("wandb_id")
     wandb_run = rundir.on_rank0(lambda: tracking.start_wandb(cfg, run_id), ddp, master) if cfg["wandb_log"] else None
     if wandb_run is not None:  # a run that stops by an error is marked failed on wandb
         run_scope.push(lambda exc_type, *_: wandb_run.finish(exit_code=1) if exc_type else None)
-    old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope, raw_model), ddp, master)
+    old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope), ddp, master)  # --overwrite: aside
     rundir.on_rank0(lambda: rundir.start_log(cfg, ckpt, start_step, {
         "world_size": world_size, "grad_accum": grad_accum, "num_params": raw_model.num_params(),
         "flops_per_token": flops_per_token, "tokens": tokens,

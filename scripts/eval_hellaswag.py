@@ -51,8 +51,9 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--out", default=None, help="results JSON (default: <run dir>/hellaswag.json; '-' for none)")
     args = ap.parse_args(argv)
-    out = str(resolve_ckpt(args.ckpt).parent / "hellaswag.json") if args.out is None else args.out
-    why = out_file_error(out)  # now, not after the evaluation
+    ckpt = resolve_ckpt(args.ckpt)
+    default = ckpt.parent / "hellaswag.json" if ckpt.is_file() else None  # a missing checkpoint is named later
+    why = out_file_error(args.out if args.out is not None else default)  # now, not after the evaluation
     if why:
         ap.error(f"argument --out: {why}")
     return run_cli(lambda: _main(args), "eval_hellaswag.py")

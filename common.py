@@ -1,17 +1,21 @@
 """What hcgpt's commands share: where they run and how they end.
 
-    init_distributed   torchrun's process group (or one process) and this rank's device
+    init_distributed   torchrun's process group (or one process) and this rank's device; a rendezvous
+                       that does not complete ends after $HCGPT_RENDEZVOUS_TIMEOUT s, naming the missing ranks
     check_device / setup_device / autocast   the --device and --dtype of the scripts
     bf16_peak / peak_flops   the one table of dense bf16 peaks, for MFU (train.py, scripts/bench.py)
     flag_nonfinite     the NaN/inf check of a training step without a host sync
     rng_state          every random stream of a process, saved in checkpoints for exact resume
     run_cli            a script's body: a user's mistake ends in one line and exit status 1
+    out_file_error     a results file that cannot be written, said before the work that produces it
 """
 
 import argparse
 import os
 import random
+import socket
 import sys
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -22,16 +26,119 @@ import torch.distributed as dist
 # -----------------------------------------------------------------------------
 # devices and processes
 
+TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+RENDEZVOUS_TIMEOUT_ENV = "HCGPT_RENDEZVOUS_TIMEOUT"  # seconds every rank waits for the others at start
+RENDEZVOUS_TIMEOUT = 300.0
+
+
+class DistributedSetupError(RuntimeError):
+    """The torchrun environment is incomplete, or the ranks did not all meet in time."""
+
+
+def torchrun_env():
+    """(rank, local_rank, world_size, master_addr, master_port) from torchrun's variables, or None
+    without RANK (one process); DistributedSetupError naming what is missing or wrong."""
+    env = {k: os.environ.get(k) for k in TORCHRUN_ENV}
+    if env["RANK"] in (None, "", "-1"):
+        return None
+    seen = ", ".join(f"{k}={env[k]}" if env[k] is not None else f"{k} unset" for k in TORCHRUN_ENV)
+    missing = [k for k in TORCHRUN_ENV if not env[k]]
+    if missing:
+        raise DistributedSetupError(f"RANK is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                                    f"({seen}); launch with torchrun (e.g. `torchrun --standalone --nproc_per_node=N "
+                                    f"train.py ...`), or unset RANK to run one process")
+    try:
+        rank, local_rank, world_size, port = (int(env[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"))
+    except ValueError:
+        raise DistributedSetupError(f"RANK, LOCAL_RANK, WORLD_SIZE and MASTER_PORT must be integers ({seen})") from None
+    if not (0 <= rank < world_size and 0 <= local_rank <= rank and 0 < port < 2**16):
+        raise DistributedSetupError(f"inconsistent torchrun environment ({seen}): need 0 <= LOCAL_RANK <= RANK < "
+                                    f"WORLD_SIZE and MASTER_PORT in 1..65535")
+    return rank, local_rank, world_size, env["MASTER_ADDR"], port
+
+
+def rendezvous_timeout():
+    """Seconds to wait for every rank at start: $HCGPT_RENDEZVOUS_TIMEOUT, default 300."""
+    text = os.environ.get(RENDEZVOUS_TIMEOUT_ENV)
+    try:
+        seconds = float(text) if text else RENDEZVOUS_TIMEOUT
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise DistributedSetupError(f"{RENDEZVOUS_TIMEOUT_ENV}={text!r} must be a number of seconds > 0")
+    return seconds
+
+
+def rendezvous(rank, world_size, addr, port):
+    """The TCPStore of the process group, once all world_size ranks have joined it; after
+    rendezvous_timeout() seconds a DistributedSetupError naming the ranks that did not come.
+    (torch's own env:// rendezvous waits its 30-minute collective timeout and names no one.)"""
+    from datetime import timedelta
+    timeout = rendezvous_timeout()
+    wait = timedelta(seconds=timeout)
+    seen = ", ".join(f"{k}={os.environ.get(k)}" for k in TORCHRUN_ENV)
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts the store
+    host = not agent and rank == 0
+    deadline = time.monotonic() + timeout
+    while not host:  # rank 0's store up? (polled here: torch's own retries print C++ stack traces)
+        try:
+            socket.create_connection((addr, port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise DistributedSetupError(f"rank {rank}: the rendezvous at {addr}:{port} was not reachable within "
+                                            f"{timeout:g} s: rank 0 has not started, or MASTER_ADDR/MASTER_PORT point "
+                                            f"elsewhere ({seen}; {RENDEZVOUS_TIMEOUT_ENV} sets the wait)") from None
+            time.sleep(0.1)
+    try:
+        store = dist.TCPStore(addr, port, world_size, is_master=host, timeout=wait, wait_for_workers=False,
+                              multi_tenant=host)
+    except Exception as e:  # DistNetworkError / DistStoreError / RuntimeError, by torch version
+        why = "is MASTER_PORT in use by another program?" if host else "did rank 0 stop?"
+        raise DistributedSetupError(f"rank {rank}: the rendezvous at {addr}:{port} failed "
+                                    f"({str(e).splitlines()[0][:200]}); {why} ({seen})") from None
+    prefix = f"hcgpt/joined/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    store.set(f"{prefix}{rank}", "1")
+    joined, verdict, missing = store.add(f"{prefix}count", 1), f"{prefix}missing", None
+    while joined < world_size and time.monotonic() < deadline:  # polled: a timed-out store.wait prints C++ noise
+        time.sleep(0.05)
+        try:
+            joined = store.add(f"{prefix}count", 0)
+            if not host and store.check([verdict]):  # rank 0 gave up: its count, not a dropped connection
+                missing = store.get(verdict).decode()
+                break
+        except Exception:  # DistNetworkError: the store's host failed
+            raise DistributedSetupError(f"rank {rank}: the rendezvous at {addr}:{port} closed before all "
+                                        f"{world_size} ranks joined ({seen})") from None
+    if joined < world_size:
+        if missing is None:
+            gone = [r for r in range(world_size) if not store.check([f"{prefix}{r}"])]
+            missing = ", ".join(map(str, gone[:16])) + (f" ... ({len(gone)} in all)" if len(gone) > 16 else "")
+        if host and joined > 1:  # tell the ranks that did come, then stop hosting
+            store.set(verdict, missing)
+            time.sleep(0.5)
+        raise DistributedSetupError(f"rank {rank}: rank(s) {missing} of {world_size} did not join the rendezvous at "
+                                    f"{addr}:{port} within {timeout:g} s ({seen}); start every rank (torchrun "
+                                    f"--nproc_per_node, the same command on every node), or raise "
+                                    f"{RENDEZVOUS_TIMEOUT_ENV}")
+    store.set_timeout(timedelta(minutes=30))  # torch's default for what follows (collectives, NCCL set-up)
+    return store
+
+
 def init_distributed(device_type):
-    """Under torchrun (RANK set): join the process group (nccl on CUDA, gloo on CPU) and pick this
-    rank's GPU. -> (ddp, rank, local_rank, world_size, device)."""
-    if int(os.environ.get("RANK", -1)) == -1:
+    """Under torchrun (RANK set): join the process group (nccl on CUDA, gloo on CPU), after every rank
+    has met within $HCGPT_RENDEZVOUS_TIMEOUT seconds, and pick this rank's GPU.
+    -> (ddp, rank, local_rank, world_size, device)."""
+    env = torchrun_env()
+    if env is None:
         return False, 0, 0, 1, device_type
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local_rank, world_size, addr, port = env
     device = f"cuda:{local_rank}" if device_type == "cuda" else "cpu"
     if device_type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    store = rendezvous(rank, world_size, addr, port)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", store=store, rank=rank,
+                            world_size=world_size)
     return True, rank, local_rank, world_size, device
 
 
@@ -39,14 +146,8 @@ def setup_device(device="auto"):
     """-> (device, device_type, rank, world_size); initialises torch.distributed under torchrun."""
     device = check_device(device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    if int(os.environ.get("RANK", -1)) != -1:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if device_type == "cuda":
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-        return device, device_type, dist.get_rank(), dist.get_world_size()
-    return device, device_type, 0, 1
+    ddp, rank, _, world_size, ddp_device = init_distributed(device_type)
+    return (ddp_device if ddp else device), device_type, rank, world_size
 
 
 def check_device(device):
@@ -166,6 +267,32 @@ def positive_int(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def out_file_error(path):
+    """Why a script cannot write its results file at path, or None ("-" or None: no file). Checked
+    when the script starts: a long evaluation must not end in a missing folder."""
+    if path in (None, "-"):
+        return None
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{path} is a directory; pass a file path"
+    if not os.path.isdir(parent):
+        return f"the folder {parent} does not exist; create it, or pass another path"
+    if not os.access(parent, os.W_OK):
+        return f"cannot write in {parent}; pass another path"
+    return None
+
+
+def non_negative_int(text):
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
 
 

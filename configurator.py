@@ -7,17 +7,22 @@ Arguments are applied left to right on top of the defaults: a path is a Python c
 whose top-level assignments set keys; `--key=value` sets one key (the value is a Python
 literal, or a bare string); `--key` alone sets a bool key to True. An unknown key, or a
 value whose type does not match the default's, is an error naming the key. Names in a config
-file that start with "_", and imported modules, are not config keys. A config file that cannot
-be read or compiled, or raises when run, is an error naming the file and line.
+file that start with "_", that an import binds (`import math`, `from math import sqrt`), or
+that hold a module, function or class are not config keys, unless they are the name of a key.
+`key: value` (an annotation, which sets nothing) is an error naming the line: write `key = value`.
+A config file that cannot be read or compiled, or raises when run, is an error naming the file
+and line; an argument without `--` that is no file but looks like `key=value` suggests `--key=value`.
 
     load      the config: defaults, then config files and overrides in order
     validate  the values train.py's keys may take, each error naming its key
+    ignored   the keys set to something the run does not use (APPLIES: which key applies to what)
     usage     --help: every key with its default and comment, read from train.py's DEFAULTS
 """
 
 import ast
 import difflib
 import io
+import os
 import tokenize
 import types
 
@@ -62,9 +67,10 @@ def run_config_file(path):
     """The top-level names a config file sets; any error names the file (and line) instead of a traceback."""
     try:
         with open(path) as f:
-            code = compile(f.read(), path, "exec")
+            code_text = f.read()
+        code = compile(code_text, path, "exec")
     except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} not found") from None
+        raise ConfigError(f"config file {path!r} not found") from None  # load() words the `key=value` case
     except IsADirectoryError:
         raise ConfigError(f"config file {path!r} is a directory; pass a Python file (configs/*.py)") from None
     except (OSError, ValueError) as e:  # not UTF-8, null bytes, no permission
@@ -73,6 +79,13 @@ def run_config_file(path):
         where = f", line {e.lineno}" if e.lineno else ""
         raise ConfigError(f"config file {path!r}{where}: syntax error ({e.msg}); "
                           f"fix that line (a config file is Python: key = value)") from None
+    tree = ast.parse(code_text, path)
+    for node in tree.body:  # `n_layer: 2` (YAML habit) is an annotation: Python sets nothing
+        if isinstance(node, ast.AnnAssign) and node.value is None and isinstance(node.target, ast.Name):
+            raise ConfigError(f"config file {path!r}, line {node.lineno}: `{ast.unparse(node)}` is an annotation, "
+                              f"which sets nothing; write `{node.target.id} = {ast.unparse(node.annotation)}`")
+    imported = {(a.asname or a.name).split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names if a.name != "*"}
     namespace = {}
     try:
         exec(code, namespace)
@@ -83,7 +96,7 @@ def run_config_file(path):
             tb = tb.tb_next
         where = f", line {line}" if line else ""
         raise ConfigError(f"config file {path!r}{where} raised {type(e).__name__}: {e}; fix the file") from None
-    return namespace
+    return namespace, imported
 
 
 def load(defaults, argv, allowed_types=None):
@@ -106,8 +119,19 @@ def load(defaults, argv, allowed_types=None):
                     raise ConfigError(f"override {arg!r}: expected --{key}=VALUE")
             set_key(key, parse_value(val), f"override {arg!r}")
         else:
-            for key, value in run_config_file(arg).items():
-                if key.startswith("_") or isinstance(value, types.ModuleType):
+            key, eq, val = arg.partition("=")
+            if eq and not os.path.exists(arg):  # `python train.py n_layer=2`
+                if key in defaults:
+                    raise ConfigError(f"argument {arg!r} is not a config file; to set the key write --{key}={val}")
+                close = difflib.get_close_matches(key, list(defaults), n=1)
+                hint = f"; did you mean --{close[0]}={val}?" if close else ""
+                raise ConfigError(f"config file {arg!r} not found, and {key!r} is not a config key either "
+                                  f"(an override is written --key=value){hint}")
+            namespace, imported = run_config_file(arg)
+            for key, value in namespace.items():
+                not_a_key = key in imported or isinstance(value, (types.ModuleType, types.FunctionType,
+                                                                  types.BuiltinFunctionType, type))
+                if key.startswith("_") or (key not in defaults and not_a_key):
                     continue
                 set_key(key, value, f"config file {arg!r}")
     return config
@@ -186,6 +210,54 @@ def validate(cfg):
     if cfg["optimizer"] == "muon" and cfg["arch"] != "nanochat":
         raise ConfigError(f"config key 'optimizer' is 'muon', nanochat's optimizer, which takes arch='nanochat' "
                           f"(got arch={cfg['arch']!r}); add --arch=nanochat or use --optimizer=adamw")
-    for key in ("muon_momentum", "muon_momentum_start"):
+    for key in ("beta1", "beta2", "muon_momentum", "muon_momentum_start"):
         if not 0.0 <= cfg[key] < 1.0:
             raise ConfigError(f"config key {key!r} must be in [0, 1), got {cfg[key]}")
+
+
+PATHS = ("out_dir", "data_dir", "resume_from", "hellaswag_file", "core_bundle_dir")  # "~" is expanded (train.resolve)
+
+# Which keys apply to what: a key set (away from its default) where its condition does not hold is
+# accepted, so one config file can serve every scheme, and noted once at the start of the run.
+NOT_PLAIN = ("hc", "mhc", "mhc_lite", "kromhc")
+APPLIES = [
+    (("kron_factors",), "scheme", ("kromhc",)),
+    (("sinkhorn_iters", "sinkhorn_end"), "scheme", ("mhc",)),
+    (("res_logit_init",), "scheme", ("mhc", "mhc_lite", "kromhc")),
+    (("decay_static",), "scheme", ("hc", "mhc")),  # the schemes with 2-D static coefficients
+    (("gate_init", "readout", "hc_branch_init_scale_sqrt_n", "diag_batch_size"), "scheme", NOT_PLAIN),
+    (("matrix_lr", "embedding_lr", "unembedding_lr", "muon_momentum", "muon_momentum_start", "muon_momentum_warmup",
+      "hc_optimizer"), "optimizer", ("muon",)),
+    (("warmdown_frac",), "lr_schedule", ("linear",)),
+    (("hellaswag_limit",), "hellaswag", (True,)),
+    (("hellaswag_file",), ("hellaswag", "final_hellaswag"), (True,)),
+    (("core_bundle_dir", "core_max_per_task"), "final_core", (True,)),
+    (("wandb_project", "wandb_mode"), "wandb_log", (True,)),
+]
+
+
+def _condition(key):
+    for keys, on, values in APPLIES:
+        if key in keys:
+            return ((on,) if isinstance(on, str) else on), values
+    return None
+
+
+def applies(key, cfg):
+    """Whether this run uses key (APPLIES)."""
+    cond = _condition(key)
+    return cond is None or any(cfg[k] in cond[1] for k in cond[0])
+
+
+def ignored(cfg, defaults):
+    """{key: why} for every key set away from its default that this run does not use (APPLIES)."""
+    notes = {}
+    for key in defaults:
+        if cfg[key] != defaults[key] and not applies(key, cfg):
+            on, values = _condition(key)
+            vals = [repr(v) for v in values]
+            one = vals[0] if len(vals) == 1 else ", ".join(vals[:-1]) + " or " + vals[-1]
+            need = " or ".join(f"{k}={one}" for k in on)
+            have = ", ".join(f"{k}={cfg[k]!r}" for k in on)
+            notes[key] = f"{key}={cfg[key]!r} is ignored: it applies with {need} (this run: {have})"
+    return notes

@@ -679,11 +679,11 @@ def core_line(res):
     return f"{name} {res['core']:.4f} (x100: {100 * res['core']:.3f})"
 
 
-def run_final_evals(final, raw_model, cfg, step, tokens_per_step, device, ctx, master, log, enc):
+def run_final_evals(final, raw_model, cfg, step, tokens, device, ctx, master, log, enc):
     """HellaSwag and CORE once, at the end of the run, on every rank (the counts are all-reduced),
     with enc, the run's tokenizer (rundir.data_tokenizer). Logged as a "final" record and written to
     <out_dir>/hellaswag.json and core.json, as the eval scripts write them (plot_runs.py reads them)."""
-    record = {"type": "final", "step": step, "tokens": step * tokens_per_step}
+    record = {"type": "final", "step": step, "tokens": tokens}
     wandb_data, files = {}, {}
     if final["hellaswag"]:
         path, examples = final["hellaswag"]
@@ -709,6 +709,6 @@ def run_final_evals(final, raw_model, cfg, step, tokens_per_step, device, ctx, m
         ckpt = os.path.join(cfg["out_dir"], "ckpt.pt")
         for name, content in files.items():
             with open(os.path.join(cfg["out_dir"], name), "w") as f:
-                json.dump({**content, "step": step, "tokens": step * tokens_per_step, "ckpt": ckpt}, f, indent=1)
+                json.dump({**content, "step": step, "tokens": tokens, "ckpt": ckpt}, f, indent=1)
     log(record, wandb_data)
     return {k: record[k] for k in ("hellaswag_acc_norm", "core") if k in record}

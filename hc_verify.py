@@ -40,6 +40,28 @@ class FusedCheckError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------
+# before anything is built: the one-line refusals train.py and scripts/bench.py share
+
+def setup_error(scheme, n_streams, dim, fused="auto", device_type="cpu", stream_dtype=torch.float32, **options):
+    """Why `scheme` cannot run at n_streams streams of width dim with fused=... on device_type, as one
+    line naming the setting to change, or None. options: hc.make_connection's (kron_factors, ...)."""
+    try:
+        conn = hc.make_connection(scheme, dim, n_streams, 0, **options)
+    except ValueError as e:  # a scheme that cannot take this n, factors that do not fit, ...
+        return f"model config: {e}"
+    if fused != "on" or isinstance(conn, hc.Plain):
+        return None
+    import hc_kernels
+    probe = torch.empty(1, 1, n_streams, dim, device=device_type, dtype=stream_dtype)
+    why = hc_kernels.unsupported(conn, probe)
+    if why is not None:
+        return (f"config key 'fused' is 'on' but the fused kernels cannot run {scheme} at n_streams={n_streams} "
+                f"here: {why}; use fused='auto' (the kernels where they pass their check, else the torch path) or "
+                f"'off'")
+    return None
+
+
+# ----------------------------------------------------------------------------------------
 # one check
 
 def perturb(conn, seed=0):

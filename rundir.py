@@ -1,10 +1,17 @@
 """A run's directory (out_dir): its lock, its checkpoints and its log.
 
-    check_out_dir           one run per out_dir: locked for the run's life; a run already there is
-                            refused unless resumed or --overwrite
+    check_out_dir           read-only, with the run's other checks: a run already in out_dir is
+                            refused unless resumed or --overwrite, an unwritable folder too
+    check_disk              read-only: room for a checkpoint of this model
+    claim_out_dir           the run's first write, after every check: out_dir made and locked for
+                            the run's life; with --overwrite the old run moved aside (OldRun)
+    OldRun                  the overwritten run in <out_dir>/.overwritten/<time>/: deleted once the new
+                            run's first checkpoint is on disk, moved back if the new run stops before
+    on_rank0                a step only rank 0 takes (out_dir, wandb), its ConfigError raised on every rank
     write_checkpoint        atomic and durable (tmp, fsync, rename), ckpt_<step>.pt kept and pruned
     load_checkpoint         read one back, or a CheckpointError naming the file and the fix
-    load_resume_checkpoint  the checkpoint to resume, refused when it is from other data or seed
+    load_resume_checkpoint  the checkpoint to resume, refused when it is from other data or seed,
+                            or at or past max_iters
     load_model              a GPT from a checkpoint, for the evaluation and sampling scripts
     load_tokenizer          the tokenizer a checkpoint's run was trained with
     save_checkpoint         a training run's checkpoint: the model, the optimizer, every rank's
@@ -15,10 +22,12 @@
 Every problem a user can cause is a ConfigError (or CheckpointError) naming the key or file and the fix.
 """
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,7 +40,6 @@ from data import tokenizer as toklib
 from data.loader import data_id
 from data.shards import DirLocked, dir_lock
 from model import GPT, GPTConfig
-from tracking import start_wandb
 
 
 class CheckpointWriteError(RuntimeError):
@@ -47,20 +55,86 @@ class CheckpointError(ValueError):
 # -----------------------------------------------------------------------------
 # the directory and its log
 
-def check_out_dir(cfg, run_scope):
-    """Make out_dir, lock it for the run's life (in run_scope), and refuse to mix two runs in it."""
+RUN_FILE = re.compile(r"ckpt(_\d+)?\.pt(\.tmp)?|log\.jsonl|hellaswag\.json|core\.json")  # what a run writes there
+ASIDE = ".overwritten"  # --overwrite moves the old run into <out_dir>/.overwritten/<time>/ until it is safe to delete
+
+
+def run_files(out):
+    return sorted(f for f in os.listdir(out) if RUN_FILE.fullmatch(f)) if os.path.isdir(out) else []
+
+
+def on_rank0(fn, ddp, master):
+    """fn() on rank 0, which alone writes in out_dir and talks to wandb; its ConfigError is raised on
+    every rank (a rank left waiting in a collective would hang). -> fn's result on rank 0, else None."""
+    result, verdict = None, [None]
+    if master:
+        try:
+            result = fn()
+        except ConfigError as e:
+            verdict = [str(e)]
+    if ddp:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise ConfigError(verdict[0])
+    return result
+
+
+def check_out_dir(cfg):
+    """Everything about out_dir that can refuse the run, read-only (nothing is made, locked or moved):
+    -> a description of the run already there that --overwrite replaces, or None."""
     out = cfg["out_dir"]
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"config key 'out_dir': {out} is a file, not a directory; pass another --out_dir")
-    names = os.listdir(out) if os.path.isdir(out) else []
-    ckpts = sorted(f for f in names if f.startswith("ckpt") and f.endswith(".pt"))
     if cfg["resume"] and cfg["overwrite"]:
         raise ConfigError("config keys 'resume' and 'overwrite' contradict each other; pass one of them")
+    files = run_files(out)
+    ckpts = [f for f in files if f.endswith(".pt")]
     if cfg["resume"] and not os.path.isfile(cfg["resume_from"]):
         key = "resume" if cfg["resume_from"] == os.path.join(out, "ckpt.pt") else "resume_from"
         raise ConfigError(f"config key {key!r} is set but there is no checkpoint at {cfg['resume_from']}"
                           + (f" ({out} holds {', '.join(ckpts)}; pick one with --resume_from=FILE)" if ckpts
                              else f"; drop --{key} to start a new run"))
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):  # the folder that will hold it
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+        raise ConfigError(f"config key 'out_dir': cannot write in {out} ({parent} is not a writable directory); "
+                          f"pass a writable --out_dir")
+    log_path = os.path.join(out, "log.jsonl")
+    if cfg["resume"] or not (ckpts or os.path.exists(log_path)):
+        return None
+    steps = [r["step"] for r in (read_log(log_path) if os.path.exists(log_path) else []) if "step" in r]
+    what = f"a run that reached step {max(steps)}" if steps else "a run"
+    if not cfg["overwrite"]:
+        aside = os.path.join(out, ASIDE)
+        earlier = (f" (an earlier run that --overwrite moved aside is in {aside}/: move its files back into {out} "
+                   f"to restore it)" if os.path.isdir(aside) else "")
+        raise ConfigError(f"config key 'out_dir': {out} already holds {what} ({', '.join(ckpts) or 'log.jsonl'}); "
+                          f"continue it with --resume, pick another --out_dir, or start afresh with --overwrite=True "
+                          f"(the old run is deleted once the new run's first checkpoint is written){earlier}")
+    return what
+
+
+def check_disk(cfg, raw_model):
+    """A checkpoint of this model must fit on out_dir's filesystem: said now, not at the first eval."""
+    if not cfg["checkpoint"]:
+        return
+    place = os.path.abspath(cfg["out_dir"])
+    while not os.path.exists(place):
+        place = os.path.dirname(place)
+    # the weights and AdamW's two moments (Muon keeps one momentum: less), in their dtypes
+    need = 3 * sum(p.numel() * p.element_size() for p in raw_model.parameters())
+    free = shutil.disk_usage(place).free
+    if free < need:
+        raise ConfigError(f"config key 'out_dir': {place} has {free / 2**20:,.1f} MiB free but a checkpoint of this "
+                          f"model needs about {need / 2**20:,.1f} MiB; free space, pick another --out_dir, or "
+                          f"--checkpoint=False")
+
+
+def claim_out_dir(cfg, run_scope):
+    """The run's first write in out_dir, after every check that can refuse the run: make out_dir and
+    lock it for the run's life (in run_scope); with --overwrite move the run there aside. -> OldRun or None."""
+    out = cfg["out_dir"]
     try:
         os.makedirs(out, exist_ok=True)
         run_scope.enter_context(dir_lock(out, ".train.lock", "train.py run"))  # released by the OS if we die
@@ -69,20 +143,64 @@ def check_out_dir(cfg, run_scope):
     except OSError as e:  # read-only, no permission, a path through a file
         raise ConfigError(f"config key 'out_dir': cannot write in {out} ({e.strerror}); pass a writable "
                           f"--out_dir") from None
-    log_path = os.path.join(out, "log.jsonl")
-    if cfg["resume"] or not (ckpts or os.path.exists(log_path)):
-        return
-    steps = [r["step"] for r in (read_log(log_path) if os.path.exists(log_path) else []) if "step" in r]
-    what = f"a run that reached step {max(steps)}" if steps else "a run"
-    if not cfg["overwrite"]:
-        raise ConfigError(f"config key 'out_dir': {out} already holds {what} ({', '.join(ckpts) or 'log.jsonl'}); "
-                          f"continue it with --resume, pick another --out_dir, or delete it and start afresh with "
-                          f"--overwrite=True")
-    for name in ckpts + ["log.jsonl", "ckpt.pt.tmp"]:  # nothing of the old run may mix with the new one
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    print(f"overwrite: deleted {what} in {out}")
+    what = check_out_dir(cfg)  # again, now that out_dir is ours: another run may have ended there meanwhile
+    if what is None:
+        return None
+    old = OldRun(out, what)
+    run_scope.push(old)  # on the way out: deleted if the new run ended well, else moved back
+    return old
 
+
+class OldRun:
+    """The run that --overwrite replaces, moved into <out_dir>/.overwritten/<time>/ (a rename: no copy,
+    no data written) so that nothing of it mixes with the new run. discard() deletes it once the new
+    run's first checkpoint is durably written (or the new run ends well without checkpoints); if the
+    new run stops before, by an error or Ctrl-C, it is moved back. A killed process (kill -9, a lost
+    node) leaves it in .overwritten/, where the refusal to reuse out_dir points."""
+
+    def __init__(self, out, what):
+        self.out, self.what = out, what
+        self.dir = os.path.join(out, ASIDE, time.strftime("%Y%m%d-%H%M%S"))
+        while os.path.exists(self.dir):
+            self.dir += "_"
+        try:
+            os.makedirs(self.dir)
+            for name in run_files(out):
+                os.rename(os.path.join(out, name), os.path.join(self.dir, name))
+            fsync_dir(self.dir)
+            fsync_dir(out)
+        except OSError as e:
+            raise ConfigError(f"config key 'overwrite': cannot move the old run in {out} aside into {self.dir} "
+                              f"({e.strerror}); nothing was deleted") from None
+        print(f"overwrite: moved {what} in {out} to {self.dir}; it is deleted when the new run's first checkpoint "
+              f"is written, and moved back if the new run stops before")
+
+    def discard(self):
+        if self.dir is None:
+            return
+        shutil.rmtree(os.path.join(self.out, ASIDE), ignore_errors=True)  # with any left by a killed attempt
+        self.dir = None
+
+    def restore(self):
+        if self.dir is None:
+            return
+        try:
+            for name in run_files(self.out):  # the new run's: it stopped before its first checkpoint
+                os.remove(os.path.join(self.out, name))
+            for name in os.listdir(self.dir):
+                os.rename(os.path.join(self.dir, name), os.path.join(self.out, name))
+            os.rmdir(self.dir)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(self.out, ASIDE))
+            print(f"overwrite: the new run stopped before its first checkpoint; {self.what} is back in {self.out}")
+        except OSError as e:
+            print(f"overwrite: the new run stopped before its first checkpoint, and moving the old run back failed "
+                  f"({e}); it is in {self.dir}: move its files into {self.out} to restore it")
+        self.dir = None
+
+    def __exit__(self, exc_type, exc, tb):
+        self.discard() if exc_type is None else self.restore()
+        return False
 
 
 def read_log(path):
@@ -114,8 +232,7 @@ def append_log(out_dir, record):
 
 def start_log(cfg, ckpt, start_step, header):
     """log.jsonl's header record ("config", or "resume" after dropping records written after the
-    checkpoint) and the wandb run, on rank 0. -> the wandb run or None."""
-    os.makedirs(cfg["out_dir"], exist_ok=True)
+    checkpoint), on rank 0."""
     log_path = os.path.join(cfg["out_dir"], "log.jsonl")
     if ckpt is not None and os.path.exists(log_path):  # drop records written after the checkpoint
         records = read_log(log_path)  # without a line cut by a crash
@@ -127,7 +244,6 @@ def start_log(cfg, ckpt, start_step, header):
         header["step"] = start_step
     with open(log_path, "w" if ckpt is None else "a") as f:
         f.write(json.dumps(header) + "\n")
-    return start_wandb(cfg, (ckpt or {}).get("wandb_id")) if cfg["wandb_log"] else None
 
 
 # -----------------------------------------------------------------------------
@@ -147,6 +263,7 @@ def write_checkpoint(ckpt, path, keep=0):
     also keep it as ckpt_<step>.pt (a hard link, else a copy) and delete all but the last `keep` of those.
     On failure (disk full, read-only, ...) the partial file is removed and the previous checkpoint stays."""
     out, tmp = os.path.dirname(path) or ".", path + ".tmp"
+    had_one = os.path.exists(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(ckpt, f)
@@ -170,9 +287,19 @@ def write_checkpoint(ckpt, path, keep=0):
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise CheckpointWriteError(f"could not write the step-{ckpt['step']} checkpoint {path} ({e}); the previous "
-                                   f"checkpoint is kept: free space / fix permissions in "
-                                   f"{out}, then rerun with --resume") from None
+        kept = (f"the checkpoint {path} (step {load_step(path)}) is kept: free space / fix permissions in {out}, "
+                f"then rerun with --resume" if had_one else
+                f"no checkpoint of this run was written yet, so there is nothing to resume: free space / fix "
+                f"permissions in {out}, then start the run again with --overwrite=True")
+        raise CheckpointWriteError(f"could not write the step-{ckpt['step']} checkpoint {path} ({e}); {kept}") from None
+
+
+def load_step(path):
+    """The step of the checkpoint at path, or "?" where it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"]
+    except Exception:
+        return "?"
 
 
 
@@ -180,7 +307,8 @@ def save_checkpoint(cfg, step, tokens, raw_model, optimizer, train_loader, meta,
                     extra=None):
     """Every rank's random state and data position gathered; rank 0 writes ckpt.pt (rundir.py); every
     rank stops if it could not. The checkpoint carries the run's tokenizer (tokenizer_record) and
-    extra (the loop's state, e.g. the train-loss EMA)."""
+    extra (the loop's state, e.g. the train-loss EMA). -> whether a checkpoint was written (False with
+    checkpoint=False)."""
     mine = {"rng": rng_state(), "loader": train_loader.state_dict()}
     ranks = [None] * world_size
     if ddp:
@@ -202,6 +330,7 @@ def save_checkpoint(cfg, step, tokens, raw_model, optimizer, train_loader, meta,
         dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         raise CheckpointWriteError(error[0])
+    return bool(cfg["checkpoint"])
 
 
 def load_checkpoint(path):
@@ -258,6 +387,10 @@ def load_resume_checkpoint(cfg, meta):
                           f"data_dir {cfg['data_dir']} is tokenized with {toklib.describe(meta.get('tokenizer'))}; "
                           f"resume with the checkpoint's data_dir ({old.get('data_dir')}), or start a new run in "
                           f"another out_dir")
+    if ckpt["step"] >= cfg["max_iters"]:  # nothing to train: the loop would neither step nor evaluate
+        raise ConfigError(f"resume: the checkpoint {cfg['resume_from']} is at step {ckpt['step']} and max_iters is "
+                          f"{cfg['max_iters']}, so there is nothing left to train; pass --max_iters above "
+                          f"{ckpt['step']} to train on (the lr schedule follows max_iters, or lr_decay_iters)")
     if "seed" in old and old["seed"] != cfg["seed"]:
         raise ConfigError(f"resume: the checkpoint's run used seed {old['seed']}, this run has seed {cfg['seed']} "
                           f"(the data order would change mid-run); resume with --seed={old['seed']}, or start a "

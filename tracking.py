@@ -1,7 +1,9 @@
 """A run's record outside out_dir: Weights & Biases.
 
+    resolve_mode  the mode wandb runs in: WANDB_MODE in the environment, when set, wins over wandb_mode
     check_wandb   online mode needs an API key: said at start, not after the first eval
-    start_wandb   the wandb run (resumed with the checkpoint's run id)
+    start_wandb   the wandb run (resumed with the checkpoint's run id), given up after WANDB_INIT_TIMEOUT
+                  seconds (default 60) with a message that suggests offline mode
     hres_image    every connection's token-averaged H_res as one image, logged at each eval
     log_to_run    results computed after a run (scripts/eval_lm.py) added to that run
 
@@ -16,9 +18,44 @@ import numpy as np
 from configurator import ConfigError
 
 
+MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline", "run": "online"}
+INIT_TIMEOUT = 60.0  # seconds; wandb's own default is 90
+
+
+def resolve_mode(cfg):
+    """Set cfg["wandb_mode"] to the mode wandb will run in. The rule: WANDB_MODE in the environment,
+    when set, wins over the config (as with wandb's other variables: a job script that exports
+    WANDB_MODE=offline for nodes without network means it). -> a note for the user, or None."""
+    env = os.environ.get("WANDB_MODE")
+    if not cfg["wandb_log"] or not env:
+        return None
+    mode = MODES.get(env.strip().lower())
+    if mode is None:
+        raise ConfigError(f"WANDB_MODE={env!r} in the environment is not a wandb mode; set it to online, offline "
+                          f"or disabled, or unset it to use wandb_mode ({cfg['wandb_mode']!r})")
+    if mode == cfg["wandb_mode"]:
+        return None
+    note = f"WANDB_MODE={env} in the environment overrides wandb_mode={cfg['wandb_mode']!r}: wandb runs {mode}"
+    cfg["wandb_mode"] = mode
+    return note
+
+
+def init_timeout():
+    text = os.environ.get("WANDB_INIT_TIMEOUT")
+    try:
+        seconds = float(text) if text else INIT_TIMEOUT
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"WANDB_INIT_TIMEOUT={text!r} must be a number of seconds > 0")
+    return seconds
+
+
 def check_wandb(cfg):
-    """wandb online needs an API key: say so now, not after the first eval or in a prompt on a cluster node."""
-    if not cfg["wandb_log"] or cfg["wandb_mode"] != "online" or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+    """wandb online needs an API key: say so now, not after the first eval or in a prompt on a cluster node.
+    cfg["wandb_mode"] is resolve_mode's."""
+    init_timeout()
+    if not cfg["wandb_log"] or cfg["wandb_mode"] != "online":
         return
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return
@@ -39,8 +76,17 @@ def check_wandb(cfg):
 def start_wandb(cfg, run_id=None):
     """The wandb run of this training run; run_id (from the checkpoint) continues the same run."""
     import wandb
-    return wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg, mode=cfg["wandb_mode"],
-                      id=run_id, resume="allow")
+    timeout = init_timeout()
+    try:
+        return wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg,
+                          mode=cfg["wandb_mode"], id=run_id, resume="allow",
+                          settings=wandb.Settings(init_timeout=timeout))
+    except Exception as e:  # no network, a rejected key, a dead server, a bad WANDB_* variable: wandb's own types
+        url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        raise ConfigError(f"wandb could not start the run at {url} within {timeout:g} s ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:300]}); "
+                          f"check the network and the key, or pass --wandb_mode=offline and sync later with "
+                          f"`wandb sync` (WANDB_INIT_TIMEOUT sets the wait)") from None
 
 
 def hres_figure(matrices, composite):

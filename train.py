@@ -12,6 +12,8 @@ with final_hellaswag / final_core, HellaSwag and CORE once at the end when their
 Outputs in out_dir: ckpt.pt (atomic and fsynced; the last keep_checkpoints also as ckpt_<step>.pt),
 log.jsonl (one JSON object per line); wandb optional. One run per out_dir: it is locked for the
 run's life, and a run already there is refused unless --resume or --overwrite=True (see --help).
+Every check that can refuse the run comes before its first write in out_dir; --overwrite moves the
+old run aside and deletes it only once the new run's first checkpoint is on disk (docs/errors.md).
 """
 
 import contextlib
@@ -39,7 +41,8 @@ import hc
 import hc_verify
 import rundir
 import tracking
-from common import LossEMA, flag_nonfinite, fmt_time, init_distributed, peak_flops, set_rng_state, skips_on_device
+from common import (DistributedSetupError, LossEMA, flag_nonfinite, fmt_time, init_distributed, peak_flops,
+                    set_rng_state, skips_on_device)
 from configurator import ConfigError
 from data import tokenizer as toklib
 from data.loader import TrainLoader, ValLoader, load_meta, load_token_bytes, verify_shards
@@ -66,7 +69,7 @@ DEFAULTS = dict(
     core_max_per_task=-1,  # items per CORE task at the end; -1 -> all (nanochat's base_eval), 500: base_train's
     resume=False,  # continue from <out_dir>/ckpt.pt
     resume_from="",  # continue from this checkpoint (ckpt_2000.pt in out_dir, a path or a run dir); implies resume
-    overwrite=False,  # start afresh in an out_dir that holds a run, deleting its ckpt*.pt and log.jsonl
+    overwrite=False,  # start afresh in an out_dir holding a run (deleted at the new run's first checkpoint)
     keep_checkpoints=0,  # also keep the last K checkpoints as <out_dir>/ckpt_<step>.pt; 0 -> ckpt.pt only
     # wandb
     wandb_log=False,  # log to Weights & Biases
@@ -180,8 +183,12 @@ def muon_momentum(step, cfg):
 # the run: settings derived from the config, checks before anything is written, model and optimizer
 
 def resolve(cfg, config_name, world_size, device_type):
-    """Fill in what the config leaves to the run (n_streams, names, paths, vocab, dtype, compile);
-    -> (meta of the dataset, grad_accum)."""
+    """Fill in what the config leaves to the run (n_streams, names, paths, vocab, dtype, compile, wandb
+    mode); -> (meta of the dataset, grad_accum, notes: the keys this run ignores and other things to say once)."""
+    notes = list(configurator.ignored(cfg, DEFAULTS).values())
+    notes += [n for n in [tracking.resolve_mode(cfg)] if n]
+    for key in configurator.PATHS:  # --out_dir=~/run: no shell expands a "~" after "="
+        cfg[key] = os.path.expanduser(cfg[key])
     micro_tokens = cfg["batch_size"] * cfg["block_size"] * world_size
     if cfg["total_batch_tokens"] % micro_tokens:
         raise ConfigError(
@@ -195,9 +202,12 @@ def resolve(cfg, config_name, world_size, device_type):
     cfg["data_dir"] = cfg["data_dir"] or os.path.join(REPO, "data", cfg["dataset"])
     if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")):
         base = cfg["dataset"].split("-")[0]  # fineweb_edu-65536: fineweb_edu with tokenizer fineweb_edu-65536
-        how = (f"`python data/prepare.py {base}`" if base == cfg["dataset"] else
-               f"`python data/prepare.py {base} --tokenizer data/tokenizers/{cfg['dataset']}.tiktoken`, after "
-               f"`python data/tokenizer.py train {base} ...` (docs/reproduce-d12.md)")
+        if base == cfg["dataset"]:
+            from data.prepare import prepare_command
+            how = f"`{prepare_command(cfg['data_dir'], {'dataset': cfg['dataset']})}`"
+        else:
+            how = (f"`python data/prepare.py {base} --tokenizer data/tokenizers/{cfg['dataset']}.tiktoken`, after "
+                   f"`python data/tokenizer.py train {base} ...` (docs/reproduce-d12.md)")
         raise ConfigError(f"config key 'dataset': {cfg['data_dir']} has no meta.json; prepare it with {how} (or "
                           f"point 'data_dir' at a prepared directory)")
     try:
@@ -221,14 +231,19 @@ def resolve(cfg, config_name, world_size, device_type):
         if os.path.isdir(cfg["resume_from"]):
             cfg["resume_from"] = os.path.join(cfg["resume_from"], "ckpt.pt")
     cfg["resume_from"] = cfg["resume_from"] or (os.path.join(cfg["out_dir"], "ckpt.pt") if cfg["resume"] else "")
-    return meta, cfg["total_batch_tokens"] // micro_tokens
+    return meta, cfg["total_batch_tokens"] // micro_tokens, notes
 
 
-def check_run(cfg, meta, ddp, master, run_scope):
-    """Everything that can refuse the run, before out_dir is touched; -> (HellaSwag items for the
-    evals or None, the end-of-run plan). Rank 0 decides about out_dir (it alone writes there) and
-    every rank stops on its verdict."""
-    hellaswag_examples = None  # the evaluation data first: an error there must not come after --overwrite
+def check_run(cfg, meta, ddp, master, device_type):
+    """What can refuse the run before anything is built (build and loaders check the rest), all
+    read-only; -> (HellaSwag items for the evals or None, the end-of-run plan). Rank 0 checks wandb,
+    the shards and out_dir (it alone writes there) and every rank stops on its verdict."""
+    why = hc_verify.setup_error(cfg["scheme"], cfg["n_streams"], cfg["n_embd"], cfg["fused"], device_type,
+                                kron_factors=cfg["kron_factors"], sinkhorn_iters=cfg["sinkhorn_iters"],
+                                sinkhorn_end=cfg["sinkhorn_end"])
+    if why:
+        raise ConfigError(why)
+    hellaswag_examples = None
     if cfg["hellaswag"]:
         try:
             hellaswag_examples = evals.load_examples(cfg["hellaswag_file"] or None, limit=cfg["hellaswag_limit"] or None)
@@ -236,21 +251,15 @@ def check_run(cfg, meta, ddp, master, run_scope):
             raise ConfigError(f"config key 'hellaswag': cannot read the HellaSwag items ({e}); set 'hellaswag_file' "
                               f"to a local hellaswag_val.jsonl, or --hellaswag=False") from None
     final = evals.plan_final_evals(cfg)
-    verdict = [None]
-    if master:
+
+    def rank0_checks():
+        tracking.check_wandb(cfg)
         try:
-            tracking.check_wandb(cfg)
-            try:
-                verify_shards(cfg["data_dir"], meta)
-            except (ValueError, FileNotFoundError) as e:
-                raise ConfigError(f"data ({cfg['data_dir']}): {e}") from None
-            rundir.check_out_dir(cfg, run_scope)  # last: with --overwrite it deletes the old run
-        except ConfigError as e:
-            verdict = [str(e)]
-    if ddp:
-        dist.broadcast_object_list(verdict, src=0)
-    if verdict[0] is not None:
-        raise ConfigError(verdict[0])
+            verify_shards(cfg["data_dir"], meta)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"data ({cfg['data_dir']}): {e}") from None
+        rundir.check_out_dir(cfg)
+    rundir.on_rank0(rank0_checks, ddp, master)
     return hellaswag_examples, final
 
 
@@ -266,7 +275,8 @@ def build(cfg, meta, device, device_type):
     ckpt = rundir.load_resume_checkpoint(cfg, meta) if cfg["resume"] else None
     if ckpt is not None:
         saved = {**asdict(GPTConfig()), **ckpt["model_config"]}  # keys newer than the checkpoint: defaults
-        changed = [k for k in MODEL_KEYS if k != "recompute" and saved[k] != asdict(gptconf)[k]]
+        changed = [k for k in MODEL_KEYS if k != "recompute" and saved[k] != asdict(gptconf)[k]
+                   and configurator.applies(k, cfg)]  # e.g. kron_factors of an mhc model: not part of it
         if changed:
             raise ConfigError(f"resume: the model config differs from the checkpoint's in {changed}")
         raw_model.load_state_dict(ckpt["model"])
@@ -281,8 +291,11 @@ def build(cfg, meta, device, device_type):
         except ValueError as e:  # e.g. a torch without Muon
             raise ConfigError(f"config key 'optimizer': {e}") from None
     else:
-        optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], betas, device_type,
-                                                   eps=cfg["adam_eps"])
+        try:
+            optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], betas, device_type,
+                                                       eps=cfg["adam_eps"])
+        except ValueError as e:  # torch's own value checks, should one pass configurator.validate
+            raise ConfigError(f"optimizer: {e}") from None
     if ckpt is not None:
         for key in ("optimizer", "hc_optimizer") if cfg["optimizer"] == "muon" else ("optimizer",):  # the state's layout
             saved_value = ckpt["config"].get(key, DEFAULTS[key])
@@ -309,13 +322,16 @@ def loaders(cfg, ckpt, rank, world_size, master, device):
     eval_batch_size = cfg["eval_batch_size"] or cfg["batch_size"]
     try:
         train_loader = TrainLoader(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], rank, world_size, cfg["seed"])
-        val_loader = ValLoader(cfg["data_dir"], eval_batch_size, cfg["block_size"], cfg["eval_tokens"], rank, world_size)
+        val_loader = ValLoader(cfg["data_dir"], eval_batch_size, cfg["block_size"], cfg["eval_tokens"], rank,
+                               world_size, knob=f"eval_tokens ({cfg['eval_tokens']})")
         token_bytes = load_token_bytes(cfg["data_dir"]).to(device)
         diag_x = None
-        if master and cfg["scheme"] != "plain":  # the first val windows
+        if cfg["scheme"] != "plain":  # the first val windows; made on every rank, so that all stop alike
             diag_x, _ = next(iter(ValLoader(cfg["data_dir"], cfg["diag_batch_size"], cfg["block_size"],
-                                            cfg["diag_batch_size"] * cfg["block_size"])))
-            diag_x = diag_x.to(device)
+                                            cfg["diag_batch_size"] * cfg["block_size"],
+                                            knob=f"diag_batch_size ({cfg['diag_batch_size']} sequences for the "
+                                                 f"residual diagnostics)")))
+            diag_x = diag_x.to(device) if master else None
     except (ValueError, FileNotFoundError) as e:  # e.g. eval_tokens larger than the val split
         raise ConfigError(f"data ({cfg['data_dir']}): {e}") from None
     if ckpt is not None:
@@ -354,8 +370,8 @@ def diverged(cfg, nonfinite, step, optimizer, last_ckpt_step):
 # training
 
 def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, run_scope):
-    meta, grad_accum = resolve(cfg, config_name, world_size, device_type)
-    hellaswag_examples, final = check_run(cfg, meta, ddp, master, run_scope)
+    meta, grad_accum, notes = resolve(cfg, config_name, world_size, device_type)
+    hellaswag_examples, final = check_run(cfg, meta, ddp, master, device_type)
     tokens_per_step = cfg["total_batch_tokens"]
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -377,18 +393,29 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     train_loader, val_loader, token_bytes, diag_x = loaders(cfg, ckpt, rank, world_size, master, device)
     seed_rank(cfg, ckpt, rank, world_size, master)
     step = start_step = ckpt["step"] if ckpt is not None else 0
+    # tokens trained so far, counted (a resume may change the batch): the checkpoint carries them
+    tokens = ckpt.get("tokens", start_step * tokens_per_step) if ckpt is not None else 0
 
     loss_ema = LossEMA(device)
     if ckpt is not None and "loss_ema" in ckpt:
         loss_ema.load_state_dict(ckpt["loss_ema"])
     tokenizer_name = toklib.describe(meta.get("tokenizer"))
-    wandb_run = None
+
+    # the last checks (the disk, wandb's server), then the run's first write in out_dir
+    rundir.on_rank0(lambda: rundir.check_disk(cfg, raw_model), ddp, master)
+    run_id = (ckpt or {}).get("wandb_id")
+    wandb_run = rundir.on_rank0(lambda: tracking.start_wandb(cfg, run_id), ddp, master) if cfg["wandb_log"] else None
+    if wandb_run is not None:  # a run that stops by an error is marked failed on wandb
+        run_scope.push(lambda exc_type, *_: wandb_run.finish(exit_code=1) if exc_type else None)
+    old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope), ddp, master)  # --overwrite: aside
+    rundir.on_rank0(lambda: rundir.start_log(cfg, ckpt, start_step, {
+        "world_size": world_size, "grad_accum": grad_accum, "num_params": raw_model.num_params(),
+        "flops_per_token": flops_per_token, "tokens": tokens,
+        "device_name": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
+        "fused_path": fused_check["path"], "fused_reason": fused_check["reason"], "notes": notes}), ddp, master)
     if master:
-        wandb_run = rundir.start_log(cfg, ckpt, start_step, {
-            "world_size": world_size, "grad_accum": grad_accum, "num_params": raw_model.num_params(),
-            "flops_per_token": flops_per_token,
-            "device_name": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
-            "fused_path": fused_check["path"], "fused_reason": fused_check["reason"]})
+        for msg in notes:
+            print(f"note: {msg}")
         if ckpt is not None:
             print(f"resumed from step {start_step} ({cfg['resume_from']})")
         print(f"{cfg['max_iters']:,} steps{horizon}, {cfg['max_iters'] * tokens_per_step:,} tokens; tokenizer "
@@ -417,7 +444,7 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     while True:
         # evaluate (and checkpoint) every eval_interval steps and at the end
         if (step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]) and not (ckpt is not None and step == start_step):
-            record, wandb_data, extra = evals.training_eval(step, step * tokens_per_step, eval_model, raw_model, val_loader,
+            record, wandb_data, extra = evals.training_eval(step, tokens, eval_model, raw_model, val_loader,
                                                  token_bytes, hellaswag_examples, diag_x, ctx, device, ddp, wandb_run,
                                                  enc)
             if master:
@@ -425,9 +452,11 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
             log(record, wandb_data)
             result.update(step=step, val_loss=record["val_loss"], val_bpb=record["val_bpb"])
             if step > 0 or ckpt is not None:
-                rundir.save_checkpoint(cfg, step, step * tokens_per_step, raw_model, optimizer, train_loader, meta,
-                                wandb_run, ddp, master, world_size, extra={"loss_ema": loss_ema.state_dict()})
-                last_ckpt_step = step
+                if rundir.save_checkpoint(cfg, step, tokens, raw_model, optimizer, train_loader, meta, wandb_run, ddp,
+                                          master, world_size, extra={"loss_ema": loss_ema.state_dict()}):
+                    last_ckpt_step = step
+                    if old_run is not None:  # the new run is on disk: the overwritten one goes
+                        old_run.discard()
             t_last, steps_since = time.perf_counter(), 0  # eval time is not training time
         if step >= cfg["max_iters"]:
             break
@@ -461,6 +490,7 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        tokens += tokens_per_step
         steps_since += 1
 
         # the host looks at log steps and before every eval and checkpoint: one sync, not one per step
@@ -470,17 +500,15 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
             if bad[0] >= 0:
                 bad_step, msg = diverged(cfg, bad, step, optimizer, last_ckpt_step)
                 if master:
-                    log({"type": "error", "step": bad_step, "tokens": bad_step * tokens_per_step, "message": msg})
-                    if wandb_run is not None:
-                        wandb_run.finish(exit_code=1)
+                    log({"type": "error", "step": bad_step, "tokens": tokens - (step - bad_step) * tokens_per_step,
+                         "message": msg})
                 raise Diverged(msg)
         if step % cfg["log_interval"] == 0 and master:
             dt = (time.perf_counter() - t_last) / steps_since
             tok_per_s = tokens_per_step / dt
             mfu = flops_per_token * tok_per_s / (peak * world_size) if peak else None
-            record = {"type": "train", "step": step, "tokens": step * tokens_per_step, "loss": train_loss,
-                      "loss_ema": train_loss_ema, "lr": lr, "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu,
-                      "ms": dt * 1000}
+            record = {"type": "train", "step": step, "tokens": tokens, "loss": train_loss, "loss_ema": train_loss_ema,
+                      "lr": lr, "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu, "ms": dt * 1000}
             print(f"step {step:6d} | loss {train_loss:.4f} (ema {train_loss_ema:.4f}) | lr {lr:.2e} | "
                   f"grad norm {grad_norm:.3f} | "
                   f"{tok_per_s:,.0f} tok/s | mfu {'-' if mfu is None else f'{mfu:.1%}'} | {dt * 1000:.0f} ms | "
@@ -490,14 +518,15 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
             t_last, steps_since = time.perf_counter(), 0
 
     if final["hellaswag"] or final["core"] or final["skipped"]:
-        result.update(evals.run_final_evals(final, raw_model, cfg, step, tokens_per_step, device, ctx, master, log, enc))
+        result.update(evals.run_final_evals(final, raw_model, cfg, step, tokens, device, ctx, master, log, enc))
     if wandb_run is not None:
         wandb_run.finish()
     if master:
-        saved = os.path.join(cfg["out_dir"], "ckpt.pt") if cfg["checkpoint"] else "none (checkpoint=False)"
-        print(f"done: step {step}, {step * tokens_per_step:,} tokens, {fmt_time(time.perf_counter() - t_start)} | "
+        saved = (os.path.join(cfg["out_dir"], "ckpt.pt") if last_ckpt_step is not None else
+                 "none (checkpoint=False)" if not cfg["checkpoint"] else "none (no step was trained)")
+        print(f"done: step {step}, {tokens:,} tokens, {fmt_time(time.perf_counter() - t_start)} | "
               f"val loss {result['val_loss']:.4f} | val bpb {result['val_bpb']:.4f} | checkpoint {saved}")
-    return {**result, "out_dir": cfg["out_dir"]}
+    return {**result, "tokens": tokens, "out_dir": cfg["out_dir"]}
 
 
 def main(argv=None):
@@ -528,7 +557,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, Diverged, CheckpointWriteError) as e:
+    except (ConfigError, Diverged, CheckpointWriteError, DistributedSetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

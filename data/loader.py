@@ -32,9 +32,10 @@ __all__ = ["load_meta", "load_token_bytes", "verify_shards", "data_id", "TrainLo
 META_FORMAT = "hcgpt-token-shards/1"
 
 
-def _prepare_cmd(data_dir: Path, meta: dict | None = None) -> str:
-    name = (meta or {}).get("dataset") or data_dir.name
-    return f"python data/prepare.py {name}"
+def _prepare_cmd(data_dir: Path, meta: dict | None = None, **flags) -> str:
+    """data/prepare.py's command that makes this dataset again (imported only for an error message)."""
+    from data.prepare import prepare_command
+    return prepare_command(data_dir, meta, **flags)
 
 
 def load_meta(data_dir) -> dict:
@@ -55,15 +56,15 @@ def load_meta(data_dir) -> dict:
     try:
         meta = json.loads(path.read_text())
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-run `{_prepare_cmd(data_dir)} --restart`")
+        raise ValueError(f"{path} is not valid JSON ({e}); re-run `{_prepare_cmd(data_dir, restart=True)}`")
     if not isinstance(meta, dict):
         raise ValueError(f"{path} is not a JSON object (it holds a {type(meta).__name__}): not a meta.json written "
-                         f"by data/prepare.py; re-run `{_prepare_cmd(data_dir)} --restart`")
+                         f"by data/prepare.py; re-run `{_prepare_cmd(data_dir, restart=True)}`")
     missing = [k for k in ("vocab_size", "token_bytes", "splits") if k not in meta]
     if meta.get("format") != META_FORMAT or missing:
         raise ValueError(f"{path}: not a meta.json written by data/prepare.py (format "
                          f"{meta.get('format')!r}, missing {missing}); re-run "
-                         f"`{_prepare_cmd(data_dir, meta)} --restart`")
+                         f"`{_prepare_cmd(data_dir, meta, restart=True)}`")
     return meta
 
 
@@ -74,7 +75,7 @@ def load_token_bytes(data_dir) -> torch.Tensor:
     if tb.numel() != meta["vocab_size"]:
         raise ValueError(f"{Path(data_dir) / 'meta.json'}: token_bytes has {tb.numel()} entries, "
                          f"vocab_size is {meta['vocab_size']}; re-run "
-                         f"`{_prepare_cmd(Path(data_dir), meta)} --restart`")
+                         f"`{_prepare_cmd(Path(data_dir), meta, restart=True)}`")
     return tb
 
 
@@ -82,7 +83,7 @@ def verify_shards(data_dir, meta: dict) -> None:
     """Every token id below the vocabulary, checked now (a numpy max over the memory-mapped shards: 0.1 s per GB
     from the page cache, else the disk's read speed), so a corrupt or foreign shard is an error naming it and
     the fix rather than a crash mid-run. Raises ValueError or FileNotFoundError."""
-    fix = f"Re-run `python data/prepare.py {meta.get('dataset', os.path.basename(data_dir))} --restart`."
+    fix = f"Re-run `{_prepare_cmd(Path(data_dir), meta, restart=True)}`."
     for split in meta["splits"].values():
         for e in split["shards"]:
             shardlib.verify_shard(os.path.join(data_dir, e["file"]), meta["vocab_size"], fix)
@@ -102,7 +103,7 @@ class _TokenStream:
         self.meta = load_meta(self.data_dir)
         self.split = split
         self.vocab_size = int(self.meta["vocab_size"])
-        self.fix = f"Re-run `{_prepare_cmd(self.data_dir, self.meta)} --restart`."
+        self.fix = f"Re-run `{_prepare_cmd(self.data_dir, self.meta, restart=True)}`."
         entries = self.meta["splits"][split]["shards"]
         if not entries:
             raise ValueError(f"{self.data_dir / 'meta.json'} lists no {split} shards. {self.fix}")
@@ -205,7 +206,8 @@ class TrainLoader:
 class ValLoader:
     """The fixed validation windows; each rank iterates over its contiguous share."""
 
-    def __init__(self, data_dir, batch_size, seq_len, num_tokens, rank=0, world_size=1):
+    def __init__(self, data_dir, batch_size, seq_len, num_tokens, rank=0, world_size=1, knob="the eval tokens"):
+        """knob: what sets num_tokens, named in the fix of a val split that is too small."""
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
         if not 0 <= rank < world_size:
@@ -214,8 +216,8 @@ class ValLoader:
         self.B, self.T, self.rank, self.world_size = int(batch_size), int(seq_len), int(rank), int(world_size)
         available = (stream.num_tokens - 1) // self.T
         where = ", ".join(str(p) for p in stream.paths[:3]) + (" ..." if len(stream.paths) > 3 else "")
-        fix = (f"lower the eval tokens / seq_len, or prepare a larger val split "
-               f"(`{_prepare_cmd(stream.data_dir, stream.meta)} --val-fraction F --restart`)")
+        fix = (f"lower {knob} or seq_len, or prepare a larger val split "
+               f"(`{_prepare_cmd(stream.data_dir, stream.meta, val_fraction='F', restart=True)}`)")
         if available < 1:
             raise ValueError(f"val split ({where}) has {stream.num_tokens} tokens, fewer than one "
                              f"window of seq_len + 1 = {self.T + 1}; {fix}")
@@ -223,7 +225,7 @@ class ValLoader:
             num_tokens = available * self.T
         self.num_windows = int(num_tokens) // self.T
         if self.num_windows < 1:
-            raise ValueError(f"num_tokens={num_tokens} is less than one window of seq_len={self.T}")
+            raise ValueError(f"{knob} ({num_tokens}) is less than one window of seq_len={self.T}")
         if self.num_windows > available:
             raise ValueError(f"requested {num_tokens} val tokens ({self.num_windows} windows of {self.T}) "
                              f"but the val split ({where}) has {stream.num_tokens} tokens, i.e. "

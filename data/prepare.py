@@ -171,6 +171,48 @@ def source_spec(dataset: str, data_files=None, subset=None, revision=None, max_d
     return spec
 
 
+def prepare_command(data_dir, meta=None, **flags) -> str:
+    """The `python data/prepare.py ...` command that makes the dataset in data_dir again, as its
+    meta.json records it (the dataset, --data-files, --subset / --revision / --val-fraction / --seed
+    where they differ from the dataset's defaults, --max-docs, and --out-dir unless data/<dataset>);
+    without a meta.json the dataset is the folder's name if that names one, else <dataset> (the one it
+    was prepared from).
+    flags: more options, e.g. restart=True -> --restart, val_fraction="F" -> --val-fraction F."""
+    import shlex
+    data_dir, meta = Path(data_dir), meta or {}
+    name = meta.get("dataset")
+    if name is None and data_dir.name in DATASETS:  # data/<dataset>, or a folder named after it
+        name = data_dir.name
+    opts, source, defaults = {}, meta.get("source") or {}, DATASETS.get(name, {})
+    if source.get("kind") == "data_files":
+        files = [d["path"] for d in source.get("data_files", [])]
+        folders, exts = {os.path.dirname(f) for f in files}, {os.path.splitext(f)[1] for f in files}
+        if len(files) > 3 and len(folders) == 1 and len(exts) == 1:  # what the user most likely typed
+            opts["data_files"] = [shlex.quote(folders.pop() or ".") + "/*" + shlex.quote(exts.pop())]
+        else:
+            opts["data_files"] = [shlex.quote(f) for f in files]
+    for key in ("subset", "revision"):
+        if source.get("kind") == "hub" and source.get(key) != defaults.get(key):
+            opts[key] = source.get(key)
+    for key in ("val_fraction", "seed"):
+        if key in meta and key in defaults and meta[key] != defaults[key]:
+            opts[key] = meta[key]
+    if source.get("max_docs") is not None:
+        opts["max_docs"] = source["max_docs"]
+    if name is None or data_dir.resolve() != (DATA_ROOT / name).resolve():
+        opts["out_dir"] = str(data_dir)
+    opts.update(flags)
+    words = ["python data/prepare.py", name or "<dataset>"]
+    for key, value in opts.items():
+        if value is True:
+            words.append(f"--{key.replace('_', '-')}")
+        elif isinstance(value, list):  # already quoted
+            words += [f"--{key.replace('_', '-')}", *value]
+        elif value is not None:
+            words += [f"--{key.replace('_', '-')}", shlex.quote(str(value))]
+    return " ".join(words)
+
+
 FILES_FIX = ("--data-files takes parquet, JSON-lines or UTF-8 text files with one document per row "
              "in a string column named 'text'")
 

@@ -363,11 +363,17 @@ def main(argv=None):
         if getattr(args, k) < 1:
             ap.error(f"argument --{k.replace('_', '-')}: must be >= 1, got {getattr(args, k)}")
     args.verify_tokens = 4096 if cuda else 32   # the fused path's start check (32 tokens: the CPU's interpreter)
-    if not cuda and (args.peers or args.tiny or args.fused == "on"):
+    if not cuda and (args.peers or args.tiny):
         # the fused kernels and Liger's run on a CPU only in Triton's interpreter, chosen at Triton's first import
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             ap.error("Triton was imported before TRITON_INTERPRET=1 could be set; run bench.py as its own process")
         os.environ["TRITON_INTERPRET"] = "1"
+    stream_dtype = torch.bfloat16 if args.stream_dtype == "bfloat16" else torch.float32
+    for scheme in args.schemes:  # train.py's refusals, before anything is built or timed
+        why = hc_verify.setup_error(scheme, 1 if scheme == "plain" else args.n_streams, MODELS[args.model]["n_embd"],
+                                    args.fused, torch.device(args.device).type, stream_dtype)
+        if why:
+            ap.error(f"--schemes {scheme} --n-streams {args.n_streams} --fused {args.fused}: {why}")
     report = run_peers(args) if args.peers else run(args)
     print(json.dumps(report, indent=2) if args.json else (peer_table if args.peers else table)(report))
     return report

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import autocast, run_cli, setup_device  # noqa: E402
+from common import autocast, out_file_error, run_cli, setup_device  # noqa: E402
 from evals import (EVAL_BUNDLE_URL, core_line, default_bundle_dir, download_bundle, evaluate_core,  # noqa: E402
                    load_bundle, select_tasks)
 from rundir import load_model, load_tokenizer, resolve_ckpt  # noqa: E402
@@ -52,6 +52,11 @@ def main(argv=None):
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--out", default=None, help="results JSON (default: <run dir>/core.json; '-' for none)")
     args = ap.parse_args(argv)
+    ckpt = resolve_ckpt(args.ckpt)
+    default = ckpt.parent / "core.json" if ckpt.is_file() else None  # a missing checkpoint is named later
+    why = out_file_error(args.out if args.out is not None else default)  # now, not after the evaluation
+    if why:
+        ap.error(f"argument --out: {why}")
     if args.max_per_task == 0 or args.max_per_task < -1:
         ap.error(f"argument --max-per-task: must be >= 1, or -1 for all items, got {args.max_per_task}")
     return run_cli(lambda: _main(args), "eval_core.py")

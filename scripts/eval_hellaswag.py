@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import autocast, positive_int, run_cli, setup_device  # noqa: E402
+from common import autocast, out_file_error, positive_int, run_cli, setup_device  # noqa: E402
 from evals import download, evaluate_hellaswag, load_examples  # noqa: E402
 from rundir import load_model, load_tokenizer, resolve_ckpt  # noqa: E402
 
@@ -51,6 +51,11 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--out", default=None, help="results JSON (default: <run dir>/hellaswag.json; '-' for none)")
     args = ap.parse_args(argv)
+    ckpt = resolve_ckpt(args.ckpt)
+    default = ckpt.parent / "hellaswag.json" if ckpt.is_file() else None  # a missing checkpoint is named later
+    why = out_file_error(args.out if args.out is not None else default)  # now, not after the evaluation
+    if why:
+        ap.error(f"argument --out: {why}")
     return run_cli(lambda: _main(args), "eval_hellaswag.py")
 
 

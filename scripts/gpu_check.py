@@ -266,6 +266,10 @@ def main(argv=None):
     if args.interpret:   # before Triton's first import, which builds its library for one mode or the other
         os.environ["TRITON_INTERPRET"] = "1"
     sys.path.insert(0, REPO)
+    from common import out_file_error
+    why = out_file_error(args.out)  # now, not after the checks
+    if why:
+        ap.error(f"argument --out: {why}")
     import torch
     if not args.interpret and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU node, or "

@@ -16,10 +16,12 @@ them; --schemes / --n / --configs override them). plain always runs with n = 1 (
 seed, whatever --n says); a scheme that cannot take an n (mhc_lite beyond n = 6: n! logits) is left
 out with a note. Arguments after `--` are passed to every run as extra overrides (readout=hc_head
 takes the n-stream schemes only, and run names do not carry overrides: give such a sweep its own
---out_root). With --nnodes > 1 the commands use c10d rendezvous at $MASTER_ADDR:$MASTER_PORT; run
-each one on every node. The process count per node is this machine's GPU count unless --nproc says
-(0, a plain `python train.py`, without CUDA or for CPU configs), and a global batch that does not
-divide over the processes is an error before anything prints.
+--out_root). A key the sweep sets for each run (scheme, n_streams, seed, wandb_run_name, out_dir) is
+refused after `--`, naming the flag that sets it, and every run's config is checked with train.py's
+value rules before anything prints. With --nnodes > 1 the commands use c10d rendezvous at
+$MASTER_ADDR:$MASTER_PORT; run each one on every node. The process count per node is this machine's
+GPU count unless --nproc says (0, a plain `python train.py`, without CUDA or for CPU configs), and a
+global batch that does not divide over the processes is an error before anything prints.
 """
 
 import argparse
@@ -33,6 +35,11 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import hc  # noqa: E402
+from common import non_negative_int, positive_int  # noqa: E402
+
+# the keys the sweep sets for every run: after `--` they would make runs of the grid the same run
+SWEEP_KEYS = {"scheme": "--schemes", "n_streams": "--n", "seed": "--seeds", "out_dir": "--out_root",
+              "wandb_run_name": None}
 
 
 PRESETS = {
@@ -85,6 +92,18 @@ def load_configs(configs, extra):
     return {c: configurator.load(train.DEFAULTS, [c, *extra], train.ALLOWED_TYPES) for c in configs}
 
 
+def passthrough_error(extra):
+    """An error message for an override after `--` that sets a key the sweep sets per run, else None."""
+    for arg in extra:
+        key = arg[2:].partition("=")[0] if arg.startswith("--") else None
+        if key in SWEEP_KEYS:
+            flag = SWEEP_KEYS[key]
+            fix = (f"pass {flag} to the sweep instead" if flag else
+                   "drop it: the sweep names each run <config>-<scheme>-n<n>-s<seed> (and its out_dir after it)")
+            return f"{arg} after `--` would give every run of the sweep the same {key}; {fix}"
+    return None
+
+
 def default_nproc(cfgs):
     """This machine's GPUs (0, one plain process, without CUDA or for configs that ask for the CPU)."""
     import torch
@@ -118,11 +137,11 @@ def main(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), help="schemes and n of a published experiment")
     p.add_argument("--schemes", nargs="+", choices=hc.SCHEMES, help="default: all, or the preset's")
     p.add_argument("--n", nargs="+", type=int, help="n_streams for the non-plain schemes (default: 4, or the preset's)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--nproc", type=int, default=None,
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.py seeds, in [0, 2**31)")
+    p.add_argument("--nproc", type=non_negative_int, default=None,
                    help="processes (GPUs) per node; 0 runs plain `python train.py`; default: this machine's GPUs, "
                         "or 0 without CUDA")
-    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--nnodes", type=positive_int, default=1)
     p.add_argument("--out_root", default="out")
     p.add_argument("--run", action="store_true", help="run the commands one after another (default: print them)")
     args = p.parse_args(argv)
@@ -135,7 +154,10 @@ def main(argv=None):
             p.error(f"config file {c} not found")
     if args.run and args.nnodes > 1:
         p.error("--run launches on this machine only; print the multi-node commands and start them on every node")
-    from configurator import ConfigError
+    error = passthrough_error(extra)
+    if error:
+        p.error(error)
+    from configurator import ConfigError, validate
     try:
         cfgs = load_configs(args.configs, extra)
     except ConfigError as e:
@@ -162,6 +184,10 @@ def main(argv=None):
         reason = unbuildable(scheme, n)
         if reason:
             p.error(f"{scheme} at n={n}: {reason}")
+        try:  # train.py's value rules on the run's own config (e.g. a seed out of range)
+            validate({**cfgs[run[0]], "scheme": scheme, "n_streams": n, "seed": run[3]})
+        except ConfigError as e:
+            p.error(f"{run_name(*run)}: {e}")
         runs.append(run)
     for note in left_out.values():
         print(note, file=sys.stderr)

@@ -24,6 +24,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOP = "tests/test_train_loop.py"
 DDP = ["tests/test_train_ddp.py", "-k", "accum"]
+BAD = "tests/test_bad_input.py"
 
 # (name, [(file, old, new), ...], pytest arguments)
 MUTATIONS = [
@@ -172,6 +173,22 @@ MUTATIONS = [
                                           "n = raw_model.num_params()")], ["tests/test_reproduce_d12.py", "-k", "max_iters_from"]),
     ("Muon weight decay dropped", [("model.py", "weight_decay=muon_weight_decay,", "weight_decay=0.0,")],
      ["tests/test_reproduce_d12.py", "-k", "muon_weight_decay"]),
+    # ---- bad input: nothing lost, nothing silently wrong (tests/test_bad_input.py)
+    ("overwrite deletes the old run at once", [("rundir.py", "fsync_dir(self.dir)\n            fsync_dir(out)",
+                                                "shutil.rmtree(self.dir)\n            fsync_dir(out)")],
+     [BAD, "-k", "overwrite"]),
+    ("overwritten run not moved back", [("rundir.py", "self.discard() if exc_type is None else self.restore()",
+                                         "self.discard()")], [BAD, "-k", "overwrite"]),
+    ("out_dir claimed before the loaders", [
+        ("train.py", "    old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(",
+         "    old_run = (lambda *a: None)(("),
+        ("train.py", "    train_loader, val_loader, token_bytes, diag_x = loaders(",
+         "    old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope), ddp, master)\n"
+         "    train_loader, val_loader, token_bytes, diag_x = loaders(")], [BAD, "-k", "refused_overwrite"]),
+    ("tokens as step x this run's batch", [("train.py", 'tokens = ckpt.get("tokens", start_step * tokens_per_step)',
+                                            "tokens = (start_step * tokens_per_step)")], [BAD, "-k", "tokens"]),
+    ("imported names are keys", [("configurator.py", "not_a_key = key in imported or", "not_a_key = False and")],
+     [BAD, "-k", "imports"]),
 ]
 
 

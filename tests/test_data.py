@@ -462,7 +462,8 @@ def test_never_prepared(tmp_path):
 
 def test_missing_shard(damaged):
     (damaged / "train_000002.bin").unlink()
-    with pytest.raises(FileNotFoundError, match=r"train_000002\.bin.*prepare\.py fineweb_edu --restart"):
+    with pytest.raises(FileNotFoundError, match=rf"train_000002\.bin.*prepare\.py fineweb_edu .*--out-dir {damaged} "
+                                                r"--restart"):
         TrainLoader(damaged, 2, 8)
 
 
@@ -478,7 +479,7 @@ def test_damaged_shard(damaged, damage, match):
     p.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=rf"train_000001\.bin.*{match}|{match}.*train_000001\.bin") as e:
         TrainLoader(damaged, 2, 8)
-    assert "prepare.py fineweb_edu --restart" in str(e.value)
+    assert f"--out-dir {damaged} --restart" in str(e.value) and "prepare.py fineweb_edu " in str(e.value)
 
 
 def test_meta_and_shard_disagree(damaged):

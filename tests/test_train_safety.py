@@ -122,7 +122,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(error, data_dir, tmp_pat
         train.main(tiny_args(data_dir, out, "--max_iters=4", "--eval_interval=2"))
     msg = str(e.value)
     assert f"step-4 checkpoint {out / 'ckpt.pt'}" in msg and str(error) in msg
-    assert "previous checkpoint is kept" in msg and "--resume" in msg
+    assert f"the checkpoint {out / 'ckpt.pt'} (step 2) is kept" in msg and "--resume" in msg
     assert calls == [2, 4]
     assert not (out / "ckpt.pt.tmp").exists()
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
@@ -313,7 +313,7 @@ def test_token_id_above_vocab(data_dir, tmp_path):
     tokens.flush()
     del tokens
     with pytest.raises(ConfigError, match=rf"shard {shard}: token id 60000 >= vocab_size 50257 .*position 1234.*"
-                                          r"prepare.py pydocs --restart"):
+                                          rf"prepare.py pydocs --out-dir {bad} --restart"):
         train.main(tiny_args(str(bad), tmp_path / "o"))
     assert not (tmp_path / "o" / "log.jsonl").exists()
 

@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hc  # noqa: E402
 import hc_verify  # noqa: E402
-import peers  # noqa: E402  (scripts/peers.py: imports no peer until a row needs it)
+from scripts import peers  # noqa: E402  (imports no peer until a row needs it)
 from common import bf16_peak, flag_nonfinite  # noqa: E402
 from model import GPT, GPTConfig, RECOMPUTE  # noqa: E402
 

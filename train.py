@@ -203,7 +203,7 @@ def resolve(cfg, config_name, world_size, device_type):
     if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")):
         base = cfg["dataset"].split("-")[0]  # fineweb_edu-65536: fineweb_edu with tokenizer fineweb_edu-65536
         if base == cfg["dataset"]:
-            from data.prepare import prepare_command
+            from data.sources import prepare_command
             how = f"`{prepare_command(cfg['data_dir'], {'dataset': cfg['dataset']})}`"
         else:
             how = (f"`python data/prepare.py {base} --tokenizer data/tokenizers/{cfg['dataset']}.tiktoken`, after "

@@ -34,7 +34,7 @@ META_FORMAT = "hcgpt-token-shards/1"
 
 def _prepare_cmd(data_dir: Path, meta: dict | None = None, **flags) -> str:
     """data/prepare.py's command that makes this dataset again (imported only for an error message)."""
-    from data.prepare import prepare_command
+    from data.sources import prepare_command
     return prepare_command(data_dir, meta, **flags)
 
 

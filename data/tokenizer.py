@@ -486,9 +486,9 @@ def checkpoint_record(data_dir, meta: dict) -> dict:
 
 
 def _train_main(args) -> int:
-    from data import prepare as prep  # its sources and train/val split
+    from data import sources  # the documents and the train/val split
 
-    cfg = prep.DATASETS[args.dataset]
+    cfg = sources.DATASETS[args.dataset]
     val_fraction = cfg["val_fraction"] if args.val_fraction is None else args.val_fraction
     seed = cfg["seed"] if args.seed is None else args.seed
     out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "tokenizers"
@@ -499,10 +499,10 @@ def _train_main(args) -> int:
     for p in (out, _sidecar(out)):  # before minutes of work
         if p.exists() and not args.force:
             raise ValueError(f"{p} already exists; pass another --out, or --force to replace it")
-    source = prep.source_spec(args.dataset, args.data_files, args.subset, args.revision)
-    ds = prep.load_documents(source, progress=False)
-    ds, _ = prep.drop_null_texts(ds)
-    train = prep.split_documents(ds, val_fraction, seed)["train"]
+    source = sources.source_spec(args.dataset, args.data_files, args.subset, args.revision)
+    ds = sources.load_documents(source, progress=False)
+    ds, _ = sources.drop_null_texts(ds)
+    train = sources.split_documents(ds, val_fraction, seed)["train"]
     stats = {}
     texts = (t for batch in train.iter(batch_size=1024) for t in batch["text"])
     t0 = time.time()

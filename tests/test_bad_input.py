@@ -360,9 +360,9 @@ def test_full_disk_says_what_is_kept(had_one, tmp_path, monkeypatch):
      "data/openwebtext", "python data/prepare.py openwebtext --revision main --seed 7 --restart"),
 ])
 def test_the_fix_names_the_command_that_made_the_dataset(meta, where, command, monkeypatch):
-    from data import prepare
+    from data import sources
     monkeypatch.chdir(REPO)
-    assert prepare.prepare_command(where, meta, restart=True) == command
+    assert sources.prepare_command(where, meta, restart=True) == command
 
 
 def test_corrupt_meta_json_in_a_custom_folder(data_dir, tmp_path):

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data import prepare as prep  # noqa: E402
+from data import sources  # noqa: E402
 from data import shards  # noqa: E402
 from data import tokenizer as tok  # noqa: E402
 from data.loader import TrainLoader, ValLoader, load_meta, load_token_bytes  # noqa: E402
@@ -87,9 +88,9 @@ def split_stream(data_dir, split):
 
 
 def expected_split_docs(dataset, corpus, val_fraction, seed):
-    source = prep.source_spec(dataset, [str(corpus["parquet"])])
-    ds = prep.load_documents(source, cache_dir=str(corpus["cache"]), progress=False)
-    parts = prep.split_documents(ds, val_fraction, seed)
+    source = sources.source_spec(dataset, [str(corpus["parquet"])])
+    ds = sources.load_documents(source, cache_dir=str(corpus["cache"]), progress=False)
+    parts = sources.split_documents(ds, val_fraction, seed)
     return {s: [t or "" for t in parts[s]["text"]] for s in ("train", "val")}
 
 

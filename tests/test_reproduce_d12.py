@@ -20,6 +20,7 @@ from common import LossEMA
 from conftest import read_log, tiny_args
 from configurator import ConfigError
 from data import prepare as prep
+from data import sources
 from data import shards as shardlib
 from data import tokenizer as toklib
 from model import GPT, GPTConfig
@@ -49,8 +50,8 @@ def bpe_data(bpe, tmp_path_factory):
 @functools.lru_cache(maxsize=1)
 def pydocs_splits():
     """{"train": [text, ...], "val": [...]}: pydocs split as data/prepare.py splits it."""
-    ds = prep.load_documents(prep.source_spec("pydocs"), progress=False)
-    parts = prep.split_documents(ds, prep.DATASETS["pydocs"]["val_fraction"], prep.DATASETS["pydocs"]["seed"])
+    ds = sources.load_documents(sources.source_spec("pydocs"), progress=False)
+    parts = sources.split_documents(ds, sources.DATASETS["pydocs"]["val_fraction"], sources.DATASETS["pydocs"]["seed"])
     return {k: list(v["text"]) for k, v in parts.items()}
 
 

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data import prepare as prep  # noqa: E402
+from data import sources  # noqa: E402
 from data import shards  # noqa: E402
 from data.loader import load_meta  # noqa: E402
 
@@ -86,12 +87,12 @@ def test_local_copies_keep_the_published_validation_split(tmp_path, enc, layout)
 
 def test_txt_stories_split_across_reads(tmp_path, enc, monkeypatch):
     """The separator cut by a read boundary, blank blocks and a file without a final separator."""
-    monkeypatch.setattr(prep, "READ_CHARS", 5)
+    monkeypatch.setattr(sources, "READ_CHARS", 5)
     train = tmp_path / "TinyStories-train.txt"
     train.write_text("\n\n" + "<|endoftext|>\n".join(s + "\n" for s in TRAIN) + "<|endoftext|>\n\n<|endoftext|>\n",
                      encoding="utf-8")
     val = write_v2_txt(tmp_path / "TinyStories-valid.txt", VAL, trailing=False)
-    assert list(prep._read_stories([str(train)], "<|endoftext|>")) == [{"text": s} for s in TRAIN]
+    assert list(sources._read_stories([str(train)], "<|endoftext|>")) == [{"text": s} for s in TRAIN]
     run(tmp_path, [train, val])
     np.testing.assert_array_equal(stream(tmp_path / "out", "train"), expected(enc, TRAIN))
 

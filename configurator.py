@@ -173,7 +173,7 @@ CHOICES = {
 }
 POSITIVE = ("eval_interval", "log_interval", "eval_tokens", "diag_batch_size", "batch_size", "block_size",
             "total_batch_tokens", "n_layer", "n_head", "n_embd", "sinkhorn_iters")
-NON_NEGATIVE = ("hellaswag_limit", "eval_batch_size", "vocab_size", "n_streams", "max_iters", "weight_decay", "grad_clip",
+NON_NEGATIVE = ("hellaswag_limit", "eval_batch_size", "vocab_size", "n_streams", "weight_decay", "grad_clip",
                 "warmup_iters", "lr_decay_iters", "learning_rate", "keep_checkpoints", "matrix_lr", "embedding_lr",
                 "unembedding_lr", "muon_momentum_warmup", "adam_eps", "hc_eps", "param_data_ratio",
                 "muon_weight_decay")
@@ -198,9 +198,12 @@ def validate(cfg):
         raise ConfigError(f"config key 'warmdown_frac' must be in (0, 1], got {cfg['warmdown_frac']}")
     if cfg["n_embd"] % cfg["n_head"]:
         raise ConfigError(f"config key 'n_embd' ({cfg['n_embd']}) must be divisible by 'n_head' ({cfg['n_head']})")
-    if cfg["max_iters"] == 0 and cfg["param_data_ratio"] == 0:
-        raise ConfigError("config key 'max_iters' is 0 (steps from 'param_data_ratio') but 'param_data_ratio' is 0 "
-                          "too; set one of them")
+    if cfg["max_iters"] < -1:
+        raise ConfigError(f"config key 'max_iters' must be >= 0 (steps), or -1 for steps from 'param_data_ratio', "
+                          f"got {cfg['max_iters']}")
+    if cfg["max_iters"] == -1 and cfg["param_data_ratio"] <= 0:
+        raise ConfigError("config key 'max_iters' is -1 (steps from 'param_data_ratio') but 'param_data_ratio' is 0; "
+                          "set one of them")
     if cfg["keep_checkpoints"] and not cfg["checkpoint"]:
         raise ConfigError("config key 'keep_checkpoints' needs checkpoints; drop it or drop --checkpoint=False")
     if not (cfg["dataset"] or cfg["data_dir"]):
@@ -219,15 +222,20 @@ PATHS = ("out_dir", "data_dir", "resume_from", "hellaswag_file", "core_bundle_di
 
 # Which keys apply to what: a key set (away from its default) where its condition does not hold is
 # accepted, so one config file can serve every scheme, and noted once at the start of the run.
-NOT_PLAIN = ("hc", "mhc", "mhc_lite", "kromhc")
+NOT_PLAIN = tuple(s for s in hc.SCHEMES if s != "plain")
 APPLIES = [
     (("kron_factors",), "scheme", ("kromhc",)),
-    (("sinkhorn_iters", "sinkhorn_end"), "scheme", ("mhc",)),
-    (("res_logit_init",), "scheme", ("mhc", "mhc_lite", "kromhc")),
+    (("sinkhorn_iters",), "scheme", ("mhc", "mhc_v4")),
+    (("sinkhorn_end",), "scheme", ("mhc",)),
+    (("res_logit_init", "coeff_norm"), "scheme", ("mhc", "mhc_lite", "kromhc")),
+    (("gate_init",), "scheme", ("hc", "mhc", "mhc_lite", "kromhc")),  # mhc_v4 has no gates of that kind
+    (("hc_eps",), ("scheme", "readout"), {"scheme": ("mhc_v4",), "readout": ("hc_head",)}),
     (("decay_static",), "scheme", ("hc", "mhc")),  # the schemes with 2-D static coefficients
-    (("gate_init", "readout", "hc_branch_init_scale_sqrt_n", "diag_batch_size"), "scheme", NOT_PLAIN),
+    (("readout", "hc_branch_init_scale_sqrt_n", "diag_batch_size"), "scheme", NOT_PLAIN),
+    (("nanochat_init", "embedding_dtype"), "arch", ("nanochat",)),
     (("matrix_lr", "embedding_lr", "unembedding_lr", "muon_momentum", "muon_momentum_start", "muon_momentum_warmup",
-      "hc_optimizer"), "optimizer", ("muon",)),
+      "hc_optimizer", "muon_weight_decay"), "optimizer", ("muon",)),
+    (("param_data_ratio",), "max_iters", (-1,)),
     (("warmdown_frac",), "lr_schedule", ("linear",)),
     (("hellaswag_limit",), "hellaswag", (True,)),
     (("hellaswag_file",), ("hellaswag", "final_hellaswag"), (True,)),
@@ -237,16 +245,18 @@ APPLIES = [
 
 
 def _condition(key):
+    """{config key: the values under which `key` applies}, or None where it always applies."""
     for keys, on, values in APPLIES:
         if key in keys:
-            return ((on,) if isinstance(on, str) else on), values
+            on = (on,) if isinstance(on, str) else on
+            return values if isinstance(values, dict) else {k: values for k in on}
     return None
 
 
 def applies(key, cfg):
     """Whether this run uses key (APPLIES)."""
     cond = _condition(key)
-    return cond is None or any(cfg[k] in cond[1] for k in cond[0])
+    return cond is None or any(cfg[k] in values for k, values in cond.items())
 
 
 def ignored(cfg, defaults):
@@ -254,10 +264,12 @@ def ignored(cfg, defaults):
     notes = {}
     for key in defaults:
         if cfg[key] != defaults[key] and not applies(key, cfg):
-            on, values = _condition(key)
-            vals = [repr(v) for v in values]
-            one = vals[0] if len(vals) == 1 else ", ".join(vals[:-1]) + " or " + vals[-1]
-            need = " or ".join(f"{k}={one}" for k in on)
-            have = ", ".join(f"{k}={cfg[k]!r}" for k in on)
+            cond = _condition(key)
+
+            def one_of(values):
+                vals = [repr(v) for v in values]
+                return vals[0] if len(vals) == 1 else ", ".join(vals[:-1]) + " or " + vals[-1]
+            need = " or ".join(f"{k}={one_of(values)}" for k, values in cond.items())
+            have = ", ".join(f"{k}={cfg[k]!r}" for k in cond)
             notes[key] = f"{key}={cfg[key]!r} is ignored: it applies with {need} (this run: {have})"
     return notes

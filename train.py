@@ -110,8 +110,8 @@ DEFAULTS = dict(
     # optimizer: adamw (everything on AdamW) | muon (nanochat's Muon + AdamW; arch="nanochat" only)
     optimizer="adamw",  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest; arch=nanochat)
     learning_rate=6e-4,  # peak lr; adamw: every parameter; muon: the connections' AdamW parameters
-    max_iters=10_000,  # optimizer steps in the run; 0 -> from param_data_ratio
-    param_data_ratio=20.0,  # max_iters=0: steps = ratio x all parameters // total_batch_tokens (nanochat's rule)
+    max_iters=10_000,  # optimizer steps in the run; -1 -> from param_data_ratio (nanochat's num_iterations=-1)
+    param_data_ratio=20.0,  # max_iters=-1: steps = ratio x all parameters // total_batch_tokens (nanochat's rule)
     weight_decay=0.1,  # AdamW's, on its 2-D weights (muon: embedding, unembedding, connections' projections)
     beta1=0.9,  # AdamW beta1
     beta2=0.95,  # AdamW beta2
@@ -265,13 +265,18 @@ def check_run(cfg, meta, ddp, master, device_type):
 
 def build(cfg, meta, device, device_type):
     """The model (the same init on every rank) and its optimizer, from the checkpoint when resuming;
-    -> (raw_model, optimizer, checkpoint or None, the fused path's check)."""
+    -> (raw_model, optimizer, checkpoint or None, the fused path's check, how max_iters=-1 was derived)."""
     torch.manual_seed(cfg["seed"])
     gptconf = GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})
     try:
         raw_model = GPT(gptconf)
     except ValueError as e:  # hc.py's errors: a scheme that cannot take this n, bad factors, ...
         raise ConfigError(f"model config: {e}") from None
+    horizon = ""
+    if cfg["max_iters"] == -1:  # nanochat's rule, counting this scheme's parameters (before a resume's checks)
+        n = raw_model.num_params(non_embedding=False)
+        cfg["max_iters"] = ratio_steps(n, cfg["param_data_ratio"], cfg["total_batch_tokens"])
+        horizon = f" = {cfg['param_data_ratio']:g} x {n:,} params // {cfg['total_batch_tokens']:,}"
     ckpt = rundir.load_resume_checkpoint(cfg, meta) if cfg["resume"] else None
     if ckpt is not None:
         saved = {**asdict(GPTConfig()), **ckpt["model_config"]}  # keys newer than the checkpoint: defaults
@@ -313,7 +318,7 @@ def build(cfg, meta, device, device_type):
                                              else None)
     except RuntimeError as e:  # fused='on' and the kernels cannot run here or failed their check
         raise ConfigError(f"config key 'fused': {e}") from None
-    return raw_model, optimizer, ckpt, fused_check
+    return raw_model, optimizer, ckpt, fused_check, horizon
 
 
 def loaders(cfg, ckpt, rank, world_size, master, device):
@@ -377,12 +382,7 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     ctx = torch.autocast(device_type, dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" else nullcontext()
-    raw_model, optimizer, ckpt, fused_check = build(cfg, meta, device, device_type)
-    horizon = ""
-    if cfg["max_iters"] == 0:  # nanochat's rule, counting this scheme's parameters
-        n = raw_model.num_params(non_embedding=False)
-        cfg["max_iters"] = ratio_steps(n, cfg["param_data_ratio"], tokens_per_step)
-        horizon = f" = {cfg['param_data_ratio']:g} x {n:,} params // {tokens_per_step:,}"
+    raw_model, optimizer, ckpt, fused_check, horizon = build(cfg, meta, device, device_type)
     enc = rundir.data_tokenizer(cfg, meta) if hellaswag_examples or final["hellaswag"] or final["core"] else None
     model = eval_model = torch.compile(raw_model) if cfg["compile"] else raw_model
     if ddp:

@@ -40,5 +40,5 @@ min_lr_ratio = 0.0
 grad_clip = 1.0  # nanochat until 061f83c (2026-01-08)
 
 # steps: token : parameter ratio about 20 (paper; nanochat's rule over every parameter, as above)
-max_iters = 0
+max_iters = -1
 param_data_ratio = 20

@@ -59,7 +59,7 @@ batch_size = 16
 #   mhc_lite 188,031,816 -> 7,172 | kromhc 186,556,776 -> 7,116   (n = 4, 524,288 tokens per step)
 # At GPT-2's 50,304: plain 162,201,600 -> 6,187 | kromhc 163,160,424 -> 6,224.
 # --max_iters=N overrides the rule (e.g. a short trial).
-max_iters = 0
+max_iters = -1
 param_data_ratio = 20
 
 # schedule: no warmup, constant, then linear to 0 over the final 20% of the steps (nanochat's

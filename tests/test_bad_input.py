@@ -321,6 +321,11 @@ def test_max_iters_0_and_ignored_keys_said_once(data_dir, tmp_path, capsys):
     ("hc_optimizer", "muon", dict(optimizer="adamw"), True), ("matrix_lr", 0.01, dict(optimizer="muon"), False),
     ("warmdown_frac", 0.5, dict(lr_schedule="cosine"), True), ("wandb_project", "p", dict(wandb_log=False), True),
     ("hellaswag_file", "f", dict(final_hellaswag=True), False), ("core_max_per_task", 3, dict(final_core=False), True),
+    ("sinkhorn_iters", 5, dict(scheme="mhc_v4"), False), ("gate_init", 0.1, dict(scheme="mhc_v4"), True),
+    ("hc_eps", 1e-5, dict(scheme="kromhc"), True), ("hc_eps", 1e-5, dict(scheme="kromhc", readout="hc_head"), False),
+    ("readout", "hc_head", dict(scheme="mhc_v4"), False), ("coeff_norm", "stream", dict(scheme="mhc_v4"), True),
+    ("param_data_ratio", 8.0, dict(max_iters=5), True), ("param_data_ratio", 8.0, dict(max_iters=-1), False),
+    ("muon_weight_decay", 0.2, dict(optimizer="adamw"), True), ("embedding_dtype", "bfloat16", dict(arch="gpt2"), True),
 ])
 def test_keys_that_do_not_apply(key, value, run, ignored):
     cfg = dict(train.DEFAULTS, **run, **{key: value})

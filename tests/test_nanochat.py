@@ -281,7 +281,7 @@ def test_schedule_and_momentum_warmup(config, ratio):
     """Linear warmdown with warmup 0 and min_lr_ratio 0 is nanochat's get_lr_multiplier (warmdown_ratio
     0.2 at e1770a3, 0.4 from ae0bf52); the momentum is nanochat's get_muon_momentum."""
     cfg = configurator.load(train.DEFAULTS, [os.path.join(REPO, "configs", config)], train.ALLOWED_TYPES)
-    cfg["max_iters"] = N = 7080  # the configs' max_iters = 0: nanochat's rule (plain at 65,536 tokens)
+    cfg["max_iters"] = N = 7080  # the configs' max_iters = -1: nanochat's rule (plain at 65,536 tokens)
     warmdown = round(ratio * N)
     for step in list(range(0, N, 97)) + [N - warmdown - 1, N - warmdown, N - warmdown + 1, N - 1]:
         nanochat = 1.0 if step <= N - warmdown else (N - step) / warmdown
@@ -422,7 +422,7 @@ def test_nanochat_d12_config():
                               vocab_size=65536))
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == 2 * 65536 * 768 + 12 * 12 * 768 ** 2 == 185_597_952
-    assert cfg["max_iters"] == 0 and train.ratio_steps(n_params, cfg["param_data_ratio"], 524_288) == 7080
+    assert cfg["max_iters"] == -1 and train.ratio_steps(n_params, cfg["param_data_ratio"], 524_288) == 7080
 
 
 def test_nanochat_d12_trains_with_end_of_run_evals(data_dir, tmp_path):

@@ -246,14 +246,16 @@ def test_d12_step_rule(scheme, params, steps):
 
 def test_max_iters_from_param_data_ratio(data_dir, tmp_path):
     out = tmp_path / "run"
-    result = train.main(tiny_args(data_dir, out, "--arch=nanochat", "--bias=False", "--max_iters=0",
+    result = train.main(tiny_args(data_dir, out, "--arch=nanochat", "--bias=False", "--max_iters=-1",
                                   "--param_data_ratio=0.0005", "--eval_interval=100"))
     n = read_log(out)[0]["num_params"]  # without the embedding lookup: not what nanochat's rule counts
     n_all = sum(p.numel() for p in rundir.load_model(out)[0].parameters())
     assert read_log(out)[0]["max_iters"] == result["step"] == int(0.0005 * n_all) // 128 == 12
     assert int(0.0005 * n) // 128 < 12
-    with pytest.raises(ConfigError, match="'max_iters' is 0.*'param_data_ratio' is 0"):
-        configurator.validate({**train.DEFAULTS, "max_iters": 0, "param_data_ratio": 0})
+    with pytest.raises(ConfigError, match="'max_iters' is -1.*'param_data_ratio' is 0"):
+        configurator.validate({**train.DEFAULTS, "max_iters": -1, "param_data_ratio": 0})
+    with pytest.raises(ConfigError, match="'max_iters' must be >= 0 .*or -1"):
+        configurator.validate({**train.DEFAULTS, "max_iters": -2})
 
 
 def tiny(**kw):

@@ -378,7 +378,7 @@ def test_help_lists_every_key(capsys):
             rows[key] = (default, meaning.strip())
     assert set(rows) == set(train.DEFAULTS)
     assert all(meaning for _, meaning in rows.values()), [k for k, (_, m) in rows.items() if not m]
-    assert rows["max_iters"] == ("10000", "optimizer steps in the run; 0 -> from param_data_ratio")
+    assert rows["max_iters"] == ("10000", "optimizer steps in the run; -1 -> from param_data_ratio (nanochat's num_iterations=-1)")
     assert rows["scheme"][0] == "plain" and rows["out_dir"][0] == '""' and rows["kron_factors"][0] == "None"
     assert "keep_checkpoints" in rows and "data:" in text.splitlines()
     train.main(["-h", "--n_layr=3"])  # help wins over a bad argument

@@ -105,7 +105,7 @@ def test_peer_rows_assembly(monkeypatch):
     """run_peers: ratios to plain from the same run, a missing peer and a failing row as rows that say so."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import bench
-    import peers
+    from scripts import peers   # the module bench.py uses
     monkeypatch.setitem(peers.PEERS, "absent peer", ("no_such_module_for_hcgpt", "mhc", "absent==1.0"))
 
     def fake(scheme, recompute, args, device, peer=None):

@@ -354,7 +354,7 @@ def test_d12_configs():
     nano, krom = load("nanochat_d12.py"), load("kromhc_d12.py")
     for cfg in (nano, krom):
         assert (cfg["dataset"], cfg["max_iters"], cfg["param_data_ratio"], cfg["embedding_dtype"]) == \
-            ("fineweb_edu-65536", 0, 20, "bfloat16")
+            ("fineweb_edu-65536", -1, 20, "bfloat16")
         assert (cfg["arch"], cfg["n_layer"], cfg["n_embd"], cfg["block_size"], cfg["total_batch_tokens"]) == \
             ("nanochat", 12, 768, 2048, 524_288)
         assert (cfg["beta1"], cfg["beta2"], cfg["adam_eps"], cfg["grad_clip"], cfg["warmup_iters"]) == \

@@ -10,6 +10,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.fixture(autouse=True)
+def fresh_wandb():
+    """wandb keeps the settings of its first run in a process (WANDB_DIR, WANDB_MODE from the
+    environment) for every later run; a test that starts one must not decide where the next writes."""
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+
+
 class ByteEnc:
     """Byte-level stand-in for the GPT-2 encoding: token = UTF-8 byte, 256 = <|endoftext|>."""
     eot_token, n_vocab = 256, 257

@@ -82,7 +82,8 @@ OVERWRITE_REFUSALS = {
 @pytest.mark.parametrize("case", OVERWRITE_REFUSALS)
 def test_refused_overwrite_leaves_the_old_run(case, data_dir, run, monkeypatch, capsys):
     extra, message = OVERWRITE_REFUSALS[case]
-    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE"):
+    # no wandb key, and no Triton interpreter: the fused kernels cannot run on this CPU
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "TRITON_INTERPRET"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", os.devnull)
     if case == "disk":
@@ -249,8 +250,9 @@ def test_wandb_without_network_gives_up_in_time(tmp_path):
     ("bench", ["--schemes", "kromhc", "--n-streams", "1"], "needs n_streams >= 2"),
     ("bench", ["--schemes", "hc", "--fused", "on"], "config key 'fused' is 'on' but the fused kernels cannot run hc"),
 ])
-def test_script_flags_share_train_rules(script, argv, needle, capsys):
+def test_script_flags_share_train_rules(script, argv, needle, capsys, monkeypatch):
     from scripts import bench, sweep
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # no interpreter: fused='on' cannot run on this CPU
     main = {"sweep": lambda a: sweep.main(["--configs", QUICKSTART, *a]),
             "bench": lambda a: bench.main(["--device", "cpu", *a])}[script]
     with pytest.raises(SystemExit) as e:

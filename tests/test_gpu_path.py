@@ -407,8 +407,8 @@ def test_train_records_the_residual_path(data_dir, tmp_path, monkeypatch, capsys
             assert header["fused_path"] == path and reason in header["fused_reason"]
             assert f"residual path: {path} (fused={fused}: " in capsys.readouterr().out
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # 'on' on a CPU without the interpreter
-        with pytest.raises(ConfigError, match="config key 'fused': hc.FUSED = 'on' but the fused KromHC kernels "
-                                              "cannot run: tensors are on the CPU"):
+        with pytest.raises(ConfigError, match="config key 'fused' is 'on' but the fused kernels cannot run kromhc "
+                                              "at n_streams=4 here: tensors are on the CPU"):
             train.main(tiny_args(data_dir, tmp_path / "on", "--scheme=kromhc", "--fused=on"))
         with pytest.raises(ConfigError, match="'fused' must be one of"):
             train.main(tiny_args(data_dir, tmp_path / "x", "--fused=yes"))

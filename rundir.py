@@ -4,11 +4,12 @@
                             refused unless resumed or --overwrite
     write_checkpoint        atomic and durable (tmp, fsync, rename), ckpt_<step>.pt kept and pruned
     load_checkpoint         read one back, or a CheckpointError naming the file and the fix
-    load_resume_checkpoint  the checkpoint to resume, refused when it is from other data or seed
+    load_resume_checkpoint  the checkpoint to resume, refused when it is from other data or seeds
     load_model              a GPT from a checkpoint, for the evaluation and sampling scripts
     load_tokenizer          the tokenizer a checkpoint's run was trained with
     save_checkpoint         a training run's checkpoint: the model, the optimizer, every rank's
                             random state and data position
+    run_identity            the log header's data, tokenizer and code identity (git commit, dirty tree)
     start_log / read_log    log.jsonl: the run's header record; the records, a line cut by a crash dropped
 
 Every problem a user can cause is a ConfigError (or CheckpointError) naming the key or file and the fix.
@@ -102,6 +103,29 @@ def read_log(path):
 
 
 
+def git_state(repo):
+    """{"git_commit": HEAD, "git_dirty": uncommitted changes (untracked files included)}, None where repo
+    is not a git checkout or git is missing."""
+    import subprocess
+    try:
+        commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        status = subprocess.run(["git", "-C", repo, "status", "--porcelain"], capture_output=True, text=True,
+                                timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"git_commit": None, "git_dirty": None}
+    if commit.returncode or status.returncode:
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
+
+
+def run_identity(meta, repo):
+    """What the log header records beyond the config: the data (data_id: preparation and shards), the
+    tokenizer, and the code (git commit, dirty tree)."""
+    tok = meta.get("tokenizer") or {}
+    return {"data_id": data_id(meta), "tokenizer": tok.get("name"), "tokenizer_sha256": tok.get("rank_file_sha256"),
+            **git_state(repo)}
+
+
 def start_log(cfg, ckpt, start_step, header):
     """log.jsonl's header record ("config", or "resume" after dropping records written after the
     checkpoint) and the wandb run, on rank 0. -> the wandb run or None."""
@@ -117,7 +141,9 @@ def start_log(cfg, ckpt, start_step, header):
         header["step"] = start_step
     with open(log_path, "w" if ckpt is None else "a") as f:
         f.write(json.dumps(header) + "\n")
-    return start_wandb(cfg, (ckpt or {}).get("wandb_id")) if cfg["wandb_log"] else None
+    if not cfg["wandb_log"]:
+        return None
+    return start_wandb(header, (ckpt or {}).get("wandb_id"), (ckpt or {}).get("wandb_group"))
 
 
 # -----------------------------------------------------------------------------
@@ -180,7 +206,8 @@ def save_checkpoint(cfg, step, tokens, raw_model, optimizer, train_loader, meta,
         ckpt = {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
                 "optimizer": optimizer.state_dict(), "step": step, "tokens": tokens, "config": cfg,
                 "rng": ranks[0]["rng"], "loader": ranks[0]["loader"], "ranks": ranks, "world_size": world_size,
-                "data_id": data_id(meta), "wandb_id": wandb_run.id if wandb_run is not None else None}
+                "data_id": data_id(meta), "wandb_id": wandb_run.id if wandb_run is not None else None,
+                "wandb_group": wandb_run.group if wandb_run is not None else None}
         try:
             write_checkpoint(ckpt, os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["keep_checkpoints"])
         except CheckpointWriteError as e:
@@ -213,16 +240,19 @@ def load_checkpoint(path):
 
 
 def load_resume_checkpoint(cfg, meta):
-    """The checkpoint to resume from, refused if it is unreadable or from a run with other data or seed."""
+    """The checkpoint to resume from, refused if it is unreadable or from a run with other data or seeds."""
     try:
         ckpt = load_checkpoint(cfg["resume_from"])
     except CheckpointError as e:
         raise ConfigError(f"config key 'resume': {e}") from None
     old = ckpt.get("config", {})
-    if "seed" in old and old["seed"] != cfg["seed"]:
-        raise ConfigError(f"resume: the checkpoint's run used seed {old['seed']}, this run has seed {cfg['seed']} "
-                          f"(the data order would change mid-run); resume with --seed={old['seed']}, or start a "
-                          f"new run in another out_dir")
+    old_seeds = {"seed": old.get("seed"), "data_seed": old.get("data_seed", old.get("seed"))}  # older: one seed
+    for key, why in (("seed", "a run is one seed of its setting"), ("data_seed", "the data order would change "
+                                                                                  "mid-run")):
+        if old_seeds[key] is not None and old_seeds[key] != cfg[key]:
+            raise ConfigError(f"resume: the checkpoint's run used {key} {old_seeds[key]}, this run has {key} "
+                              f"{cfg[key]} ({why}); resume with --{key}={old_seeds[key]}, or start a new run in "
+                              f"another out_dir")
     same = (ckpt["data_id"] == data_id(meta) if "data_id" in ckpt else
             os.path.realpath(old.get("data_dir", cfg["data_dir"])) == os.path.realpath(cfg["data_dir"]))
     if not same:

@@ -166,7 +166,8 @@ def test_refusals(tmp_path):
 def test_cli_tables_and_json(sweep, capsys):
     assert compare.main([*sweep, "--baseline", "scheme=plain", "--markdown"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("**val_loss at step 100, lower is better**\n\n| group | n | mean | std | 95% CI | Δ vs baseline")
+    assert out.startswith("**val_loss at step 100, lower is better**\n\n"
+                          "| group | n | mean | std | 95% CI | Δ vs baseline")
     row = next(line for line in out.splitlines() if "kromhc" in line)  # val_loss's table comes first
     assert row.startswith("| kromhc n=4 | 3 | 2.9333 |") and row.endswith("| 0.011 | better |")
     assert compare.main([*sweep, "--json", "--metric", "val_bpb"]) == 0

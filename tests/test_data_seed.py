@@ -55,7 +55,7 @@ def test_data_seed_fixes_the_batches_across_seeds_processes_and_resume(data_dir,
     assert not any(torch.equal(x, y) for x, y in zip(a, c))               # data_seed defaults to seed
     assert log_a[1]["val_loss"] != log_b[1]["val_loss"]                   # the seed still sets the init
     assert (log_a[0]["seed"], log_a[0]["data_seed"], log_c[0]["data_seed"]) == (1, 7, 1)
-    assert log_a[0]["wandb_run_name"] == "default-plain-n1-s1-d7" and log_c[0]["wandb_run_name"] == "default-plain-n1-s1"
+    assert [log[0]["wandb_run_name"] for log in (log_a, log_c)] == ["default-plain-n1-s1-d7", "default-plain-n1-s1"]
     assert log_a[0]["setting"] == log_b[0]["setting"] == log_c[0]["setting"]  # seeds of one setting
     ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
     assert (ckpt["config"]["seed"], ckpt["config"]["data_seed"], ckpt["loader"]["seed"]) == (1, 7, 7)

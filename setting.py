@@ -5,6 +5,7 @@
     setting_name  its short name, "<config>-<scheme>-n<n>-<hash of the whole setting>": the wandb
                   group (tracking.py) and the group of scripts/compare.py and plot_runs.py --groups
     changed_keys  the keys in which two settings differ (to say why two runs are not one group)
+    label         a group's short label from the keys that vary between groups ("kromhc n=4")
     run_name      a run's default name: the setting's readable part and its seeds
     mean_interval mean, sample std and the Student-t confidence interval of a group's values
 
@@ -69,6 +70,21 @@ def setting_name(items):
 def changed_keys(a, b):
     """The keys whose values differ between two settings (a key missing on one side counts)."""
     return sorted(k for k in set(a) | set(b) if _canonical(a.get(k)) != _canonical(b.get(k)))
+
+
+def varying_keys(settings):
+    """The keys in which any of the settings differs from the first."""
+    return sorted({k for s in settings for k in changed_keys(settings[0], s)})
+
+
+def label(items, keys):
+    """A group's short label from the keys that vary between groups: 'kromhc n=4', 'hc n=4 gate_init=0.1'."""
+    first = {"config_name": 0, "scheme": 1, "n_streams": 2}
+    parts = []
+    for k in sorted(keys, key=lambda k: (first.get(k, 3), k)):
+        v = items.get(k)
+        parts.append(str(v) if k in ("config_name", "scheme") else f"n={v}" if k == "n_streams" else f"{k}={v}")
+    return " ".join(parts)
 
 
 def run_name(config_name, scheme, n_streams, seed, data_seed):

@@ -126,21 +126,11 @@ def group_runs(runs):
                                f"{run['data_seed']}) of one setting ({run['name']}); pass one of them")
         g["runs"].append(run)
     groups = list(groups.values())
-    varying = sorted({k for g in groups for k in setting.changed_keys(groups[0]["setting"], g["setting"])})
+    varying = setting.varying_keys([g["setting"] for g in groups])
     for g in groups:
-        g["label"] = label(g["setting"], varying) or g["name"]
+        g["label"] = setting.label(g["setting"], varying) or g["name"]
         g["keys"] = {k: g["setting"].get(k) for k in varying}
     return groups
-
-
-def label(items, keys):
-    """A group's short label from the keys that vary between groups: 'kromhc n=4', 'hc n=4 gate_init=0.1'."""
-    first = {"config_name": 0, "scheme": 1, "n_streams": 2}
-    parts = []
-    for k in sorted(keys, key=lambda k: (first.get(k, 3), k)):
-        v = items.get(k)
-        parts.append(str(v) if k in ("config_name", "scheme") else f"n={v}" if k == "n_streams" else f"{k}={v}")
-    return " ".join(parts)
 
 
 def check_data(groups):

@@ -175,3 +175,18 @@ def test_cli_tables_and_json(sweep, capsys):
     assert res["metrics"] == ["val_bpb"] and len(res["groups"]) == 3 and res["groups"][0]["label"] == "plain n=1"
     assert compare.main([sweep[0], "--step", "3"]) == 1
     assert "has no val_loss at step 3" in capsys.readouterr().err
+
+
+def test_plot_runs_groups_draws_each_setting_as_a_mean_with_a_band(sweep, tmp_path):
+    from scripts import plot_runs
+    groups = plot_runs.group_runs([plot_runs.read_run(p) for p in sweep])
+    assert [(g["label"], len(g["runs"])) for g in groups] == [("plain n=1 (3 seeds)", 3), ("kromhc n=4 (3 seeds)", 3),
+                                                              ("hc n=4 (3 seeds)", 3)]
+    # at the x every seed has: the mean and its t interval; one seed: the line alone
+    xs, mean, lo, hi = plot_runs.mean_band([([0, 1, 2], [1.0, 2.0, 3.0]), ([0, 2], [3.0, 5.0])])
+    half = stats.t.ppf(0.975, 1) * math.sqrt(2) / math.sqrt(2)  # std of (1, 3) and of (3, 5) is sqrt(2)
+    assert xs == [0, 2] and mean == [2.0, 4.0]
+    assert lo == pytest.approx([2.0 - half, 4.0 - half]) and hi == pytest.approx([2.0 + half, 4.0 + half])
+    assert plot_runs.mean_band([([0, 5], [1.0, 2.0])]) == ([0, 5], [1.0, 2.0], [1.0, 2.0], [1.0, 2.0])
+    written = plot_runs.main([*sweep, "--groups", "--out-dir", str(tmp_path / "plots"), "--formats", "png"])
+    assert tmp_path / "plots" / "curves.png" in written and (tmp_path / "plots" / "curves.png").stat().st_size > 0

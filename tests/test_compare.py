@@ -123,7 +123,7 @@ def test_grouping_rules(tmp_path):
     assert setting.setting(old, train.DEFAULTS) == setting.setting(train.DEFAULTS, train.DEFAULTS)
     assert setting.changed_keys(items, {**items, "scheme": "hc", "data_id": "z"}) == ["data_id", "scheme"]
     assert not set(setting.EXCLUDED) - set(train.DEFAULTS)  # every excluded key is a config key
-    assert setting.run_name("q", "hc", 4, 1, 1) == "q-hc-n4-s1" and setting.run_name("q", "hc", 4, 1, 0) == "q-hc-n4-s1-d0"
+    assert [setting.run_name("q", "hc", 4, 1, d) for d in (1, 0)] == ["q-hc-n4-s1", "q-hc-n4-s1-d0"]
 
 
 def test_refusals(tmp_path):

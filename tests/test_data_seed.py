@@ -64,11 +64,12 @@ def test_data_seed_fixes_the_batches_across_seeds_processes_and_resume(data_dir,
     rec = tmp_path / "record.py"
     rec.write_text(RECORDER.format(repo=REPO, out=str(tmp_path)))
     ddp = tiny_args(data_dir, tmp_path / "ddp", "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=2",
-                    "--seed=3", "--data_seed=7", "--batch_size=2")
+                    "--seed=3", "--data_seed=7", "--batch_size=2", "--wandb_log=True", "--wandb_mode=offline")
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(rec),
-                        *ddp], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                       timeout=300)
+                        *ddp], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1  # rank 0 alone logs to wandb
     r0, r1 = (torch.load(tmp_path / f"batches_rank{r}.pt") for r in (0, 1))
     assert len(r0) == len(r1) == 4
     assert all(torch.equal(torch.cat([x0, x1]), x) for x0, x1, x in zip(r0, r1, a))

@@ -56,9 +56,10 @@ def unbuildable(scheme, n):
 
 
 def grid(configs, schemes, ns, seeds):
-    """[(config, scheme, n, seed)] with plain collapsed to n = 1, in a stable order, no duplicates."""
+    """[(config, scheme, n, seed)] with plain collapsed to n = 1, no duplicates, seed by seed: every setting's
+    first seed, then every setting's second, ..., so a sweep stopped early has its settings at equal n."""
     runs = []
-    for config, scheme, n, seed in itertools.product(configs, schemes, ns, seeds):
+    for seed, config, scheme, n in itertools.product(seeds, configs, schemes, ns):
         run = (config, scheme, 1 if scheme == "plain" else n, seed)
         if run not in runs:
             runs.append(run)

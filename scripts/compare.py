@@ -71,6 +71,8 @@ def load_run(path, defaults):
     """A run directory (or its log.jsonl) -> {"dir", "header", "setting", "name", "seed", "data_seed",
     "values": {step: {metric: value}}, "max_iters", "last_step", "diverged", "warnings"}."""
     log = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
+    if not os.path.isdir(path) and not path.endswith(".jsonl"):
+        raise CompareError(f"{path}: not a run directory or a log.jsonl; pass train.py out_dirs")
     if not os.path.isfile(log):
         raise CompareError(f"{path}: no log.jsonl; pass the out_dir of a train.py run")
     try:
@@ -255,7 +257,7 @@ def compare(paths, defaults, metrics=None, step=None, baseline=None, confidence=
     out = {"confidence": confidence, "step": step, "metrics": metrics, "baseline": base["name"],
            "groups": [], "warnings": warnings}
     base_values = {m: values_at(base, m, step) for m in metrics}
-    for g in groups:
+    for g in [base] + [g for g in groups if g is not base]:  # the baseline first, the others as they came
         entry = {"name": g["name"], "label": g["label"], "keys": g["keys"], "baseline": g is base,
                  "runs": [r["dir"] for r in g["runs"]], "seeds": [[r["seed"], r["data_seed"]] for r in g["runs"]],
                  "metrics": {}}

@@ -304,7 +304,9 @@ def plot_group_curves(groups, out_dir, formats, smooth=None):
             ax.plot(xs, mean, "-" if j == 0 else "o-", ms=3, lw=1.6, color=g["color"], label=g["label"])
             ax.fill_between(xs, lo, hi, color=g["color"], alpha=0.2, lw=0)
             series[j].append((xs, lo + hi))
-    titles = [("train loss (EMA, mean of seeds)", "nats / token")] + [(t, y) for _, t, y in evals]
+    smoothed = any(ema_alpha(len(r["train"]), smooth) > 0 for r in runs)
+    titles = [(f"train loss ({'EMA, ' if smoothed else ''}mean of seeds)", "nats / token")]
+    titles += [(t, y) for _, t, y in evals]
     for j, (ax, (title, ylabel), ser) in enumerate(zip(axes, titles, series)):
         ax.set_title(title + (" (mean, 95% CI)" if j else ""))
         ax.set_xlabel("tokens")

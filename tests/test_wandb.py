@@ -55,7 +55,7 @@ def _data(data_dir):
     DATA = data_dir
 
 
-def test_a_sweep_is_grouped_tagged_and_plotted_against_tokens(offline):
+def test_a_sweep_is_grouped_tagged_and_plotted_against_tokens(offline, capsys):
     tmp_path, config = offline
     logs = {name: run(tmp_path, config, name, *extra) for name, extra in (
         ("plain-s0", ["--seed=0"]),
@@ -81,6 +81,11 @@ def test_a_sweep_is_grouped_tagged_and_plotted_against_tokens(offline):
         assert r["config"] == header
         assert {"git_commit", "git_dirty", "data_id", "tokenizer", "setting"} <= set(r["config"])
         assert r["config"]["data_seed"] == 0 and r["config"]["seed"] == (1 if name == "plain-s1" else 0)
+    from scripts import wandb_offline  # the same records as a user reads them before `wandb sync`
+    assert wandb_offline.main([str(tmp_path / "wandb")]) == 0
+    out = capsys.readouterr().out
+    assert f"3 group(s):\n  {runs['plain-s0']['group']}: plain-s0, plain-s1\n" in out
+    assert f"  {runs['hc-s0']['group']}: hc-s0\n  mine: mine\n" in out
     m = runs["hc-s0"]["metrics"]
     assert m["tokens"]["step_metric"] is None
     assert m["train/*"]["step_metric"] == m["val/*"]["step_metric"] == m["diag/*"]["step_metric"] == "tokens"
@@ -107,7 +112,7 @@ def test_a_sweep_is_grouped_tagged_and_plotted_against_tokens(offline):
                     assert key.startswith(("_", "diag/", "final/core_centered/", "hres")) or key == "tokens", key
 
 
-def test_a_resumed_run_continues_its_wandb_run_and_group(offline):
+def test_a_resumed_run_continues_its_wandb_run_and_group(offline, capsys):
     tmp_path, config = offline
     first = run(tmp_path, config, "r", "--keep_checkpoints=2")
     (rid, files), = run_files(tmp_path).items()
@@ -123,6 +128,11 @@ def test_a_resumed_run_continues_its_wandb_run_and_group(offline):
     for f in files[1:]:
         r = tracking.read_offline_run(f)
         assert (r["id"], r["group"], r["name"]) == (rid, before["group"], "r")
+    from scripts import wandb_offline
+    capsys.readouterr()
+    assert wandb_offline.main([str(tmp_path / "wandb")]) == 0
+    line = f"{rid}  r  group={before['group']}  job_type=tiny  tags=plain,n1,gpt2,adamw,pydocs,gpt2  (3 starts)"
+    assert line in capsys.readouterr().out.splitlines()
     headers = [r for r in log if r["type"] in ("config", "resume")]
     assert headers[-1]["setting"] != before["group"]  # what compare.py groups by: the last header's setting
 

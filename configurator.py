@@ -210,6 +210,8 @@ def validate(cfg):
         raise ConfigError("config key 'dataset' is empty; name a prepared dataset (--dataset=pydocs) or set 'data_dir'")
     if not 0 <= cfg["seed"] < 2**31:  # numpy takes seed + rank below 2**32
         raise ConfigError(f"config key 'seed' must be in [0, 2**31), got {cfg['seed']}")
+    if not -1 <= cfg["data_seed"] < 2**31:
+        raise ConfigError(f"config key 'data_seed' must be in [0, 2**31), or -1 for the seed, got {cfg['data_seed']}")
     if cfg["optimizer"] == "muon" and cfg["arch"] != "nanochat":
         raise ConfigError(f"config key 'optimizer' is 'muon', nanochat's optimizer, which takes arch='nanochat' "
                           f"(got arch={cfg['arch']!r}); add --arch=nanochat or use --optimizer=adamw")

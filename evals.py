@@ -93,21 +93,20 @@ def residual_diagnostics(raw_model, x, ctx):
 def training_eval(step, tokens, eval_model, raw_model, val_loader, token_bytes, hellaswag_examples, diag_x, ctx,
              device, ddp, wandb_run, enc=None):
     """One eval: val loss and BPB, HellaSwag if asked (enc: the run's tokenizer), the residual
-    diagnostics on the fixed batch. -> (log record, wandb metrics, the console line's extra part)."""
+    diagnostics on the fixed batch. -> (log record, wandb items beyond the record's numbers (the H_res
+    image), the console line's extra part)."""
     val_loss, val_bpb = val_loss_bpb(eval_model, val_loader, token_bytes, ctx, device, ddp)
     record = {"type": "eval", "step": step, "tokens": tokens, "val_loss": val_loss, "val_bpb": val_bpb}
-    wandb_data = {"val/loss": val_loss, "val/bpb": val_bpb}
+    wandb_data = {}
     extra = ""
     if hellaswag_examples is not None:  # every rank scores its share; counts are all-reduced
         hs = evaluate_hellaswag(raw_model, hellaswag_examples, device, enc=enc, ctx=ctx)
-        record["hellaswag_acc_norm"] = wandb_data["val/hellaswag_acc_norm"] = hs["acc_norm"]
-        record["hellaswag_acc"] = wandb_data["val/hellaswag_acc"] = hs["acc"]
+        record["hellaswag_acc_norm"], record["hellaswag_acc"] = hs["acc_norm"], hs["acc"]
         extra = f" | hellaswag acc_norm {hs['acc_norm']:.4f}"
     if diag_x is not None:
         d = residual_diagnostics(raw_model, diag_x, ctx)
         s = d["scalars"]
         record.update(diag=s, hres=d["matrices"], hres_composite=d["composite"])
-        wandb_data.update({f"diag/{k}": v for k, v in s.items()})
         if wandb_run is not None:
             from tracking import hres_image
             wandb_data["hres"] = hres_image(d)
@@ -684,18 +683,16 @@ def run_final_evals(final, raw_model, cfg, step, tokens, device, ctx, master, lo
     with enc, the run's tokenizer (rundir.data_tokenizer). Logged as a "final" record and written to
     <out_dir>/hellaswag.json and core.json, as the eval scripts write them (plot_runs.py reads them)."""
     record = {"type": "final", "step": step, "tokens": tokens}
-    wandb_data, files = {}, {}
+    files = {}
     if final["hellaswag"]:
         path, examples = final["hellaswag"]
         hs = evaluate_hellaswag(raw_model, examples, device, enc=enc, ctx=ctx)
         record.update(hellaswag_acc_norm=hs["acc_norm"], hellaswag_acc=hs["acc"], hellaswag_n=hs["n"])
-        wandb_data.update({"final/hellaswag_acc_norm": hs["acc_norm"], "final/hellaswag_acc": hs["acc"]})
         files["hellaswag.json"] = {"task": "hellaswag", "split": "val", **hs, "data_file": path}
     if final["core"]:
         res = evaluate_core(raw_model, enc, device, final["core"], cfg["core_max_per_task"], ctx=ctx,
                             log=print if master else None)
         record.update(core=res["core"], core_complete=res["complete"], core_centered=res["centered"])
-        wandb_data["final/core"] = res["core"]
         files["core.json"] = {"task": "core", **res, "bundle_dir": final["core"]}
     if final["skipped"]:
         record["skipped"] = final["skipped"]
@@ -710,5 +707,5 @@ def run_final_evals(final, raw_model, cfg, step, tokens, device, ctx, master, lo
         for name, content in files.items():
             with open(os.path.join(cfg["out_dir"], name), "w") as f:
                 json.dump({**content, "step": step, "tokens": tokens, "ckpt": ckpt}, f, indent=1)
-    log(record, wandb_data)
+    log(record)  # wandb: the record's numbers as final/<key>, also in the run summary (tracking.log_record)
     return {k: record[k] for k in ("hellaswag_acc_norm", "core") if k in record}

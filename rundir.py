@@ -10,14 +10,16 @@
     on_rank0                a step only rank 0 takes (out_dir, wandb), its ConfigError raised on every rank
     write_checkpoint        atomic and durable (tmp, fsync, rename), ckpt_<step>.pt kept and pruned
     load_checkpoint         read one back, or a CheckpointError naming the file and the fix
-    load_resume_checkpoint  the checkpoint to resume, refused when it is from other data or seed,
-                            or at or past max_iters
+    load_resume_checkpoint  the checkpoint to resume, refused when it is from other data, another tokenizer
+                            or other seeds, or at or past max_iters
     load_model              a GPT from a checkpoint, for the evaluation and sampling scripts
     load_tokenizer          the tokenizer a checkpoint's run was trained with
     save_checkpoint         a training run's checkpoint: the model, the optimizer, every rank's
                             random state and data position
-    start_log / read_log    log.jsonl: the run's header record; the records, a line cut by a crash dropped
-    append_log              one record at the end of log.jsonl (an evaluation of a checkpoint after the run)
+    run_identity            the log header's data, tokenizer and code identity (git commit, dirty tree)
+    run_header / start_log  log.jsonl's header record (also the wandb config), and writing it
+    read_log / append_log   the records of log.jsonl (a line cut by a crash dropped); one record more at
+                            its end (an evaluation of a checkpoint after the run)
 
 Every problem a user can cause is a ConfigError (or CheckpointError) naming the key or file and the fix.
 """
@@ -229,19 +231,48 @@ def append_log(out_dir, record):
         f.write(json.dumps(record) + "\n")
 
 
+def git_state(repo):
+    """{"git_commit": HEAD, "git_dirty": uncommitted changes (untracked files included)}, None where repo
+    is not a git checkout or git is missing."""
+    import subprocess
+    try:
+        commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        status = subprocess.run(["git", "-C", repo, "status", "--porcelain"], capture_output=True, text=True,
+                                timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"git_commit": None, "git_dirty": None}
+    if commit.returncode or status.returncode:
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
+
+
+def run_identity(meta, repo):
+    """What the log header records beyond the config: the data (data_id: preparation and shards), the
+    tokenizer, and the code (git commit, dirty tree)."""
+    tok = meta.get("tokenizer") or {}
+    return {"data_id": data_id(meta), "tokenizer": tok.get("name"), "tokenizer_sha256": tok.get("rank_file_sha256"),
+            **git_state(repo)}
+
+
+def run_header(cfg, ckpt, start_step, facts):
+    """log.jsonl's header record: the resolved config and the run's facts (facts: world size, parameter
+    count, run_identity, setting, ...); type "config", or "resume" with the step it continues from. It is
+    also the wandb run's config (tracking.start_wandb)."""
+    header = {"type": "config" if ckpt is None else "resume", **cfg, **facts}
+    if ckpt is not None:
+        header["step"] = start_step
+    return header
+
 
 def start_log(cfg, ckpt, start_step, header):
-    """log.jsonl's header record ("config", or "resume" after dropping records written after the
-    checkpoint), on rank 0."""
+    """Write log.jsonl's header record (run_header), on rank 0: a new log, or, when resuming, the
+    records up to the checkpoint's step and then the header."""
     log_path = os.path.join(cfg["out_dir"], "log.jsonl")
     if ckpt is not None and os.path.exists(log_path):  # drop records written after the checkpoint
         records = read_log(log_path)  # without a line cut by a crash
         keep = [r for r in records if "step" not in r or r["step"] <= start_step]
         with open(log_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
-    header = {"type": "config" if ckpt is None else "resume", **cfg, **header}
-    if ckpt is not None:
-        header["step"] = start_step
     with open(log_path, "w" if ckpt is None else "a") as f:
         f.write(json.dumps(header) + "\n")
 
@@ -321,7 +352,8 @@ def save_checkpoint(cfg, step, tokens, raw_model, optimizer, train_loader, meta,
                 "optimizer": optimizer.state_dict(), "step": step, "tokens": tokens, "config": cfg,
                 "rng": ranks[0]["rng"], "loader": ranks[0]["loader"], "ranks": ranks, "world_size": world_size,
                 "data_id": data_id(meta), "wandb_id": wandb_run.id if wandb_run is not None else None,
-                "tokenizer": tokenizer_record(cfg["data_dir"], meta), **(extra or {})}
+                "tokenizer": tokenizer_record(cfg["data_dir"], meta),
+                "wandb_group": wandb_run.group if wandb_run is not None else None, **(extra or {})}
         try:
             write_checkpoint(ckpt, os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["keep_checkpoints"])
         except CheckpointWriteError as e:
@@ -376,7 +408,7 @@ def data_tokenizer(cfg, meta):
 
 def load_resume_checkpoint(cfg, meta):
     """The checkpoint to resume from, refused if it is unreadable or from a run with another tokenizer,
-    other data or another seed."""
+    other data or other seeds, or at or past max_iters."""
     try:
         ckpt = load_checkpoint(cfg["resume_from"])
     except CheckpointError as e:
@@ -391,10 +423,13 @@ def load_resume_checkpoint(cfg, meta):
         raise ConfigError(f"resume: the checkpoint {cfg['resume_from']} is at step {ckpt['step']} and max_iters is "
                           f"{cfg['max_iters']}, so there is nothing left to train; pass --max_iters above "
                           f"{ckpt['step']} to train on (the lr schedule follows max_iters, or lr_decay_iters)")
-    if "seed" in old and old["seed"] != cfg["seed"]:
-        raise ConfigError(f"resume: the checkpoint's run used seed {old['seed']}, this run has seed {cfg['seed']} "
-                          f"(the data order would change mid-run); resume with --seed={old['seed']}, or start a "
-                          f"new run in another out_dir")
+    old_seeds = {"seed": old.get("seed"), "data_seed": old.get("data_seed", old.get("seed"))}  # older: one seed
+    for key, why in (("seed", "a run is one seed of its setting"), ("data_seed", "the data order would change "
+                                                                                  "mid-run")):
+        if old_seeds[key] is not None and old_seeds[key] != cfg[key]:
+            raise ConfigError(f"resume: the checkpoint's run used {key} {old_seeds[key]}, this run has {key} "
+                              f"{cfg[key]} ({why}); resume with --{key}={old_seeds[key]}, or start a new run in "
+                              f"another out_dir")
     same = (ckpt["data_id"] == data_id(meta) if "data_id" in ckpt else
             os.path.realpath(old.get("data_dir", cfg["data_dir"])) == os.path.realpath(cfg["data_dir"]))
     if not same:

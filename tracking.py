@@ -1,17 +1,24 @@
-"""A run's record outside out_dir: Weights & Biases.
+"""A run's record outside out_dir: Weights & Biases (docs/wandb.md).
 
-    resolve_mode  the mode wandb runs in: WANDB_MODE in the environment, when set, wins over wandb_mode
-    check_wandb   online mode needs an API key: said at start, not after the first eval
-    start_wandb   the wandb run (resumed with the checkpoint's run id), given up after WANDB_INIT_TIMEOUT
-                  seconds (default 60) with a message that suggests offline mode
-    hres_image    every connection's token-averaged H_res as one image, logged at each eval
-    log_to_run    results computed after a run (scripts/eval_lm.py) added to that run
+    resolve_mode      the mode wandb runs in: WANDB_MODE in the environment, when set, wins over wandb_mode
+    check_wandb       online mode needs an API key: said at start, not after the first eval
+    start_wandb       the wandb run: group = the run's setting, job type = the config, tags; config =
+                      the log header; tokens as the x-axis (resumed with the checkpoint's run id and group);
+                      given up after WANDB_INIT_TIMEOUT seconds (default 60) with a message that suggests
+                      offline mode
+    wandb_key         a log.jsonl metric's wandb name (the one mapping, both ways: log_key)
+    log_record        one log.jsonl record to wandb (a "final" record also into the run summary)
+    hres_image        every connection's token-averaged H_res as one image, logged at each eval
+    log_to_run        results computed after a run (scripts/eval_lm.py) added to that run
+    read_offline_run  the records of an offline run file (wandb/offline-run-*/run-*.wandb)
 
 train.py imports wandb only when wandb_log is set.
 """
 
+import json
 import math
 import os
+import struct
 
 import numpy as np
 
@@ -73,20 +80,104 @@ def check_wandb(cfg):
 
 
 
-def start_wandb(cfg, run_id=None):
-    """The wandb run of this training run; run_id (from the checkpoint) continues the same run."""
+def wandb_tags(header):
+    """The tags of a run: wandb_tags (comma-separated) if set, else scheme, n<n>, arch, optimizer, dataset and
+    tokenizer: the filters of a sweep's dashboard."""
+    if header["wandb_tags"]:
+        return [t.strip() for t in header["wandb_tags"].split(",") if t.strip()]
+    tags = [header["scheme"], f"n{header['n_streams']}", header["arch"], header["optimizer"], header["dataset"],
+            header.get("tokenizer")]
+    return [str(t)[:64] for t in tags if t]
+
+
+def init_run(**kwargs):
+    """wandb.init(resume="allow", **kwargs), given up after WANDB_INIT_TIMEOUT seconds with one line that
+    names the server and the way out (offline mode) instead of wandb's traceback."""
     import wandb
     timeout = init_timeout()
     try:
-        return wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg,
-                          mode=cfg["wandb_mode"], id=run_id, resume="allow",
-                          settings=wandb.Settings(init_timeout=timeout))
+        return wandb.init(resume="allow", settings=wandb.Settings(init_timeout=timeout), **kwargs)
     except Exception as e:  # no network, a rejected key, a dead server, a bad WANDB_* variable: wandb's own types
         url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
         raise ConfigError(f"wandb could not start the run at {url} within {timeout:g} s ({type(e).__name__}: "
                           f"{(str(e).splitlines() or [''])[0][:300]}); "
                           f"check the network and the key, or pass --wandb_mode=offline and sync later with "
                           f"`wandb sync` (WANDB_INIT_TIMEOUT sets the wait)") from None
+
+
+def start_wandb(header, run_id=None, run_group=None):
+    """The wandb run of this training run, on rank 0; header: the log header (the run's config and facts:
+    rundir.run_header), which is also the wandb config. run_id and run_group (from the checkpoint) continue
+    the same run in the same group; else the group is wandb_group or the run's setting (setting.py)."""
+    group = header["wandb_group"] or run_group or header["setting"]
+    if run_group and not header["wandb_group"] and run_group != header["setting"]:
+        print(f"note: this resumed run's setting is now {header['setting']} (a config key changed at resume); "
+              f"its wandb run stays in group {run_group}")
+    config = {k: v for k, v in header.items() if k not in ("type", "step")}
+    run = init_run(project=header["wandb_project"], name=header["wandb_run_name"], config=config,
+                   mode=header["wandb_mode"], id=run_id, group=group, job_type=header["config_name"],
+                   tags=wandb_tags(header), allow_val_change=True)
+    run.define_metric("tokens")  # the x-axis: runs with other batch sizes line up (the step stays as _step)
+    for section in ("train", "val", "diag"):
+        run.define_metric(f"{section}/*", step_metric="tokens")
+    for name in ("val/loss", "val/bpb"):
+        run.define_metric(name, step_metric="tokens", summary="min,last")
+    return run
+
+
+# log.jsonl -> wandb: a record of type train, eval or final; its numbers keep their log.jsonl names under a
+# section, eval's "val_" prefix dropped (val_loss -> val/loss); the diagnostics as diag/<name>.
+SECTIONS = {"train": "train", "eval": "val", "final": "final"}
+
+
+def wandb_key(kind, key):
+    """The wandb name of log.jsonl's key in a record of type kind: train/loss, val/bpb, final/core, ..."""
+    if kind == "eval" and key.startswith("val_"):
+        key = key[len("val_"):]
+    return f"{SECTIONS[kind]}/{key}"
+
+
+def log_key(name):
+    """The inverse of wandb_key: a wandb name -> (record type, log.jsonl key), or None for another name."""
+    section, _, key = name.partition("/")
+    kind = {v: k for k, v in SECTIONS.items()}.get(section)
+    if kind is None or not key or "/" in key:
+        return None
+    return kind, ("val_" + key if kind == "eval" and key in ("loss", "bpb") else key)
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def wandb_metrics(record):
+    """The wandb row of a log.jsonl record: its numbers under wandb_key, one level of nested numbers as
+    <name>/<sub> (the diagnostics as diag/<name>), and tokens; {} for a record of another type."""
+    kind = record.get("type")
+    if kind not in SECTIONS:
+        return {}
+    row = {"tokens": record["tokens"]}
+    for key, v in record.items():
+        if key in ("type", "step", "tokens"):
+            continue
+        if key == "diag" and isinstance(v, dict):
+            row.update({f"diag/{k}": x for k, x in v.items() if _number(x)})
+        elif isinstance(v, dict):
+            row.update({f"{wandb_key(kind, key)}/{k}": x for k, x in v.items() if _number(x)})
+        elif _number(v):
+            row[wandb_key(kind, key)] = v
+    return row
+
+
+def log_record(run, record, extra=None):
+    """Log a log.jsonl record to the wandb run at its step (with extra items, e.g. the H_res image); a
+    "final" record (HellaSwag, CORE, later evaluations) also goes into the run summary under the same names."""
+    row = wandb_metrics(record)
+    if not row:
+        return
+    run.log({**row, **(extra or {})}, step=record["step"])
+    if record["type"] == "final":
+        run.summary.update({k: v for k, v in row.items() if k != "tokens"})
 
 
 def hres_figure(matrices, composite):
@@ -119,12 +210,13 @@ def hres_image(diag):
 
 
 
-def log_to_run(cfg, run_id, data, step_metric):
-    """Add data to the finished wandb run run_id (resumed; cfg: the run's config from its checkpoint,
-    wandb_mode honoured, WANDB_MODE overriding it as in train.py). The keys of data are plotted
+def log_to_run(cfg, run_id, data, step_metric, run_group=None):
+    """Add data to the finished wandb run run_id (resumed, in its group; cfg: the run's config from its
+    checkpoint, wandb_mode honoured, WANDB_MODE overriding it as in train.py). The keys of data are plotted
     against data[step_metric] (the checkpoint's step), since the run's own step has moved past it."""
-    mode = os.environ.get("WANDB_MODE") or cfg.get("wandb_mode", "online")
-    run = start_wandb(dict(cfg, wandb_mode=mode), run_id)
+    mode = MODES.get(os.environ.get("WANDB_MODE", "").strip().lower()) or cfg.get("wandb_mode", "online")
+    run = init_run(project=cfg.get("wandb_project", "hcgpt"), name=cfg.get("wandb_run_name") or None, id=run_id,
+                   mode=mode, group=run_group)
     try:
         prefix = step_metric.split("/")[0]
         run.define_metric(step_metric, hidden=True)
@@ -133,3 +225,70 @@ def log_to_run(cfg, run_id, data, step_metric):
     finally:
         run.finish()
     return run.id
+
+
+# -----------------------------------------------------------------------------
+# the offline run file: a 7-byte header (":W&B", 0xBEE1, version), then LevelDB's log format (32 KiB
+# blocks of chunks with a 7-byte header: crc32, length, type full / first / middle / last) holding
+# protobuf Records (wandb.proto.wandb_internal_pb2)
+
+BLOCK, CHUNK_HEADER = 32768, 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def offline_records(path):
+    """The protobuf Records of an offline run file, in order."""
+    import zlib
+    from wandb.proto import wandb_internal_pb2 as pb
+    data = open(path, "rb").read()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a wandb run file (it starts {data[:4]!r}, not ':W&B')")
+    records, parts, pos = [], None, 7
+    while pos + CHUNK_HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < CHUNK_HEADER:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + CHUNK_HEADER])
+        chunk = data[pos + CHUNK_HEADER:pos + CHUNK_HEADER + length]
+        pos += CHUNK_HEADER + length
+        if kind == 0:  # zero padding
+            continue
+        if len(chunk) < length or zlib.crc32(bytes([kind]) + chunk) & 0xFFFFFFFF != crc:
+            break  # a file still being written ends in a cut chunk
+        if kind in (FULL, FIRST):
+            parts = [chunk]
+        elif parts is not None:
+            parts.append(chunk)
+        if kind in (FULL, LAST) and parts is not None:
+            record = pb.Record()
+            record.ParseFromString(b"".join(parts))
+            records.append(record)
+            parts = None
+    return records
+
+
+def read_offline_run(path):
+    """What an offline run file says: {"id", "name", "group", "job_type", "tags", "config", "metrics"
+    ({name: {"step_metric", "summary"}}, from define_metric), "summary" (the last value of each key)}."""
+    run = {"id": None, "name": None, "group": None, "job_type": None, "tags": [], "config": {}, "metrics": {},
+           "summary": {}}
+    for r in offline_records(path):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            run.update(id=r.run.run_id, name=r.run.display_name, group=r.run.run_group, job_type=r.run.job_type,
+                       tags=list(r.run.tags))
+            run["config"].update({u.key: json.loads(u.value_json) for u in r.run.config.update
+                                  if u.key != "_wandb"})
+        elif kind == "config":
+            run["config"].update({u.key: json.loads(u.value_json) for u in r.config.update if u.key != "_wandb"})
+        elif kind == "metric":
+            m = r.metric
+            summary = [a for a in ("min", "max", "mean", "last", "first", "none") if getattr(m.summary, a)]
+            run["metrics"][m.name or m.glob_name] = {"step_metric": m.step_metric or None, "summary": summary}
+        elif kind == "summary":
+            for u in r.summary.update:
+                key = u.key or "/".join(u.nested_key)
+                if not key.startswith("_"):
+                    run["summary"][key] = json.loads(u.value_json)
+    return run

@@ -48,6 +48,7 @@ from data import tokenizer as toklib
 from data.loader import TrainLoader, ValLoader, load_meta, load_token_bytes, verify_shards
 from model import GPT, GPTConfig
 from rundir import CheckpointWriteError
+from setting import run_name, setting, setting_name
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -74,8 +75,10 @@ DEFAULTS = dict(
     # wandb
     wandb_log=False,  # log to Weights & Biases
     wandb_project="hcgpt",  # wandb project
-    wandb_run_name="",  # "" -> <config>-<scheme>-n<n_streams>-s<seed>; also names out_dir
+    wandb_run_name="",  # "" -> <config>-<scheme>-n<n_streams>-s<seed>[-d<data_seed>]; also names out_dir
     wandb_mode="online",  # online | offline | disabled
+    wandb_group="",  # "" -> the run's setting (setting.py): the seeds of one experiment share it
+    wandb_tags="",  # comma-separated; "" -> scheme, n<n>, arch, optimizer, dataset, tokenizer
     # data
     dataset="pydocs",  # data/<dataset>, made by `python data/prepare.py <dataset>`
     data_dir="",  # overrides the dataset's directory
@@ -137,7 +140,8 @@ DEFAULTS = dict(
     dtype="auto",  # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16: autocast dtype
     compile="auto",  # auto (on for CUDA) | True | False: torch.compile
     fused="auto",  # auto | on | off: hc.FUSED, the Triton kernels of the connections (checked at start)
-    seed=1337,  # init, data order and dropout seed, in [0, 2**31)
+    seed=1337,  # init and dropout seed, in [0, 2**31)
+    data_seed=-1,  # data order seed (the train windows' shuffle), in [0, 2**31); -1 -> seed
 )
 ALLOWED_TYPES = {"kron_factors": (tuple, type(None)), "compile": (bool, str)}
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
@@ -197,7 +201,10 @@ def resolve(cfg, config_name, world_size, device_type):
             f"= {micro_tokens}")
     if cfg["n_streams"] == 0:
         cfg["n_streams"] = 1 if cfg["scheme"] == "plain" else 4
-    cfg["wandb_run_name"] = cfg["wandb_run_name"] or f"{config_name}-{cfg['scheme']}-n{cfg['n_streams']}-s{cfg['seed']}"
+    if cfg["data_seed"] == -1:
+        cfg["data_seed"] = cfg["seed"]
+    cfg["wandb_run_name"] = cfg["wandb_run_name"] or run_name(config_name, cfg["scheme"], cfg["n_streams"], cfg["seed"],
+                                                              cfg["data_seed"])
     cfg["out_dir"] = cfg["out_dir"] or os.path.join("out", cfg["wandb_run_name"])
     cfg["data_dir"] = cfg["data_dir"] or os.path.join(REPO, "data", cfg["dataset"])
     if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")):
@@ -326,7 +333,8 @@ def loaders(cfg, ckpt, rank, world_size, master, device):
     per token for BPB, and the fixed batch of the residual diagnostics (rank 0, n > 1)."""
     eval_batch_size = cfg["eval_batch_size"] or cfg["batch_size"]
     try:
-        train_loader = TrainLoader(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], rank, world_size, cfg["seed"])
+        train_loader = TrainLoader(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], rank, world_size,
+                                   cfg["data_seed"])
         val_loader = ValLoader(cfg["data_dir"], eval_batch_size, cfg["block_size"], cfg["eval_tokens"], rank,
                                world_size, knob=f"eval_tokens ({cfg['eval_tokens']})")
         token_bytes = load_token_bytes(cfg["data_dir"]).to(device)
@@ -401,18 +409,21 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
         loss_ema.load_state_dict(ckpt["loss_ema"])
     tokenizer_name = toklib.describe(meta.get("tokenizer"))
 
-    # the last checks (the disk, wandb's server), then the run's first write in out_dir
+    # the log header (also the wandb config); the last checks (the disk, wandb's server); then the run's first write
+    facts = {"config_name": config_name, **rundir.run_identity(meta, REPO), "world_size": world_size,
+             "grad_accum": grad_accum, "num_params": raw_model.num_params(), "flops_per_token": flops_per_token,
+             "tokens": tokens, "device_name": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
+             "fused_path": fused_check["path"], "fused_reason": fused_check["reason"], "notes": notes}
+    facts["setting"] = setting_name(setting({**cfg, **facts}, DEFAULTS))  # the seeds of one experiment share it
+    header = rundir.run_header(cfg, ckpt, start_step, facts)
     rundir.on_rank0(lambda: rundir.check_disk(cfg, raw_model), ddp, master)
-    run_id = (ckpt or {}).get("wandb_id")
-    wandb_run = rundir.on_rank0(lambda: tracking.start_wandb(cfg, run_id), ddp, master) if cfg["wandb_log"] else None
+    run_id, run_group = (ckpt or {}).get("wandb_id"), (ckpt or {}).get("wandb_group")
+    wandb_run = (rundir.on_rank0(lambda: tracking.start_wandb(header, run_id, run_group), ddp, master)
+                 if cfg["wandb_log"] else None)
     if wandb_run is not None:  # a run that stops by an error is marked failed on wandb
         run_scope.push(lambda exc_type, *_: wandb_run.finish(exit_code=1) if exc_type else None)
     old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope), ddp, master)  # --overwrite: aside
-    rundir.on_rank0(lambda: rundir.start_log(cfg, ckpt, start_step, {
-        "world_size": world_size, "grad_accum": grad_accum, "num_params": raw_model.num_params(),
-        "flops_per_token": flops_per_token, "tokens": tokens,
-        "device_name": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
-        "fused_path": fused_check["path"], "fused_reason": fused_check["reason"], "notes": notes}), ddp, master)
+    rundir.on_rank0(lambda: rundir.start_log(cfg, ckpt, start_step, header), ddp, master)
     if master:
         for msg in notes:
             print(f"note: {msg}")
@@ -427,13 +438,13 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
         for msg in final["skipped"]:
             print(f"note: {msg}")
 
-    def log(record, wandb_data=None):
+    def log(record, wandb_extra=None):  # the same metric names in log.jsonl and wandb (tracking.wandb_key)
         if not master:
             return
         with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if wandb_run is not None:
-            wandb_run.log({**(wandb_data or {}), "tokens": record["tokens"]}, step=record["step"])
+            tracking.log_record(wandb_run, record, wandb_extra)
 
     last_ckpt_step = start_step if ckpt is not None else None
     nonfinite = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=device)  # first bad step, its loss, grad norm
@@ -513,8 +524,7 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
                   f"grad norm {grad_norm:.3f} | "
                   f"{tok_per_s:,.0f} tok/s | mfu {'-' if mfu is None else f'{mfu:.1%}'} | {dt * 1000:.0f} ms | "
                   f"eta {fmt_time(dt * (cfg['max_iters'] - step))}")
-            log(record, {f"train/{k}": v for k, v in record.items()
-                         if k in ("loss", "loss_ema", "lr", "grad_norm", "tok_per_s", "mfu", "ms") and v is not None})
+            log(record)
             t_last, steps_since = time.perf_counter(), 0
 
     if final["hellaswag"] or final["core"] or final["skipped"]:

@@ -130,7 +130,7 @@ def _main(args):
         print(f"note: no log.jsonl beside {ckpt}: the results are only in the JSON file")
     if use_wandb:
         from tracking import log_to_run
-        log_to_run(cfg, meta["wandb_id"], {"lm_eval/step": step, **metrics}, "lm_eval/step")
+        log_to_run(cfg, meta["wandb_id"], {"lm_eval/step": step, **metrics}, "lm_eval/step", meta.get("wandb_group"))
         print(f"wandb: logged to run {meta['wandb_id']} ({os.environ.get('WANDB_MODE') or cfg.get('wandb_mode')})")
     return results
 

@@ -3,11 +3,15 @@ Figures and a results table from train.py run directories (their log.jsonl).
 
     python scripts/plot_runs.py out/quickstart-*-s1337 --out-dir plots
     python scripts/plot_runs.py out/a out/b --labels "mHC n=4" "KromHC n=4" --formats png svg --step 200
+    python scripts/plot_runs.py out/seeds_pydocs-* --groups --out-dir plots    # seeds: a mean and a band
 
 Writes into --out-dir:
     curves.{png,svg}          train loss, val loss and val BPB vs tokens, all runs on each panel
                               (and HellaSwag acc_norm when the eval records carry
-                              "hellaswag_acc_norm")
+                              "hellaswag_acc_norm"); with --groups one curve per setting
+                              (setting.py: the runs that differ only in their seeds), the mean of
+                              its seeds at each step with a band: the 95% Student-t interval of
+                              that mean (unpaired: scripts/compare.py gives the paired differences)
     hres_<run>.{png,svg}      the token-averaged H_res of every connection (rows: attention, MLP;
                               columns: layers) and the composite through the whole stack, at the
                               last eval (or --step)
@@ -244,6 +248,80 @@ def plot_curves(runs, out_dir, formats, smooth=None):
     return save(fig, out_dir, "curves", formats)
 
 
+def group_runs(runs):
+    """[{"label", "color", "runs"}]: the runs grouped by setting (setting.py), as scripts/compare.py does."""
+    import setting
+    import train
+    groups = {}
+    for run in runs:
+        items = setting.setting(run["config"], train.DEFAULTS)
+        groups.setdefault(setting.setting_name(items), {"setting": items, "runs": []})["runs"].append(run)
+    groups = list(groups.values())
+    varying = setting.varying_keys([g["setting"] for g in groups])
+    for i, g in enumerate(groups):
+        name = setting.label(g["setting"], varying) or setting.setting_name(g["setting"])
+        g["label"] = f"{name} ({len(g['runs'])} seeds)"
+        g["color"] = f"C{i % 10}"
+    return groups
+
+
+def mean_band(series, confidence=0.95):
+    """[(xs, ys)] of the seeds of a group -> (xs, mean, lo, hi) at the x every series has; the band is the
+    Student-t interval of the mean (lo = hi = mean for one series)."""
+    import setting
+    common = sorted(set.intersection(*(set(xs) for xs, _ in series)))
+    at = [dict(zip(xs, ys)) for xs, ys in series]
+    mean, lo, hi = [], [], []
+    for x in common:
+        m, _, _, ci = setting.mean_interval([a[x] for a in at], confidence)
+        mean.append(m)
+        lo.append(ci[0] if ci else m)
+        hi.append(ci[1] if ci else m)
+    return common, mean, lo, hi
+
+
+def plot_group_curves(groups, out_dir, formats, smooth=None):
+    """curves.* with one curve per group: the mean over its seeds (train loss: of each seed's EMA) and a band."""
+    plt = _plt()
+    from matplotlib.ticker import FuncFormatter
+    runs = [r for g in groups for r in g["runs"]]
+    evals = [p for p in EVAL_PANELS if any(e.get(p[0]) is not None for r in runs for e in r["eval"])]
+    fig, axes = plt.subplots(1, 1 + len(evals), figsize=(5 * (1 + len(evals)), 4.2), squeeze=False)
+    axes = axes[0]
+    series = [[] for _ in axes]
+    for g in groups:
+        per_run = []
+        for r in g["runs"]:
+            tr = [t for t in r["train"] if t.get("loss") is not None]
+            per_run.append(([t["tokens"] for t in tr], ema([t["loss"] for t in tr], smooth)))
+        panels = [per_run] + [[([e["tokens"] for e in r["eval"] if e.get(key) is not None],
+                                [e[key] for e in r["eval"] if e.get(key) is not None]) for r in g["runs"]]
+                              for key, _, _ in evals]
+        for j, (ax, per) in enumerate(zip(axes, panels)):
+            if not all(xs for xs, _ in per):
+                continue
+            xs, mean, lo, hi = mean_band(per)
+            ax.plot(xs, mean, "-" if j == 0 else "o-", ms=3, lw=1.6, color=g["color"], label=g["label"])
+            ax.fill_between(xs, lo, hi, color=g["color"], alpha=0.2, lw=0)
+            series[j].append((xs, lo + hi))
+    smoothed = any(ema_alpha(len(r["train"]), smooth) > 0 for r in runs)
+    titles = [(f"train loss ({'EMA, ' if smoothed else ''}mean of seeds)", "nats / token")]
+    titles += [(t, y) for _, t, y in evals]
+    for j, (ax, (title, ylabel), ser) in enumerate(zip(axes, titles, series)):
+        ax.set_title(title + (" (mean, 95% CI)" if j else ""))
+        ax.set_xlabel("tokens")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_formatter(FuncFormatter(fmt_tokens))
+        ax.grid(alpha=0.3)
+        if ylabel != "accuracy":
+            focus_ylim(ax, [(xs, ys[:len(xs)]) for xs, ys in ser] + [(xs, ys[len(xs):]) for xs, ys in ser],
+                       skip_frac=0.1 if j == 0 else 0.3)
+        if ser:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save(fig, out_dir, "curves", formats)
+
+
 def connection_grid(names):
     """Place connection names like 'L03.attn' on a (sublayer, layer) grid; other names fill
     rows of the same width in order."""
@@ -450,6 +528,8 @@ def main(argv=None):
     ap.add_argument("--out-dir", default="plots")
     ap.add_argument("--formats", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"])
     ap.add_argument("--step", type=int, default=None, help="eval step for the H_res figures (default: the last)")
+    ap.add_argument("--groups", action="store_true",
+                    help="curves: one per setting (its seeds' mean and 95%% interval band) instead of one per run")
     ap.add_argument("--smooth", type=float, default=None,
                     help="EMA factor in [0, 1) for the train loss (0: none; default: a window of 1/25 of the "
                          "points, none for 25 points or fewer)")
@@ -472,7 +552,10 @@ def _main(args):
         run["color"] = f"C{i % 10}"  # the same colour for a run in every figure
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = plot_curves(runs, out, args.formats, args.smooth)
+    if args.groups:
+        written = plot_group_curves(group_runs(runs), out, args.formats, args.smooth)
+    else:
+        written = plot_curves(runs, out, args.formats, args.smooth)
     for run in runs:
         written += plot_hres(run, out, args.formats, args.step)
     written += plot_depth(runs, out, args.formats, args.step)

@@ -1,22 +1,28 @@
 """
 A grid of training runs: every (config, scheme, n_streams, seed), one torchrun command each,
-with distinct run names (<config>-<scheme>-n<n>-s<seed>) and out dirs (out/<run name>).
+with distinct run names (<config>-<scheme>-n<n>-s<seed>[-d<data_seed>]) and out dirs (out/<run name>).
 Prints the commands (default), or runs them one after another with --run.
 
     python scripts/sweep.py --configs configs/fwe_s.py configs/fwe_m.py \\
-        --schemes plain hc mhc mhc_lite kromhc mhc_v4 --n 4 --seeds 0 1 2 --nproc 8
+        --schemes plain hc mhc mhc_lite kromhc mhc_v4 --n 4 --seeds 3 --nproc 8
     python scripts/sweep.py --configs configs/quickstart.py --schemes plain kromhc --run -- --max_iters=50
     python scripts/sweep.py --preset kromhc_n --configs configs/owt_m.py              # KromHC n = 4, 8, 16
     python scripts/sweep.py --preset schemes --configs configs/nanochat_d12.py        # the six schemes, n = 4
     python scripts/sweep.py --preset tinystories --seeds 0 1 2                        # them on configs/tinystories.py
     python scripts/sweep.py --schemes mhc mhc_v4 --configs configs/fwe_m.py --out_root out/hc_head -- --readout=hc_head
 
+--seeds K runs seeds 0..K-1 of every setting; --seeds A:B the seeds A..B-1; two or more values are
+the seeds themselves. The seeds vary the init (and dropout) while every run of the sweep sees the
+same batches in the same order (--data_seed, default the first seed): the scheme-vs-scheme
+differences are then paired by seed, which scripts/compare.py uses. --vary-data gives every seed
+its own data order too (data_seed = seed). The runs of one setting differ only in -s<seed>.
+
 --preset names a published experiment (PRESETS: its schemes and n, and its configs where it has
 them; --schemes / --n / --configs override them). plain always runs with n = 1 (once per config and
 seed, whatever --n says); a scheme that cannot take an n (mhc_lite beyond n = 6: n! logits) is left
 out with a note. Arguments after `--` are passed to every run as extra overrides (readout=hc_head
 takes the n-stream schemes only, and run names do not carry overrides: give such a sweep its own
---out_root). A key the sweep sets for each run (scheme, n_streams, seed, wandb_run_name, out_dir) is
+--out_root). A key the sweep sets for each run (scheme, n_streams, seed, data_seed, wandb_run_name, out_dir) is
 refused after `--`, naming the flag that sets it, and every run's config is checked with train.py's
 value rules before anything prints. With --nnodes > 1 the commands use c10d rendezvous at
 $MASTER_ADDR:$MASTER_PORT; run each one on every node. The process count per node is this machine's
@@ -36,10 +42,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import hc  # noqa: E402
 from common import non_negative_int, positive_int  # noqa: E402
+import setting  # noqa: E402
 
 # the keys the sweep sets for every run: after `--` they would make runs of the grid the same run
-SWEEP_KEYS = {"scheme": "--schemes", "n_streams": "--n", "seed": "--seeds", "out_dir": "--out_root",
-              "wandb_run_name": None}
+SWEEP_KEYS = {"scheme": "--schemes", "n_streams": "--n", "seed": "--seeds", "data_seed": "--data_seed / --vary_data",
+              "out_dir": "--out_root", "wandb_run_name": None}
+MAX_SEED_COUNT = 32  # --seeds K above this is more likely a seed than a count: refused with the fix
 
 
 PRESETS = {
@@ -59,21 +67,42 @@ def unbuildable(scheme, n):
 
 
 def grid(configs, schemes, ns, seeds):
-    """[(config, scheme, n, seed)] with plain collapsed to n = 1, in a stable order, no duplicates."""
+    """[(config, scheme, n, seed)] with plain collapsed to n = 1, no duplicates, seed by seed: every setting's
+    first seed, then every setting's second, ..., so a sweep stopped early has its settings at equal n."""
     runs = []
-    for config, scheme, n, seed in itertools.product(configs, schemes, ns, seeds):
+    for seed, config, scheme, n in itertools.product(seeds, configs, schemes, ns):
         run = (config, scheme, 1 if scheme == "plain" else n, seed)
         if run not in runs:
             runs.append(run)
     return runs
 
 
-def run_name(config, scheme, n, seed):
-    return f"{os.path.splitext(os.path.basename(config))[0]}-{scheme}-n{n}-s{seed}"
+def parse_seeds(values):
+    """--seeds: one value K -> 0..K-1, 'A:B' -> A..B-1, two or more values -> those seeds. ValueError with the fix."""
+    if len(values) == 1 and ":" in values[0]:
+        a, _, b = values[0].partition(":")
+        seeds = list(range(int(a), int(b)))
+        if not seeds:
+            raise ValueError(f"--seeds {values[0]}: the range A:B holds the seeds A..B-1, so B must exceed A")
+        return seeds
+    if len(values) == 1:
+        k = int(values[0])
+        if not 1 <= k <= MAX_SEED_COUNT:
+            raise ValueError(f"--seeds {k}: one value is the number of seeds (0..K-1), 1 to {MAX_SEED_COUNT}; for "
+                             f"that seed alone pass --seeds {k}:{k + 1}, or list several (--seeds {k} {k + 1})")
+        return list(range(k))
+    return [int(v) for v in values]
 
 
-def command(config, scheme, n, seed, nproc=8, nnodes=1, out_root="out", extra=()):
-    name = run_name(config, scheme, n, seed)
+def run_name(config, scheme, n, seed, data_seed=None):
+    config_name = os.path.splitext(os.path.basename(config))[0]
+    return setting.run_name(config_name, scheme, n, seed, seed if data_seed is None else data_seed)
+
+
+def command(config, scheme, n, seed, nproc=8, nnodes=1, out_root="out", extra=(), data_seed=None):
+    """data_seed None: the seed's own data order (train.py's default)."""
+    data_seed = seed if data_seed is None else data_seed
+    name = run_name(config, scheme, n, seed, data_seed)
     if nproc == 0:
         launcher = ["python", "train.py"]
     elif nnodes == 1:
@@ -81,7 +110,7 @@ def command(config, scheme, n, seed, nproc=8, nnodes=1, out_root="out", extra=()
     else:
         launcher = ["torchrun", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
                     "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT", f"--rdzv_id={name}", "train.py"]
-    return launcher + [config, f"--scheme={scheme}", f"--n_streams={n}", f"--seed={seed}",
+    return launcher + [config, f"--scheme={scheme}", f"--n_streams={n}", f"--seed={seed}", f"--data_seed={data_seed}",
                        f"--wandb_run_name={name}", f"--out_dir={os.path.join(out_root, name)}", *extra]
 
 
@@ -137,7 +166,12 @@ def main(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), help="schemes and n of a published experiment")
     p.add_argument("--schemes", nargs="+", choices=hc.SCHEMES, help="default: all, or the preset's")
     p.add_argument("--n", nargs="+", type=int, help="n_streams for the non-plain schemes (default: 4, or the preset's)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.py seeds, in [0, 2**31)")
+    p.add_argument("--seeds", nargs="+", default=["1"],
+                   help="K: seeds 0..K-1 of every setting; A:B: seeds A..B-1; several values: those seeds (default: 1)")
+    p.add_argument("--data_seed", "--data-seed", type=int, default=None,
+                   help="the data order of every run (default: the first seed), so differences pair by seed")
+    p.add_argument("--vary_data", "--vary-data", action="store_true",
+                   help="a data order of its own for every seed (data_seed = seed) instead of a shared one")
     p.add_argument("--nproc", type=non_negative_int, default=None,
                    help="processes (GPUs) per node; 0 runs plain `python train.py`; default: this machine's GPUs, "
                         "or 0 without CUDA")
@@ -149,6 +183,13 @@ def main(argv=None):
         args.configs = [os.path.relpath(os.path.join(REPO, c)) for c in PRESETS.get(args.preset, {}).get("configs", [])]
     if not args.configs:
         p.error("--configs is required (only a preset that names its configs goes without)")
+    try:
+        args.seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        p.error(str(e) if str(e).startswith("--seeds") else f"--seeds: not integers ({e})")
+    if args.vary_data and args.data_seed is not None:
+        p.error("--vary_data gives every seed its own data order; --data_seed sets one for all: pass one of them")
+    data_seed = None if args.vary_data else (args.seeds[0] if args.data_seed is None else args.data_seed)
     for c in args.configs:
         if not os.path.exists(c):
             p.error(f"config file {c} not found")
@@ -193,7 +234,8 @@ def main(argv=None):
         print(note, file=sys.stderr)
     if not runs:
         p.error("no runs left to make: every (scheme, n) was left out")
-    cmds = [command(*run, nproc=args.nproc, nnodes=args.nnodes, out_root=args.out_root, extra=extra) for run in runs]
+    cmds = [command(*run, nproc=args.nproc, nnodes=args.nnodes, out_root=args.out_root, extra=extra, data_seed=data_seed)
+            for run in runs]
     for cmd in cmds:
         line = " ".join(a if "$" in a else shlex.quote(a) for a in cmd)
         print(line, flush=True)

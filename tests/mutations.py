@@ -189,6 +189,24 @@ MUTATIONS = [
                                             "tokens = (start_step * tokens_per_step)")], [BAD, "-k", "tokens"]),
     ("imported names are keys", [("configurator.py", "not_a_key = key in imported or", "not_a_key = False and")],
      [BAD, "-k", "imports"]),
+    # ---- seeds, settings and comparisons
+    ("data order from the init seed", [("train.py", 'rank, world_size,\n                                   cfg["data_seed"])',
+                                        'rank, world_size,\n                                   cfg["seed"])')],
+     ["tests/test_data_seed.py"]),
+    ("resume accepts another data_seed", [("rundir.py", "if old_seeds[key] is not None and old_seeds[key] != cfg[key]:",
+                                           "if key == 'seed' and old_seeds[key] != cfg[key]:")],
+     ["tests/test_data_seed.py"]),
+    ("normal quantile for the interval", [("setting.py", "stats.t.ppf((1 + confidence) / 2, n - 1)",
+                                           "stats.norm.ppf((1 + confidence) / 2)")], ["tests/test_compare.py"]),
+    ("unpaired differences", [("scripts/compare.py", "d = [values[k] - base[k] for k in keys]",
+                               "d = [v - b for v, b in zip(sorted(values.values()), sorted(base.values()))]")],
+     ["tests/test_compare.py"]),
+    ("a setting key left out of the group", [("setting.py", "for k in defaults if k not in EXCLUDED}",
+                                              "for k in defaults if k not in EXCLUDED and k != 'learning_rate'}")],
+     ["tests/test_compare.py", "-k", "grouping"]),
+    ("a resumed wandb run leaves its group", [("tracking.py", 'group = header["wandb_group"] or run_group or',
+                                               'group = header["wandb_group"] or')],
+     ["tests/test_wandb.py", "-k", "resumed"]),
 ]
 
 

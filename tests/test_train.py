@@ -217,7 +217,9 @@ def test_sweep_prints_distinct_runs(capsys):
     assert len(set(names)) == len(set(outs)) == len(lines)
     assert all(line.startswith("torchrun --standalone --nproc_per_node=8 train.py ") for line in lines)
     assert all(line.endswith("--max_iters=100") for line in lines)
-    assert "configs/fwe_s.py --scheme=plain --n_streams=1 --seed=1 --wandb_run_name=fwe_s-plain-n1-s1" in "\n".join(lines)
+    # the seeds share the first seed's data order: the runs of one setting differ in -s<seed> only
+    assert ("configs/fwe_s.py --scheme=plain --n_streams=1 --seed=1 --data_seed=0 --wandb_run_name=fwe_s-plain-n1-s1-d0"
+            in "\n".join(lines))
     for line in lines:  # every printed command is a valid config
         args = line.split("train.py ", 1)[1].split()
         configurator.load(train.DEFAULTS, [os.path.join(REPO, args[0])] + args[1:], train.ALLOWED_TYPES)

@@ -1,0 +1,76 @@
+"""
+What offline wandb runs hold, read from their run files before (or instead of) `wandb sync`: each
+run's id, name, group, job type and tags, then the groups with their members.
+
+    python scripts/wandb_offline.py wandb                        # every offline-run-* under a wandb dir
+    python scripts/wandb_offline.py wandb/offline-run-20260101_120000-abc123 --summary
+    python scripts/wandb_offline.py out/wandb --json
+
+A run resumed offline writes one offline-run-* directory per start, all with the same run id: it is
+listed once, from its latest start. The records are read by tracking.read_offline_run.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import tracking  # noqa: E402
+
+
+def run_files(paths):
+    """The run-*.wandb files under the given wandb directories, offline-run-* directories or files, oldest first."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            pattern = "run-*.wandb" if p.name.startswith("offline-run-") else "**/offline-run-*/run-*.wandb"
+            files += p.glob(pattern)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or directory; pass a wandb directory (WANDB_DIR/wandb) or "
+                                    f"an offline-run-* directory")
+    return sorted(set(files), key=lambda f: f.parent.name)  # offline-run-<date>_<time>-<id>: in time order
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help="wandb directories, offline-run-* directories or run-*.wandb files")
+    p.add_argument("--summary", action="store_true", help="also print each run's summary")
+    p.add_argument("--json", action="store_true", help="print the runs as one JSON object")
+    args = p.parse_args(argv)
+    try:
+        files = run_files(args.paths)
+        runs = {}
+        for f in files:  # the latest start of each run id wins
+            run = tracking.read_offline_run(str(f))
+            runs[run["id"]] = {**run, "file": str(f), "starts": runs.get(run["id"], {}).get("starts", 0) + 1}
+    except (OSError, ValueError) as e:
+        print(f"wandb_offline.py: error: {e}", file=sys.stderr)
+        return 1
+    if not runs:
+        print(f"wandb_offline.py: error: no offline run files under {' '.join(args.paths)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(list(runs.values()), indent=1))
+        return 0
+    for r in runs.values():
+        print(f"{r['id']}  {r['name']}  group={r['group']}  job_type={r['job_type']}  tags={','.join(r['tags'])}"
+              + (f"  ({r['starts']} starts)" if r["starts"] > 1 else ""))
+        if args.summary:
+            for k, v in sorted(r["summary"].items()):
+                print(f"    {k} = {v}")
+    groups = {}
+    for r in runs.values():
+        groups.setdefault(r["group"], []).append(r["name"])
+    print(f"\n{len(groups)} group(s):")
+    for g, names in groups.items():
+        print(f"  {g}: {', '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

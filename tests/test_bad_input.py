@@ -90,7 +90,7 @@ def test_refused_overwrite_leaves_the_old_run(case, data_dir, run, monkeypatch, 
         monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**6, 10**6 - 1000, 1000))
     if case == "wandb unreachable":
 
-        def unreachable(cfg, run_id=None):
+        def unreachable(header, run_id=None, run_group=None):
             raise ConfigError("wandb could not start the run at http://127.0.0.1:9 within 1 s")
         monkeypatch.setattr(tracking, "start_wandb", unreachable)
     before = snapshot(run)
@@ -233,7 +233,8 @@ def test_wandb_without_network_gives_up_in_time(tmp_path):
                WANDB_INIT_TIMEOUT="1", WANDB_SILENT="true", WANDB_DIR=str(tmp_path))
     env.pop("WANDB_MODE", None)
     code = ("import train, tracking\n"
-            "try:\n    tracking.start_wandb(dict(train.DEFAULTS, wandb_log=True, wandb_run_name='x'))\n"
+            "try:\n    tracking.start_wandb(dict(train.DEFAULTS, wandb_log=True, wandb_run_name='x', setting='tiny',\n"
+            "                                  config_name='default'))\n"
             "except tracking.ConfigError as e:\n    print(e)")
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -245,7 +246,7 @@ def test_wandb_without_network_gives_up_in_time(tmp_path):
 @pytest.mark.parametrize("script,argv,needle", [
     ("sweep", ["--nnodes", "0"], "argument --nnodes: must be >= 1, got 0"),
     ("sweep", ["--nproc", "-2"], "argument --nproc: must be >= 0, got -2"),
-    ("sweep", ["--seeds", "-5"], "config key 'seed' must be in [0, 2**31), got -5"),
+    ("sweep", ["--seeds", "-5", "-4"], "config key 'seed' must be in [0, 2**31), got -5"),
     ("bench", ["--schemes", "mhc_lite", "--n-streams", "8"], "it takes n_streams <= 6"),
     ("bench", ["--schemes", "kromhc", "--n-streams", "1"], "needs n_streams >= 2"),
     ("bench", ["--schemes", "hc", "--fused", "on"], "config key 'fused' is 'on' but the fused kernels cannot run hc"),

@@ -4,7 +4,7 @@
                        that does not complete ends after $HCGPT_RENDEZVOUS_TIMEOUT s, naming the missing ranks
     check_device / setup_device / autocast   the --device and --dtype of the scripts
     bf16_peak / peak_flops   the one table of dense bf16 peaks, for MFU (train.py, scripts/bench.py)
-    flag_nonfinite     the NaN/inf check of a training step without a host sync
+    flag_nonfinite     the NaN/inf check of a training step without a host sync; nonfinite_message its report
     rng_state          every random stream of a process, saved in checkpoints for exact resume
     run_cli            a script's body: a user's mistake ends in one line and exit status 1
     out_file_error     a results file that cannot be written, said before the work that produces it
@@ -212,6 +212,19 @@ def flag_nonfinite(nonfinite, step, loss, grad_norm, optimizer):
         optimizer.found_inf = bad.float()
     now = torch.stack([torch.full_like(loss, step), loss, grad_norm.to(loss.dtype)]).double()
     return torch.where(bad & (nonfinite[0] < 0), now, nonfinite)
+
+
+def nonfinite_message(nonfinite, step, optimizer, ckpt_dir, last_ckpt_step):
+    """What a run says when it stops at its first non-finite step (nonfinite: [step, loss, grad norm] on the
+    host; ckpt_dir None: checkpoints off) -> (that step, the message)."""
+    bad_step, bad_loss, bad_norm = int(nonfinite[0]), nonfinite[1], nonfinite[2]
+    where = (f"the last good checkpoint is {os.path.join(ckpt_dir, 'ckpt.pt')} (step {last_ckpt_step})"
+             if last_ckpt_step is not None and ckpt_dir is not None else "no checkpoint had been written")
+    skipped = ("the optimizer skipped it on the device" if skips_on_device(optimizer)
+               else "the optimizer took it: the weights are not finite from then on")
+    return bad_step, (f"step {bad_step}: training loss is {bad_loss} (grad norm {bad_norm}); stopping at step {step}, "
+                      f"where it was checked ({skipped}); {where}. Lower learning_rate, raise warmup_iters or check "
+                      f"the data.")
 
 
 class LossEMA:

@@ -10,6 +10,8 @@
     on_rank0                a step only rank 0 takes (out_dir, wandb), its ConfigError raised on every rank
     write_checkpoint        atomic and durable (tmp, fsync, rename), ckpt_<step>.pt kept and pruned
     load_checkpoint         read one back, or a CheckpointError naming the file and the fix
+    data_meta               a prepared dataset's meta.json, or the command that prepares it
+    resume_path             the checkpoint named by resume / resume_from
     load_resume_checkpoint  the checkpoint to resume, refused when it is from other data, another tokenizer
                             or other seeds, or at or past max_iters
     load_model              a GPT from a checkpoint, for the evaluation and sampling scripts
@@ -39,7 +41,8 @@ import torch.distributed as dist
 from common import rng_state
 from configurator import ConfigError
 from data import tokenizer as toklib
-from data.loader import data_id
+from data.loader import data_id, load_meta
+from data.sources import prepare_command
 from data.shards import DirLocked, dir_lock
 from model import GPT, GPTConfig
 
@@ -386,6 +389,26 @@ def load_checkpoint(path):
 
 
 
+def data_meta(data_dir, dataset):
+    """The meta.json of a prepared data_dir, its tokenizer recorded; a ConfigError with the command that
+    prepares it when it is not there."""
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        base = dataset.split("-")[0]  # fineweb_edu-65536: fineweb_edu with tokenizer fineweb_edu-65536
+        if base == dataset:
+            how = f"`{prepare_command(data_dir, {'dataset': dataset})}`"
+        else:
+            how = (f"`python data/prepare.py {base} --tokenizer data/tokenizers/{dataset}.tiktoken`, after "
+                   f"`python data/tokenizer.py train {base} ...` (docs/reproduce-d12.md)")
+        raise ConfigError(f"config key 'dataset': {data_dir} has no meta.json; prepare it with {how} (or "
+                          f"point 'data_dir' at a prepared directory)")
+    try:
+        meta = load_meta(data_dir)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"config key 'data_dir': {e}") from None
+    tokenizer_record(data_dir, meta)  # a trained tokenizer's copy is there and is the recorded one
+    return meta
+
+
 def tokenizer_record(data_dir, meta):
     """The dataset's tokenizer as a checkpoint carries it (data/tokenizer.py checkpoint_record), read
     and verified once per run: a trained tokenizer's rank file travels in every checkpoint."""
@@ -406,6 +429,17 @@ def data_tokenizer(cfg, meta):
     return load_tokenizer({"tokenizer": tokenizer_record(cfg["data_dir"], meta)})
 
 
+def resume_path(cfg):
+    """The checkpoint a run resumes from ("" for a new run): resume_from (a bare file name is in out_dir, a
+    directory is another run's out_dir), else out_dir/ckpt.pt with resume."""
+    path = cfg["resume_from"]
+    if path and not os.path.dirname(path):
+        path = os.path.join(cfg["out_dir"], path)
+    if path and os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    return path or (os.path.join(cfg["out_dir"], "ckpt.pt") if cfg["resume"] else "")
+
+
 def load_resume_checkpoint(cfg, meta):
     """The checkpoint to resume from, refused if it is unreadable or from a run with another tokenizer,
     other data or other seeds, or at or past max_iters."""
@@ -423,6 +457,10 @@ def load_resume_checkpoint(cfg, meta):
         raise ConfigError(f"resume: the checkpoint {cfg['resume_from']} is at step {ckpt['step']} and max_iters is "
                           f"{cfg['max_iters']}, so there is nothing left to train; pass --max_iters above "
                           f"{ckpt['step']} to train on (the lr schedule follows max_iters, or lr_decay_iters)")
+    for key in ("optimizer", "hc_optimizer") if cfg["optimizer"] == "muon" else ("optimizer",):  # the state's layout
+        if old.get(key, "adamw") != cfg[key]:  # (older checkpoints: adamw, the default)
+            raise ConfigError(f"resume: config key {key!r} is {cfg[key]!r} but the checkpoint was trained "
+                              f"with {old.get(key, 'adamw')!r}; resume with --{key}={old.get(key, 'adamw')}")
     old_seeds = {"seed": old.get("seed"), "data_seed": old.get("data_seed", old.get("seed"))}  # older: one seed
     for key, why in (("seed", "a run is one seed of its setting"), ("data_seed", "the data order would change "
                                                                                   "mid-run")):

@@ -17,7 +17,6 @@ old run aside and deletes it only once the new run's first checkpoint is on disk
 """
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -41,11 +40,11 @@ import hc
 import hc_verify
 import rundir
 import tracking
-from common import (DistributedSetupError, LossEMA, flag_nonfinite, fmt_time, init_distributed, peak_flops,
-                    set_rng_state, skips_on_device)
+from common import (DistributedSetupError, LossEMA, flag_nonfinite, fmt_time, init_distributed, nonfinite_message,
+                    peak_flops, set_rng_state)
 from configurator import ConfigError
 from data import tokenizer as toklib
-from data.loader import TrainLoader, ValLoader, load_meta, load_token_bytes, verify_shards
+from data.loader import TrainLoader, ValLoader, load_token_bytes, verify_shards
 from model import GPT, GPTConfig
 from rundir import CheckpointWriteError
 from setting import run_name, setting, setting_name
@@ -207,21 +206,7 @@ def resolve(cfg, config_name, world_size, device_type):
                                                               cfg["data_seed"])
     cfg["out_dir"] = cfg["out_dir"] or os.path.join("out", cfg["wandb_run_name"])
     cfg["data_dir"] = cfg["data_dir"] or os.path.join(REPO, "data", cfg["dataset"])
-    if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")):
-        base = cfg["dataset"].split("-")[0]  # fineweb_edu-65536: fineweb_edu with tokenizer fineweb_edu-65536
-        if base == cfg["dataset"]:
-            from data.sources import prepare_command
-            how = f"`{prepare_command(cfg['data_dir'], {'dataset': cfg['dataset']})}`"
-        else:
-            how = (f"`python data/prepare.py {base} --tokenizer data/tokenizers/{cfg['dataset']}.tiktoken`, after "
-                   f"`python data/tokenizer.py train {base} ...` (docs/reproduce-d12.md)")
-        raise ConfigError(f"config key 'dataset': {cfg['data_dir']} has no meta.json; prepare it with {how} (or "
-                          f"point 'data_dir' at a prepared directory)")
-    try:
-        meta = load_meta(cfg["data_dir"])
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"config key 'data_dir': {e}") from None
-    rundir.tokenizer_record(cfg["data_dir"], meta)  # a trained tokenizer's copy is there and is the recorded one
+    meta = rundir.data_meta(cfg["data_dir"], cfg["dataset"])  # prepared, its tokenizer recorded, or how to prepare it
     if cfg["vocab_size"] == 0:
         cfg["vocab_size"] = (meta["vocab_size"] + 63) // 64 * 64
     elif cfg["vocab_size"] < meta["vocab_size"]:
@@ -231,13 +216,8 @@ def resolve(cfg, config_name, world_size, device_type):
         cfg["dtype"] = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if cfg["compile"] == "auto":
         cfg["compile"] = device_type == "cuda"
-    if cfg["resume_from"]:  # a bare file name is in out_dir; a directory is another run's out_dir
-        cfg["resume"] = True
-        if not os.path.dirname(cfg["resume_from"]):
-            cfg["resume_from"] = os.path.join(cfg["out_dir"], cfg["resume_from"])
-        if os.path.isdir(cfg["resume_from"]):
-            cfg["resume_from"] = os.path.join(cfg["resume_from"], "ckpt.pt")
-    cfg["resume_from"] = cfg["resume_from"] or (os.path.join(cfg["out_dir"], "ckpt.pt") if cfg["resume"] else "")
+    cfg["resume"] = cfg["resume"] or bool(cfg["resume_from"])  # resume_from implies resume
+    cfg["resume_from"] = rundir.resume_path(cfg)
     return meta, cfg["total_batch_tokens"] // micro_tokens, notes
 
 
@@ -253,7 +233,8 @@ def check_run(cfg, meta, ddp, master, device_type):
     hellaswag_examples = None
     if cfg["hellaswag"]:
         try:
-            hellaswag_examples = evals.load_examples(cfg["hellaswag_file"] or None, limit=cfg["hellaswag_limit"] or None)
+            hellaswag_examples = evals.load_examples(cfg["hellaswag_file"] or None,
+                                                     limit=cfg["hellaswag_limit"] or None)
         except (OSError, ValueError, RuntimeError) as e:  # missing file, bad jsonl, failed download
             raise ConfigError(f"config key 'hellaswag': cannot read the HellaSwag items ({e}); set 'hellaswag_file' "
                               f"to a local hellaswag_val.jsonl, or --hellaswag=False") from None
@@ -309,11 +290,6 @@ def build(cfg, meta, device, device_type):
         except ValueError as e:  # torch's own value checks, should one pass configurator.validate
             raise ConfigError(f"optimizer: {e}") from None
     if ckpt is not None:
-        for key in ("optimizer", "hc_optimizer") if cfg["optimizer"] == "muon" else ("optimizer",):  # the state's layout
-            saved_value = ckpt["config"].get(key, DEFAULTS[key])
-            if saved_value != cfg[key]:
-                raise ConfigError(f"resume: config key {key!r} is {cfg[key]!r} but the checkpoint was trained "
-                                  f"with {saved_value!r}; resume with --{key}={saved_value}")
         base_lrs = [g["base_lr"] for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
         for group, base_lr in zip(optimizer.param_groups, base_lrs):  # this run's config sets the lrs
@@ -367,16 +343,21 @@ def seed_rank(cfg, ckpt, rank, world_size, master):
               f"continues exactly, the dropout random streams start afresh")
 
 
-def diverged(cfg, nonfinite, step, optimizer, last_ckpt_step):
-    """The message for the first non-finite step (nonfinite: [step, loss, grad norm])."""
-    bad_step, bad_loss, bad_norm = int(nonfinite[0]), nonfinite[1], nonfinite[2]
-    where = (f"the last good checkpoint is {os.path.join(cfg['out_dir'], 'ckpt.pt')} (step {last_ckpt_step})"
-             if last_ckpt_step is not None and cfg["checkpoint"] else "no checkpoint had been written")
-    skipped = ("the optimizer skipped it on the device" if skips_on_device(optimizer)
-               else "the optimizer took it: the weights are not finite from then on")
-    return bad_step, (f"step {bad_step}: training loss is {bad_loss} (grad norm {bad_norm}); stopping at step {step}, "
-                      f"where it was checked ({skipped}); {where}. Lower learning_rate, raise warmup_iters or check "
-                      f"the data.")
+def announce(h, meta, horizon, skipped):
+    """The run's first lines on the console, from its log header h (rundir.run_header)."""
+    for msg in h["notes"]:
+        print(f"note: {msg}")
+    if h["type"] == "resume":
+        print(f"resumed from step {h['step']} ({h['resume_from']})")
+    print(f"{h['max_iters']:,} steps{horizon}, {h['max_iters'] * h['total_batch_tokens']:,} tokens; tokenizer "
+          f"{toklib.describe(meta.get('tokenizer'))}")
+    print(f"{h['wandb_run_name']}: {h['scheme']} n={h['n_streams']}, {h['num_params'] / 1e6:.2f}M params, "
+          f"{h['world_size']} process(es) on {h['device_name']}, {h['grad_accum']} micro-step(s) of "
+          f"{h['batch_size']} x {h['block_size']} per rank, {h['total_batch_tokens']:,} tokens/step, "
+          f"out_dir {h['out_dir']}")
+    print(f"residual path: {h['fused_path']} (fused={h['fused']}: {h['fused_reason']})")
+    for msg in skipped:
+        print(f"note: {msg}")
 
 
 # -----------------------------------------------------------------------------
@@ -407,7 +388,6 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     loss_ema = LossEMA(device)
     if ckpt is not None and "loss_ema" in ckpt:
         loss_ema.load_state_dict(ckpt["loss_ema"])
-    tokenizer_name = toklib.describe(meta.get("tokenizer"))
 
     # the log header (also the wandb config); the last checks (the disk, wandb's server); then the run's first write
     facts = {"config_name": config_name, **rundir.run_identity(meta, REPO), "world_size": world_size,
@@ -425,36 +405,24 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope), ddp, master)  # --overwrite: aside
     rundir.on_rank0(lambda: rundir.start_log(cfg, ckpt, start_step, header), ddp, master)
     if master:
-        for msg in notes:
-            print(f"note: {msg}")
-        if ckpt is not None:
-            print(f"resumed from step {start_step} ({cfg['resume_from']})")
-        print(f"{cfg['max_iters']:,} steps{horizon}, {cfg['max_iters'] * tokens_per_step:,} tokens; tokenizer "
-              f"{tokenizer_name}")
-        print(f"{cfg['wandb_run_name']}: {cfg['scheme']} n={cfg['n_streams']}, {raw_model.num_params() / 1e6:.2f}M params, "
-              f"{world_size} process(es) on {device_type}, {grad_accum} micro-step(s) of {cfg['batch_size']} x "
-              f"{cfg['block_size']} per rank, {tokens_per_step:,} tokens/step, out_dir {cfg['out_dir']}")
-        print(f"residual path: {fused_check['path']} (fused={cfg['fused']}: {fused_check['reason']})")
-        for msg in final["skipped"]:
-            print(f"note: {msg}")
+        announce(header, meta, horizon, final["skipped"])
 
     def log(record, wandb_extra=None):  # the same metric names in log.jsonl and wandb (tracking.wandb_key)
-        if not master:
-            return
-        with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if wandb_run is not None:
+        if master:
+            rundir.append_log(cfg["out_dir"], record)
+        if master and wandb_run is not None:
             tracking.log_record(wandb_run, record, wandb_extra)
 
     last_ckpt_step = start_step if ckpt is not None else None
-    nonfinite = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=device)  # first bad step, its loss, grad norm
+    nonfinite = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=device)  # 1st bad step, loss, grad norm
     result = {}
     t_last, steps_since = time.perf_counter(), 0
     t_start = t_last
     model.train()
     while True:
         # evaluate (and checkpoint) every eval_interval steps and at the end
-        if (step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]) and not (ckpt is not None and step == start_step):
+        resumed_here = ckpt is not None and step == start_step  # the checkpoint's own eval is in the log
+        if (step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]) and not resumed_here:
             record, wandb_data, extra = evals.training_eval(step, tokens, eval_model, raw_model, val_loader,
                                                  token_bytes, hellaswag_examples, diag_x, ctx, device, ddp, wandb_run,
                                                  enc)
@@ -509,7 +477,8 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
             train_loss, train_loss_ema, grad_norm, *bad = torch.cat([
                 loss_sum.double().view(1), loss_ema.value().view(1), grad_norm.double().view(1), nonfinite]).tolist()
             if bad[0] >= 0:
-                bad_step, msg = diverged(cfg, bad, step, optimizer, last_ckpt_step)
+                bad_step, msg = nonfinite_message(bad, step, optimizer, cfg["out_dir"] if cfg["checkpoint"] else None,
+                                                  last_ckpt_step)
                 if master:
                     log({"type": "error", "step": bad_step, "tokens": tokens - (step - bad_step) * tokens_per_step,
                          "message": msg})
@@ -551,7 +520,8 @@ def main(argv=None):
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config key 'device' is 'cuda' but CUDA is not available on this machine "
                           "(torch.cuda.is_available() is False); use --device=cpu or --device=auto")
-    device_type = "cuda" if cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available()) else "cpu"
+    cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    device_type = "cuda" if cuda else "cpu"
     ddp, rank, local_rank, world_size, device = init_distributed(device_type)
     try:
         with contextlib.ExitStack() as run_scope:  # holds the out_dir lock for the run's life

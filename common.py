@@ -57,16 +57,24 @@ def torchrun_env():
     return rank, local_rank, world_size, env["MASTER_ADDR"], port
 
 
-def rendezvous_timeout():
-    """Seconds to wait for every rank at start: $HCGPT_RENDEZVOUS_TIMEOUT, default 300."""
-    text = os.environ.get(RENDEZVOUS_TIMEOUT_ENV)
+def env_seconds(name, default):
+    """A timeout from the environment variable name (default when unset); ValueError unless a number > 0."""
+    text = os.environ.get(name)
     try:
-        seconds = float(text) if text else RENDEZVOUS_TIMEOUT
+        seconds = float(text) if text else default
     except ValueError:
         seconds = -1.0
     if not seconds > 0:
-        raise DistributedSetupError(f"{RENDEZVOUS_TIMEOUT_ENV}={text!r} must be a number of seconds > 0")
+        raise ValueError(f"{name}={text!r} must be a number of seconds > 0")
     return seconds
+
+
+def rendezvous_timeout():
+    """Seconds to wait for every rank at start: $HCGPT_RENDEZVOUS_TIMEOUT, default 300."""
+    try:
+        return env_seconds(RENDEZVOUS_TIMEOUT_ENV, RENDEZVOUS_TIMEOUT)
+    except ValueError as e:
+        raise DistributedSetupError(str(e)) from None
 
 
 def rendezvous(rank, world_size, addr, port):
@@ -272,15 +280,20 @@ def fmt_time(seconds):
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1 (a count or size of 0 or less would give a wrong or empty result)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def int_at_least(min_value):
+    """argparse type: an integer >= min_value (a count of 0 or less would give a wrong or empty result)."""
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < min_value:
+            raise argparse.ArgumentTypeError(f"must be >= {min_value}, got {v}")
+        return v
+    return parse
+
+
+positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 
 def out_file_error(path):
@@ -296,17 +309,6 @@ def out_file_error(path):
     if not os.access(parent, os.W_OK):
         return f"cannot write in {parent}; pass another path"
     return None
-
-
-def non_negative_int(text):
-    """argparse type: an integer >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def run_cli(main_body, prog):

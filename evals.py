@@ -169,32 +169,38 @@ def load_examples(path=None, split="val", limit=None):
         raise FileNotFoundError(f"HellaSwag data file {path} not found: pass --data-file with the path of "
                                 f"hellaswag_{split}.jsonl, or leave it out to download the file once")
     examples = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    ex = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not a JSON line ({e}); {fix}") from None
-                endings = ex.get("endings") if isinstance(ex, dict) else None
-                if not (isinstance(ex, dict) and isinstance(ex.get("ctx"), str) and isinstance(endings, list)
-                        and len(endings) == 4 and all(isinstance(e, str) for e in endings)
-                        and type(ex.get("label")) is int):
-                    raise ValueError(f"{path}:{lineno}: not a labelled HellaSwag item (needs a string 'ctx', 4 "
-                                     f"string 'endings' and an integer 'label'); {fix}")
-                if not 0 <= ex["label"] < 4:  # scored as a miss otherwise: a silently wrong accuracy
-                    raise ValueError(f"{path}:{lineno}: label {ex['label']} is not the index of one of the 4 "
-                                     f"endings (0-3); {fix}")
-                examples.append(ex)
-                if limit is not None and len(examples) >= limit:
-                    break
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e}); {fix}") from None
+    for lineno, ex in jsonl_items(path, fix):
+        endings = ex.get("endings") if isinstance(ex, dict) else None
+        if not (isinstance(ex, dict) and isinstance(ex.get("ctx"), str) and isinstance(endings, list)
+                and len(endings) == 4 and all(isinstance(e, str) for e in endings)
+                and type(ex.get("label")) is int):
+            raise ValueError(f"{path}:{lineno}: not a labelled HellaSwag item (needs a string 'ctx', 4 "
+                             f"string 'endings' and an integer 'label'); {fix}")
+        if not 0 <= ex["label"] < 4:  # scored as a miss otherwise: a silently wrong accuracy
+            raise ValueError(f"{path}:{lineno}: label {ex['label']} is not the index of one of the 4 "
+                             f"endings (0-3); {fix}")
+        examples.append(ex)
+        if limit is not None and len(examples) >= limit:
+            break
     if not examples:
         raise ValueError(f"{path}: no HellaSwag items; {fix}")
     return examples
+
+
+def jsonl_items(path, fix):
+    """(line number, object) for each non-blank line of a JSON-lines file; a ValueError that names the line
+    and the fix for a line that is not JSON or a file that is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        item = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{lineno}: not a JSON line ({e}); {fix}") from None
+                    yield lineno, item
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); {fix}") from None
 
 
 def render_example(example, enc):
@@ -598,24 +604,14 @@ def load_task_data(task, max_per_task=-1):
         raise FileNotFoundError(f"{path} not found (task {task['label']}): {fix}")
     fields = ITEM_FIELDS[task["task_type"]]
     data = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not a JSON line ({e}); {fix}") from None
-                if not isinstance(item, dict) or any(k not in item for k in fields):
-                    raise ValueError(f"{path}:{lineno}: a {task['task_type']} item needs {', '.join(fields)}; {fix}")
-                options = item.get("choices", item.get("context_options"))
-                if "gold" in fields and not (type(item["gold"]) is int and 0 <= item["gold"] < len(options)):
-                    raise ValueError(f"{path}:{lineno}: gold {item['gold']!r} is not the index of one of the "
-                                     f"{len(options)} options; {fix}")
-                data.append(item)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e}); {fix}") from None
+    for lineno, item in jsonl_items(path, fix):
+        if not isinstance(item, dict) or any(k not in item for k in fields):
+            raise ValueError(f"{path}:{lineno}: a {task['task_type']} item needs {', '.join(fields)}; {fix}")
+        options = item.get("choices", item.get("context_options"))
+        if "gold" in fields and not (type(item["gold"]) is int and 0 <= item["gold"] < len(options)):
+            raise ValueError(f"{path}:{lineno}: gold {item['gold']!r} is not the index of one of the "
+                             f"{len(options)} options; {fix}")
+        data.append(item)
     if not data:  # the mean over no items would be nan
         raise ValueError(f"{path}: no items (task {task['label']}); {fix}, or leave the task out with --tasks")
     random.Random(1337).shuffle(data)  # the files are often ordered; a crop should be a fair sample

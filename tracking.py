@@ -22,6 +22,7 @@ import struct
 
 import numpy as np
 
+from common import env_seconds
 from configurator import ConfigError
 
 
@@ -48,14 +49,10 @@ def resolve_mode(cfg):
 
 
 def init_timeout():
-    text = os.environ.get("WANDB_INIT_TIMEOUT")
     try:
-        seconds = float(text) if text else INIT_TIMEOUT
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise ConfigError(f"WANDB_INIT_TIMEOUT={text!r} must be a number of seconds > 0")
-    return seconds
+        return env_seconds("WANDB_INIT_TIMEOUT", INIT_TIMEOUT)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_wandb(cfg):

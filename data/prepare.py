@@ -470,22 +470,10 @@ def verify(out_dir) -> dict:
     return meta
 
 
-def _count(min_value):
-    """argparse type: an integer >= min_value (0 or a negative count would silently mean something else)."""
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if v < min_value:
-            raise argparse.ArgumentTypeError(f"must be >= {min_value}, got {v}")
-        return v
-    return parse
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    count = toklib.int_at_least  # argparse type: an integer >= its argument
     ap.add_argument("dataset", choices=sorted(DATASETS))
     ap.add_argument("--out-dir", default=None,
                     help="output directory (default: data/<dataset>, with --tokenizer data/<dataset>-<its name>)")
@@ -501,11 +489,11 @@ def main(argv=None) -> int:
     ap.add_argument("--val-fraction", type=float, default=None,
                     help="override the dataset's val fraction (tinystories: split all its documents at random "
                          "instead of keeping its own validation split)")
-    ap.add_argument("--seed", type=_count(0), default=None, help="override the dataset's split seed")
-    ap.add_argument("--shard-tokens", type=_count(1), default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
-    ap.add_argument("--workers", type=_count(1), default=None, help="tokenizer processes (default: all cores)")
-    ap.add_argument("--chunk-docs", type=_count(1), default=None, help="documents per tokenizer task")
-    ap.add_argument("--max-docs", type=_count(1), default=None,
+    ap.add_argument("--seed", type=count(0), default=None, help="override the dataset's split seed")
+    ap.add_argument("--shard-tokens", type=count(1), default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
+    ap.add_argument("--workers", type=count(1), default=None, help="tokenizer processes (default: all cores)")
+    ap.add_argument("--chunk-docs", type=count(1), default=None, help="documents per tokenizer task")
+    ap.add_argument("--max-docs", type=count(1), default=None,
                     help="use only the first N >= 1 documents, of each split for a dataset with its own "
                          "(trials; default: all)")
     ap.add_argument("--cache-dir", default=None, help="Hugging Face datasets cache directory")

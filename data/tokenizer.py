@@ -65,6 +65,7 @@ import base64
 import functools
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -557,10 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--revision", default=None, help="hub revision (as data/prepare.py)")
     t.add_argument("--val-fraction", type=float, default=None, help="the dataset's val fraction (left out of training)")
     t.add_argument("--seed", type=int, default=None, help="the dataset's split seed")
-    t.add_argument("--vocab-size", type=_at_least(256 + len(NANOCHAT_SPECIALS)), default=NANOCHAT_VOCAB,
+    t.add_argument("--vocab-size", type=int_at_least(256 + len(NANOCHAT_SPECIALS)), default=NANOCHAT_VOCAB,
                    help=f"tokens including the {len(NANOCHAT_SPECIALS)} special ones (nanochat: {NANOCHAT_VOCAB})")
-    t.add_argument("--doc-cap", type=_at_least(1), default=DOC_CAP, help="characters kept of each document")
-    t.add_argument("--max-chars", type=_at_least(1), default=MAX_CHARS,
+    t.add_argument("--doc-cap", type=int_at_least(1), default=DOC_CAP, help="characters kept of each document")
+    t.add_argument("--max-chars", type=int_at_least(1), default=MAX_CHARS,
                    help="stop after this many characters (nanochat's default; its speedrun passes 2000000000)")
     t.add_argument("--out", default=None, help="rank file to write (default: data/tokenizers/DATASET-VOCAB.tiktoken); "
                                                "its metadata goes beside it as .json")
@@ -575,12 +576,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _at_least(min_value):
+def int_at_least(min_value):
+    """argparse type of the data tools: an integer >= min_value, also as 2e9 (a count of 0 or less would
+    silently mean something else; 2.5e0 is no integer)."""
     def parse(text):
         try:
-            v = int(float(text)) if "e" in text.lower() else int(text)
+            v = float(text) if "e" in text.lower() else int(text)
         except ValueError:
+            v = math.nan
+        if not (math.isfinite(v) and v == int(v)):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        v = int(v)
         if v < min_value:
             raise argparse.ArgumentTypeError(f"must be >= {min_value}, got {v}")
         return v

@@ -29,18 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import autocast, check_device, positive_int, run_cli  # noqa: E402
+from common import autocast, check_device, non_negative_int, positive_int, run_cli  # noqa: E402
 import rundir  # noqa: E402
-
-
-def non_negative_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def main(argv=None):

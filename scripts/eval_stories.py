@@ -35,17 +35,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: spinning OpenMP threads starve a shared CPU
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import stories  # noqa: E402
-from common import autocast, check_device, positive_int, run_cli  # noqa: E402
-
-
-def non_negative_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+from common import autocast, check_device, non_negative_int, positive_int, run_cli  # noqa: E402
 
 
 def main(argv=None):

@@ -10,7 +10,8 @@ Documents, in a fixed order:
 Modules that fail to import on this platform are skipped. The corpus is collected in a fresh
 ``python -I -S`` subprocess, so nothing the calling process imported or patched (and no
 site-packages ``.pth`` hook) can change it: it is deterministic for a given CPython version
-(recorded in meta.json). Object reprs that contain memory addresses are left out of signatures.
+(recorded in meta.json). Object reprs that contain memory addresses are left out of signatures, and
+the interpreter's own path in them reads sys.executable.
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ def _signature(obj) -> str:
         sig = str(inspect.signature(obj))
     except (TypeError, ValueError):
         return ""
-    return "" if " at 0x" in sig else sig
+    # platform.architecture(executable=sys.executable): the path of the interpreter that collects the
+    # corpus (python or python3, a venv's) must not change it
+    return "" if " at 0x" in sig else sig.replace(repr(sys.executable), "sys.executable")
 
 
 def _defined_in(obj, module) -> bool:

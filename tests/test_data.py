@@ -318,11 +318,17 @@ def test_prepare_resumes_after_kill_and_restarts_on_new_settings(enc, corpus, tm
     assert load_meta(out)["val_fraction"] == 0.1
 
 
-def test_prepare_pydocs_script(enc, tmp_path):
+def test_prepare_pydocs_script(enc, tmp_path, monkeypatch):
     from data import pydocs
 
     docs = pydocs.documents()
     assert len(docs) > 200 and docs == pydocs.documents()
+    # the same corpus whatever the interpreter is called (python, python3, a venv's link to it)
+    other = tmp_path / "another-python"
+    other.symlink_to(sys.executable)
+    monkeypatch.setattr(sys, "executable", str(other))
+    assert pydocs.documents() == docs and any("executable=sys.executable" in d for d in docs)
+    monkeypatch.undo()
     out = tmp_path / "pydocs"
     res = subprocess.run([sys.executable, "data/prepare.py", "pydocs", "--out-dir", str(out),
                           "--no-progress", "--workers", "2"], cwd=REPO, capture_output=True, text=True)

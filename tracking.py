@@ -1,5 +1,7 @@
-"""A run's record outside out_dir: Weights & Biases (docs/wandb.md).
+"""A run's record outside out_dir: its first lines on the console, and Weights & Biases (docs/wandb.md).
 
+    announce          what the run is, from its log header: steps, tokens, tokenizer, model, processes,
+                      the residual path
     resolve_mode      the mode wandb runs in: WANDB_MODE in the environment, when set, wins over wandb_mode
     check_wandb       online mode needs an API key: said at start, not after the first eval
     start_wandb       the wandb run: group = the run's setting, job type = the config, tags; config =
@@ -23,11 +25,29 @@ import struct
 import numpy as np
 
 from common import env_seconds
+from data import tokenizer as toklib
 from configurator import ConfigError
 
 
 MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline", "run": "online"}
 INIT_TIMEOUT = 60.0  # seconds; wandb's own default is 90
+
+
+def announce(h, meta, horizon, skipped):
+    """The run's first lines on the console, from its log header h (rundir.run_header); meta: its data's."""
+    for msg in h["notes"]:
+        print(f"note: {msg}")
+    if h["type"] == "resume":
+        print(f"resumed from step {h['step']} ({h['resume_from']})")
+    print(f"{h['max_iters']:,} steps{horizon}, {h['max_iters'] * h['total_batch_tokens']:,} tokens; tokenizer "
+          f"{toklib.describe(meta.get('tokenizer'))}")
+    print(f"{h['wandb_run_name']}: {h['scheme']} n={h['n_streams']}, {h['num_params'] / 1e6:.2f}M params, "
+          f"{h['world_size']} process(es) on {h['device_name']}, {h['grad_accum']} micro-step(s) of "
+          f"{h['batch_size']} x {h['block_size']} per rank, {h['total_batch_tokens']:,} tokens/step, "
+          f"out_dir {h['out_dir']}")
+    print(f"residual path: {h['fused_path']} (fused={h['fused']}: {h['fused_reason']})")
+    for msg in skipped:
+        print(f"note: {msg}")
 
 
 def resolve_mode(cfg):

@@ -43,7 +43,6 @@ import tracking
 from common import (DistributedSetupError, LossEMA, flag_nonfinite, fmt_time, init_distributed, nonfinite_message,
                     peak_flops, set_rng_state)
 from configurator import ConfigError
-from data import tokenizer as toklib
 from data.loader import TrainLoader, ValLoader, load_token_bytes, verify_shards
 from model import GPT, GPTConfig
 from rundir import CheckpointWriteError
@@ -343,23 +342,6 @@ def seed_rank(cfg, ckpt, rank, world_size, master):
               f"continues exactly, the dropout random streams start afresh")
 
 
-def announce(h, meta, horizon, skipped):
-    """The run's first lines on the console, from its log header h (rundir.run_header)."""
-    for msg in h["notes"]:
-        print(f"note: {msg}")
-    if h["type"] == "resume":
-        print(f"resumed from step {h['step']} ({h['resume_from']})")
-    print(f"{h['max_iters']:,} steps{horizon}, {h['max_iters'] * h['total_batch_tokens']:,} tokens; tokenizer "
-          f"{toklib.describe(meta.get('tokenizer'))}")
-    print(f"{h['wandb_run_name']}: {h['scheme']} n={h['n_streams']}, {h['num_params'] / 1e6:.2f}M params, "
-          f"{h['world_size']} process(es) on {h['device_name']}, {h['grad_accum']} micro-step(s) of "
-          f"{h['batch_size']} x {h['block_size']} per rank, {h['total_batch_tokens']:,} tokens/step, "
-          f"out_dir {h['out_dir']}")
-    print(f"residual path: {h['fused_path']} (fused={h['fused']}: {h['fused_reason']})")
-    for msg in skipped:
-        print(f"note: {msg}")
-
-
 # -----------------------------------------------------------------------------
 # training
 
@@ -405,7 +387,7 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
     old_run = rundir.on_rank0(lambda: rundir.claim_out_dir(cfg, run_scope), ddp, master)  # --overwrite: aside
     rundir.on_rank0(lambda: rundir.start_log(cfg, ckpt, start_step, header), ddp, master)
     if master:
-        announce(header, meta, horizon, final["skipped"])
+        tracking.announce(header, meta, horizon, final["skipped"])
 
     def log(record, wandb_extra=None):  # the same metric names in log.jsonl and wandb (tracking.wandb_key)
         if master:

@@ -54,17 +54,19 @@ def main(argv=None):
     if not runs:
         print(f"wandb_offline.py: error: no offline run files under {' '.join(args.paths)}", file=sys.stderr)
         return 1
+    # in start order; runs started in the same second (the directory names' resolution) by name
+    runs = sorted(runs.values(), key=lambda r: ((Path(r["file"]).parent.name.split("-") + ["", "", ""])[2], r["name"]))
     if args.json:
-        print(json.dumps(list(runs.values()), indent=1))
+        print(json.dumps(runs, indent=1))
         return 0
-    for r in runs.values():
+    for r in runs:
         print(f"{r['id']}  {r['name']}  group={r['group']}  job_type={r['job_type']}  tags={','.join(r['tags'])}"
               + (f"  ({r['starts']} starts)" if r["starts"] > 1 else ""))
         if args.summary:
             for k, v in sorted(r["summary"].items()):
                 print(f"    {k} = {v}")
     groups = {}
-    for r in runs.values():
+    for r in runs:
         groups.setdefault(r["group"], []).append(r["name"])
     print(f"\n{len(groups)} group(s):")
     for g, names in groups.items():

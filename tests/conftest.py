@@ -10,6 +10,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "numerics: compares two float computations of one value against a bound "
+                                       "derived in tests/numerics.py; .ci/run runs these under every CPU kernel set")
+
+
 @pytest.fixture(autouse=True)
 def fresh_wandb():
     """wandb keeps the settings of its first run in a process (WANDB_DIR, WANDB_MODE from the

@@ -101,7 +101,7 @@ def training_eval(step, tokens, eval_model, raw_model, val_loader, token_bytes, 
     extra = ""
     if hellaswag_examples is not None:  # every rank scores its share; counts are all-reduced
         hs = evaluate_hellaswag(raw_model, hellaswag_examples, device, enc=enc, ctx=ctx)
-        record["hellaswag_acc_norm"], record["hellaswag_acc"] = hs["acc_norm"], hs["acc"]
+        record.update(hellaswag_acc_norm=hs["acc_norm"], hellaswag_acc=hs["acc"], hellaswag_n=hs["n"])
         extra = f" | hellaswag acc_norm {hs['acc_norm']:.4f}"
     if diag_x is not None:
         d = residual_diagnostics(raw_model, diag_x, ctx)

@@ -39,7 +39,7 @@ try:
     from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window
 except ImportError as e:  # not installed, or another version whose modules moved
     raise RuntimeError(f"lm-evaluation-harness is not installed or not the version hcgpt uses ({e}); install it "
-                       f"with `pip install lm-eval==0.4.13` (or `pip install -r requirements-test.txt`)") from None
+                       f"with `pip install lm-eval==0.4.13` (it is in requirements.txt)") from None
 
 LM_EVAL_VERSION = "0.4.13"
 

@@ -6,7 +6,8 @@
                   group (tracking.py) and the group of scripts/compare.py and plot_runs.py --groups
     changed_keys  the keys in which two settings differ (to say why two runs are not one group)
     label         a group's short label from the keys that vary between groups ("kromhc n=4")
-    run_name      a run's default name: the setting's readable part and its seeds
+    run_name      a run's default name: the setting's readable part and its seeds (and a sweep's)
+    run_paths     the arguments that are runs, apart from the others a glob over an out root matches
     mean_interval mean, sample std and the Student-t confidence interval of a group's values
 
 Two runs are seeds of one setting when they differ only in `seed` (init and dropout), `data_seed`
@@ -21,6 +22,8 @@ list) rather than its path, so the same shards under two paths are one setting.
 import hashlib
 import json
 import math
+import os
+import sys
 
 EXCLUDED = {
     "seed": "varies within a group: the init and dropout",
@@ -87,9 +90,29 @@ def label(items, keys):
     return " ".join(parts)
 
 
-def run_name(config_name, scheme, n_streams, seed, data_seed):
-    """'<config>-<scheme>-n<n>-s<seed>', with '-d<data_seed>' when the data order has its own seed."""
-    return f"{config_name}-{scheme}-n{n_streams}-s{seed}" + ("" if data_seed == seed else f"-d{data_seed}")
+def run_name(config_name, scheme, n_streams, seed, data_seed, parts=(), always_data_seed=False):
+    """'<config>-<scheme>-n<n>[-<part>...]-s<seed>', with '-d<data_seed>' when the data order has its own seed
+    (or always: a sweep with one data order names all its runs alike). parts: what else tells the run apart
+    (a sweep's overrides, 'n_layer=2')."""
+    name = "-".join([config_name, scheme, f"n{n_streams}", *parts, f"s{seed}"])
+    return name + (f"-d{data_seed}" if always_data_seed or data_seed != seed else "")
+
+
+def run_paths(paths, prog):
+    """The paths that can be runs (a directory with a log.jsonl, a .jsonl file, a path that does not exist:
+    its reader names it); every other one (the wandb/ or plots/ folder under an out root) is left out with a
+    note on stderr. A ValueError when none is left."""
+    runs = []
+    for p in paths:
+        if not os.path.exists(p) or (os.path.isfile(os.path.join(p, "log.jsonl")) if os.path.isdir(p)
+                                     else p.endswith(".jsonl")):
+            runs.append(p)
+        else:
+            print(f"{prog}: note: skipping {p}: not a run directory (no log.jsonl)", file=sys.stderr)
+    if not runs:
+        raise ValueError(f"none of the {len(paths)} path(s) is a run directory (one with a log.jsonl); pass the "
+                         f"out_dirs of train.py runs")
+    return runs
 
 
 def mean_interval(values, confidence=0.95):

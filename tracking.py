@@ -98,13 +98,15 @@ def check_wandb(cfg):
 
 
 def wandb_tags(header):
-    """The tags of a run: wandb_tags (comma-separated) if set, else scheme, n<n>, arch, optimizer, dataset and
-    tokenizer: the filters of a sweep's dashboard."""
+    """The tags of a run, each once: wandb_tags (comma-separated) if set, else scheme, n<n>, arch, optimizer,
+    dataset and tokenizer:<name> (GPT-2's BPE is also an arch): the filters of a sweep's dashboard."""
     if header["wandb_tags"]:
-        return [t.strip() for t in header["wandb_tags"].split(",") if t.strip()]
-    tags = [header["scheme"], f"n{header['n_streams']}", header["arch"], header["optimizer"], header["dataset"],
-            header.get("tokenizer")]
-    return [str(t)[:64] for t in tags if t]
+        tags = [t.strip() for t in header["wandb_tags"].split(",")]
+    else:
+        tok = header.get("tokenizer")
+        tags = [header["scheme"], f"n{header['n_streams']}", header["arch"], header["optimizer"], header["dataset"],
+                tok and f"tokenizer:{tok}"]
+    return list(dict.fromkeys(str(t)[:64] for t in tags if t))
 
 
 def init_run(**kwargs):
@@ -287,9 +289,10 @@ def offline_records(path):
 
 def read_offline_run(path):
     """What an offline run file says: {"id", "name", "group", "job_type", "tags", "config", "metrics"
-    ({name: {"step_metric", "summary"}}, from define_metric), "summary" (the last value of each key)}."""
+    ({name: {"step_metric", "summary"}}, from define_metric), "summary" (the last value of each key), "step"
+    (the last step logged)}."""
     run = {"id": None, "name": None, "group": None, "job_type": None, "tags": [], "config": {}, "metrics": {},
-           "summary": {}}
+           "summary": {}, "step": None}
     for r in offline_records(path):
         kind = r.WhichOneof("record_type")
         if kind == "run":
@@ -306,6 +309,8 @@ def read_offline_run(path):
         elif kind == "summary":
             for u in r.summary.update:
                 key = u.key or "/".join(u.nested_key)
-                if not key.startswith("_"):
+                if key == "_step":
+                    run["step"] = json.loads(u.value_json)
+                elif not key.startswith("_"):
                     run["summary"][key] = json.loads(u.value_json)
     return run

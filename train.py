@@ -40,8 +40,8 @@ import hc
 import hc_verify
 import rundir
 import tracking
-from common import (DistributedSetupError, LossEMA, flag_nonfinite, fmt_time, init_distributed, nonfinite_message,
-                    peak_flops, set_rng_state)
+from common import (DistributedSetupError, LossEMA, flag_nonfinite, fmt_time, init_distributed, keep_freed_memory,
+                    nonfinite_message, peak_flops, set_rng_state)
 from configurator import ConfigError
 from data.loader import TrainLoader, ValLoader, load_token_bytes, verify_shards
 from model import GPT, GPTConfig
@@ -504,6 +504,8 @@ def main(argv=None):
                           "(torch.cuda.is_available() is False); use --device=cpu or --device=auto")
     cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
     device_type = "cuda" if cuda else "cpu"
+    if device_type == "cpu":
+        keep_freed_memory()
     ddp, rank, local_rank, world_size, device = init_distributed(device_type)
     try:
         with contextlib.ExitStack() as run_scope:  # holds the out_dir lock for the run's life

@@ -228,8 +228,8 @@ class ValLoader:
             raise ValueError(f"{knob} ({num_tokens}) is less than one window of seq_len={self.T}")
         if self.num_windows > available:
             raise ValueError(f"requested {num_tokens} val tokens ({self.num_windows} windows of {self.T}) "
-                             f"but the val split ({where}) has {stream.num_tokens} tokens, i.e. "
-                             f"{available} windows; {fix}")
+                             f"but the val split ({where}) has {stream.num_tokens} tokens: at most "
+                             f"{available} windows = {available * self.T} tokens fit; {fix}")
         self.num_tokens = self.num_windows * self.T
         lo = self.num_windows * rank // world_size
         hi = self.num_windows * (rank + 1) // world_size

@@ -484,19 +484,25 @@ def main(argv=None) -> int:
                     help="local parquet/json(l)/txt files (globs, dirs) with a 'text' column, "
                          "instead of the hub download (tinystories: its .txt files too, and a file named "
                          "*valid* / *validation* is the val split)")
-    ap.add_argument("--subset", default=None, help="hub config (fineweb_edu: sample-10BT, sample-100BT, ...)")
-    ap.add_argument("--revision", default=None, help="hub revision (openwebtext: refs/convert/parquet)")
+    ap.add_argument("--subset", default=None,
+                    help="hub config (fineweb_edu: sample-10BT, sample-100BT, ...; default: the dataset's)")
+    ap.add_argument("--revision", default=None,
+                    help="hub revision (openwebtext: refs/convert/parquet; default: the dataset's)")
     ap.add_argument("--val-fraction", type=float, default=None,
                     help="override the dataset's val fraction (tinystories: split all its documents at random "
-                         "instead of keeping its own validation split)")
-    ap.add_argument("--seed", type=count(0), default=None, help="override the dataset's split seed")
-    ap.add_argument("--shard-tokens", type=count(1), default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
+                         "instead of keeping its own validation split; default: the dataset's)")
+    ap.add_argument("--seed", type=count(0), default=None,
+                    help="override the dataset's split seed (default: the dataset's)")
+    ap.add_argument("--shard-tokens", type=count(1), default=DEFAULT_SHARD_TOKENS,
+                    help=f"tokens per shard (default: {DEFAULT_SHARD_TOKENS:,})")
     ap.add_argument("--workers", type=count(1), default=None, help="tokenizer processes (default: all cores)")
-    ap.add_argument("--chunk-docs", type=count(1), default=None, help="documents per tokenizer task")
+    ap.add_argument("--chunk-docs", type=count(1), default=None,
+                    help="documents per tokenizer task (default: about 8 tasks per process, at most 1024)")
     ap.add_argument("--max-docs", type=count(1), default=None,
                     help="use only the first N >= 1 documents, of each split for a dataset with its own "
                          "(trials; default: all)")
-    ap.add_argument("--cache-dir", default=None, help="Hugging Face datasets cache directory")
+    ap.add_argument("--cache-dir", default=None, help="Hugging Face datasets cache directory "
+                                                      "(default: $HF_DATASETS_CACHE, or ~/.cache/huggingface/datasets)")
     ap.add_argument("--restart", action="store_true", help="discard previous output and start clean")
     ap.add_argument("--verify", action="store_true", help="only check an already prepared directory")
     ap.add_argument("--no-progress", action="store_true",

@@ -554,15 +554,19 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("dataset", help="a data/prepare.py dataset: its train split is the training text")
     t.add_argument("--data-files", nargs="+", default=None, metavar="PATH",
                    help="local parquet/json(l)/txt files with a 'text' column, instead of the hub download")
-    t.add_argument("--subset", default=None, help="hub config (as data/prepare.py)")
-    t.add_argument("--revision", default=None, help="hub revision (as data/prepare.py)")
-    t.add_argument("--val-fraction", type=float, default=None, help="the dataset's val fraction (left out of training)")
-    t.add_argument("--seed", type=int, default=None, help="the dataset's split seed")
+    t.add_argument("--subset", default=None, help="hub config (as data/prepare.py; default: the dataset's)")
+    t.add_argument("--revision", default=None, help="hub revision (as data/prepare.py; default: the dataset's)")
+    t.add_argument("--val-fraction", type=float, default=None,
+                   help="the dataset's val fraction (left out of training; default: the dataset's)")
+    t.add_argument("--seed", type=int, default=None, help="the dataset's split seed (default: the dataset's)")
     t.add_argument("--vocab-size", type=int_at_least(256 + len(NANOCHAT_SPECIALS)), default=NANOCHAT_VOCAB,
-                   help=f"tokens including the {len(NANOCHAT_SPECIALS)} special ones (nanochat: {NANOCHAT_VOCAB})")
-    t.add_argument("--doc-cap", type=int_at_least(1), default=DOC_CAP, help="characters kept of each document")
+                   help=f"tokens including the {len(NANOCHAT_SPECIALS)} special ones "
+                        f"(default: nanochat's {NANOCHAT_VOCAB:,})")
+    t.add_argument("--doc-cap", type=int_at_least(1), default=DOC_CAP,
+                   help=f"characters kept of each document (default: {DOC_CAP:,})")
     t.add_argument("--max-chars", type=int_at_least(1), default=MAX_CHARS,
-                   help="stop after this many characters (nanochat's default; its speedrun passes 2000000000)")
+                   help=f"stop after this many characters (default: nanochat's, {MAX_CHARS:,}; its speedrun "
+                        f"passes 2000000000)")
     t.add_argument("--out", default=None, help="rank file to write (default: data/tokenizers/DATASET-VOCAB.tiktoken); "
                                                "its metadata goes beside it as .json")
     t.add_argument("--force", action="store_true", help="replace an existing --out")

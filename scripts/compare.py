@@ -22,7 +22,8 @@ Metrics: any number of a log.jsonl record at a step other than the train records
 any later evaluation's record, by its key (a nested number as key/sub); a later record at a step
 overrides an earlier one of the same name. The wandb names (val/bpb, final/core) are accepted too.
 
-Refused with a named error, never averaged: an unfinished or diverged run (without --step), a run
+An argument that is not a run (no log.jsonl: the wandb/ folder under an out root) is left out with a
+note. Refused with a named error, never averaged: an unfinished or diverged run (without --step), a run
 without the metric at the step, two runs of one seed in a group, groups on other data or tokenizers.
 A warning names seeds without a partner in the baseline and groups compared at different steps.
 """
@@ -37,6 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import setting  # noqa: E402
 import tracking  # noqa: E402
+from common import HelpFormatter  # noqa: E402
 from configurator import ConfigError  # noqa: E402
 from rundir import read_log  # noqa: E402
 
@@ -283,6 +285,14 @@ def compare(paths, defaults, metrics=None, step=None, baseline=None, confidence=
     return out
 
 
+def run_paths(paths):
+    """The runs among the paths (setting.run_paths: the others are left out with a note)."""
+    try:
+        return setting.run_paths(paths, "compare.py")
+    except ValueError as e:
+        raise CompareError(str(e)) from None
+
+
 def _log_name(metric):
     """A wandb name (val/bpb, final/core) -> its log.jsonl name; a log name as it is."""
     mapped = tracking.log_key(metric)
@@ -348,7 +358,7 @@ def markdown_table(result):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories (train.py out_dir) or their log.jsonl files")
     p.add_argument("--metric", nargs="+", default=None,
                    help=f"log.jsonl (or wandb) metric names (default: {' '.join(DEFAULT_METRICS)})")
@@ -367,7 +377,7 @@ def main(argv=None):
         p.error(f"--confidence must be in (0, 1), got {args.confidence}")
     import train
     try:
-        result = compare(args.runs, train.DEFAULTS, args.metric, args.step, args.baseline, args.confidence,
+        result = compare(run_paths(args.runs), train.DEFAULTS, args.metric, args.step, args.baseline, args.confidence,
                          args.lower, args.higher)
     except CompareError as e:
         print(f"compare.py: error: {e}", file=sys.stderr)

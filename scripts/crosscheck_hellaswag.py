@@ -24,12 +24,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import autocast, check_device, positive_int, run_cli  # noqa: E402
+from common import HelpFormatter, autocast, check_device, positive_int, run_cli  # noqa: E402
 from rundir import load_model, load_tokenizer  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("ckpt", help="checkpoint file, or the run directory holding ckpt.pt")
     ap.add_argument("--task", default="hellaswag", help="lm-eval task with HellaSwag's ctx/endings/label fields")
     ap.add_argument("--include-path", default=None, help="a directory of local lm-eval task YAML files")

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import hc  # noqa: E402
-from common import run_cli  # noqa: E402
+from common import HelpFormatter, run_cli  # noqa: E402
 from data import tokenizer as toklib  # noqa: E402
 from data.loader import load_meta  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -39,7 +39,7 @@ def d12_params(vocab_size, scheme):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("data_dirs", nargs="+", help="prepared dataset directories (data/prepare.py)")
     ap.add_argument("--ratio", type=float, default=20.0, help="tokens per parameter (nanochat: 20)")
     ap.add_argument("--batch-tokens", type=int, default=524_288, help="tokens per step (nanochat: 524,288)")

@@ -34,14 +34,14 @@ from pathlib import Path
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import autocast, out_file_error, run_cli, setup_device  # noqa: E402
+from common import HelpFormatter, autocast, out_file_error, run_cli, setup_device  # noqa: E402
 from evals import (EVAL_BUNDLE_URL, core_line, default_bundle_dir, download_bundle, evaluate_core,  # noqa: E402
                    load_bundle, select_tasks)
 from rundir import load_model, load_tokenizer, resolve_ckpt  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--ckpt", required=True, help="checkpoint file, or the run directory holding ckpt.pt")
     ap.add_argument("--bundle-dir", default=None, help=f"unpacked eval bundle (default: {default_bundle_dir()})")
     ap.add_argument("--download", action="store_true", help=f"fetch {EVAL_BUNDLE_URL} into the bundle dir if missing")

@@ -34,13 +34,13 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import autocast, out_file_error, positive_int, run_cli, setup_device  # noqa: E402
+from common import HelpFormatter, autocast, out_file_error, positive_int, run_cli, setup_device  # noqa: E402
 from evals import download, evaluate_hellaswag, load_examples  # noqa: E402
 from rundir import load_model, load_tokenizer, resolve_ckpt  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--ckpt", required=True, help="checkpoint file, or the run directory holding ckpt.pt")
     ap.add_argument("--data-file", default=None, help="local HellaSwag jsonl (default: download once and cache)")
     ap.add_argument("--split", default="val", choices=["val", "train"])

@@ -17,7 +17,7 @@ Results: lm-eval's results JSON beside the checkpoint (lm_eval_<tasks>_step<step
 and the same metrics in the run's wandb run if it had one (--no-wandb to skip).
 Datasets come from the Hugging Face hub into its cache; on a node without network fill the cache
 elsewhere with --download-only and run with HF_DATASETS_OFFLINE=1 (docs/lm-eval.md).
-Needs `pip install lm-eval==0.4.13`; training does not.
+Needs lm-eval 0.4.13 (in requirements.txt); training never imports it.
 """
 
 import argparse
@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import autocast, check_device, non_negative_int, positive_int, run_cli  # noqa: E402
+from common import HelpFormatter, autocast, check_device, non_negative_int, positive_int, run_cli  # noqa: E402
 import rundir  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("ckpt", nargs="?", help="checkpoint file, or the run directory holding ckpt.pt")
     ap.add_argument("--tasks", required=True, help="comma-separated lm-eval task names; 'commonsense' = the suite")
     ap.add_argument("--num-fewshot", type=non_negative_int, default=None,

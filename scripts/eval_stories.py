@@ -35,11 +35,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: spinning OpenMP threads starve a shared CPU
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import stories  # noqa: E402
-from common import autocast, check_device, non_negative_int, positive_int, run_cli  # noqa: E402
+from common import HelpFormatter, autocast, check_device, non_negative_int, positive_int, run_cli  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("ckpt", nargs="?", help="checkpoint file, or the run directory holding ckpt.pt")
     ap.add_argument("--prompts", default=str(stories.DEFAULT_PROMPTS),
                     help="story beginnings: .jsonl of {\"id\", \"beginning\"}, or text with one a line")

@@ -261,7 +261,7 @@ def main(argv=None):
                     help="run the checks at small shapes on the CPU, the kernels in Triton's interpreter")
     ap.add_argument("--out", default="gpu_check.json", help="the JSON report (default: gpu_check.json)")
     ap.add_argument("--skip", nargs="+", default=[], choices=["tests", "compare", "training", "bench"],
-                    help="parts not to run (they count as not passed)")
+                    help="parts not to run (they count as not passed; default: none)")
     args = ap.parse_args(argv)
     if args.interpret:   # before Triton's first import, which builds its library for one mode or the other
         os.environ["TRITON_INTERPRET"] = "1"

@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hc  # noqa: E402
+from common import HelpFormatter  # noqa: E402
 
 
 def count(scheme, dim, n):
@@ -26,7 +27,7 @@ def count(scheme, dim, n):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--dim", type=int, default=768, help="model width C")
     ap.add_argument("--n-layer", type=int, default=12, help="transformer blocks (2 connections each)")
     ap.add_argument("--n-streams", type=int, nargs="+", default=[2, 4, 6, 8])

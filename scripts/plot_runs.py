@@ -5,20 +5,26 @@ Figures and a results table from train.py run directories (their log.jsonl).
     python scripts/plot_runs.py out/a out/b --labels "mHC n=4" "KromHC n=4" --formats png svg --step 200
     python scripts/plot_runs.py out/seeds_pydocs-* --groups --out-dir plots    # seeds: a mean and a band
 
+An argument that is not a run (no log.jsonl: the wandb/ folder under an out root) is left out with a
+note, unless --labels names every argument.
+
 Writes into --out-dir:
     curves.{png,svg}          train loss, val loss and val BPB vs tokens, all runs on each panel
                               (and HellaSwag acc_norm when the eval records carry
                               "hellaswag_acc_norm"); with --groups one curve per setting
                               (setting.py: the runs that differ only in their seeds), the mean of
                               its seeds at each step with a band: the 95% Student-t interval of
-                              that mean (unpaired: scripts/compare.py gives the paired differences)
+                              that mean (unpaired: scripts/compare.py gives the paired differences),
+                              each panel from step 0 with an inset on the last 70% of the tokens;
+                              every run or setting has its own dashes and hollow markers
     hres_<run>.{png,svg}      the token-averaged H_res of every connection (rows: attention, MLP;
                               columns: layers) and the composite through the whole stack, at the
                               last eval (or --step)
     depth.{png,svg}           Amax gain (forward: max |row sum|, backward: max |column sum|) of each
                               connection's H_res and of the composite up to that depth, and the
                               doubly-stochastic error max(|row sum - 1|, |col sum - 1|) vs depth
-    results.md                markdown table: final val loss and BPB, HellaSwag acc_norm and CORE
+    results.md                markdown table: final val loss and BPB, HellaSwag acc_norm (with its item
+                              count when fewer than the 10,042 of the validation set) and CORE
                               (from <run>/hellaswag.json and core.json when they exist), training
                               tokens/s, parameters and the residual scheme's extra parameters
 
@@ -40,6 +46,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from common import HelpFormatter  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -205,6 +212,16 @@ EVAL_PANELS = [("val_loss", "val loss", "nats / token"), ("val_bpb", "val BPB", 
                ("hellaswag_acc_norm", "HellaSwag acc_norm", "accuracy")]  # the last if logged at eval time
 
 
+LINE_STYLES = ["-", "--", "-.", ":"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+def style(i):
+    """The line of run (or group) i: its own dash pattern and hollow marker, slightly transparent, so that two
+    curves that coincide (two schemes with the same mean) both stay visible."""
+    return dict(ls=LINE_STYLES[i % len(LINE_STYLES)], marker=MARKERS[i % len(MARKERS)], mfc="none", alpha=0.85)
+
+
 def plot_curves(runs, out_dir, formats, smooth=None):
     """One panel per metric, every run on each: train loss (raw, faint, and EMA), then the eval
     metrics present in the logs."""
@@ -223,13 +240,13 @@ def plot_curves(runs, out_dir, formats, smooth=None):
             if ema_alpha(len(ys), smooth) > 0:
                 smoothed = True
                 axes[0].plot(xs, ys, color=color, alpha=0.25, lw=0.8)
-            axes[0].plot(xs, ema(ys, smooth), color=color, lw=1.6, label=run["label"])
+            axes[0].plot(xs, ema(ys, smooth), color=color, lw=1.6, ls=style(i)["ls"], alpha=0.85, label=run["label"])
             series[0].append((xs, ys))
         for j, (key, _, _) in enumerate(evals, 1):
             ev = [e for e in run["eval"] if e.get(key) is not None]
             xs, ys = [e["tokens"] for e in ev], [e[key] for e in ev]
             if xs:
-                axes[j].plot(xs, ys, "o-", color=color, ms=3, lw=1.6, label=run["label"])
+                axes[j].plot(xs, ys, color=color, ms=4, lw=1.6, label=run["label"], **style(i))
                 series[j].append((xs, ys))
     titles = [("train loss" + (" (EMA)" if smoothed else ""), "nats / token")] + [(t, y) for _, t, y in evals]
     for j, (ax, (title, ylabel), ser) in enumerate(zip(axes, titles, series)):
@@ -280,16 +297,20 @@ def mean_band(series, confidence=0.95):
     return common, mean, lo, hi
 
 
-def plot_group_curves(groups, out_dir, formats, smooth=None):
-    """curves.* with one curve per group: the mean over its seeds (train loss: of each seed's EMA) and a band."""
+def plot_group_curves(groups, out_dir, formats, smooth=None, zoom=0.3):
+    """curves.* with one curve per group: the mean over its seeds (train loss: of each seed's EMA) and a band.
+    Each panel shows the whole run, step 0 included; an inset zooms on the tokens after the first zoom fraction,
+    where the curves separate (not on accuracies)."""
     plt = _plt()
     from matplotlib.ticker import FuncFormatter
     runs = [r for g in groups for r in g["runs"]]
     evals = [p for p in EVAL_PANELS if any(e.get(p[0]) is not None for r in runs for e in r["eval"])]
     fig, axes = plt.subplots(1, 1 + len(evals), figsize=(5 * (1 + len(evals)), 4.2), squeeze=False)
     axes = axes[0]
+    ylabels = ["nats / token"] + [y for _, _, y in evals]
+    insets = {j: ax.inset_axes([0.42, 0.42, 0.55, 0.5]) for j, ax in enumerate(axes) if ylabels[j] != "accuracy"}
     series = [[] for _ in axes]
-    for g in groups:
+    for i, g in enumerate(groups):
         per_run = []
         for r in g["runs"]:
             tr = [t for t in r["train"] if t.get("loss") is not None]
@@ -301,23 +322,34 @@ def plot_group_curves(groups, out_dir, formats, smooth=None):
             if not all(xs for xs, _ in per):
                 continue
             xs, mean, lo, hi = mean_band(per)
-            ax.plot(xs, mean, "-" if j == 0 else "o-", ms=3, lw=1.6, color=g["color"], label=g["label"])
-            ax.fill_between(xs, lo, hi, color=g["color"], alpha=0.2, lw=0)
+            for target in [ax] + [insets[j]] * (j in insets):
+                target.plot(xs, mean, color=g["color"], ms=4, lw=1.6, label=g["label"],
+                            **dict(style(i), marker=None if j == 0 else style(i)["marker"]))
+                target.fill_between(xs, lo, hi, color=g["color"], alpha=0.2, lw=0)
             series[j].append((xs, lo + hi))
     smoothed = any(ema_alpha(len(r["train"]), smooth) > 0 for r in runs)
-    titles = [(f"train loss ({'EMA, ' if smoothed else ''}mean of seeds)", "nats / token")]
-    titles += [(t, y) for _, t, y in evals]
-    for j, (ax, (title, ylabel), ser) in enumerate(zip(axes, titles, series)):
+    titles = [f"train loss ({'EMA, ' if smoothed else ''}mean of seeds)"] + [t for _, t, _ in evals]
+    for j, (ax, title, ylabel, ser) in enumerate(zip(axes, titles, ylabels, series)):
         ax.set_title(title + (" (mean, 95% CI)" if j else ""))
         ax.set_xlabel("tokens")
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_formatter(FuncFormatter(fmt_tokens))
         ax.grid(alpha=0.3)
-        if ylabel != "accuracy":
-            focus_ylim(ax, [(xs, ys[:len(xs)]) for xs, ys in ser] + [(xs, ys[len(xs):]) for xs, ys in ser],
-                       skip_frac=0.1 if j == 0 else 0.3)
+        bands = [(xs, ys[:len(xs)]) for xs, ys in ser] + [(xs, ys[len(xs):]) for xs, ys in ser]  # lo and hi
+        if j in insets and ser:
+            focus_ylim(ax, bands, skip_frac=0.0)  # the whole run: step 0 in view
+            ins, end = insets[j], max(max(xs) for xs, _ in ser)
+            ins.set_xlim(zoom * end, 1.02 * end)
+            focus_ylim(ins, bands, skip_frac=zoom)
+            ins.xaxis.set_major_formatter(FuncFormatter(fmt_tokens))
+            ins.tick_params(labelsize=7)
+            ins.grid(alpha=0.3)
+            ins.set_title(f"after {zoom:.0%} of the tokens", fontsize=7)
+            ax.indicate_inset_zoom(ins, edgecolor="0.5")
+        elif j in insets:
+            insets[j].remove()
         if ser:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     return save(fig, out_dir, "curves", formats)
 
@@ -476,8 +508,8 @@ def results_rows(runs):
         cfg = run["config"]
         last = next((e for e in reversed(run["eval"]) if e.get("val_loss") is not None), None)
         tps = [r["tok_per_s"] for r in run["train"][1:] if r.get("tok_per_s")]  # the first includes warm-up
-        hs = run["hellaswag"] or {}
-        hs_acc = hs.get("acc_norm", last.get("hellaswag_acc_norm") if last else None)
+        hs = run["hellaswag"] or (last or {})
+        hs_acc, hs_n = hs.get("acc_norm", hs.get("hellaswag_acc_norm")), hs.get("n", hs.get("hellaswag_n"))
         core = run["core"] or {}
         try:
             extra = extra_params(cfg)
@@ -488,10 +520,18 @@ def results_rows(runs):
             "params": cfg.get("num_params"), "extra_params": extra,
             "tokens": last["tokens"] if last else None, "val_loss": last["val_loss"] if last else None,
             "val_bpb": last.get("val_bpb") if last else None, "hellaswag": hs_acc,
-            "hellaswag_n": hs.get("n"), "core": core.get("core"), "core_complete": core.get("complete"),
+            "hellaswag_n": hs_n, "core": core.get("core"), "core_complete": core.get("complete"),
             "tok_per_s": statistics.median(tps) if tps else None,
         })
     return rows
+
+
+HELLASWAG_ITEMS = 10042  # the validation split (evals.NUM_ITEMS["val"])
+
+
+def hellaswag_subset(row):
+    """A HellaSwag score over fewer items than the validation set (a limit, a test fixture), or an unknown number."""
+    return row["hellaswag"] is not None and row["hellaswag_n"] != HELLASWAG_ITEMS
 
 
 def markdown_table(rows):
@@ -501,8 +541,8 @@ def markdown_table(rows):
     lines = ["| run | scheme | n | tokens | val loss | val BPB | HellaSwag acc_norm | CORE | tok/s | params | extra params |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        hs = f(r["hellaswag"], ".4f") + (f" ({r['hellaswag_n']:,})" if r["hellaswag"] is not None and r["hellaswag_n"]
-                                         and r["hellaswag_n"] != 10042 else "")
+        n = f"{r['hellaswag_n']:,}" if r["hellaswag_n"] else "?"
+        hs = f(r["hellaswag"], ".4f") + (f" ({n})" if hellaswag_subset(r) else "")
         core = f(r["core"], ".4f") + ("*" if r["core"] is not None and not r["core_complete"] else "")
         params = "–" if r["params"] is None else f"{r['params'] / 1e6:.2f}M"
         extra = "–" if r["extra_params"] is None else f"{r['extra_params']:,}"
@@ -510,8 +550,9 @@ def markdown_table(rows):
         lines.append(f"| {r['run']} | {r['scheme'] or '–'} | {r['n'] or '–'} | {tokens} | {f(r['val_loss'], '.4f')} | "
                      f"{f(r['val_bpb'], '.4f')} | {hs} | {core} | {f(r['tok_per_s'], ',.0f')} | {params} | {extra} |")
     notes = []
-    if any(r["hellaswag"] is not None and r["hellaswag_n"] and r["hellaswag_n"] != 10042 for r in rows):
-        notes.append("HellaSwag (N): scored on N items, not the full 10,042-item validation set.")
+    if any(hellaswag_subset(r) for r in rows):
+        notes.append(f"HellaSwag (N): scored on N items, not the full {HELLASWAG_ITEMS:,}-item validation set, so not "
+                     f"comparable to HellaSwag; (?): a log that did not record how many.")
     if any(r["core"] is not None and not r["core_complete"] for r in rows):
         notes.append("CORE*: not all 22 tasks in full (a subset or --max-per-task), so not comparable to CORE.")
     notes.append("tok/s: median training throughput; val loss in nats/token; extra params: the residual "
@@ -522,7 +563,7 @@ def markdown_table(rows):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories (train.py out_dir) or their log.jsonl files")
     ap.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: scheme and n)")
     ap.add_argument("--out-dir", default="plots")
@@ -546,7 +587,9 @@ def main(argv=None):
 
 
 def _main(args):
-    runs = [read_run(p, label) for p, label in zip(args.runs, args.labels or [None] * len(args.runs))]
+    import setting
+    paths = args.runs if args.labels else setting.run_paths(args.runs, "plot_runs.py")  # labels: one per path
+    runs = [read_run(p, label) for p, label in zip(paths, args.labels or [None] * len(paths))]
     unique_labels(runs)
     for i, run in enumerate(runs):
         run["color"] = f"C{i % 10}"  # the same colour for a run in every figure

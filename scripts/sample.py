@@ -8,7 +8,8 @@ Sample text from a checkpoint.
 An empty prompt starts from <|endoftext|>, i.e. a fresh document. --temperature 0 is greedy
 decoding (the most likely token at every step; --top-k and --seed then play no part); a negative
 temperature is refused. Sampling is reproducible for a given --seed on a given device. A prompt
-longer than the model's block_size keeps its last block_size tokens (with a notice).
+longer than the model's block_size keeps its last block_size tokens (with a notice). A bar on stderr
+counts the tokens generated.
 """
 
 import argparse
@@ -17,9 +18,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import autocast, check_device, positive_int, run_cli  # noqa: E402
+from common import HelpFormatter, autocast, check_device, positive_int, run_cli  # noqa: E402
 from rundir import load_model, load_tokenizer  # noqa: E402
 
 
@@ -30,8 +32,8 @@ def decode(enc, ids):
 
 @torch.no_grad()
 def sample(model, enc, prompt="", num_samples=1, max_new_tokens=100, temperature=0.8, top_k=200, seed=1337,
-           device="cpu", ctx=None):
-    """-> list of num_samples generated texts (prompt excluded)."""
+           device="cpu", ctx=None, progress=True):
+    """-> list of num_samples generated texts (prompt excluded); progress: a bar on stderr."""
     if temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
     ids = enc.encode_ordinary(prompt) if prompt else [enc.eot_token]
@@ -44,22 +46,25 @@ def sample(model, enc, prompt="", num_samples=1, max_new_tokens=100, temperature
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed(seed)
-    with ctx or nullcontext():
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
-    return [decode(enc, row[len(ids):].tolist()) for row in y]
+    with ctx or nullcontext():  # a token at a time, for the progress bar: the same draws as one generate() call
+        for _ in tqdm(range(max_new_tokens), desc=f"sampling {num_samples} x {max_new_tokens} tokens", unit="tok",
+                      file=sys.stderr, disable=not progress):
+            x = model.generate(x, 1, temperature=temperature, top_k=top_k)
+    return [decode(enc, row[len(ids):].tolist()) for row in x]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--ckpt", required=True, help="checkpoint file, or the run directory holding ckpt.pt")
     ap.add_argument("--prompt", default="", help="text to continue, or FILE:path to read it from a file")
-    ap.add_argument("--num-samples", type=positive_int, default=3)
-    ap.add_argument("--max-new-tokens", type=positive_int, default=100)
+    ap.add_argument("--num-samples", type=positive_int, default=3, help="texts to generate (in one batch)")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens generated per text")
     ap.add_argument("--temperature", type=float, default=0.8, help="softmax temperature, >= 0 (0: greedy)")
     ap.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0: all)")
-    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--seed", type=int, default=1337, help="sampling seed")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     args = ap.parse_args(argv)
     if not args.temperature >= 0:  # a negative one favours the least likely tokens; nan compares False
         ap.error(f"argument --temperature: must be >= 0 (0: greedy), got {args.temperature}")

@@ -1,7 +1,8 @@
 """
 A grid of training runs: every (config, scheme, n_streams, seed), one torchrun command each,
-with distinct run names (<config>-<scheme>-n<n>-s<seed>[-d<data_seed>]) and out dirs (out/<run name>).
-Prints the commands (default), or runs them one after another with --run.
+with distinct run names (<config>-<scheme>-n<n>[-<key>=<value>...]-s<seed>[-d<data_seed>]) and out
+dirs (<out_root>/<run name>). Prints the commands (default), or runs them one after another with
+--run ("run k/N" before each); then the scripts/compare.py and plot_runs.py commands for the runs.
 
     python scripts/sweep.py --configs configs/fwe_s.py configs/fwe_m.py \\
         --schemes plain hc mhc mhc_lite kromhc mhc_v4 --n 4 --seeds 3 --nproc 8
@@ -15,16 +16,20 @@ Prints the commands (default), or runs them one after another with --run.
 the seeds themselves. The seeds vary the init (and dropout) while every run of the sweep sees the
 same batches in the same order (--data_seed, default the first seed): the scheme-vs-scheme
 differences are then paired by seed, which scripts/compare.py uses. --vary-data gives every seed
-its own data order too (data_seed = seed). The runs of one setting differ only in -s<seed>.
+its own data order too (data_seed = seed). The runs of one setting differ only in their seeds, named
+alike: -s<seed>-d<data_seed> on every run of a sweep with one data order (-s0-d0, -s1-d0, ...), and
+-s<seed> on every run with --vary-data (data_seed = seed, as train.py names a run).
 
 --preset names a published experiment (PRESETS: its schemes and n, and its configs where it has
 them; --schemes / --n / --configs override them). plain always runs with n = 1 (once per config and
 seed, whatever --n says); a scheme that cannot take an n (mhc_lite beyond n = 6: n! logits) is left
 out with a note. Arguments after `--` are passed to every run as extra overrides (readout=hc_head
-takes the n-stream schemes only, and run names do not carry overrides: give such a sweep its own
---out_root). A key the sweep sets for each run (scheme, n_streams, seed, data_seed, wandb_run_name, out_dir) is
-refused after `--`, naming the flag that sets it, and every run's config is checked with train.py's
-value rules before anything prints. With --nnodes > 1 the commands use c10d rendezvous at
+takes the n-stream schemes only); those of keys in a run's setting (setting.py: the model, data,
+optimisation, e.g. --n_layer=2, --dataset=tinystories; data_dir by its folder name) are in the run
+names, so a sweep with another model or data does not take the names of an earlier one. A key the
+sweep sets for each run (scheme, n_streams, seed, data_seed, wandb_run_name, out_dir) is refused
+after `--`, naming the flag that sets it, and every run's config is checked with train.py's value
+rules before anything prints. With --nnodes > 1 the commands use c10d rendezvous at
 $MASTER_ADDR:$MASTER_PORT; run each one on every node. The process count per node is this machine's
 GPU count unless --nproc says (0, a plain `python train.py`, without CUDA or for CPU configs), and a
 global batch that does not divide over the processes is an error before anything prints.
@@ -34,6 +39,7 @@ import argparse
 import itertools
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -41,7 +47,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import hc  # noqa: E402
-from common import non_negative_int, positive_int  # noqa: E402
+from common import HelpFormatter, non_negative_int, positive_int  # noqa: E402
 import setting  # noqa: E402
 
 # the keys the sweep sets for every run: after `--` they would make runs of the grid the same run
@@ -94,15 +100,34 @@ def parse_seeds(values):
     return [int(v) for v in values]
 
 
-def run_name(config, scheme, n, seed, data_seed=None):
+def name_parts(extra):
+    """The overrides after `--` that are part of a run's setting, as 'key=value' parts of its name (data_dir by
+    its folder: the data enter the setting by their identity)."""
+    parts = []
+    for arg in extra:
+        if not arg.startswith("--"):
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if key == "data_dir":
+            value = os.path.basename(os.path.normpath(value))
+        elif key in setting.EXCLUDED:
+            continue
+        parts.append(f"{key}={re.sub(r'[^A-Za-z0-9_.+-]+', '_', value if eq else 'True').strip('_')}")
+    return parts
+
+
+def run_name(config, scheme, n, seed, data_seed=None, extra=()):
+    """data_seed None: the seed's own data order (-s<seed>); else one data order for the sweep (-s<seed>-d<data_seed>
+    on every run, also where the two are equal)."""
     config_name = os.path.splitext(os.path.basename(config))[0]
-    return setting.run_name(config_name, scheme, n, seed, seed if data_seed is None else data_seed)
+    return setting.run_name(config_name, scheme, n, seed, seed if data_seed is None else data_seed, name_parts(extra),
+                            always_data_seed=data_seed is not None)
 
 
 def command(config, scheme, n, seed, nproc=8, nnodes=1, out_root="out", extra=(), data_seed=None):
     """data_seed None: the seed's own data order (train.py's default)."""
+    name = run_name(config, scheme, n, seed, data_seed, extra)
     data_seed = seed if data_seed is None else data_seed
-    name = run_name(config, scheme, n, seed, data_seed)
     if nproc == 0:
         launcher = ["python", "train.py"]
     elif nnodes == 1:
@@ -161,7 +186,7 @@ def main(argv=None):
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--configs", nargs="+", help="config files (default: the preset's)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="schemes and n of a published experiment")
     p.add_argument("--schemes", nargs="+", choices=hc.SCHEMES, help="default: all, or the preset's")
@@ -228,7 +253,7 @@ def main(argv=None):
         try:  # train.py's value rules on the run's own config (e.g. a seed out of range)
             validate({**cfgs[run[0]], "scheme": scheme, "n_streams": n, "seed": run[3]})
         except ConfigError as e:
-            p.error(f"{run_name(*run)}: {e}")
+            p.error(f"{run_name(*run, data_seed, extra)}: {e}")
         runs.append(run)
     for note in left_out.values():
         print(note, file=sys.stderr)
@@ -236,15 +261,27 @@ def main(argv=None):
         p.error("no runs left to make: every (scheme, n) was left out")
     cmds = [command(*run, nproc=args.nproc, nnodes=args.nnodes, out_root=args.out_root, extra=extra, data_seed=data_seed)
             for run in runs]
-    for cmd in cmds:
+    for k, cmd in enumerate(cmds, 1):
         line = " ".join(a if "$" in a else shlex.quote(a) for a in cmd)
-        print(line, flush=True)
+        print(f"sweep: run {k}/{len(cmds)}: {line}" if args.run else line, flush=True)
         if args.run:
             rc = subprocess.call(cmd, cwd=REPO)
             if rc != 0:
                 print(f"sweep: command failed with exit code {rc}: {line}", file=sys.stderr)
                 return rc
+    # printed commands stay alone on stdout (a job file); what to run next goes beside them
+    print(f"sweep: {len(cmds)} run(s) {'done' if args.run else 'printed'}; then compare and plot them:",
+          *next_commands(args.out_root, schemes, args.seeds), sep="\n  ", file=sys.stdout if args.run else sys.stderr)
     return 0
+
+
+def next_commands(out_root, schemes, seeds):
+    """The scripts/compare.py and plot_runs.py commands for the runs under out_root."""
+    runs = shlex.quote(os.path.normpath(out_root)) + "/*"
+    plots = shlex.quote(os.path.join("plots", os.path.basename(os.path.normpath(out_root))))
+    base = " --baseline scheme=plain" if "plain" in schemes else ""
+    return [f"python scripts/compare.py {runs}{base}",
+            f"python scripts/plot_runs.py {runs}{' --groups' if len(seeds) > 1 else ''} --out-dir {plots}"]
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ run's id, name, group, job type and tags, then the groups with their members.
     python scripts/wandb_offline.py wandb/offline-run-20260101_120000-abc123 --summary
     python scripts/wandb_offline.py out/wandb --json
 
+--summary adds each run's results: its last step and tokens, val loss and BPB (min and last), the
+last train loss, and the HellaSwag, CORE and lm-eval results it has; --full-summary every key of
+the summary instead (the diagnostics too: 261 keys for the quickstart model with kromhc).
+
 A run resumed offline writes one offline-run-* directory per start, all with the same run id: it is
 listed once, from its latest start. The records are read by tracking.read_offline_run.
 """
@@ -19,6 +23,11 @@ from pathlib import Path
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import tracking  # noqa: E402
+from common import HelpFormatter  # noqa: E402
+
+# the summary keys --summary shows, in this order (then every lm_eval/ key)
+SUMMARY = ["tokens", "val/loss", "val/bpb", "train/loss", "train/loss_ema", "val/hellaswag_acc_norm",
+           "final/hellaswag_acc_norm", "final/hellaswag_n", "final/core"]
 
 
 def run_files(paths):
@@ -36,10 +45,28 @@ def run_files(paths):
     return sorted(set(files), key=lambda f: f.parent.name)  # offline-run-<date>_<time>-<id>: in time order
 
 
+def brief(run):
+    """The lines of --summary: [(key, value)] of the results a reader looks for, those the run has."""
+    s = run["summary"]
+    keys = [k for k in SUMMARY if k in s] + sorted(k for k in s if k.startswith("lm_eval/"))
+    return [("step", run["step"])] * (run["step"] is not None) + [(k, s[k]) for k in keys]
+
+
+def fmt(v):
+    """A summary value for reading: floats to 4 decimals, counts with separators, {min, last} in that order."""
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {fmt(v[k])}" for k in sorted(v, key=lambda k: (k != "min", k)))
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("paths", nargs="+", help="wandb directories, offline-run-* directories or run-*.wandb files")
-    p.add_argument("--summary", action="store_true", help="also print each run's summary")
+    p.add_argument("--summary", action="store_true", help="also print each run's results (step, tokens, val loss "
+                                                          "and BPB, train loss, HellaSwag, CORE, lm-eval)")
+    p.add_argument("--full-summary", action="store_true", help="also print every key of each run's summary")
     p.add_argument("--json", action="store_true", help="print the runs as one JSON object")
     args = p.parse_args(argv)
     try:
@@ -62,9 +89,12 @@ def main(argv=None):
     for r in runs:
         print(f"{r['id']}  {r['name']}  group={r['group']}  job_type={r['job_type']}  tags={','.join(r['tags'])}"
               + (f"  ({r['starts']} starts)" if r["starts"] > 1 else ""))
-        if args.summary:
+        if args.full_summary:
             for k, v in sorted(r["summary"].items()):
                 print(f"    {k} = {v}")
+        elif args.summary:
+            for k, v in brief(r):
+                print(f"    {k} = {fmt(v)}")
     groups = {}
     for r in runs:
         groups.setdefault(r["group"], []).append(r["name"])

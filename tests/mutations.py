@@ -207,6 +207,13 @@ MUTATIONS = [
     ("a resumed wandb run leaves its group", [("tracking.py", 'group = header["wandb_group"] or run_group or',
                                                'group = header["wandb_group"] or')],
      ["tests/test_wandb.py", "-k", "resumed"]),
+    ("sweep run names without the model and data overrides", [("scripts/sweep.py", "data_seed, name_parts(extra),",
+                                                                "data_seed, (),")],
+     ["tests/test_train.py", "-k", "sweep"]),
+    ("HellaSwag of an unrecorded item count unmarked", [
+        ("scripts/plot_runs.py", 'return row["hellaswag"] is not None and row["hellaswag_n"] != HELLASWAG_ITEMS',
+         'return row["hellaswag"] is not None and bool(row["hellaswag_n"]) and row["hellaswag_n"] != HELLASWAG_ITEMS')],
+     ["tests/test_tools_runs.py", "-k", "hellaswag"]),
 ]
 
 

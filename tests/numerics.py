@@ -21,6 +21,11 @@ beside it; none is a measurement of one machine.
     adam_update_bound    the largest |m_hat / (sqrt(v_hat) + eps)| Adam can take in its first t steps, whatever the
                          gradients: an element whose gradient is only rounding moves by at most lr times this,
                          in either direction (the optimizer's amplification of a rounding difference).
+    res_widths           the reductions from a connection's H_res logits to H_res, per scheme (hc.py)
+    sinkhorn_path        chain() of log-space Sinkhorn on given logits, with its log-domain rounding
+    connection_path      chain() of one connection (or a stack of them) around a LayerNorm + Linear stand-in branch
+    gate_term_scales     the scale of a scalar gate's gradient: the sum of its terms' magnitudes (it cancels)
+    newton_schulz_rounding  Muon's orthogonalisation's own rounding, with the amplification of its later steps
 
 A tolerance relative to "the scale" of a tensor uses its largest entry: the terms that produce an
 entry near zero are as large as those of the largest entry (a gradient summed over tokens cancels),
@@ -59,19 +64,64 @@ def chain(*widths, dtype=torch.float32):
     return sum(gamma_p(w, dtype) for w in widths)
 
 
-def gpt2_path(n_layer, C, n_head, T, vocab, tokens, n=1, sinkhorn_iters=0, backward=True, dtype=torch.float32):
+def gpt2_path(n_layer, C, n_head, T, vocab, tokens, n=1, sinkhorn_iters=0, backward=True, dtype=torch.float32,
+              res=None):
     """The relative rounding bound of a GPT (model.py, either arch) through the reductions on its longest path.
     Per block, the attention sublayer: its connection (n > 1: the coefficients' norm and projection over n C,
-    Sinkhorn's two logsumexps over n per iteration, the pre-mix and the mix over n), the norm's mean and
-    variance over C, the q, k, v projections over C, (nanochat: QK-norm over the head,) q.k over the head, the
-    softmax and the value sum over T, c_proj over C; the MLP sublayer: its connection, the norm, c_fc over C,
-    c_proj over 4 C. Then the final norm, lm_head over C, the softmax over the vocabulary and the mean over the
-    tokens. backward: the same reductions transposed, then every weight's gradient summed over the tokens (a
-    scalar gate's also over the n^2 logits it scales)."""
-    conn = (n * C, n * C, *(n,) * (2 * sinkhorn_iters), n, n) if n > 1 else ()
+    Sinkhorn's two logsumexps over n per iteration, or res: H_res's own reductions (res_widths) of another
+    scheme, the pre-mix and the mix over n), the norm's mean and variance over C, the q, k, v projections over
+    C, (nanochat: QK-norm over the head,) q.k over the head, the softmax and the value sum over T, c_proj over
+    C; the MLP sublayer: its connection, the norm, c_fc over C, c_proj over 4 C. Then the final norm, lm_head
+    over C, the softmax over the vocabulary and the mean over the tokens. backward: the same reductions
+    transposed, then every weight's gradient summed over the tokens (a scalar gate's also over the n^2 logits
+    it scales)."""
+    res = (n,) * (2 * sinkhorn_iters) if res is None else tuple(res)
+    conn = (n * C, n * C, *res, n, n) if n > 1 else ()
     block = (*conn, C, C, C, C // n_head, C // n_head, T, T, C, *conn, C, C, C, 4 * C)
     fwd = (*block * n_layer, C, C, C, vocab, tokens)
     return chain(*fwd, *fwd, tokens * n * n, dtype=dtype) if backward else chain(*fwd, dtype=dtype)
+
+
+def res_widths(scheme, n, sinkhorn_iters=0, factors=None):
+    """The reductions from a connection's H_res logits to H_res (hc.py): Sinkhorn's two normalisations over n
+    per iteration (mhc, mhc_v4), the softmax and the mix over the n! permutations (mhc_lite), over each
+    factor's f! (kromhc: the Kronecker product multiplies the factors, so their errors add); none for hc."""
+    if scheme in ("mhc", "mhc_v4"):
+        return (n,) * (2 * sinkhorn_iters)
+    if scheme == "mhc_lite":
+        return (math.factorial(n),) * 2
+    if scheme == "kromhc":
+        if factors is None:   # hc.py's default: the prime factors of n
+            factors, m = [], n
+            for p in range(2, n + 1):
+                while m % p == 0:
+                    factors.append(p)
+                    m //= p
+        return tuple(w for f in factors for w in (math.factorial(f),) * 2)
+    return ()
+
+
+def sinkhorn_path(n, iters, logits, backward=False, dtype=torch.float32):
+    """chain() of log-space Sinkhorn (hc.sinkhorn, 2 iters logsumexps over n) on logits of magnitude at most
+    `logits`, and its log-domain rounding: each half step's logsumexp and subtraction round values of L of size
+    up to 2 logits + ln n by a few u (4: the shift, the log, its addition, the subtraction), an absolute error
+    of L and so a relative one of exp(L). backward: the recomputed iterates and the transposed steps again."""
+    steps = 2 * iters * (2 if backward else 1)
+    return chain(*(n,) * steps, dtype=dtype) + steps * 4 * u(dtype) * (2 * logits + math.log(n))
+
+
+def connection_path(scheme, n, C, tokens, sinkhorn_iters=0, depth=1, backward=True, factors=None):
+    """chain() of `depth` connections (hc.py) in a row, each around a stand-in branch LayerNorm(C) + Linear(C, C):
+    forward, the coefficients' norm and projection over n C, H_res's own reductions (res_widths), the pre-mix
+    over n, the LayerNorm's mean and variance over C, the Linear over C, the mix over n; backward, the same
+    reductions transposed, the projection's over its r + 2n logits; then every weight's gradient summed over
+    the tokens (a scalar gate's also over the up to n^2 logits it scales)."""
+    res = res_widths(scheme, n, sinkhorn_iters, factors)
+    fwd = (n * C, n * C, *res, n, C, C, C, n) * depth
+    if not backward:
+        return chain(*fwd)
+    logits = 2 * n + (n * n if scheme in ("mhc", "mhc_v4") else sum(res[::2]))   # hc: n + 2 per stream
+    return chain(*fwd, *fwd, *(logits,) * depth, tokens * n * n)
 
 
 def adam_update_bound(beta1, beta2, steps):
@@ -99,11 +149,50 @@ def muon_update_bound(ns_coefficients=(3.4445, -4.7750, 2.0315), ns_steps=5):
     return x.abs().max().item()
 
 
+def newton_schulz_rounding(*widths, ns_coefficients=(3.4445, -4.7750, 2.0315), ns_steps=5, dtype=torch.float32):
+    """The relative (Frobenius) rounding bound of Muon's Newton-Schulz orthogonalisation run in dtype: its input
+    (divided by its norm) and each step (the Gram matrix and two products: widths) add e = chain(*widths), and
+    each later step multiplies an earlier error by at most L, the largest |p'| over the range of the iterates'
+    singular values (the Frechet derivative of an odd polynomial of the singular values is bounded by its
+    slope there: 3.96 on [0, 1.2] for torch.optim.Muon's coefficients): e (1 + L + ... + L^ns_steps)."""
+    a, b, c = ns_coefficients
+    x, top = torch.linspace(0, 1, 100_001, dtype=torch.float64), 1.0
+    for _ in range(ns_steps):
+        x = a * x + b * x ** 3 + c * x ** 5
+        top = max(top, x.abs().max().item())
+    y = torch.linspace(0, top, 100_001, dtype=torch.float64)
+    slope = (a + 3 * b * y ** 2 + 5 * c * y ** 4).abs().max().item()
+    return chain(*widths, dtype=dtype) * sum(slope ** k for k in range(ns_steps + 1))
+
+
 def adamw_divergence(lrs, beta1, beta2):
     """The most two AdamW runs can put between one weight when its gradients differ only by rounding:
     each step moves it by at most lr_k adam_update_bound in either direction (weight decay multiplies an
     earlier difference by 1 - lr wd <= 1), so sum_k 2 lr_k adam_update_bound(...)."""
     return 2 * adam_update_bound(beta1, beta2, len(lrs)) * sum(lrs)
+
+
+def gate_term_scales(output, gates):
+    """The scale of a scalar gate's gradient: a gate g enters as g * x (x a tensor), so its gradient is the
+    sum over x's entries of dL/d(g x) x, which cancels (its largest entry is itself), and the sum's rounding is
+    relative to sum |dL/d(g x) x| instead. Call on the output before backward: hooks on the products' backward
+    nodes (MulBackward0) fill {name: that sum, over every product the gate enters} during it."""
+    ids = {id(p): name for name, p in gates.items()}
+    scales = {name: 0.0 for name in gates}
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for i, (child, _) in enumerate(node.next_functions):
+            name = ids.get(id(getattr(child, "variable", None)))
+            if name is not None and node.name() == "MulBackward0":
+                x = node._saved_other if i == 0 else node._saved_self
+                node.register_prehook(lambda grads, x=x, name=name: scales.__setitem__(
+                    name, scales[name] + (grads[0].double() * x.double()).abs().sum().item()))
+            stack.append(child)
+    return scales
 
 
 def assert_close(actual, expected, rel, what="", scale=None):

@@ -60,6 +60,10 @@ def test_table_and_mfu(capsys):
     text = bench.table(report)
     assert "| plain | 1 | - | 34.1 | 1.00 | 480.5k | 42.0% | 8.40 | 1.00 |" in text
     assert "| kromhc | 4 | | out of memory |" in text
+    assert "do not predict" not in text  # a GPU's table stands alone; a CPU's says what its times are not
+    cpu = dict(report, config=dict(report["config"], device="cpu (2 cores)"))
+    assert bench.table(cpu).splitlines()[-1] == bench.CPU_NOTE
+    assert "do not predict the ratios on a GPU" in bench.CPU_NOTE
     for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
                        ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA L4", None)]:
         assert bench.bf16_peak(name) == peak, name

@@ -124,6 +124,7 @@ def test_grouping_rules(tmp_path):
     assert setting.changed_keys(items, {**items, "scheme": "hc", "data_id": "z"}) == ["data_id", "scheme"]
     assert not set(setting.EXCLUDED) - set(train.DEFAULTS)  # every excluded key is a config key
     assert [setting.run_name("q", "hc", 4, 1, d) for d in (1, 0)] == ["q-hc-n4-s1", "q-hc-n4-s1-d0"]
+    assert setting.run_name("q", "hc", 4, 0, 0, ["n_layer=2"], always_data_seed=True) == "q-hc-n4-n_layer=2-s0-d0"
 
 
 def test_refusals(tmp_path):
@@ -177,6 +178,25 @@ def test_cli_tables_and_json(sweep, capsys):
     assert "has no val_loss at step 3" in capsys.readouterr().err
 
 
+def test_paths_that_are_not_runs_are_left_out_with_a_note(sweep, tmp_path, capsys):
+    """`compare.py out/x/*` also matches the wandb/ folder of the wandb recipe: a note, not a failure."""
+    from scripts import plot_runs
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "notes.txt").write_text("")
+    paths = [*sweep, str(tmp_path / "wandb"), str(tmp_path / "notes.txt")]
+    assert compare.main(paths) == 0
+    err = capsys.readouterr().err
+    assert f"compare.py: note: skipping {tmp_path / 'wandb'}: not a run directory (no log.jsonl)" in err
+    assert err.count("note: skipping") == 2
+    plot_runs.main([*paths, "--out-dir", str(tmp_path / "plots"), "--formats", "png"])
+    assert capsys.readouterr().err.count("plot_runs.py: note: skipping") == 2
+    assert compare.main(paths[-2:]) == 1  # nothing left: one line
+    assert "compare.py: error: none of the 2 path(s) is a run directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plot_runs.main(paths[-2:] + ["--out-dir", str(tmp_path / "plots")])
+    assert "plot_runs.py: error: none of the 2 path(s) is a run directory" in capsys.readouterr().err
+
+
 def test_plot_runs_groups_draws_each_setting_as_a_mean_with_a_band(sweep, tmp_path):
     from scripts import plot_runs
     groups = plot_runs.group_runs([plot_runs.read_run(p) for p in sweep])
@@ -190,3 +210,19 @@ def test_plot_runs_groups_draws_each_setting_as_a_mean_with_a_band(sweep, tmp_pa
     assert plot_runs.mean_band([([0, 5], [1.0, 2.0])]) == ([0, 5], [1.0, 2.0], [1.0, 2.0], [1.0, 2.0])
     written = plot_runs.main([*sweep, "--groups", "--out-dir", str(tmp_path / "plots"), "--formats", "png"])
     assert tmp_path / "plots" / "curves.png" in written and (tmp_path / "plots" / "curves.png").stat().st_size > 0
+
+
+def test_plot_runs_groups_show_step_0_and_zoom_on_the_end(sweep, monkeypatch):
+    """The val panels hold every point, step 0's val loss of 10 included (the x-axis starts at 0); an inset
+    zooms on the end, where the groups' bands (means 2.9 to 3.1) are told apart; no two groups share a line."""
+    from scripts import plot_runs
+    figs = []
+    monkeypatch.setattr(plot_runs, "save", lambda fig, *a: figs.append(fig) or [])
+    plot_runs.plot_group_curves(plot_runs.group_runs([plot_runs.read_run(p) for p in sweep]), "unused", ["png"])
+    val = next(ax for ax in figs[0].axes if ax.get_title().startswith("val loss"))
+    lo, hi = val.get_ylim()
+    assert hi > 10.0 and lo < 2.9  # step 0 and the end both in view
+    inset, = val.child_axes
+    assert inset.get_xlim()[0] > 0 and 2.7 < inset.get_ylim()[0] < inset.get_ylim()[1] < 3.5
+    lines = [line for line in val.lines if line.get_label() and not line.get_label().startswith("_")]
+    assert len({(line.get_linestyle(), line.get_marker()) for line in lines}) == len(lines) == 3

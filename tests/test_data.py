@@ -444,6 +444,9 @@ def test_val_loader_errors_when_val_split_is_too_small(fineweb_dir):
     with pytest.raises(ValueError, match=r"val_000000\.bin.*prepare\.py") as e:
         ValLoader(fineweb_dir, 4, 16, n + 16)
     assert "requested" in str(e.value)
+    fits = (n - 1) // 16  # windows of 16 + 1 tokens: the message names the largest value that fits
+    assert f"at most {fits} windows = {fits * 16} tokens fit" in str(e.value)
+    ValLoader(fineweb_dir, 4, 16, fits * 16)  # ... and it does
     with pytest.raises(ValueError, match=r"fewer than one window.*prepare\.py"):
         ValLoader(fineweb_dir, 4, n, n)
 

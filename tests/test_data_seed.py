@@ -84,4 +84,5 @@ def test_data_seed_fixes_the_batches_across_seeds_processes_and_resume(data_dir,
     assert all(torch.equal(x, y) for x, y in zip(half + rest, b)) and len(half + rest) == 4
     losses = [[(r["step"], r["loss"]) for r in log if r["type"] == "train"] for log in (log_b, log_d)]
     assert [s for s, _ in losses[0]] == [s for s, _ in losses[1]] == [1, 2, 3, 4]
-    assert [v for _, v in losses[1]] == pytest.approx([v for _, v in losses[0]], abs=1e-6)
+    # exact: the resumed run repeats the same ops on the same weights, batches and optimizer state
+    assert [v for _, v in losses[1]] == [v for _, v in losses[0]]

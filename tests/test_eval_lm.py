@@ -20,7 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import lm_eval  # noqa: E402  (the tests need it; .ci/run installs it from requirements-test.txt)
+import lm_eval  # noqa: E402  (the tests need it; it is in requirements.txt)
 import harness  # noqa: E402
 import rundir  # noqa: E402
 from conftest import tiny_args  # noqa: E402
@@ -321,6 +321,25 @@ def test_the_documented_example_tasks_parse():
         cfg = harness.load_yaml(y, resolve_func=False, recursive=True)
         for path in cfg["dataset_kwargs"]["data_files"].values():
             assert [json.loads(line) for line in (REPO / path).read_text().splitlines()], path
+
+
+def test_the_documented_example_tasks_raise_no_lm_eval_warning(monkeypatch, caplog):
+    """A task built from each docs/lm-eval-tasks YAML logs no warning (a metric without its aggregation or
+    higher_is_better does); the task is built up to its dataset, which the warnings come before."""
+    from lm_eval.api.task import ConfigurableTask
+
+    class Built(Exception):
+        pass
+
+    def download(self, *args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(ConfigurableTask, "download", download)
+    for y in sorted((REPO / "docs" / "lm-eval-tasks").glob("*.yaml")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lm_eval"), pytest.raises(Built):
+            ConfigurableTask(config=harness.load_yaml(y, resolve_func=True, recursive=True))
+        assert not [r.getMessage() for r in caplog.records if r.levelname == "WARNING"], y.name
 
 
 def test_wandb_online_without_key_stops_before_the_evaluation(tmp_path, tasks_dir, monkeypatch, capsys):

@@ -472,7 +472,8 @@ def test_plot_runs_bad_inputs(tmp_path, capsys):
     out = ["--out-dir", str(tmp_path / "plots"), "--formats", "png"]
     fails(plot_runs.main, [str(tmp_path / "nowhere"), *out], capsys, "nowhere: no such directory", "out_dir")
     (tmp_path / "empty").mkdir()
-    fails(plot_runs.main, [str(tmp_path / "empty"), *out], capsys, "empty/log.jsonl: no log.jsonl", "out_dir")
+    fails(plot_runs.main, [str(tmp_path / "empty"), *out], capsys, "empty: not a run directory (no log.jsonl)",
+          "none of the 1 path(s) is a run directory", "out_dir")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "log.jsonl").write_bytes(b"\x00\xff garbage\n[1, 2]\n")
     fails(plot_runs.main, [str(tmp_path / "junk"), *out], capsys, "junk/log.jsonl: no train or eval records")
@@ -587,3 +588,47 @@ def test_prepare_hub_failure_and_interrupt(tmp_path, monkeypatch, capsys):
     docs = write_jsonl(tmp_path / "docs.jsonl", DOCS)
     assert prep_main([docs], tmp_path / "p", tmp_path, "--no-progress") == 130
     assert "interrupted; rerun the same command" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- --help
+
+def parsers(module, monkeypatch):
+    """The argparse parsers a command line builds (its subcommands' too), caught at parse_args."""
+    import argparse
+
+    class Built(Exception):
+        pass
+
+    def caught(self, *args, **kwargs):
+        raise Built(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", caught)
+    with pytest.raises(Built) as e:
+        module.main([])
+    found = [e.value.args[0]]
+    for action in found[0]._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found += list(action.choices.values())
+    return found
+
+
+def test_every_help_shows_the_defaults(monkeypatch):
+    """`--help` of every script shows each option's default (sample.py's --max-new-tokens was read from code)."""
+    import argparse
+    import importlib
+    names = sorted(p.stem for p in (REPO / "scripts").glob("*.py") if "def main(" in p.read_text())
+    modules = [importlib.import_module(f"scripts.{n}") for n in names]
+    modules += [importlib.import_module("data.prepare"), importlib.import_module("data.tokenizer")]
+    missing = []
+    for module in modules:
+        for parser in parsers(module, monkeypatch):
+            for action in parser._actions:
+                d = action.default
+                if not action.option_strings or d is None or d is False or d in ("", [], argparse.SUPPRESS):
+                    continue
+                text = parser._get_formatter()._format_action(action)
+                if "default" not in text:
+                    missing.append(f"{module.__name__}: {action.option_strings[0]}")
+    assert missing == []
+    help_text = parsers(sample, monkeypatch)[0].format_help()
+    assert "tokens generated per text (default: 100)" in " ".join(help_text.split())

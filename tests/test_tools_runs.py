@@ -145,8 +145,16 @@ def test_sample(runs, capsys):
     texts = sample.main(["--ckpt", str(runs["kromhc"]), "--prompt", "The list", "--num-samples", "2",
                          "--max-new-tokens", "8", "--seed", "7", "--device", "cpu"])
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
-    printed = capsys.readouterr().out
-    assert printed.count("The list") == 2 and "kromhc n=4, step 6" in printed
+    printed = capsys.readouterr()
+    assert printed.out.count("The list") == 2 and "kromhc n=4, step 6" in printed.out
+    assert "sampling 2 x 8 tokens" in printed.err and "8/8" in printed.err  # the progress bar, on stderr
+    # a token at a time (for the bar) draws what one generate() call draws
+    model, meta = rundir.load_model(runs["kromhc"], "cpu")
+    enc = rundir.load_tokenizer(meta)
+    ids = torch.tensor([enc.encode_ordinary("The list")] * 2)
+    torch.manual_seed(7)
+    whole = model.generate(ids, 8, temperature=0.8, top_k=200)
+    assert [sample.decode(enc, row[ids.size(1):].tolist()) for row in whole] == texts
     again = sample.main(["--ckpt", str(runs["kromhc"] / "ckpt.pt"), "--prompt", "The list", "--num-samples", "2",
                          "--max-new-tokens", "8", "--seed", "7", "--device", "cpu"])
     assert again == texts  # same seed, same samples
@@ -165,6 +173,29 @@ def test_decode_drops_padded_vocabulary_ids():
     assert sample.decode(enc, [31373, 50300, 995]) == "hello world"
 
 
+def test_results_mark_a_hellaswag_score_over_a_subset(runs):
+    """A score from a test fixture (7 items) or a limit is marked with its item count, one whose count a log did
+    not record with (?); the 10,042 items of the validation set stand alone."""
+    run = plot_runs.read_run(runs["plain"])
+    last = run["eval"][-1]
+    rows = {}
+    for n in (7, None, 10042):
+        last.update(hellaswag_acc_norm=0.25, hellaswag_n=n)
+        rows[n] = plot_runs.markdown_table(plot_runs.results_rows([run]))
+    assert "| 0.2500 (7) |" in rows[7] and "| 0.2500 (?) |" in rows[None] and "| 0.2500 |" in rows[10042]
+    assert "HellaSwag (N): scored on N items" in rows[7] and "HellaSwag (N)" not in rows[10042]
+
+
+def test_training_evals_record_how_many_hellaswag_items(data_dir, tmp_path):
+    from conftest import read_log as log_of, tiny_args
+    train.main(tiny_args(data_dir, tmp_path / "hs", "--max_iters=2", "--eval_interval=2", "--hellaswag=True",
+                         f"--hellaswag_file={FIXTURES / 'hellaswag' / 'hellaswag_val_sample.jsonl'}"))
+    evals = [r for r in log_of(tmp_path / "hs") if r["type"] == "eval"]
+    assert [e["hellaswag_n"] for e in evals] == [7, 7]
+    rows = table_rows(plot_runs.markdown_table(plot_runs.results_rows([plot_runs.read_run(tmp_path / "hs")])))
+    assert rows["plain"]["HellaSwag acc_norm"] == f"{evals[-1]['hellaswag_acc_norm']:.4f} (7)"
+
+
 def test_curves_panels(runs, monkeypatch):
     """Train loss, val loss, val BPB; a HellaSwag panel when eval records carry it."""
     figs = []
@@ -179,3 +210,9 @@ def test_curves_panels(runs, monkeypatch):
     assert [ax.get_title() for ax in axes] == ["train loss", "val loss", "val BPB", "HellaSwag acc_norm"]
     assert list(axes[3].lines[0].get_ydata()) == [0.25, 0.28, 0.31]
     assert list(axes[1].lines[0].get_xdata()) == [e["tokens"] for e in run["eval"]]
+    # two runs on the same numbers: both lines stay visible (their own dashes and hollow markers, see-through)
+    plot_runs.plot_curves([run, dict(run, label="again", color="C1")], "unused", ["png"], smooth=0)
+    a, b = figs[-1].axes[1].lines
+    assert list(a.get_ydata()) == list(b.get_ydata())
+    assert a.get_linestyle() != b.get_linestyle() and a.get_marker() != b.get_marker()
+    assert a.get_markerfacecolor() == "none" and a.get_alpha() < 1

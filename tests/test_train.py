@@ -71,12 +71,15 @@ class UniformModel(nn.Module):
         return logits, loss.view(targets.shape)
 
 
+@pytest.mark.numerics
 def test_bpb_hand_built():
     V = 8
     token_bytes = torch.tensor([0, 1, 2, 3, 1, 1, 4, 2])  # token 0 is a special token: 0 bytes
     x = torch.zeros(2, 3, dtype=torch.long)
     y = torch.tensor([[0, 1, 2], [3, 6, 7]])
     loss, bpb = evals.val_loss_bpb(UniformModel(V), [(x, y)], token_bytes, torch.autocast("cpu", enabled=False), "cpu")
+    # every token's loss is fp32's log 8 (within 1 ulp: 2 u = 1.2e-7 relative), summed in float64 (loss and BPB, here
+    # and below): approx's default 1e-6 leaves 8x, and a wrong count or byte total is off by a tenth or more
     assert loss == pytest.approx(math.log(8))  # all 6 targets, the special one included
     # 5 text targets x ln 8 nats over ln 2 x (1 + 2 + 3 + 4 + 2) = 12 bytes: 15 / 12 bits per byte
     assert bpb == pytest.approx(5 * 3 / 12)
@@ -108,6 +111,7 @@ def test_wandb_offline_writes_a_run(data_dir, tmp_path, monkeypatch):
 def test_lr_schedule():
     cfg = dict(train.DEFAULTS, learning_rate=1.0, warmup_iters=10, max_iters=110, lr_decay_iters=0, min_lr_ratio=0.1)
     lrs = [train.get_lr(s, cfg) for s in range(120)]
+    # float64, a few operations (1e-16 relative): approx's default 1e-6 is far above them and below any schedule bug
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.55)  # half way through the cosine
     assert lrs[110] == lrs[119] == pytest.approx(0.1)
@@ -217,12 +221,44 @@ def test_sweep_prints_distinct_runs(capsys):
     assert len(set(names)) == len(set(outs)) == len(lines)
     assert all(line.startswith("torchrun --standalone --nproc_per_node=8 train.py ") for line in lines)
     assert all(line.endswith("--max_iters=100") for line in lines)
-    # the seeds share the first seed's data order: the runs of one setting differ in -s<seed> only
-    assert ("configs/fwe_s.py --scheme=plain --n_streams=1 --seed=1 --data_seed=0 --wandb_run_name=fwe_s-plain-n1-s1-d0"
-            in "\n".join(lines))
+    # the seeds share the first seed's data order, and every run's name says so alike (-d0 also on seed 0);
+    # the override of a setting key is in the names (max_iters: another sweep with another one gets others)
+    assert ("configs/fwe_s.py --scheme=plain --n_streams=1 --seed=1 --data_seed=0 "
+            "--wandb_run_name=fwe_s-plain-n1-max_iters=100-s1-d0" in "\n".join(lines))
+    assert sorted({n.rpartition("-s")[2] for n in names}) == ["0-d0", "1-d0"]
     for line in lines:  # every printed command is a valid config
         args = line.split("train.py ", 1)[1].split()
         configurator.load(train.DEFAULTS, [os.path.join(REPO, args[0])] + args[1:], train.ALLOWED_TYPES)
+
+
+def test_sweep_names_progress_and_next_commands(capsys, monkeypatch):
+    """Overrides of the model or data are in the run names (a second sweep on other data gets other names),
+    bookkeeping ones are not; --vary-data names every run -s<seed>; --run says run k/N and ends with the
+    compare and plot commands of its out root (printed commands keep stdout to themselves)."""
+    from scripts import sweep
+
+    def names(*extra):
+        capsys.readouterr()
+        assert sweep.main(["--configs", "configs/quickstart.py", "--schemes", "plain", "--seeds", "2",
+                           "--out_root", "out/x", *extra]) == 0
+        return [line.split("--wandb_run_name=")[1].split()[0] for line in capsys.readouterr().out.splitlines()]
+
+    assert names() == ["quickstart-plain-n1-s0-d0", "quickstart-plain-n1-s1-d0"]
+    assert names("--vary-data") == ["quickstart-plain-n1-s0", "quickstart-plain-n1-s1"]
+    first = names("--", "--dataset=pydocs", "--n_layer=2", "--eval_interval=5", "--wandb_log=False")
+    assert first == [f"quickstart-plain-n1-dataset=pydocs-n_layer=2-s{s}-d0" for s in (0, 1)]
+    other = names("--", "--dataset=tinystories", "--n_layer=2", "--data_dir=/scratch/ts/", "--bias")
+    assert other[0] == "quickstart-plain-n1-dataset=tinystories-n_layer=2-data_dir=ts-bias=True-s0-d0"
+    ran = []
+    monkeypatch.setattr(sweep.subprocess, "call", lambda cmd, cwd: ran.append(cmd) or 0)
+    assert sweep.main(["--configs", "configs/quickstart.py", "--schemes", "plain", "kromhc", "--seeds", "2",
+                       "--out_root", "out/x", "--run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(ran) == 4
+    assert [line.split(": python")[0] for line in out[:4]] == [f"sweep: run {k}/4" for k in range(1, 5)]
+    assert out[4:] == ["sweep: 4 run(s) done; then compare and plot them:",
+                       "  python scripts/compare.py out/x/* --baseline scheme=plain",
+                       "  python scripts/plot_runs.py out/x/* --groups --out-dir plots/x"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -14,6 +14,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import model as model_module
+import numerics
 import train
 from conftest import read_log, tiny_args
 
@@ -96,11 +97,22 @@ def check_lrs(seen, log, **schedule):
     assert len(seen["steps"]) == len(trains) == 8
     assert seen["leftover"] == [0.0] * 8     # one micro-step per step: each starts from no gradient
     for step, (s, r) in enumerate(zip(seen["steps"], trains)):
-        want = expected_lr(step, **schedule)
+        want = expected_lr(step, **schedule)   # float64 on both sides, a few operations: 1e-16 relative
         assert s["lr"] == pytest.approx([want] * len(s["lr"]), rel=1e-12), step   # every group, this step
         assert r["lr"] == pytest.approx(want, rel=1e-12), step
 
 
+def norm_rounding(seen):
+    """The relative rounding of torch's fp32 gradient norm (clip_grad_norm_): each tensor's sum of squares, then
+    the sum over the tensors, halved by the square root, and the squares' and root's own roundings; the hook's
+    float64 norm of the same gradients is exact beside it. The deterministic gamma, not gamma_p: the embedding's
+    1.6M squares are of one sign and mostly far below the running sum, so their roundings do not cancel but
+    all lose (stagnation; measured 3.5e-4 at a step, beyond gamma_p's 3e-4)."""
+    numels = [p.numel() for p in seen["model"].parameters()]
+    return (numerics.gamma(max(numels)) + numerics.gamma(len(numels))) / 2 + 2 * numerics.u()
+
+
+@pytest.mark.numerics
 def test_cosine_schedule_clipping_and_decay_groups_reach_the_optimizer(data_dir, tmp_path, steps):
     """Cosine with warmup 2, decay over 6 steps to 0.2 x lr, then 2 steps at min lr; clipping at
     0.05 (well below the raw norms); weight decay 0.37 on exactly the expected parameters."""
@@ -111,11 +123,14 @@ def test_cosine_schedule_clipping_and_decay_groups_reach_the_optimizer(data_dir,
     check_lrs(steps, log, lr=1e-2, warmup=2, decay_iters=6, min_ratio=0.2, schedule="cosine")
     for s, r in zip(steps["steps"], (r for r in log if r["type"] == "train")):
         assert r["grad_norm"] > 0.05                            # the logged norm is the one before clipping
-        # the step applies the clipped gradient (torch measures the norm in fp32: ~1e-4 off the fp64 one)
-        assert s["grad_norm"] == pytest.approx(0.05, rel=1e-3)
+        # the step applies the clipped gradient: 0.05 N / (N' + 1e-6), N' the fp32 norm, then the scaling's and
+        # each product's roundings (2 u)
+        rel = norm_rounding(steps) + 1e-6 / r["grad_norm"] + 2 * numerics.u()
+        numerics.assert_close(s["grad_norm"], 0.05, rel, f"clipped norm at step {r['step']}")
     check_groups(steps, 0.37, "mhc")
 
 
+@pytest.mark.numerics
 def test_linear_warmdown_unclipped_and_hc_decay_groups(data_dir, tmp_path, steps):
     """Linear schedule: warmup 2, hold, warm down over the last half of 8 steps; grad_clip=0
     leaves the gradient as it is (the step applies the logged norm)."""
@@ -125,8 +140,8 @@ def test_linear_warmdown_unclipped_and_hc_decay_groups(data_dir, tmp_path, steps
     log = read_log(out)
     check_lrs(steps, log, lr=1e-2, warmup=2, decay_iters=8, min_ratio=0.1, schedule="linear", warmdown_frac=0.5)
     assert expected_lr(7, 1e-2, 2, 8, 0.1, "linear", 0.5) < expected_lr(3, 1e-2, 2, 8, 0.1, "linear", 0.5) == 1e-2
-    for s, r in zip(steps["steps"], (r for r in log if r["type"] == "train")):
-        assert s["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-3)
+    for s, r in zip(steps["steps"], (r for r in log if r["type"] == "train")):   # the logged fp32 norm
+        numerics.assert_close(r["grad_norm"], s["grad_norm"], norm_rounding(steps), f"logged norm at step {r['step']}")
     assert max(s["grad_norm"] for s in steps["steps"]) > 1.0     # clipping at the default 1.0 would have acted
     check_groups(steps, 0.05, "hc")
 

@@ -436,9 +436,12 @@ def test_cli_bad_input_is_one_line(data_dir, tmp_path):
 
 
 def test_ctrl_c_ends_in_one_line(data_dir, tmp_path):
+    # A shell that starts the tests in the background (`pytest &`, some CI runners) ignores SIGINT, and a
+    # child inherits that: the run is given Ctrl-C's default disposition, as in a terminal.
     p = subprocess.Popen([sys.executable, "-u", "train.py", *tiny_args(data_dir, tmp_path / "o", "--max_iters=100000",
                                                                         "--eval_interval=100000")],
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in p.stdout:  # wait until it trains
             if line.startswith("step "):

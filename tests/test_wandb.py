@@ -72,7 +72,7 @@ def test_a_sweep_is_grouped_tagged_and_plotted_against_tokens(offline, capsys):
     assert runs["hc-s0"]["group"] == logs["hc-s0"][0]["setting"] != runs["plain-s0"]["group"]
     assert runs["plain-s0"]["group"].startswith("tiny-plain-n1-") and runs["hc-s0"]["group"].startswith("tiny-hc-n4-")
     assert runs["hc-s0"]["job_type"] == "tiny"
-    assert runs["hc-s0"]["tags"] == ["hc", "n4", "gpt2", "adamw", "pydocs", "gpt2"]
+    assert runs["hc-s0"]["tags"] == ["hc", "n4", "gpt2", "adamw", "pydocs", "tokenizer:gpt2"]
     assert (runs["mine"]["group"], runs["mine"]["tags"]) == ("mine", ["ablation", "v2"])  # the keys override
     assert logs["mine"][0]["setting"] == runs["plain-s0"]["group"]  # ... wandb's group, not the setting
     # the wandb config is the log header: resolved values, code, data and tokenizer identity
@@ -86,6 +86,23 @@ def test_a_sweep_is_grouped_tagged_and_plotted_against_tokens(offline, capsys):
     out = capsys.readouterr().out
     assert f"3 group(s):\n  {runs['plain-s0']['group']}: plain-s0, plain-s1\n" in out
     assert f"  {runs['hc-s0']['group']}: hc-s0\n  mine: mine\n" in out
+    # --summary: the results a reader looks for; --full-summary: every key, the diagnostics too
+    assert wandb_offline.main([str(tmp_path / "wandb"), "--summary"]) == 0
+    out = capsys.readouterr().out
+    evals = [e for e in logs["plain-s1"] if e["type"] == "eval"]
+    train_loss = [e for e in logs["plain-s1"] if e["type"] == "train"][-1]["loss"]
+    after = out.split("plain-s1  group=")[1].splitlines()[1:]
+    block = after[:next(i for i, line in enumerate(after) if not line.startswith("    "))]  # plain-s1's lines
+    assert block[:5] == ["    step = 4", "    tokens = 512",
+                         f"    val/loss = min {min(e['val_loss'] for e in evals):.4f}, "
+                         f"last {evals[-1]['val_loss']:.4f}",
+                         f"    val/bpb = min {min(e['val_bpb'] for e in evals):.4f}, last {evals[-1]['val_bpb']:.4f}",
+                         f"    train/loss = {train_loss:.4f}"]
+    assert {line.split(" = ")[0].strip() for line in block} >= {"final/hellaswag_acc_norm", "final/hellaswag_n",
+                                                               "final/core"}
+    assert "diag/" not in out and len(block) < 12  # not the ~130 keys (hc-s0's diagnostics)
+    assert wandb_offline.main([str(tmp_path / "wandb"), "--full-summary"]) == 0
+    assert "    diag/L00.attn/amax_fwd = " in capsys.readouterr().out
     m = runs["hc-s0"]["metrics"]
     assert m["tokens"]["step_metric"] is None
     assert m["train/*"]["step_metric"] == m["val/*"]["step_metric"] == m["diag/*"]["step_metric"] == "tokens"
@@ -131,7 +148,8 @@ def test_a_resumed_run_continues_its_wandb_run_and_group(offline, capsys):
     from scripts import wandb_offline
     capsys.readouterr()
     assert wandb_offline.main([str(tmp_path / "wandb")]) == 0
-    line = f"{rid}  r  group={before['group']}  job_type=tiny  tags=plain,n1,gpt2,adamw,pydocs,gpt2  (3 starts)"
+    line = (f"{rid}  r  group={before['group']}  job_type=tiny  tags=plain,n1,gpt2,adamw,pydocs,tokenizer:gpt2  "
+            f"(3 starts)")
     assert line in capsys.readouterr().out.splitlines()
     headers = [r for r in log if r["type"] in ("config", "resume")]
     assert headers[-1]["setting"] != before["group"]  # what compare.py groups by: the last header's setting
@@ -148,5 +166,5 @@ def test_the_name_mapping_and_the_tags_override():
     assert row == {"tokens": 512, "val/loss": 3.0, "val/bpb": 4.0, "diag/L0.attn/amax": 1.5}
     assert tracking.wandb_metrics({"type": "error", "step": 3, "tokens": 1, "message": "nan"}) == {}
     header = dict(train.DEFAULTS, n_streams=4, scheme="mhc", tokenizer="gpt2")
-    assert tracking.wandb_tags(header) == ["mhc", "n4", "gpt2", "adamw", "pydocs", "gpt2"]
-    assert tracking.wandb_tags(dict(header, wandb_tags="ablation, v2")) == ["ablation", "v2"]
+    assert tracking.wandb_tags(header) == ["mhc", "n4", "gpt2", "adamw", "pydocs", "tokenizer:gpt2"]
+    assert tracking.wandb_tags(dict(header, wandb_tags="ablation, v2, ablation,")) == ["ablation", "v2"]  # each once

@@ -23,6 +23,7 @@ import time
 import urllib.request
 import zipfile
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +31,36 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import hc
-from configurator import ConfigError
+from errors import ConfigError
+from keys import check, key
+
+
+@dataclass
+class EvalConfig:
+    """What a training run evaluates, and when (config keys)."""
+    SECTION = "evaluation during and at the end of a run (evals)"
+    eval_interval: int = key(250, "steps between evals (also checkpoints); always at the end", above=0,
+                             setting="when evals run, not what is trained or measured (compare.py checks the steps match)")
+    eval_tokens: int = key(1_048_576, "fixed val tokens per eval (the same windows every time)", above=0)
+    eval_batch_size: int = key(0, "sequences per rank per eval forward; 0 -> batch_size", at_least=0)
+    diag_batch_size: int = key(4, "sequences of the fixed val batch for the residual diagnostics", above=0,
+                               applies={"scheme": hc.NOT_PLAIN})
+    hellaswag: bool = key(False, "also HellaSwag acc_norm at every eval (scripts/eval_hellaswag.py)",
+                          setting="whether an optional eval runs (compare.py names a run that lacks a metric)")
+    hellaswag_file: str = key("", '"" -> the cached / downloaded validation jsonl', path=True,
+                              applies={"hellaswag": (True,), "final_hellaswag": (True,)}, setting="a path")
+    hellaswag_limit: int = key(0, "items scored per eval; 0 -> all 10,042", at_least=0, applies={"hellaswag": (True,)})
+    final_hellaswag: bool = key(False, "HellaSwag on all items once at the end, if the jsonl is here (hellaswag_file "
+                                "or the cache)", setting="whether an optional eval runs")
+    final_core: bool = key(False, "CORE (scripts/eval_core.py) once at the end, if the eval bundle is here",
+                           setting="whether an optional eval runs")
+    core_bundle_dir: str = key("", '"" -> the cache ($HCGPT_CACHE_DIR/eval_bundle, ~/.cache/hcgpt/eval_bundle)',
+                               path=True, applies={"final_core": (True,)}, setting="a path")
+    core_max_per_task: int = key(-1, "items per CORE task at the end; -1 -> all (nanochat's base_eval), 500: "
+                                 "base_train's", applies={"final_core": (True,)})
+
+    def __post_init__(self):
+        check(self)
 
 
 def cache_root():
@@ -626,6 +656,19 @@ def load_task_data(task, max_per_task=-1):
 
 # -----------------------------------------------------------------------------
 # the end of a training run
+
+def plan(hellaswag, hellaswag_file, hellaswag_limit, cfg):
+    """What a training run evaluates beyond val loss: the HellaSwag items of every eval (hellaswag) or None,
+    and plan_final_evals' plan for the end; a file the config names that cannot be read refuses the run."""
+    examples = None
+    if hellaswag:
+        try:
+            examples = load_examples(hellaswag_file or None, limit=hellaswag_limit or None)
+        except (OSError, ValueError, RuntimeError) as e:  # missing file, bad jsonl, failed download
+            raise ConfigError(f"config key 'hellaswag': cannot read the HellaSwag items ({e}); set 'hellaswag_file' "
+                              f"to a local hellaswag_val.jsonl, or --hellaswag=False") from None
+    return examples, plan_final_evals(cfg)
+
 
 def plan_final_evals(cfg):
     """What the end of the run evaluates: {"hellaswag": (path, items) or None, "core": bundle dir or

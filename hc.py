@@ -12,9 +12,13 @@ OUTPUT stream i (rows = outputs, as in the papers). Coefficients are computed in
 may depend on the token: H_pre, H_post are (B, T, n), H_res is (B, T, n, n). The stream keeps
 the dtype it was given.
 
+SchemeConfig declares the scheme's config keys; identity_res=True fixes H_res = I in hc, mhc,
+mhc_lite and kromhc (the Identity-HC ablation: the read and write still learned).
+
 This file is the reference path (plain torch). The fused path, the same equations as Triton
-kernels, lives in hc_kernels.py; hc_verify.py checks it on the device before a run; FUSED below
-chooses between them. Dependencies point one way: hc_verify -> hc, hc_kernels; hc -> hc_kernels.
+kernels, lives in hc_kernels.py; hc_verify.py checks it on the device before a run; each
+connection's `fused` chooses between them. Dependencies point one way: hc_verify -> hc,
+hc_kernels; hc -> hc_kernels.
 
 References (formulas, init and parameter counts per scheme: docs/schemes.md):
   HC        Zhu et al., Hyper-Connections, arXiv 2409.19606, Eqs. 10-14
@@ -27,39 +31,116 @@ References (formulas, init and parameter counts per scheme: docs/schemes.md):
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from errors import ConfigError
+from keys import check, key
+
 SCHEMES = ("plain", "hc", "mhc", "mhc_lite", "kromhc", "mhc_v4")
 MAX_PERM_SIZE = 6  # n! permutation logits: 720 at 6, 40,320 at 8 (248 M parameters at C = 768)
-OPTIONS = {"sinkhorn_iters": 20, "sinkhorn_end": "rows", "kron_factors": None, "res_logit_init": -8.0,
-           "gate_init": 0.01, "coeff_norm": "flat", "hc_eps": 1e-6}
-SINKHORN_ENDS = ("rows", "cols")
-COEFF_NORMS = ("flat", "stream")
+NOT_PLAIN = SCHEMES[1:]
+MHC_FAMILY = ("mhc", "mhc_lite", "kromhc")
+GATED = ("hc", *MHC_FAMILY)  # the schemes with alpha gates and a learned H_res of their own
+
+
+@dataclass
+class SchemeConfig:
+    """The residual scheme: which connection wraps every sublayer, and its options (the config keys of
+    hc.py; model.GPTConfig is this plus the architecture). Checked when made: a scheme that cannot take
+    n_streams, factors that do not fit n, any value outside its declaration is a ConfigError."""
+    SECTION = "residual scheme (hc.py)"
+    scheme: str = key("plain", "plain | hc | mhc | mhc_lite | kromhc | mhc_v4 (DeepSeek-V4's mHC, docs/mhc_v4.md)",
+                      choices=SCHEMES)
+    n_streams: int = key(0, "0 -> 1 for plain, 4 for the others", at_least=0)
+    sinkhorn_iters: int = key(20, "mhc, mhc_v4: Sinkhorn-Knopp iterations", above=0,
+                              applies={"scheme": ("mhc", "mhc_v4")})
+    sinkhorn_end: str = key("rows", "mhc: rows (mHC Eq. 9, rows exact) | cols (the published code: columns exact)",
+                            choices=("rows", "cols"), applies={"scheme": ("mhc",)})
+    kron_factors: tuple | None = key(None, "kromhc: e.g. (2, 3) for n = 6; None -> the prime factors of n",
+                                     applies={"scheme": ("kromhc",)})
+    res_logit_init: float = key(-8.0, "mhc / mhc_lite / kromhc: off-identity H_res logit at init",
+                                applies={"scheme": MHC_FAMILY})
+    gate_init: float = key(0.01, "the alpha gates at init", applies={"scheme": GATED})
+    coeff_norm: str = key("flat", "mhc family: flat (mHC Eq. 7: one RMS over the n C values) | stream (each stream "
+                          "alone)", choices=("flat", "stream"), applies={"scheme": MHC_FAMILY})
+    identity_res: bool = key(False, "H_res fixed to the identity, the read and write still learned (the Identity-HC "
+                             "ablation: does the mixing itself help?)", applies={"scheme": GATED})
+    hc_eps: float = key(1e-6, "mhc_v4 and readout=hc_head: DeepSeek-V4's eps (added to H_pre and the readout weights, "
+                        "in Sinkhorn)", at_least=0, applies={"scheme": ("mhc_v4",), "readout": ("hc_head",)})
+    fused: str = key("auto", "auto | on | off: the Triton kernels of the connections (checked at start, hc_verify.py)",
+                     choices=("auto", "on", "off"))
+
+    def __post_init__(self):
+        if self.n_streams == 0:
+            self.n_streams = 1 if self.scheme == "plain" else 4
+        if isinstance(self.kron_factors, list):
+            self.kron_factors = tuple(self.kron_factors)
+        check(self)
+        n, scheme = self.n_streams, self.scheme
+        if scheme == "plain" and n != 1:
+            raise ConfigError(f"config key 'n_streams' is {n}, but scheme 'plain' is the single-stream residual: it "
+                              f"takes n_streams=1; use 'hc', 'mhc', 'mhc_lite', 'kromhc' or 'mhc_v4' for n > 1")
+        if scheme != "plain" and n < 2:
+            raise ConfigError(f"config key 'n_streams' is {n}, but scheme {scheme!r} needs n_streams >= 2; "
+                              f"n_streams=1 is the plain residual: use scheme='plain'")
+        if scheme == "mhc_lite" and n > MAX_PERM_SIZE:
+            raise ConfigError(f"config key 'n_streams' is {n}, but mhc_lite needs n! = {math.factorial(n):,} "
+                              f"permutation logits there; it takes n_streams <= {MAX_PERM_SIZE}: use kromhc or mhc "
+                              f"for larger n")
+        factors = self.factors()
+        if scheme == "kromhc" and not (factors and all(isinstance(f, int) and 2 <= f <= MAX_PERM_SIZE for f in factors)
+                                       and math.prod(factors) == n):
+            raise ConfigError(f"config key 'kron_factors': kron_factors={factors} do not fit n_streams={n}: factors "
+                              f"must be integers in "
+                              f"[2, {MAX_PERM_SIZE}] whose product is n_streams (default: prime factors "
+                              f"{prime_factors(n)})")
+
+    def factors(self):
+        """kromhc's Kronecker factors: kron_factors, or the prime factors of n_streams."""
+        return tuple(self.kron_factors or prime_factors(self.n_streams))
+
+
+def prime_factors(n):
+    factors, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            factors.append(p)
+            n //= p
+        p += 1
+    return tuple(factors)
+
 
 # The fused path. hc_kernels.py holds Triton kernels for the same equations with fewer passes over
 # the streams; hc_verify.py checks them against this file on the device before a run uses them
-# (train.py and scripts/bench.py call hc_verify.verify_fused; this file never imports it). FUSED
-# chooses, per connection, at every call: "auto" runs the kernels on CUDA where they apply and where
-# that check passed (else this file's torch code, said once); "on" always runs them, or raises (CPU
-# needs TRITON_INTERPRET=1); "off" runs this file's torch code only.
-FUSED = "auto"
+# (train.py and scripts/bench.py call hc_verify.verify_fused; this file never imports it). Every
+# connection's `fused` (SchemeConfig.fused, set_fused) chooses at every call: "auto" runs the kernels on
+# CUDA where they apply and where that check passed (else this file's torch code, said once); "on"
+# always runs them, or raises (CPU needs TRITON_INTERPRET=1); "off" runs this file's torch code only.
 AUTO_DEVICES = ("cuda",)  # where "auto" uses the kernels (tests add "cpu" for Triton's interpreter)
 
 
-def _kernels(t, conn=None):
+def _kernels(t, conn, fused):
     """hc_kernels if its fused kernels run for this connection (conn None: Sinkhorn) on t, else None."""
-    if FUSED == "off" or (FUSED == "auto" and t.device.type not in AUTO_DEVICES):
+    if fused == "off" or (fused == "auto" and t.device.type not in AUTO_DEVICES):
         return None
     import hc_kernels  # Triton is imported here only: the torch path needs none
-    if not hc_kernels.use_fused(t, conn, FUSED):
+    if not hc_kernels.use_fused(t, conn, fused):
         return None
-    if FUSED == "auto" and not hc_kernels.verified(t, conn):
+    if fused == "auto" and not hc_kernels.verified(t, conn):
         return None
     return hc_kernels
+
+
+def set_fused(module, mode):
+    """Set the fused path (auto | on | off) of every connection in module (a model, a block, a connection)."""
+    for m in module.modules():
+        if isinstance(m, Connection):
+            m.fused = mode
 
 
 # ----------------------------------------------------------------------------------------
@@ -90,10 +171,11 @@ def rms(x, eps=1e-6):
 class Connection(nn.Module):
     """One residual connection around a sublayer; subclasses define ``coefficients``."""
 
-    def __init__(self, dim, n_streams, layer_idx):
+    def __init__(self, dim, n_streams, layer_idx, fused, identity_res):
         super().__init__()
         self.dim, self.n, self.layer_idx = dim, n_streams, layer_idx
         self.home = layer_idx % n_streams  # the stream this connection reads/writes most at init
+        self.fused, self.identity_res = fused, identity_res
 
     def coefficients(self, h):
         """-> H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n), all fp32."""
@@ -120,7 +202,7 @@ class Connection(nn.Module):
 
     def forward(self, h, branch):
         self.check(h)
-        kernels = _kernels(h, self)
+        kernels = _kernels(h, self, self.fused)
         if kernels:   # the kernels save only h and recompute the rest already
             return kernels.connection_forward(self, h, branch)
         if self.recompute and torch.is_grad_enabled():
@@ -128,8 +210,12 @@ class Connection(nn.Module):
         else:
             x_in, H_post, H_res = self.pre_mix(h)
         y = branch(x_in.to(h.dtype))
-        mixed = (H_res.unsqueeze(-1) * h.unsqueeze(-3)).sum(dim=-2)         # sum_j H_res[i,j] h[j]
+        mixed = h if self.identity_res else (H_res.unsqueeze(-1) * h.unsqueeze(-3)).sum(dim=-2)  # sum_j H_res[i,j] h[j]
         return (mixed + H_post.unsqueeze(-1) * y.unsqueeze(-2)).to(h.dtype)
+
+    def identity(self, like):
+        """H_res = I of the Identity-HC ablation (identity_res), as (B, T, n, n) for the diagnostics."""
+        return torch.eye(self.n, device=like.device).expand(*like.shape[:-1], self.n, self.n)
 
     def pre_mix(self, h):
         """-> x_in = sum_j H_pre[j] h[j] (B, T, C) fp32, H_post, H_res."""
@@ -139,7 +225,8 @@ class Connection(nn.Module):
         return (H_pre.unsqueeze(-1) * h).sum(dim=-2), H_post, H_res
 
     def extra_repr(self):
-        return f"dim={self.dim}, n_streams={self.n}, layer_idx={self.layer_idx}"
+        return f"dim={self.dim}, n_streams={self.n}, layer_idx={self.layer_idx}" + (
+            ", identity_res=True" if self.identity_res else "")
 
 
 def run_connections(conns, branches, h):
@@ -152,7 +239,7 @@ def run_connections(conns, branches, h):
     for conn in conns:
         conn.check(h)
     if len(conns) > 1 and not any(isinstance(c, Plain) for c in conns):
-        kernels = [_kernels(h, c) for c in conns]
+        kernels = [_kernels(h, c, c.fused) for c in conns]
         if all(kernels):
             return kernels[0].chain_forward(conns, h, branches)
     for conn, branch in zip(conns, branches):
@@ -185,38 +272,45 @@ class HyperConnection(Connection):
         B(h)   = s_β tanh(H̄ W_β) + B        (n,)      -> H_post = B
     """
 
-    def __init__(self, dim, n_streams, layer_idx, gate_init=0.01, **_):
-        super().__init__(dim, n_streams, layer_idx)
+    def __init__(self, dim, n_streams, layer_idx, gate_init, fused, identity_res):
+        super().__init__(dim, n_streams, layer_idx, fused, identity_res)
         n = n_streams
+        # registered in this order (W_r, A_r where they always were): the parameters' order is the optimizer
+        # state's and the checkpoints' (a run from before identity_res resumes), and hc_verify's random draws
         self.norm_gain = nn.Parameter(torch.ones(dim))          # H̄ = norm(h), per stream
         self.W_m = nn.Parameter(torch.zeros(dim, 1))             # Eq. 14: dynamic weights start at 0
-        self.W_r = nn.Parameter(torch.zeros(dim, n))
+        if not identity_res:
+            self.W_r = nn.Parameter(torch.zeros(dim, n))
         self.W_beta = nn.Parameter(torch.zeros(dim, 1))
         self.s_alpha = nn.Parameter(torch.tensor(float(gate_init)))
         self.s_beta = nn.Parameter(torch.tensor(float(gate_init)))
         self.A_m = nn.Parameter(F.one_hot(torch.tensor(self.home), n).float())  # e_(layer mod n)
-        self.A_r = nn.Parameter(torch.eye(n))
+        if not identity_res:
+            self.A_r = nn.Parameter(torch.eye(n))
         self.B = nn.Parameter(torch.ones(n))
 
     def decay_parameters(self):
-        return [self.W_m, self.W_r, self.W_beta]
+        return [self.W_m] + ([] if self.identity_res else [self.W_r]) + [self.W_beta]   # the order of old runs
 
     def static_decay_parameters(self):
         # the published static_alpha (n, 1 + n) = [A_m | A_r]; its static_beta (B) is 1-D
-        return [self.A_m, self.A_r]
+        return [self.A_m] + ([] if self.identity_res else [self.A_r])
 
     def coefficients(self, h):
         self.check(h)
         with torch.autocast(h.device.type, enabled=False):
             h = h.float()
             H_bar = h / rms(h) * self.norm_gain                                     # (B, T, n, C)
-            return self.gates(H_bar @ self.W_m, H_bar @ self.W_r, H_bar @ self.W_beta)
+            p_r = None if self.identity_res else H_bar @ self.W_r
+            return self.gates(H_bar @ self.W_m, p_r, H_bar @ self.W_beta)
 
     def gates(self, p_m, p_r, p_beta):
         """Eqs. 10-13 from the projections H̄ W_m (B, T, n, 1), H̄ W_r (B, T, n, n), H̄ W_β (B, T, n, 1)."""
         A_m = self.s_alpha * torch.tanh(p_m).squeeze(-1) + self.A_m      # (B, T, n)
-        A_r = self.s_alpha * torch.tanh(p_r) + self.A_r                   # (B, T, n, n)
         B = self.s_beta * torch.tanh(p_beta).squeeze(-1) + self.B         # (B, T, n)
+        if self.identity_res:
+            return A_m, B, self.identity(A_m)
+        A_r = self.s_alpha * torch.tanh(p_r) + self.A_r                   # (B, T, n, n)
         # A_r[j, i] is what input stream j sends to output stream i, so H_res = A_rᵀ
         return A_m, B, A_r.transpose(-1, -2)
 
@@ -242,22 +336,23 @@ class ManifoldConnection(Connection):
     (docs/peers.md); the fused kernels implement "flat" only.
     """
 
-    def __init__(self, dim, n_streams, layer_idx, n_res_logits, gate_init=0.01, res_logit_init=-8.0,
-                 coeff_norm="flat"):
-        super().__init__(dim, n_streams, layer_idx)
-        if coeff_norm not in COEFF_NORMS:
-            raise ValueError(f"coeff_norm must be one of {COEFF_NORMS}, got {coeff_norm!r}")
-        n, r = n_streams, n_res_logits
+    def __init__(self, dim, n_streams, layer_idx, n_res_logits, gate_init, res_logit_init, coeff_norm, fused,
+                 identity_res):
+        super().__init__(dim, n_streams, layer_idx, fused, identity_res)
+        n, r = n_streams, 0 if identity_res else n_res_logits   # Identity-HC: no H_res logits at all
         self.r, self.coeff_norm = r, coeff_norm
         self.phi = nn.Parameter(torch.zeros(n * dim, r + 2 * n))
         self.gamma = nn.Parameter(torch.ones(n * dim))
+        # registered in this order (the H_res ones where they always were: see HyperConnection)
         self.alpha_pre = nn.Parameter(torch.tensor(float(gate_init)))
         self.alpha_post = nn.Parameter(torch.tensor(float(gate_init)))
-        self.alpha_res = nn.Parameter(torch.tensor(float(gate_init)))
+        if not identity_res:
+            self.alpha_res = nn.Parameter(torch.tensor(float(gate_init)))
         home = 2 * F.one_hot(torch.tensor(self.home), n).float() - 1     # +1 home, -1 elsewhere
         self.b_pre = nn.Parameter(home.clone())
         self.b_post = nn.Parameter(home.clone())
-        self.b_res = nn.Parameter(self.identity_logits(float(res_logit_init)))
+        if not identity_res:
+            self.b_res = nn.Parameter(self.identity_logits(float(res_logit_init)))
 
     def identity_logits(self, off):
         """b_res at init: 0 where the logit selects the identity, ``off`` elsewhere."""
@@ -286,6 +381,8 @@ class ManifoldConnection(Connection):
         m_pre, m_post, m_res = m.split([n, n, self.r], dim=-1)
         H_pre = torch.sigmoid(self.alpha_pre * m_pre + self.b_pre)
         H_post = 2 * torch.sigmoid(self.alpha_post * m_post + self.b_post)
+        if self.identity_res:
+            return H_pre, H_post, self.identity(H_pre)
         H_res = self.residual_matrix(self.alpha_res * m_res + self.b_res)
         return H_pre, H_post, H_res
 
@@ -325,8 +422,8 @@ class SinkhornLog(torch.autograd.Function):
         return g, None
 
 
-def sinkhorn(logits, iters=20, end="rows"):
-    """Doubly stochastic matrix from logits (…, n, n), H[out, in].
+def sinkhorn(logits, iters, end="rows", fused="off"):
+    """Doubly stochastic matrix from logits (…, n, n), H[out, in]; fused: the connection's path.
 
     end="rows" (mHC Eq. 9): rows exact, columns to within the error of ``iters``.
     end="cols": the published mHC code's order, which normalises alpha[in, out] = Hᵀ with the same
@@ -334,16 +431,14 @@ def sinkhorn(logits, iters=20, end="rows"):
     transpose, so the fused kernel serves both.
     """
     if end == "cols":
-        return sinkhorn(logits.transpose(-1, -2), iters).transpose(-1, -2)
-    if end != "rows":
-        raise ValueError(f"sinkhorn_end must be one of {SINKHORN_ENDS}, got {end!r}")
-    kernels = _kernels(logits)
+        return sinkhorn(logits.transpose(-1, -2), iters, "rows", fused).transpose(-1, -2)
+    kernels = _kernels(logits, None, fused)
     if kernels:
         return kernels.sinkhorn(logits, iters)
     return SinkhornLog.apply(logits, iters)
 
 
-def sinkhorn_reference(logits, iters=20, end="rows"):
+def sinkhorn_reference(logits, iters, end="rows"):
     """The same iteration with plain autograd through the loop (the reference for tests)."""
     L = logits if end == "rows" else logits.transpose(-1, -2)
     for _ in range(iters):
@@ -355,12 +450,8 @@ def sinkhorn_reference(logits, iters=20, end="rows"):
 class MHC(ManifoldConnection):
     """mHC: H_res = SinkhornKnopp(α_res · mat(m_res) + b_res), r = n² logits."""
 
-    def __init__(self, dim, n_streams, layer_idx, sinkhorn_iters=20, sinkhorn_end="rows", **opts):
-        if int(sinkhorn_iters) < 1:
-            raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
-        if sinkhorn_end not in SINKHORN_ENDS:
-            raise ValueError(f"sinkhorn_end must be one of {SINKHORN_ENDS}, got {sinkhorn_end!r}")
-        self.sinkhorn_iters, self.sinkhorn_end = int(sinkhorn_iters), sinkhorn_end
+    def __init__(self, dim, n_streams, layer_idx, sinkhorn_iters, sinkhorn_end, **opts):
+        self.sinkhorn_iters, self.sinkhorn_end = sinkhorn_iters, sinkhorn_end
         super().__init__(dim, n_streams, layer_idx, n_streams ** 2, **opts)
 
     def identity_logits(self, off):
@@ -369,10 +460,10 @@ class MHC(ManifoldConnection):
 
     def static_decay_parameters(self):
         # the published static_alpha (n, 1 + n) holds the H_pre and H_res statics; static_beta is 1-D
-        return [self.b_pre, self.b_res]
+        return [self.b_pre] + ([] if self.identity_res else [self.b_res])
 
     def residual_matrix(self, z):
-        return sinkhorn(z.unflatten(-1, (self.n, self.n)), self.sinkhorn_iters, self.sinkhorn_end)
+        return sinkhorn(z.unflatten(-1, (self.n, self.n)), self.sinkhorn_iters, self.sinkhorn_end, self.fused)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, sinkhorn_iters={self.sinkhorn_iters}, sinkhorn_end={self.sinkhorn_end}"
@@ -401,16 +492,6 @@ class MHCLite(ManifoldConnection):
         return (a @ self.P.flatten(1)).unflatten(-1, (self.n, self.n))
 
 
-def prime_factors(n):
-    factors, p = [], 2
-    while n > 1:
-        while n % p == 0:
-            factors.append(p)
-            n //= p
-        p += 1
-    return tuple(factors)
-
-
 class KromHC(ManifoldConnection):
     """KromHC: H_res = U¹ ⊗ U² ⊗ … ⊗ Uᴷ with n = i_1 · … · i_K and
 
@@ -420,8 +501,8 @@ class KromHC(ManifoldConnection):
     A Kronecker product of doubly stochastic matrices is doubly stochastic, so H_res is exact.
     """
 
-    def __init__(self, dim, n_streams, layer_idx, kron_factors=None, **opts):
-        self.factors = tuple(int(f) for f in (kron_factors or prime_factors(n_streams)))
+    def __init__(self, dim, n_streams, layer_idx, factors, **opts):
+        self.factors = factors
         perms = [permutation_matrices(f) for f in self.factors]
         super().__init__(dim, n_streams, layer_idx, sum(p.shape[0] for p in perms), **opts)
         for k, p in enumerate(perms):
@@ -482,14 +563,10 @@ class MHCV4(Connection):
     ~ N(0, 0.02²), so at step 0 H_pre ≈ 1/2, H_post ≈ 1 and H_res ≈ 1/n everywhere.
     """
 
-    def __init__(self, dim, n_streams, layer_idx, sinkhorn_iters=20, hc_eps=1e-6):
-        super().__init__(dim, n_streams, layer_idx)
-        if int(sinkhorn_iters) < 1:
-            raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
-        if not hc_eps >= 0:
-            raise ValueError(f"hc_eps must be >= 0, got {hc_eps}")
+    def __init__(self, dim, n_streams, layer_idx, sinkhorn_iters, hc_eps, fused):
+        super().__init__(dim, n_streams, layer_idx, fused, identity_res=False)
         n = n_streams
-        self.sinkhorn_iters, self.eps = int(sinkhorn_iters), float(hc_eps)
+        self.sinkhorn_iters, self.eps = sinkhorn_iters, float(hc_eps)
         self.r = n * n  # H_res logits, as the mHC family counts them (the fused path's key: r + 2n columns)
         self.fn = nn.Parameter(torch.empty((2 + n) * n, n * dim))    # rows: pre (n), post (n), comb (n², row-major)
         self.base = nn.Parameter(torch.empty((2 + n) * n))
@@ -540,10 +617,8 @@ class HCHead(nn.Module):
     the final norm undoes).
     """
 
-    def __init__(self, dim, n_streams, hc_eps=1e-6):
+    def __init__(self, dim, n_streams, hc_eps):
         super().__init__()
-        if not hc_eps >= 0:
-            raise ValueError(f"hc_eps must be >= 0, got {hc_eps}")
         self.dim, self.n, self.eps = dim, n_streams, float(hc_eps)
         self.fn = nn.Parameter(torch.empty(n_streams, n_streams * dim))
         self.base = nn.Parameter(torch.empty(n_streams))
@@ -577,63 +652,42 @@ class HCHead(nn.Module):
 # construction
 
 def make_connection(scheme, dim, n_streams, layer_idx, **options):
-    """Build the connection of one sublayer.
+    """Build the connection of one sublayer. scheme: one of SCHEMES; dim: C; n_streams: n; layer_idx: its
+    index in depth (block i: attention 2i, MLP 2i + 1), which picks the home stream layer_idx mod n;
+    options: SchemeConfig's other keys (sinkhorn_iters, kron_factors, identity_res, fused, ...), their
+    declared defaults where not given. A scheme ignores the options it does not use."""
+    try:
+        sc = SchemeConfig(scheme=scheme, n_streams=n_streams, **options)
+    except TypeError:   # an option SchemeConfig does not declare
+        unknown = sorted(set(options) - set(SchemeConfig.__dataclass_fields__))
+        raise ConfigError(f"unknown connection option(s) {unknown}; known: "
+                          f"{sorted(set(SchemeConfig.__dataclass_fields__) - {'scheme', 'n_streams'})}") from None
+    return connection(sc, dim, layer_idx)
 
-    scheme: one of SCHEMES; dim: C; n_streams: n; layer_idx: index of the connection in depth
-    (block i: attention 2i, MLP 2i+1), which picks the home stream layer_idx mod n.
-    options: sinkhorn_iters (mhc, mhc_v4, 20), sinkhorn_end (mhc, "rows": mHC Eq. 9, or "cols": the
-    published code's orientation), kron_factors (kromhc, prime factors of n),
-    res_logit_init (off-identity H_res logit, -8.0), gate_init (0.01), coeff_norm (mhc family,
-    "flat": mHC Eq. 7, or "stream": each stream normed on its own), hc_eps (mhc_v4, 1e-6).
-    Options a scheme does not use are ignored, so one model config can carry them all.
-    """
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown connection option(s) {sorted(unknown)}; known: {sorted(OPTIONS)}")
-    opts = {**OPTIONS, **{k: v for k, v in options.items() if v is not None}}
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown residual scheme {scheme!r}; choose one of {SCHEMES}")
-    if not isinstance(n_streams, int) or isinstance(n_streams, bool) or n_streams < 1:
-        raise ValueError(f"n_streams must be a positive integer, got {n_streams!r}")
+
+def connection(sc, dim, layer_idx):
+    """The connection of one sublayer of width dim for a checked SchemeConfig sc (a model's GPTConfig is one)."""
     if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        raise ConfigError(f"dim must be a positive integer, got {dim!r}")
+    n, scheme = sc.n_streams, sc.scheme
+    path = dict(fused=sc.fused)
     if scheme == "plain":
-        if n_streams != 1:
-            raise ValueError(f"scheme 'plain' is the single-stream residual: it takes n_streams=1, "
-                             f"got {n_streams}; use 'hc', 'mhc', 'mhc_lite', 'kromhc' or 'mhc_v4' for n > 1")
-        return Plain(dim, 1, layer_idx)
-    if n_streams < 2:
-        raise ValueError(f"scheme {scheme!r} needs n_streams >= 2 (got {n_streams}); "
-                         f"n_streams=1 is the plain residual: use scheme='plain'")
-    gates = dict(gate_init=opts["gate_init"])
-    if scheme == "hc":
-        return HyperConnection(dim, n_streams, layer_idx, **gates)
+        return Plain(dim, 1, layer_idx, identity_res=False, **path)
     if scheme == "mhc_v4":
-        return MHCV4(dim, n_streams, layer_idx, sinkhorn_iters=opts["sinkhorn_iters"], hc_eps=opts["hc_eps"])
-    res = dict(gates, res_logit_init=opts["res_logit_init"], coeff_norm=opts["coeff_norm"])
+        return MHCV4(dim, n, layer_idx, sc.sinkhorn_iters, sc.hc_eps, **path)
+    gates = dict(gate_init=sc.gate_init, identity_res=sc.identity_res, **path)
+    if scheme == "hc":
+        return HyperConnection(dim, n, layer_idx, **gates)
+    res = dict(gates, res_logit_init=sc.res_logit_init, coeff_norm=sc.coeff_norm)
     if scheme == "mhc":
-        return MHC(dim, n_streams, layer_idx, sinkhorn_iters=opts["sinkhorn_iters"],
-                   sinkhorn_end=opts["sinkhorn_end"], **res)
+        return MHC(dim, n, layer_idx, sc.sinkhorn_iters, sc.sinkhorn_end, **res)
     if scheme == "mhc_lite":
-        if n_streams > MAX_PERM_SIZE:
-            raise ValueError(
-                f"mhc_lite needs n! = {math.factorial(n_streams)} permutation logits at n_streams={n_streams} "
-                f"({n_streams * dim * (math.factorial(n_streams) + 2 * n_streams):,} projection parameters per "
-                f"connection); it takes n_streams <= {MAX_PERM_SIZE}: use kromhc or mhc for larger n")
-        return MHCLite(dim, n_streams, layer_idx, **res)
-    factors = opts["kron_factors"] or prime_factors(n_streams)
-    factors = tuple(factors)
-    if not factors or not all(isinstance(f, int) and 2 <= f <= MAX_PERM_SIZE for f in factors) \
-            or math.prod(factors) != n_streams:
-        raise ValueError(
-            f"kron_factors={factors} do not fit n_streams={n_streams}: factors must be integers in "
-            f"[2, {MAX_PERM_SIZE}] whose product is n_streams (default: prime factors "
-            f"{prime_factors(n_streams)})")
-    return KromHC(dim, n_streams, layer_idx, kron_factors=factors, **res)
+        return MHCLite(dim, n, layer_idx, **res)
+    return KromHC(dim, n, layer_idx, sc.factors(), **res)
 
 
 # ----------------------------------------------------------------------------------------
-# diagnostics (spec section 5)
+# diagnostics
 
 def doubly_stochastic_error(H_res):
     """max |row sum - 1|, max |column sum - 1| and the min entry of H_res (…, n, n), as floats."""

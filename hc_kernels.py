@@ -33,8 +33,8 @@ kernels: bytes per token").
 
 The kernels are torch.library custom ops (torch.compile sees them as opaque ops). They run on
 CUDA, or on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1 set before Triton is first
-imported; for tests). hc.py imports this module only when the fused path is asked for. hc.FUSED picks
-the path: "auto" (these kernels on CUDA where they apply, warning once where they do not),
+imported; for tests). hc.py imports this module only when the fused path is asked for. Each
+connection's `fused` (the config key) picks the path: "auto" (these kernels on CUDA where they apply, warning once where they do not),
 "on" (these kernels or an error), "off" (the torch reference).
 """
 
@@ -828,15 +828,18 @@ sinkhorn_op.register_autograd(_sinkhorn_grad, setup_context=_sinkhorn_setup)
 
 def projection_columns(conn):
     """Columns of the coefficient projection: n + 2 per stream (HC), r + 2n per token (mHC family)."""
-    return conn.n + 2 if hasattr(conn, "W_r") else conn.r + 2 * conn.n
+    return conn.n + 2 if hasattr(conn, "W_m") else conn.r + 2 * conn.n
 
 
 def unsupported(conn, h):
     """Why the fused kernels cannot run ``conn`` on streams ``h``, or None when they can."""
     if TRITON_ERROR is not None:
         return f"Triton is not importable ({TRITON_ERROR})"
-    if not (hasattr(conn, "W_r") or hasattr(conn, "phi")):
+    if not (hasattr(conn, "W_m") or hasattr(conn, "phi")):
         return f"there is no fused kernel for {type(conn).__name__}"
+    if conn.identity_res:
+        return "identity_res=True (the kernels mix the streams by a learned H_res; the Identity-HC ablation runs the " \
+               "torch path)"
     if getattr(conn, "coeff_norm", "flat") != "flat":
         return f"coeff_norm={conn.coeff_norm!r} (the kernels norm the token's n C values together: 'flat')"
     reason = _device_unsupported(h)
@@ -880,16 +883,16 @@ _WARNED = set()   # what was said once: (op, reason) of use_fused, kind keys of 
 
 
 def use_fused(t, conn, mode):
-    """Whether the fused path runs, following hc.FUSED = mode; conn None asks about Sinkhorn."""
+    """Whether the fused path runs, following a connection's fused = mode; conn None asks about Sinkhorn."""
     if mode not in ("auto", "on"):
-        raise ValueError(f"hc.FUSED must be 'auto', 'on' or 'off', got {mode!r}")
+        raise ValueError(f"fused must be 'auto', 'on' or 'off', got {mode!r}")
     reason = sinkhorn_unsupported(t) if conn is None else unsupported(conn, t)
     if reason is None:
         return True
     what = "Sinkhorn" if conn is None else type(conn).__name__
     if mode == "on":
-        raise RuntimeError(f"hc.FUSED = 'on' but the fused {what} kernels cannot run: {reason}. "
-                           f"Set hc.FUSED = 'auto' or 'off' for the torch reference path.")
+        raise RuntimeError(f"fused='on' but the fused {what} kernels cannot run: {reason}. "
+                           f"Set fused='auto' or 'off' for the torch reference path.")
     if (what, reason) not in _WARNED:  # 'auto': the torch path, said once
         _WARNED.add((what, reason))
         warnings.warn(f"hc: the torch reference path runs {what}: {reason}", stacklevel=3)
@@ -919,7 +922,7 @@ def kind_name(k):
 
 
 def verified(t, conn):
-    """Whether hc.FUSED = 'auto' may run the kernels for conn on t (conn None: Sinkhorn logits t): only
+    """Whether fused = 'auto' may run the kernels for conn on t (conn None: Sinkhorn logits t): only
     where hc_verify.verify_fused checked them on this device and they passed."""
     k = sinkhorn_key(t) if conn is None else kind_key(conn, t)
     verdict = VERDICTS.get(k)
@@ -996,14 +999,14 @@ class _PostPreMix(torch.autograd.Function):
 
 def _projection(conn):
     """(a)'s weight, gain, gate scale, gate bias and per_stream flag for ``conn``."""
-    if hasattr(conn, "W_r"):   # HC: per-stream norm, W = [W_m | W_r | W_β]
+    if hasattr(conn, "W_m"):   # HC: per-stream norm, W = [W_m | W_r | W_β]
         return torch.cat([conn.W_m, conn.W_r, conn.W_beta], dim=1), conn.norm_gain, conn.s_alpha, conn.A_m, True
     return conn.phi, conn.gamma, conn.alpha_pre, conn.b_pre, False   # mHC family: one norm over the n C values
 
 
 def _gates(conn, m):
     """H_post, H_res from (a)'s projection m, as conn.coefficients forms them."""
-    if hasattr(conn, "W_r"):
+    if hasattr(conn, "W_m"):
         _, H_post, H_res = conn.gates(*m.split([1, conn.n, 1], dim=-1))
     else:
         _, H_post, H_res = conn.gates(m)

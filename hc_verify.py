@@ -15,7 +15,7 @@ run of the torch equations:
 cancellation in both paths; 1e-3 in fp32, which covers TF32 matmuls). Under DDP every rank
 checks its own GPU and the verdicts are all-reduced: the kernels run only if every rank passed.
 
-hc.FUSED = "auto": a failed or raising check warns once, naming the reason, and that kind of
+fused = "auto": a failed or raising check warns once, naming the reason, and that kind of
 connection runs on the torch path; a kind never checked also runs on the torch path (the
 dispatch in hc._kernels asks ``verified``). "on": a failed check raises FusedCheckError; the
 dispatch runs the kernels whether checked or not. "off": nothing is checked.
@@ -30,34 +30,28 @@ import torch
 import torch.nn as nn
 
 import hc
+from errors import FusedCheckError
 
 FACTOR = 4.0
 FLOOR_FP32, FLOOR_BF16 = 1e-3, 2.0 ** -5
 
 
-class FusedCheckError(RuntimeError):
-    """hc.FUSED = 'on' and the fused kernels disagree with the torch path (or raise) on this device."""
-
-
 # ----------------------------------------------------------------------------------------
 # before anything is built: the one-line refusals train.py and scripts/bench.py share
 
-def setup_error(scheme, n_streams, dim, fused="auto", device_type="cpu", stream_dtype=torch.float32, **options):
-    """Why `scheme` cannot run at n_streams streams of width dim with fused=... on device_type, as one
-    line naming the setting to change, or None. options: hc.make_connection's (kron_factors, ...)."""
-    try:
-        conn = hc.make_connection(scheme, dim, n_streams, 0, **options)
-    except ValueError as e:  # a scheme that cannot take this n, factors that do not fit, ...
-        return f"model config: {e}"
-    if fused != "on" or isinstance(conn, hc.Plain):
+def setup_error(sc, dim, device_type, stream_dtype=torch.float32):
+    """Why fused='on' cannot run the connections of SchemeConfig sc (a model's GPTConfig) of width dim on
+    device_type, as one line naming the setting to change, or None."""
+    conn = hc.connection(sc, dim, 0)
+    if conn.fused != "on" or isinstance(conn, hc.Plain):
         return None
     import hc_kernels
-    probe = torch.empty(1, 1, n_streams, dim, device=device_type, dtype=stream_dtype)
+    probe = torch.empty(1, 1, sc.n_streams, dim, device=device_type, dtype=stream_dtype)
     why = hc_kernels.unsupported(conn, probe)
     if why is not None:
-        return (f"config key 'fused' is 'on' but the fused kernels cannot run {scheme} at n_streams={n_streams} "
-                f"here: {why}; use fused='auto' (the kernels where they pass their check, else the torch path) or "
-                f"'off'")
+        return (f"config key 'fused' is 'on' but the fused kernels cannot run {sc.scheme} at "
+                f"n_streams={sc.n_streams} here: {why}; use fused='auto' (the kernels where they pass their check, "
+                f"else the torch path) or 'off'")
     return None
 
 
@@ -101,9 +95,10 @@ class _Branch(nn.Module):
 def _run(conns, branches, h, w, mode, autocast_dtype, prefix=""):
     """Output of h through the connections (hc.run_connections: one connection, or a chain whose
     fused path joins each boundary in one kernel) and the gradients of <out, w> w.r.t. h and every
-    parameter (the connections' and the branches'), under hc.FUSED = mode."""
-    saved = hc.FUSED
-    hc.FUSED = mode
+    parameter (the connections' and the branches'), with every connection's fused = mode."""
+    saved = [c.fused for c in conns]
+    for c in conns:
+        c.fused = mode
     try:
         for m in (*conns, *branches):
             m.zero_grad(set_to_none=True)
@@ -114,7 +109,8 @@ def _run(conns, branches, h, w, mode, autocast_dtype, prefix=""):
             out = hc.run_connections(conns, branches, h)
             (out.double() * w).sum().backward()
     finally:
-        hc.FUSED = saved
+        for c, f in zip(conns, saved):
+            c.fused = f
     result = {f"{prefix}out": out.detach(), f"{prefix}grad h": h.grad}
     for i, (conn, branch) in enumerate(zip(conns, branches)):
         at = f"{i}." if len(conns) > 1 else ""
@@ -176,13 +172,13 @@ def _connections(model_or_connections):
 
 def verify_fused(model_or_connections, tokens=4096, stream_dtype=None, autocast_dtype=None, seed=0):
     """Check the fused kernels for every kind of connection of a model (or a list of connections)
-    on their device, following hc.FUSED; record the verdicts that hc._kernels consults.
+    on their device, following their `fused`; record the verdicts that hc._kernels consults.
 
     stream_dtype: the residual streams' dtype (default: model.config.stream_dtype, else float32);
     autocast_dtype: the run's autocast dtype (None: no autocast). Under torch.distributed every
     rank must call it. Returns {"path": "fused" | "torch" | "mixed" | "-", "reason": str | None,
     "checks": [{"kind", "ok", "reason", "max_err_fused", "max_err_torch"}]}.
-    Raises FusedCheckError when hc.FUSED = "on" and a check fails.
+    Raises FusedCheckError when fused = "on" and a check fails.
     """
     conns = [c for c in _connections(model_or_connections) if not isinstance(c, hc.Plain)]
     if stream_dtype is None:  # a GPT knows its streams' torch dtype (stream_dtype="bfloat16_hc" is bf16 or fp32 by n)
@@ -190,9 +186,10 @@ def verify_fused(model_or_connections, tokens=4096, stream_dtype=None, autocast_
     if not conns:
         return {"path": "-", "reason": "no n-stream connections", "checks": []}
     device = next(conns[0].parameters()).device
-    if hc.FUSED == "off":
+    mode = conns[0].fused   # a model's connections share one (GPTConfig.fused)
+    if mode == "off":
         return {"path": "torch", "reason": "fused='off'", "checks": []}
-    if hc.FUSED == "auto" and device.type not in hc.AUTO_DEVICES:
+    if mode == "auto" and device.type not in hc.AUTO_DEVICES:
         return {"path": "torch", "reason": f"fused='auto' runs the kernels on CUDA only (device: {device.type})",
                 "checks": []}
     import hc_kernels
@@ -204,7 +201,7 @@ def verify_fused(model_or_connections, tokens=4096, stream_dtype=None, autocast_
             continue
         why = hc_kernels.unsupported(c, probe)
         if why is not None:             # the dispatch already keeps these on the torch path (or raises, 'on')
-            hc_kernels.use_fused(probe, c, hc.FUSED)
+            hc_kernels.use_fused(probe, c, mode)
             reasons.append(f"{hc_kernels.kind_name(k)}: {why}")
             continue
         kinds[k] = c
@@ -227,7 +224,7 @@ def verify_fused(model_or_connections, tokens=4096, stream_dtype=None, autocast_
                        "max_err_torch": max((e[1] for e in errs), default=None)})
         if not ok:
             msg = f"the fused kernels failed their check for {hc_kernels.kind_name(k)} on {device}: {reason}"
-            if hc.FUSED == "on":
+            if mode == "on":
                 raise FusedCheckError(msg + ". Set fused='auto' to fall back to the torch path, or 'off'.")
             if k not in hc_kernels._WARNED:
                 hc_kernels._WARNED.add(k)

@@ -12,8 +12,8 @@ is exactly its reference model: the same parameter names and shapes, the same ou
 arch="gpt2": nanoGPT's GPT-2 (learned position embedding, LayerNorm, GELU MLP, tied
 embedding and unembedding, optional biases, dropout, GPT-2's init).
 
-arch="nanochat": nanochat's d12-era model (karpathy/nanochat, nanochat/gpt.py at e1770a3,
-2025-12-27), the model of KromHC's main results. Its features:
+arch="nanochat": nanochat's d12-era model, the model of KromHC's main results (docs/nanochat.md names
+the nanochat commits it follows). Its features:
 - rotary position embeddings (base 10,000) on queries and keys; no position embedding
 - QK-norm: queries and keys RMS-normalised per head after the rotation
 - parameter-free RMSNorm (F.rms_norm, no weights): after the token embedding, before each
@@ -26,8 +26,8 @@ arch="nanochat": nanochat's d12-era model (karpathy/nanochat, nanochat/gpt.py at
   are 128 wide, so d12 (768 wide) has n_head = 6; n_head is taken from the config
 - init (nanochat_init="e1770a3"): every Linear normal with std 1/sqrt(fan_in) * min(1, sqrt(fan_out /
   fan_in)) (arXiv 2310.17813), the embedding with std 1, the unembedding and every c_proj zero;
-  nanochat_init="48abd7d" (nanochat from 2026-01-01): c_q, c_k, c_v, c_fc uniform with std
-  1/sqrt(n_embd) (bound sqrt(3) times that), the unembedding normal with std 0.001, c_proj zero
+  nanochat_init="48abd7d": c_q, c_k, c_v, c_fc uniform with std 1/sqrt(n_embd) (bound sqrt(3) times
+  that), the unembedding normal with std 0.001, c_proj zero
 - embedding_dtype="bfloat16": the token embedding stored in bf16, as nanochat stores it on CUDA
   (its optimizer then updates bf16 weights); default fp32. The embedding's output is then bf16;
   the streams are still held in stream_dtype.
@@ -37,7 +37,6 @@ padded to a multiple of 64 keep their padded columns (nanochat slices them off b
 softmax; a tokenizer of 65,536 or 4,096 tokens has none).
 """
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -47,8 +46,8 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 import hc
-
-RECOMPUTE = ("none", "connections", "blocks")
+from errors import ConfigError
+from keys import key
 
 
 class LayerNorm(nn.Module):
@@ -110,10 +109,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
         # connection 2*layer wraps attention, 2*layer+1 the MLP (decides each one's home stream)
-        self.hc_attn = hc.make_connection(config.scheme, config.n_embd, config.n_streams, 2 * layer,
-                                          **config.hc_options())
-        self.hc_mlp = hc.make_connection(config.scheme, config.n_embd, config.n_streams, 2 * layer + 1,
-                                         **config.hc_options())
+        self.hc_attn = hc.connection(config, config.n_embd, 2 * layer)
+        self.hc_mlp = hc.connection(config, config.n_embd, 2 * layer + 1)
 
     def forward(self, h):  # h: (B, T, n, C)
         dt = self.ln_1.weight.dtype  # the branches compute in the weights' dtype (or autocast's), whatever the stream's
@@ -127,7 +124,7 @@ class Block(nn.Module):
 
 ARCHS = ("gpt2", "nanochat")
 LOGIT_SOFTCAP = 15.0
-NANOCHAT_INITS = ("e1770a3", "48abd7d")  # nanochat's init until / from 2026-01-01
+NANOCHAT_INITS = ("e1770a3", "48abd7d")  # nanochat's two inits, named by their commits (docs/nanochat.md)
 EMBEDDING_DTYPES = ("float32", "bfloat16")
 
 
@@ -194,10 +191,8 @@ class NanochatBlock(nn.Module):
         super().__init__()
         self.attn = RotaryAttention(config)
         self.mlp = ReluSquaredMLP(config)
-        self.hc_attn = hc.make_connection(config.scheme, config.n_embd, config.n_streams, 2 * layer,
-                                          **config.hc_options())
-        self.hc_mlp = hc.make_connection(config.scheme, config.n_embd, config.n_streams, 2 * layer + 1,
-                                         **config.hc_options())
+        self.hc_attn = hc.connection(config, config.n_embd, 2 * layer)
+        self.hc_mlp = hc.connection(config, config.n_embd, 2 * layer + 1)
 
     def forward(self, h, cos, sin):  # h: (B, T, n, C)
         dt = self.mlp.c_fc.weight.dtype  # the branches compute in the weights' dtype (or autocast's)
@@ -206,80 +201,70 @@ class NanochatBlock(nn.Module):
                                                                  lambda x: self.mlp(norm(x.to(dt)))), h)
 
 
-@dataclass
-class GPTConfig:
-    arch: str = "gpt2"  # "gpt2" (nanoGPT) | "nanochat" (nanochat's d12-era model: see the top of this file)
-    block_size: int = 1024
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True  # biases in Linears and LayerNorms, like GPT-2
-    # residual scheme (hc.py): "plain", "hc", "mhc", "mhc_lite", "kromhc", "mhc_v4"
-    scheme: str = "plain"
-    n_streams: int = 1
-    stream_dtype: str = "float32"  # dtype of the residual streams: one of STREAM_DTYPES
-    readout: str = "mean"  # "mean": ln_f(mean of the streams); "norm_sum": sum of ln_f(each stream);
-    # "hc_head": ln_f(DeepSeek-V4's learned weighted sum of the streams, hc.HCHead)
-    decay_static: bool = False  # also weight-decay the 2-D static coefficients of hc / mhc (published code)
-    sinkhorn_iters: int = 20  # mhc, mhc_v4
-    sinkhorn_end: str = "rows"  # mhc: "rows" (mHC Eq. 9) | "cols" (published code's orientation)
-    kron_factors: tuple | None = None  # kromhc; None: the prime factors of n_streams
-    res_logit_init: float = -8.0  # mhc / mhc_lite / kromhc: off-identity H_res logit at init
-    gate_init: float = 0.01  # mhc / mhc_lite / kromhc: the alpha gates at init
-    coeff_norm: str = "flat"  # mhc / mhc_lite / kromhc: "flat" (mHC Eq. 7) | "stream" (each stream normed alone)
-    hc_eps: float = 1e-6  # mhc_v4 and readout="hc_head": DeepSeek-V4's eps (H_pre, Sinkhorn, readout weights)
-    hc_branch_init_scale_sqrt_n: bool = False  # HC paper: output projections' init std x sqrt(n)
-    # activation memory: "none" saves what backward needs; "connections" recomputes the connections'
-    # coefficients and pre-mix in backward (torch path; the fused kernels always do); "blocks"
-    # recomputes whole blocks (torch.utils.checkpoint), saving only each block's input streams
-    recompute: str = "none"
-    nanochat_init: str = "e1770a3"  # arch nanochat: "e1770a3" (2025-12) | "48abd7d" (2026-01-01 on): see the top
-    embedding_dtype: str = "float32"  # arch nanochat: "bfloat16" stores the token embedding in bf16, as nanochat
-
-    def hc_options(self):
-        if self.scheme == "plain":
-            return {}
-        opts = dict(sinkhorn_iters=self.sinkhorn_iters, sinkhorn_end=self.sinkhorn_end,
-                    res_logit_init=self.res_logit_init, gate_init=self.gate_init, hc_eps=self.hc_eps,
-                    coeff_norm=self.coeff_norm)
-        if self.kron_factors is not None:
-            opts["kron_factors"] = tuple(self.kron_factors)
-        return opts
-
-
 # "bfloat16_hc" is the published code's precision under bf16 autocast: its n-stream mixing runs
 # in bf16, so the carried streams are rounded to bf16 at every sublayer, while nanoGPT's plain
 # residual x = x + f(x) stays fp32.
 STREAM_DTYPES = ("float32", "bfloat16", "bfloat16_hc")
 READOUTS = ("mean", "norm_sum", "hc_head")
+RECOMPUTE = ("none", "connections", "blocks")
+GPT2_VOCAB = 50304  # GPT-2's 50,257 tokens padded up to a multiple of 64
+
+
+@dataclass
+class GPTConfig(hc.SchemeConfig):
+    """A model: its residual scheme (hc.SchemeConfig's keys) and the architecture's (the config keys of
+    model.py). Checked when made: a ConfigError names a value outside its declaration."""
+    SECTION = "model (model.py)"
+    arch: str = key("gpt2", "gpt2 (nanoGPT) | nanochat (nanochat's d12-era model: rotary, QK-norm, ReLU^2, softcap; "
+                    "model.py)", choices=ARCHS)
+    n_layer: int = key(12, "transformer blocks", above=0)
+    n_head: int = key(12, "attention heads", above=0)
+    n_embd: int = key(768, "model width (d_model)", above=0)
+    block_size: int = key(1024, "sequence length", above=0)
+    vocab_size: int = key(0, "0 -> the data's tokenizer's vocab rounded up to a multiple of 64 (50304 for GPT-2; "
+                          "a GPTConfig made without data: 50304)", at_least=0)
+    dropout: float = key(0.0, "dropout probability (0 for pretraining)", at_least=0.0, below=1.0)
+    bias: bool = key(True, "biases in the linear layers and LayerNorms (GPT-2)")
+    stream_dtype: str = key("float32", "float32 | bfloat16 | bfloat16_hc (bf16 for n > 1, fp32 for plain): the "
+                            "residual streams", choices=STREAM_DTYPES)
+    readout: str = key("mean", "mean: ln_f(stream mean) | norm_sum: sum of ln_f(each stream) (published code) | "
+                       "hc_head: DeepSeek-V4's learned readout", choices=READOUTS, applies={"scheme": hc.NOT_PLAIN})
+    decay_static: bool = key(False, "also weight-decay hc's and mhc's 2-D static coefficients, as the published code",
+                             applies={"scheme": ("hc", "mhc")})
+    hc_branch_init_scale_sqrt_n: bool = key(False, "HC paper: output projections' init std x sqrt(n)",
+                                            applies={"scheme": hc.NOT_PLAIN})
+    recompute: str = key("none", "none | connections | blocks: recompute activations in backward instead of saving "
+                         "them (connections: the coefficients and pre-mix; blocks: whole blocks)", choices=RECOMPUTE)
+    nanochat_init: str = key("e1770a3", "arch nanochat: e1770a3 (normal, zero unembedding) | 48abd7d (uniform; from "
+                             "2026-01-01)", choices=NANOCHAT_INITS, applies={"arch": ("nanochat",)})
+    embedding_dtype: str = key("float32", "arch nanochat: float32 | bfloat16 (token embedding stored in bf16: "
+                               "nanochat on CUDA)", choices=EMBEDDING_DTYPES, applies={"arch": ("nanochat",)})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.vocab_size == 0:
+            self.vocab_size = GPT2_VOCAB
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"config key 'n_embd' ({self.n_embd}) must be divisible by 'n_head' ({self.n_head})")
+        if self.readout == "hc_head" and self.n_streams < 2:
+            raise ConfigError(f"readout 'hc_head' weighs n streams: it takes an n-stream scheme (n_streams >= 2), "
+                              f"got scheme={self.scheme!r} with n_streams={self.n_streams}; use readout='mean'")
+        if self.arch == "nanochat":
+            for name in ("bias", "dropout", "hc_branch_init_scale_sqrt_n"):
+                value = getattr(self, name)
+                if value:
+                    raise ConfigError(f"config key {name!r}: arch 'nanochat' has no biases, no dropout and "
+                                      f"zero-initialised output projections: set {name}="
+                                      f"{'False' if isinstance(value, bool) else 0} (got {name}={value!r})")
+        if self.embedding_dtype != "float32" and self.arch != "nanochat":
+            raise ConfigError(f"embedding_dtype {self.embedding_dtype!r} is nanochat's (arch='nanochat'); GPT-2's "
+                              f"embedding is tied to lm_head: keep embedding_dtype='float32'")
 
 
 class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.vocab_size is not None
-        assert config.block_size is not None
-        if config.stream_dtype not in STREAM_DTYPES:
-            raise ValueError(f"stream_dtype must be one of {STREAM_DTYPES}, got {config.stream_dtype!r}")
-        if config.readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {config.readout!r}")
-        if config.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {config.arch!r}")
-        if config.recompute not in RECOMPUTE:
-            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {config.recompute!r}")
-        if config.readout == "hc_head" and config.n_streams < 2:
-            raise ValueError(f"readout 'hc_head' weighs n streams: it takes an n-stream scheme (n_streams >= 2), got "
-                             f"scheme={config.scheme!r} with n_streams={config.n_streams}; use readout='mean'")
-        if config.nanochat_init not in NANOCHAT_INITS:
-            raise ValueError(f"nanochat_init must be one of {NANOCHAT_INITS}, got {config.nanochat_init!r}")
-        if config.embedding_dtype not in EMBEDDING_DTYPES:
-            raise ValueError(f"embedding_dtype must be one of {EMBEDDING_DTYPES}, got {config.embedding_dtype!r}")
-        if config.embedding_dtype != "float32" and config.arch != "nanochat":
-            raise ValueError(f"embedding_dtype {config.embedding_dtype!r} is nanochat's (arch='nanochat'); GPT-2's "
-                             f"embedding is tied to lm_head: keep embedding_dtype='float32'")
         self.config = config
         self.stream_dtype = torch.bfloat16 if config.stream_dtype == "bfloat16" or (
             config.stream_dtype == "bfloat16_hc" and config.n_streams > 1) else torch.float32
@@ -290,7 +275,7 @@ class GPT(nn.Module):
         for c in self.connections():
             c.recompute = config.recompute == "connections"
         if config.readout == "hc_head":  # built last: its init draws leave the rest of the model as with "mean"
-            self.hc_head = hc.HCHead(config.n_embd, config.n_streams, hc_eps=config.hc_eps)
+            self.hc_head = hc.HCHead(config.n_embd, config.n_streams, config.hc_eps)
 
     def _build_gpt2(self):
         config = self.config
@@ -328,13 +313,6 @@ class GPT(nn.Module):
 
     def _build_nanochat(self):
         config = self.config
-        unsupported = {"bias": config.bias, "dropout": config.dropout,
-                       "hc_branch_init_scale_sqrt_n": config.hc_branch_init_scale_sqrt_n}
-        for key, value in unsupported.items():
-            if value:
-                raise ValueError(f"arch 'nanochat' has no biases, no dropout and zero-initialised output "
-                                 f"projections: set {key}={'False' if isinstance(value, bool) else 0} "
-                                 f"(got {key}={value!r})")
         head_dim = config.n_embd // config.n_head
         if config.n_embd % config.n_head or head_dim % 2:
             raise ValueError(f"arch 'nanochat' needs an even head size n_embd / n_head for the rotary pairs, "
@@ -458,89 +436,6 @@ class GPT(nn.Module):
             ids |= {id(p) for c in conns for p in c.static_decay_parameters()}
         return ids
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
-        """AdamW. Decayed: the 2-D weights of embeddings, attention and MLP (nanoGPT's rule) and
-        the connections' dynamic projections (conn.decay_parameters()), plus, with decay_static,
-        the static coefficients the published code decays (conn.static_decay_parameters()). Not
-        decayed: norms, biases, and the connections' other static coefficients and gates."""
-        conn_params = {id(p) for c in self.hc_modules() for p in c.parameters()}
-        conn_decay = self.connection_decay_ids()
-        decay, no_decay = [], []
-        for p in self.parameters():  # tied weights appear once
-            if not p.requires_grad:
-                continue
-            if id(p) in conn_params:
-                (decay if id(p) in conn_decay else no_decay).append(p)
-            else:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        optim_groups = [  # base_lr: the lr the schedule multiplies (train.py)
-            {'params': decay, 'weight_decay': weight_decay, 'base_lr': learning_rate},
-            {'params': no_decay, 'weight_decay': 0.0, 'base_lr': learning_rate},
-        ]
-        fused_available = 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        use_fused = fused_available and device_type == 'cuda'
-        extra_args = dict(fused=True) if use_fused else dict()
-        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, eps=eps, **extra_args)
-
-    def configure_muon(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, hc_lr=6e-4,
-                       hc_optimizer="adamw", weight_decay=0.0, betas=(0.8, 0.95), eps=1e-10, momentum=0.95,
-                       device_type="cpu", muon_weight_decay=0.0):
-        """nanochat's optimizer (nanochat/gpt.py setup_optimizers at e1770a3), arch="nanochat" only:
-
-            Muon  (lr matrix_lr, nesterov momentum, muon_weight_decay)  the blocks' 2-D matrices
-            AdamW (betas, eps, weight_decay), lr x (n_embd / 768)^-0.5  unembedding: unembedding_lr
-                                                                        embedding:   embedding_lr
-        The connections' parameters (their placement in KromHC's runs is not public), and hc_head's,
-        go to AdamW at hc_lr, unscaled, weight decay on the dynamic projections only (hcgpt's AdamW
-        rule); hc_optimizer="muon" moves their 2-D dynamic projections to Muon at matrix_lr.
-        muon_weight_decay (nanochat at e1770a3 .. ae0bf52: none) is torch's decoupled decay,
-        p <- p (1 - lr wd) every step, on every Muon group; nanochat's Muon decay from 2c4473d
-        (2026-01-11) is another rule: cautious (only where update and weight agree in sign) and
-        ramped linearly to 0 over the run.
-        Every group carries its name and base_lr, the lr the schedule multiplies (train.py)."""
-        if self.config.arch != "nanochat":
-            raise ValueError(f"optimizer 'muon' is nanochat's optimizer: it takes arch='nanochat', got "
-                             f"arch={self.config.arch!r} (it has no lr for GPT-2's LayerNorms, biases and tied "
-                             f"embedding)")
-        if not hasattr(torch.optim, "Muon"):
-            raise ValueError(f"optimizer 'muon' needs torch.optim.Muon, in torch >= 2.9; this is torch "
-                             f"{torch.__version__}")
-        if hc_optimizer not in ("adamw", "muon"):
-            raise ValueError(f"hc_optimizer must be 'adamw' or 'muon', got {hc_optimizer!r}")
-        conns = self.hc_modules()
-        conn_ids = {id(p) for c in conns for p in c.parameters()}
-        conn_decay = self.connection_decay_ids()
-        conn_muon = [p for c in conns for p in c.decay_parameters() if p.dim() == 2] if hc_optimizer == "muon" else []
-        muon_ids = {id(p) for p in conn_muon}
-        matrices = [p for p in self.transformer.h.parameters() if id(p) not in conn_ids]
-        assert all(p.dim() == 2 for p in matrices)  # no norms weights, no biases: only matrices
-        conn_rest = [p for c in conns for p in c.parameters() if id(p) not in muon_ids]
-        scale = (self.config.n_embd / 768) ** -0.5  # nanochat tuned the AdamW lrs at 768 wide
-        muon_groups = [dict(name="matrices", params=matrices, base_lr=matrix_lr)]
-        if conn_muon:
-            muon_groups.append(dict(name="hc_matrices", params=conn_muon, base_lr=matrix_lr))
-        adamw_groups = [
-            dict(name="unembedding", params=[self.lm_head.weight], base_lr=unembedding_lr * scale,
-                 weight_decay=weight_decay),
-            dict(name="embedding", params=[self.transformer.wte.weight], base_lr=embedding_lr * scale,
-                 weight_decay=weight_decay),
-            dict(name="hc_decay", params=[p for p in conn_rest if id(p) in conn_decay], base_lr=hc_lr,
-                 weight_decay=weight_decay),
-            dict(name="hc", params=[p for p in conn_rest if id(p) not in conn_decay], base_lr=hc_lr,
-                 weight_decay=0.0),
-        ]
-        adamw_groups = [g for g in adamw_groups if g["params"]]  # plain has no connection parameters
-        for g in muon_groups + adamw_groups:
-            g["lr"] = g["base_lr"]
-        # torch's Muon: nesterov momentum, Newton-Schulz in bf16 with Keller Jordan's quintic
-        # coefficients, lr x sqrt(max(1, rows / cols)) ("original"): nanochat's Muon; its default
-        # weight decay is 0.1, nanochat's none
-        muon = torch.optim.Muon(muon_groups, lr=matrix_lr, weight_decay=muon_weight_decay, momentum=momentum,
-                                nesterov=True, adjust_lr_fn="original")
-        fused = dict(fused=True) if device_type == "cuda" else {}
-        adamw = torch.optim.AdamW(adamw_groups, lr=embedding_lr, betas=betas, eps=eps, **fused)
-        return MuonAdamW(muon, adamw)
-
     def estimate_flops_per_token(self, seq_len):
         """Model FLOPs per token of a training step (forward + backward): 6 x (parameters except
         the embedding lookups: num_params()) + 12 x layers x d_model x seq_len (PaLM appendix B)."""
@@ -573,30 +468,3 @@ class GPT(nn.Module):
                 if bool(done.all()):
                     break
         return idx
-
-
-class MuonAdamW:
-    """Muon and AdamW stepped as one optimizer: the interface train.py uses (param_groups, step,
-    zero_grad, state_dict, load_state_dict). Muon's groups come first."""
-
-    def __init__(self, muon, adamw):
-        self.muon, self.adamw = muon, adamw
-
-    @property
-    def param_groups(self):
-        return self.muon.param_groups + self.adamw.param_groups
-
-    def step(self):
-        self.muon.step()
-        self.adamw.step()
-
-    def zero_grad(self, set_to_none=True):
-        self.muon.zero_grad(set_to_none=set_to_none)
-        self.adamw.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
-    def load_state_dict(self, state):
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])

@@ -1,7 +1,7 @@
 """A run's setting: what the seeds of one experiment share, so that runs can be grouped and compared.
 
-    setting       the config keys that define the experiment (all but EXCLUDED), with the config
-                  name and the data identity -> a dict
+    setting       the config keys that define the experiment (all but those declared setting=<why not>,
+                  keys.key), with the config name and the data identity -> a dict
     setting_name  its short name, "<config>-<scheme>-n<n>-<hash of the whole setting>": the wandb
                   group (tracking.py) and the group of scripts/compare.py and plot_runs.py --groups
     changed_keys  the keys in which two settings differ (to say why two runs are not one group)
@@ -13,7 +13,7 @@
 Two runs are seeds of one setting when they differ only in `seed` (init and dropout), `data_seed`
 (the data order) and keys that change neither the trained weights nor a logged number: names and
 paths, tracking, checkpoint and log cadence, resume mechanics, and which optional evaluations run
-(EXCLUDED says why for each). Everything else is in the setting, also the keys that change a result
+(each such key's declaration says why). Everything else is in the setting, also the keys that change a result
 only in its last bits (device, dtype, compile, fused, recompute, eval_batch_size): comparing those is
 an experiment too. The data enters by its identity (data_id: the preparation fingerprint and shard
 list) rather than its path, so the same shards under two paths are one setting.
@@ -25,19 +25,6 @@ import math
 import os
 import sys
 
-EXCLUDED = {
-    "seed": "varies within a group: the init and dropout",
-    "data_seed": "varies within a group with --vary-data: the data order",
-    "out_dir": "a path", "data_dir": "a path (the data enter by data_id)", "hellaswag_file": "a path",
-    "core_bundle_dir": "a path",
-    "wandb_log": "tracking", "wandb_project": "tracking", "wandb_run_name": "a name", "wandb_mode": "tracking",
-    "wandb_group": "tracking (it overrides the group, not the setting)", "wandb_tags": "tracking",
-    "eval_interval": "when evals run, not what is trained or measured (compare.py checks the steps match)",
-    "log_interval": "log cadence", "checkpoint": "checkpoint cadence", "keep_checkpoints": "checkpoint cadence",
-    "resume": "resume mechanics", "resume_from": "resume mechanics", "overwrite": "resume mechanics",
-    "hellaswag": "whether an optional eval runs (compare.py names a run that lacks a metric)",
-    "final_hellaswag": "whether an optional eval runs", "final_core": "whether an optional eval runs",
-}
 IDENTITY = ("config_name", "data_id", "tokenizer")  # log-header facts that are part of the setting
 
 
@@ -54,11 +41,11 @@ def _canonical(v):
     return str(v)
 
 
-def setting(header, defaults):
-    """The setting of a run from its log header (train.py's config plus the run's facts): every key
-    of defaults (train.DEFAULTS) but EXCLUDED, a key the header lacks (a run older than the key)
-    at its default, and the IDENTITY facts the header has."""
-    items = {k: header.get(k, defaults[k]) for k in defaults if k not in EXCLUDED}
+def setting(header, keys):
+    """The setting of a run from its log header (train.py's config plus the run's facts): every key of keys
+    (config.KEYS) that its declaration keeps in the setting, a key the header lacks (a run older than the
+    key) at its default, and the IDENTITY facts the header has."""
+    items = {name: header.get(name, k.default) for name, k in keys.items() if k.setting is True}
     items.update({k: header[k] for k in IDENTITY if header.get(k) is not None})
     return items
 

@@ -21,12 +21,33 @@ import json
 import math
 import os
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 
 from common import env_seconds
 from data import tokenizer as toklib
-from configurator import ConfigError
+from errors import ConfigError
+from keys import check, key
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (the config keys of tracking.py; none is part of a run's setting)."""
+    SECTION = "wandb (tracking.py)"
+    wandb_log: bool = key(False, "log to Weights & Biases", setting="tracking")
+    wandb_project: str = key("hcgpt", "wandb project", applies={"wandb_log": (True,)}, setting="tracking")
+    wandb_run_name: str = key("", '"" -> <config>-<scheme>-n<n_streams>-s<seed>[-d<data_seed>]; also names out_dir',
+                              setting="a name")
+    wandb_mode: str = key("online", "online | offline | disabled", choices=("online", "offline", "disabled"),
+                          applies={"wandb_log": (True,)}, setting="tracking")
+    wandb_group: str = key("", '"" -> the run\'s setting (setting.py): the seeds of one experiment share it',
+                           setting="tracking (it overrides the group, not the setting)")
+    wandb_tags: str = key("", 'comma-separated; "" -> scheme, n<n>, arch, optimizer, dataset, tokenizer',
+                          setting="tracking")
+
+    def __post_init__(self):
+        check(self)
 
 
 MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline", "run": "online"}
@@ -50,21 +71,21 @@ def announce(h, meta, horizon, skipped):
         print(f"note: {msg}")
 
 
-def resolve_mode(cfg):
-    """Set cfg["wandb_mode"] to the mode wandb will run in. The rule: WANDB_MODE in the environment,
-    when set, wins over the config (as with wandb's other variables: a job script that exports
-    WANDB_MODE=offline for nodes without network means it). -> a note for the user, or None."""
+def resolve_mode(wc):
+    """Set wc.wandb_mode (a WandbConfig) to the mode wandb will run in. The rule: WANDB_MODE in the
+    environment, when set, wins over the config (as with wandb's other variables: a job script that
+    exports WANDB_MODE=offline for nodes without network means it). -> a note for the user, or None."""
     env = os.environ.get("WANDB_MODE")
-    if not cfg["wandb_log"] or not env:
+    if not wc.wandb_log or not env:
         return None
     mode = MODES.get(env.strip().lower())
     if mode is None:
         raise ConfigError(f"WANDB_MODE={env!r} in the environment is not a wandb mode; set it to online, offline "
-                          f"or disabled, or unset it to use wandb_mode ({cfg['wandb_mode']!r})")
-    if mode == cfg["wandb_mode"]:
+                          f"or disabled, or unset it to use wandb_mode ({wc.wandb_mode!r})")
+    if mode == wc.wandb_mode:
         return None
-    note = f"WANDB_MODE={env} in the environment overrides wandb_mode={cfg['wandb_mode']!r}: wandb runs {mode}"
-    cfg["wandb_mode"] = mode
+    note = f"WANDB_MODE={env} in the environment overrides wandb_mode={wc.wandb_mode!r}: wandb runs {mode}"
+    wc.wandb_mode = mode
     return note
 
 
@@ -75,11 +96,11 @@ def init_timeout():
         raise ConfigError(str(e)) from None
 
 
-def check_wandb(cfg):
+def check_wandb(wc):
     """wandb online needs an API key: say so now, not after the first eval or in a prompt on a cluster node.
-    cfg["wandb_mode"] is resolve_mode's."""
+    wc: the WandbConfig, its wandb_mode resolve_mode's."""
     init_timeout()
-    if not cfg["wandb_log"] or cfg["wandb_mode"] != "online":
+    if not wc.wandb_log or wc.wandb_mode != "online":
         return
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return
@@ -176,15 +197,15 @@ def wandb_metrics(record):
     if kind not in SECTIONS:
         return {}
     row = {"tokens": record["tokens"]}
-    for key, v in record.items():
-        if key in ("type", "step", "tokens"):
+    for name, v in record.items():
+        if name in ("type", "step", "tokens"):
             continue
-        if key == "diag" and isinstance(v, dict):
+        if name == "diag" and isinstance(v, dict):
             row.update({f"diag/{k}": x for k, x in v.items() if _number(x)})
         elif isinstance(v, dict):
-            row.update({f"{wandb_key(kind, key)}/{k}": x for k, x in v.items() if _number(x)})
+            row.update({f"{wandb_key(kind, name)}/{k}": x for k, x in v.items() if _number(x)})
         elif _number(v):
-            row[wandb_key(kind, key)] = v
+            row[wandb_key(kind, name)] = v
     return row
 
 
@@ -229,13 +250,12 @@ def hres_image(diag):
 
 
 
-def log_to_run(cfg, run_id, data, step_metric, run_group=None):
-    """Add data to the finished wandb run run_id (resumed, in its group; cfg: the run's config from its
-    checkpoint, wandb_mode honoured, WANDB_MODE overriding it as in train.py). The keys of data are plotted
-    against data[step_metric] (the checkpoint's step), since the run's own step has moved past it."""
-    mode = MODES.get(os.environ.get("WANDB_MODE", "").strip().lower()) or cfg.get("wandb_mode", "online")
-    run = init_run(project=cfg.get("wandb_project", "hcgpt"), name=cfg.get("wandb_run_name") or None, id=run_id,
-                   mode=mode, group=run_group)
+def log_to_run(project, name, mode, run_id, data, step_metric, run_group=None):
+    """Add data to the finished wandb run run_id of project (resumed under its name, in its group; mode: its
+    wandb_mode, WANDB_MODE overriding it as in train.py). The keys of data are plotted against data[step_metric]
+    (the checkpoint's step), since the run's own step has moved past it."""
+    mode = MODES.get(os.environ.get("WANDB_MODE", "").strip().lower()) or mode
+    run = init_run(project=project, name=name or None, id=run_id, mode=mode, group=run_group)
     try:
         prefix = step_metric.split("/")[0]
         run.define_metric(step_metric, hidden=True)

@@ -20,14 +20,41 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from data import shards as shardlib
+from data.sources import DATA_ROOT, prepare_command
+from errors import ConfigError
+from keys import check, key
 
-__all__ = ["load_meta", "load_token_bytes", "verify_shards", "data_id", "TrainLoader", "ValLoader"]
+__all__ = ["DataConfig", "load_meta", "load_token_bytes", "verify_shards", "data_id", "TrainLoader", "ValLoader"]
+
+
+def _data_seed(v):
+    return None if -1 <= v < 2**31 else f"in [0, 2**31), or -1 for the seed, got {v}"
+
+
+@dataclass
+class DataConfig:
+    """What a run trains on and how its batches are made (the config keys of data/loader.py)."""
+    SECTION = "data (data/loader.py)"
+    dataset: str = key("pydocs", "data/<dataset>, made by `python data/prepare.py <dataset>`")
+    data_dir: str = key("", "overrides the dataset's directory", path=True, setting="a path (the data enter by data_id)")
+    batch_size: int = key(16, "sequences per GPU per micro-step", above=0)
+    total_batch_tokens: int = key(524_288, "tokens per optimizer step, all GPUs and micro-steps together", above=0)
+    data_seed: int = key(-1, "data order seed (the train windows' shuffle), in [0, 2**31); -1 -> seed",
+                         check=_data_seed, setting="varies within a group with --vary-data: the data order")
+
+    def __post_init__(self):
+        check(self)
+        if not (self.dataset or self.data_dir):
+            raise ConfigError("config key 'dataset' is empty; name a prepared dataset (--dataset=pydocs) or set "
+                              "'data_dir'")
+        self.data_dir = self.data_dir or str(DATA_ROOT / self.dataset)
 
 META_FORMAT = "hcgpt-token-shards/1"
 
@@ -66,6 +93,29 @@ def load_meta(data_dir) -> dict:
                          f"{meta.get('format')!r}, missing {missing}); re-run "
                          f"`{_prepare_cmd(data_dir, meta, restart=True)}`")
     return meta
+
+
+def prepared(data_dir, dataset):
+    """(meta.json, the tokenizer a checkpoint of it carries) of the dataset a run trains on; a ConfigError
+    with the command that prepares it when it is not there, or naming what is wrong with it."""
+    from data import tokenizer as toklib
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        base = dataset.split("-")[0]  # fineweb_edu-65536: fineweb_edu with tokenizer fineweb_edu-65536
+        if base == dataset:
+            how = f"`{prepare_command(data_dir, {'dataset': dataset})}`"
+        else:
+            how = (f"`python data/prepare.py {base} --tokenizer data/tokenizers/{dataset}.tiktoken`, after "
+                   f"`python data/tokenizer.py train {base} ...` (docs/reproduce-d12.md)")
+        raise ConfigError(f"config key 'dataset': {data_dir} has no meta.json; prepare it with {how} (or "
+                          f"point 'data_dir' at a prepared directory)")
+    try:
+        meta = load_meta(data_dir)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"config key 'data_dir': {e}") from None
+    try:  # a trained tokenizer's copy is there and is the recorded one
+        return meta, toklib.checkpoint_record(data_dir, meta)
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
 
 
 def load_token_bytes(data_dir) -> torch.Tensor:
@@ -195,10 +245,10 @@ class TrainLoader:
                 "num_windows": int(self.num_windows)}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("seed", self.seed), ("seq_len", self.T), ("num_windows", self.num_windows)):
-            if int(state[key]) != mine:
+        for name, mine in (("seed", self.seed), ("seq_len", self.T), ("num_windows", self.num_windows)):
+            if int(state[name]) != mine:
                 raise ValueError(
-                    f"cannot resume the train loader: checkpoint has {key}={state[key]}, this run has "
+                    f"cannot resume the train loader: checkpoint has {name}={state[name]}, this run has "
                     f"{mine} (data dir {self.stream.data_dir}); resume with the same data, seq_len and seed")
         self.consumed = int(state["consumed_windows"])
 

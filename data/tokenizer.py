@@ -335,7 +335,7 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def save_bpe(enc: Tokenizer, path, info: dict | None = None, overwrite=False) -> dict:
+def save_bpe(enc: Tokenizer, path, info: dict | None = None, replace=False) -> dict:
     """Write enc's rank file to path and its metadata to path with .json -> the metadata.
     An existing file is an error unless overwrite (each file is written to a temporary name and
     renamed)."""
@@ -343,7 +343,7 @@ def save_bpe(enc: Tokenizer, path, info: dict | None = None, overwrite=False) ->
     if path.suffix == ".json":
         raise ValueError(f"--out {path}: name the rank file (e.g. .tiktoken); its metadata goes to a .json beside it")
     for p in (path, _sidecar(path)):
-        if p.exists() and not overwrite:
+        if p.exists() and not replace:
             raise ValueError(f"{p} already exists; pass another --out, or --force to replace it")
     data = rank_file_bytes(enc)
     meta = {"format": BPE_FORMAT, "name": enc.name, "rank_file": path.name, "rank_file_sha256": _sha256(data),
@@ -513,7 +513,7 @@ def _train_main(args) -> int:
             "trained_on": {"dataset": args.dataset, "source": source, "split": "train", "val_fraction": val_fraction,
                            "seed": seed, "doc_cap": args.doc_cap, "max_chars": args.max_chars, **stats},
             "train_seconds": round(dt, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    meta = save_bpe(enc, out, info, overwrite=args.force)
+    meta = save_bpe(enc, out, info, replace=args.force)
     print(f"trained {enc.n_vocab:,} tokens on {stats['documents']:,} documents ({stats['chars']:,} characters) of "
           f"{args.dataset} in {dt:.1f}s -> {out} (sha256 {meta['rank_file_sha256'][:12]}...) and {_sidecar(out)}")
     return 0

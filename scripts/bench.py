@@ -23,7 +23,7 @@ every step (train.py's former loss.item() / grad_norm.item()): column "ms +sync"
 three times, alternating, medians reported). Forward and backward ms are timed inside the timed
 steps (CUDA events, no host sync); the rest of a step is clipping, the flag and AdamW.
 
---peers (docs/peers.md): one run times plain; hcgpt's torch path (hc.FUSED "off") and fused path
+--peers (docs/peers.md): one run times plain; hcgpt's torch path (fused "off") and fused path
 ("on") for every scheme; Liger-Kernel's LigerMHC and lucidrains' HC and mHC wired into the same
 model (scripts/peers.py). A peer that is not installed is a row that says so. --tiny: those rows
 (or the scheme rows) at toy sizes on the CPU, the fused kernels and Liger's in Triton's interpreter:
@@ -44,9 +44,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hc  # noqa: E402
 import hc_verify  # noqa: E402
+import optim  # noqa: E402
 from scripts import peers  # noqa: E402  (imports no peer until a row needs it)
 from common import HelpFormatter, bf16_peak, flag_nonfinite  # noqa: E402
+from errors import ConfigError  # noqa: E402
 from model import GPT, GPTConfig, RECOMPUTE  # noqa: E402
+from optim import OptimConfig  # noqa: E402
 
 MODELS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512),      # CPU, tests
@@ -89,17 +92,21 @@ class Marks:
         return sum(ms) / len(ms)
 
 
-def bench_one(scheme, recompute, args, device, peer=None):
-    """One model's row; peer: a key of peers.PEERS whose connections replace hcgpt's."""
+def model_config(scheme, args, recompute, fused=None):
+    """The GPTConfig of one row: --model's shape at --seq-len, the scheme at --n-streams, fused (--fused)."""
+    return GPTConfig(**MODELS[args.model], block_size=args.seq_len, scheme=scheme, recompute=recompute,
+                     n_streams=1 if scheme == "plain" else args.n_streams, stream_dtype=args.stream_dtype,
+                     sinkhorn_iters=args.sinkhorn_iters, fused=fused or args.fused)
+
+
+def bench_one(scheme, recompute, args, device, peer=None, fused=None):
+    """One model's row; peer: a key of peers.PEERS whose connections replace hcgpt's; fused: the row's path."""
     torch.manual_seed(args.seed)
-    cfg = dict(MODELS[args.model])
-    cfg = GPTConfig(**cfg, block_size=args.seq_len, dropout=0.0, scheme=scheme, recompute=recompute,
-                    n_streams=1 if scheme == "plain" else args.n_streams, stream_dtype=args.stream_dtype,
-                    sinkhorn_iters=args.sinkhorn_iters)
+    cfg = model_config(scheme, args, recompute, fused)
     model = GPT(cfg).to(device)
     if peer:
-        peers.wire(model, peer, sinkhorn_iters=args.sinkhorn_iters)
-    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
+        peers.wire(model, peer)
+    optimizer = optim.build(model, OptimConfig(weight_decay=0.1, learning_rate=6e-4), device.type)
     check = hc_verify.verify_fused(model, tokens=args.verify_tokens,
                                    autocast_dtype=torch.bfloat16 if args.dtype == "bfloat16" else None)
     if peer:
@@ -176,8 +183,7 @@ def bench_one(scheme, recompute, args, device, peer=None):
 
 def run(args):
     device = torch.device(args.device)
-    hc.FUSED = args.fused
-    if device.type == "cuda":  # as train.py; the fused kernels follow it (a process-wide setting: CUDA only)
+    if device.type == "cuda":  # as train.py
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     results = []
@@ -221,9 +227,8 @@ def run_peers(args):
         if why:
             rows.append(dict(row, note=why))
             continue
-        hc.FUSED = fused
         try:
-            r = bench_one(scheme, "none", args, device, peer=peer)
+            r = bench_one(scheme, "none", args, device, peer=peer, fused=fused)
             rows.append(dict(row, path=r["path"], ms=r["ms_per_step"], fwd_ms=r["fwd_ms"], bwd_ms=r["bwd_ms"],
                              peak_gib=r["peak_mem_gib"], params=r["params"], loss=r["loss"]))
         except Exception as e:   # one row's failure (out of memory, a peer that does not compile) is that row's
@@ -233,8 +238,6 @@ def run_peers(args):
             torch._dynamo.reset()
             msg = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else f"{type(e).__name__}: {e}"
             rows.append(dict(row, error=msg.strip().splitlines()[0][:300]))
-        finally:
-            hc.FUSED = args.fused
     base = rows[0]
     for r in rows:
         ok = "ms" in r and "ms" in base
@@ -288,7 +291,7 @@ def table(report):
     c = report["config"]
     lines = [f"{c['device']}, torch {c['torch']}: model {c['model']} ({c['n_layer']} layers, d_model {c['n_embd']}), "
              f"B {c['batch_size']}, T {c['seq_len']}, {c['dtype']} compute, {c['stream_dtype']} streams, "
-             f"{'compiled' if c['compile'] else 'eager'}, hc.FUSED={c['fused']}, "
+             f"{'compiled' if c['compile'] else 'eager'}, fused={c['fused']}, "
              f"{c['warmup']} warmup + {c['steps']} timed steps", "",
              "| scheme | n | path | ms/step | x plain | tokens/s | MFU | peak GiB | mem x plain |"
              + (" ms +sync |" if c.get("sync_compare") else ""),
@@ -326,7 +329,7 @@ def main(argv=None):
                     help="compute: bf16 autocast or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--stream-dtype", choices=["bfloat16", "float32"], default=None,
                     help="residual stream dtype, plain and n-stream alike (default: the compute dtype)")
-    ap.add_argument("--fused", choices=["auto", "on", "off"], default="auto", help="hc.FUSED (train.py's fused key)")
+    ap.add_argument("--fused", choices=["auto", "on", "off"], default="auto", help="the connections' fused path (train.py's fused key)")
     ap.add_argument("--recompute", nargs="+", choices=RECOMPUTE, default=["none"],
                     help="activation recomputation (train.py's recompute key); several: one row each")
     ap.add_argument("--sync-compare", action="store_true",
@@ -378,8 +381,11 @@ def main(argv=None):
         os.environ["TRITON_INTERPRET"] = "1"
     stream_dtype = torch.bfloat16 if args.stream_dtype == "bfloat16" else torch.float32
     for scheme in args.schemes:  # train.py's refusals, before anything is built or timed
-        why = hc_verify.setup_error(scheme, 1 if scheme == "plain" else args.n_streams, MODELS[args.model]["n_embd"],
-                                    args.fused, torch.device(args.device).type, stream_dtype)
+        try:
+            why = hc_verify.setup_error(model_config(scheme, args, "none"), MODELS[args.model]["n_embd"],
+                                        torch.device(args.device).type, stream_dtype)
+        except ConfigError as e:   # a scheme that cannot take this n, ...
+            why = str(e)
         if why:
             ap.error(f"--schemes {scheme} --n-streams {args.n_streams} --fused {args.fused}: {why}")
     report = run_peers(args) if args.peers else run(args)

@@ -39,7 +39,8 @@ sys.path.insert(0, REPO)
 import setting  # noqa: E402
 import tracking  # noqa: E402
 from common import HelpFormatter  # noqa: E402
-from configurator import ConfigError  # noqa: E402
+import config  # noqa: E402
+from errors import ConfigError  # noqa: E402
 from rundir import read_log  # noqa: E402
 
 DEFAULT_METRICS = ["val_loss", "val_bpb"]
@@ -69,7 +70,7 @@ def direction(metric, lower=(), higher=()):
 # -----------------------------------------------------------------------------
 # runs and groups
 
-def load_run(path, defaults):
+def load_run(path, keys):
     """A run directory (or its log.jsonl) -> {"dir", "header", "setting", "name", "seed", "data_seed",
     "values": {step: {metric: value}}, "max_iters", "last_step", "diverged", "warnings"}."""
     log = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
@@ -85,8 +86,8 @@ def load_run(path, defaults):
     if not headers:
         raise CompareError(f"{log}: no config record; not a train.py log")
     header, warnings = headers[-1], []  # a resume may change keys (e.g. max_iters): the last header ran last
-    items = setting.setting(header, defaults)
-    first = setting.setting(headers[0], defaults)
+    items = setting.setting(header, keys)
+    first = setting.setting(headers[0], keys)
     if setting.changed_keys(first, items):
         warnings.append(f"{path}: its setting changed at a resume ({', '.join(setting.changed_keys(first, items))}); "
                         f"grouped by the last one")
@@ -248,10 +249,10 @@ def verdict(res, good, confidence):
     return "better" if up == (good == "higher") else "worse"
 
 
-def compare(paths, defaults, metrics=None, step=None, baseline=None, confidence=0.95, lower=(), higher=()):
+def compare(paths, keys, metrics=None, step=None, baseline=None, confidence=0.95, lower=(), higher=()):
     """The whole comparison as one JSON-able dict: groups, their statistics, the paired differences."""
     metrics = [_log_name(m) for m in (metrics or DEFAULT_METRICS)]
-    runs = [load_run(p, defaults) for p in paths]
+    runs = [load_run(p, keys) for p in paths]
     warnings = [w for r in runs for w in r["warnings"]]
     groups = group_runs(runs)
     check_data(groups)
@@ -375,9 +376,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.confidence < 1:
         p.error(f"--confidence must be in (0, 1), got {args.confidence}")
-    import train
     try:
-        result = compare(run_paths(args.runs), train.DEFAULTS, args.metric, args.step, args.baseline, args.confidence,
+        result = compare(run_paths(args.runs), config.KEYS, args.metric, args.step, args.baseline, args.confidence,
                          args.lower, args.higher)
     except CompareError as e:
         print(f"compare.py: error: {e}", file=sys.stderr)

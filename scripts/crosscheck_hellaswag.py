@@ -24,8 +24,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import HelpFormatter, autocast, check_device, positive_int, run_cli  # noqa: E402
-from rundir import load_model, load_tokenizer  # noqa: E402
+import runtime  # noqa: E402
+from checkpoint import load_model, load_tokenizer  # noqa: E402
+from common import HelpFormatter, positive_int, run_cli  # noqa: E402
 
 
 def main(argv=None):
@@ -44,10 +45,10 @@ def main(argv=None):
 
 def _main(args):
     import harness
-    device = check_device(args.device)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    rt = runtime.for_script(args.device, args.dtype)
+    device = rt.device
     model, meta = load_model(args.ckpt, device)
-    lm = harness.HcgptLM(model, load_tokenizer(meta), device, args.batch_size, autocast(device_type, args.dtype))
+    lm = harness.HcgptLM(model, load_tokenizer(meta), device, args.batch_size, rt.autocast())
     res = harness.crosscheck_hellaswag(lm, args.task, args.limit, args.include_path)
     print(f"{res['n']} items of lm-eval task {res['task']}, checkpoint step {meta.get('step')}")
     print(f"{'':28s} {'acc':>7s} {'acc_norm':>9s}")

@@ -21,7 +21,7 @@ from common import HelpFormatter, run_cli  # noqa: E402
 from data import tokenizer as toklib  # noqa: E402
 from data.loader import load_meta  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from train import ratio_steps  # noqa: E402
+from optim import ratio_steps  # noqa: E402
 
 
 def bytes_per_token(split):

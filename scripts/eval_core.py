@@ -34,10 +34,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import HelpFormatter, autocast, out_file_error, run_cli, setup_device  # noqa: E402
+import runtime  # noqa: E402
+from common import HelpFormatter, out_file_error, run_cli  # noqa: E402
 from evals import (EVAL_BUNDLE_URL, core_line, default_bundle_dir, download_bundle, evaluate_core,  # noqa: E402
                    load_bundle, select_tasks)
-from rundir import load_model, load_tokenizer, resolve_ckpt  # noqa: E402
+from checkpoint import load_model, load_tokenizer, resolve as resolve_ckpt  # noqa: E402
 
 
 def main(argv=None):
@@ -63,7 +64,8 @@ def main(argv=None):
 
 
 def _main(args):
-    device, device_type, rank, world_size = setup_device(args.device)
+    rt = runtime.for_script(args.device, args.dtype)
+    device, rank, world_size = rt.device, rt.rank, rt.world_size
     try:
         bundle = Path(args.bundle_dir) if args.bundle_dir else default_bundle_dir()
         if args.download and rank == 0:
@@ -76,7 +78,7 @@ def _main(args):
         select_tasks(load_bundle(bundle)[0], labels, bundle)  # a bad bundle or label fails before the model loads
         model, meta = load_model(args.ckpt, device)
         enc = load_tokenizer(meta)
-        res = evaluate_core(model, enc, device, bundle, args.max_per_task, labels, autocast(device_type, args.dtype),
+        res = evaluate_core(model, enc, device, bundle, args.max_per_task, labels, rt.autocast(),
                             log=print if rank == 0 else None)
         if rank == 0:
             print(f"{core_line(res)} | step {meta.get('step')}")

@@ -34,9 +34,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import HelpFormatter, autocast, out_file_error, positive_int, run_cli, setup_device  # noqa: E402
+import runtime  # noqa: E402
+from common import HelpFormatter, out_file_error, positive_int, run_cli  # noqa: E402
 from evals import download, evaluate_hellaswag, load_examples  # noqa: E402
-from rundir import load_model, load_tokenizer, resolve_ckpt  # noqa: E402
+from checkpoint import load_model, load_tokenizer, resolve as resolve_ckpt  # noqa: E402
 
 
 def main(argv=None):
@@ -60,7 +61,8 @@ def main(argv=None):
 
 
 def _main(args):
-    device, device_type, rank, world_size = setup_device(args.device)
+    rt = runtime.for_script(args.device, args.dtype)
+    device, rank, world_size = rt.device, rt.rank, rt.world_size
     try:
         if args.data_file is None and rank == 0:
             download(args.split)  # one process downloads, the others wait at the barrier
@@ -72,7 +74,7 @@ def _main(args):
             model = torch.compile(model)
         t0 = time.time()
         res = evaluate_hellaswag(model, examples, device, enc=load_tokenizer(meta), batch_size=args.batch_size,
-                                 ctx=autocast(device_type, args.dtype), rank=rank, world_size=world_size)
+                                 ctx=rt.autocast(), rank=rank, world_size=world_size)
         dt = time.time() - t0
         if rank == 0:
             ckpt = resolve_ckpt(args.ckpt)

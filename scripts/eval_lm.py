@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import HelpFormatter, autocast, check_device, non_negative_int, positive_int, run_cli  # noqa: E402
+import runtime  # noqa: E402
+from common import HelpFormatter, non_negative_int, positive_int, run_cli  # noqa: E402
+import checkpoint  # noqa: E402
 import rundir  # noqa: E402
 
 
@@ -76,28 +78,28 @@ def _main(args):
         print("datasets are in the Hugging Face cache ($HF_HOME, default ~/.cache/huggingface): copy it to the "
               "node without network and run there with HF_DATASETS_OFFLINE=1")
         return None
-    device = check_device(args.device)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    ckpt = rundir.resolve_ckpt(args.ckpt)
-    model, meta = rundir.load_model(ckpt, device)
-    enc = rundir.load_tokenizer(meta)
+    rt = runtime.for_script(args.device, args.dtype)
+    device = rt.device
+    ckpt = checkpoint.resolve(args.ckpt)
+    model, meta = checkpoint.load_model(ckpt, device)
+    enc = checkpoint.load_tokenizer(meta)
     cfg = meta.get("config") or {}
     use_wandb = bool(meta.get("wandb_id")) and cfg.get("wandb_log") and not args.no_wandb
     if use_wandb:  # online without an API key: say so now, not after the evaluation
-        from configurator import ConfigError
-        from tracking import check_wandb
+        from errors import ConfigError
+        from tracking import WandbConfig, check_wandb
         try:
-            check_wandb({"wandb_log": True, "wandb_mode": cfg.get("wandb_mode", "online")})
+            check_wandb(WandbConfig(wandb_log=True, wandb_mode=cfg.get("wandb_mode", "online")))
         except ConfigError:
             raise ValueError(f"the checkpoint's run logs to wandb run {meta['wandb_id']} online, but no wandb API key "
                              f"was found: run `wandb login`, set WANDB_MODE=offline (sync later with `wandb sync`), "
                              f"or pass --no-wandb") from None
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device_type == "cuda" else "float32"
+    dtype = rt.dtype
     mc = model.config
     info = {"hcgpt_ckpt": str(ckpt), "step": meta.get("step"), "tokens": meta.get("tokens"), "arch": mc.arch,
             "scheme": mc.scheme, "n_streams": mc.n_streams, "n_params": model.num_params(non_embedding=False),
             "block_size": mc.block_size, "tokenizer": enc.name, "dtype": dtype}
-    lm = harness.HcgptLM(model, enc, device, args.batch_size, autocast(device_type, dtype), info)
+    lm = harness.HcgptLM(model, enc, device, args.batch_size, rt.autocast(), info)
     t0 = time.time()
     results = harness.evaluate(lm, tasks, args.num_fewshot, args.limit, args.include_path,
                                model_args=f"ckpt={ckpt}")
@@ -120,7 +122,8 @@ def _main(args):
         print(f"note: no log.jsonl beside {ckpt}: the results are only in the JSON file")
     if use_wandb:
         from tracking import log_to_run
-        log_to_run(cfg, meta["wandb_id"], {"lm_eval/step": step, **metrics}, "lm_eval/step", meta.get("wandb_group"))
+        log_to_run(cfg.get("wandb_project", "hcgpt"), cfg.get("wandb_run_name"), cfg.get("wandb_mode", "online"),
+                   meta["wandb_id"], {"lm_eval/step": step, **metrics}, "lm_eval/step", meta.get("wandb_group"))
         print(f"wandb: logged to run {meta['wandb_id']} ({os.environ.get('WANDB_MODE') or cfg.get('wandb_mode')})")
     return results
 

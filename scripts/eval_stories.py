@@ -35,7 +35,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: spinning OpenMP threads starve a shared CPU
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import stories  # noqa: E402
-from common import HelpFormatter, autocast, check_device, non_negative_int, positive_int, run_cli  # noqa: E402
+import runtime  # noqa: E402
+from common import HelpFormatter, non_negative_int, positive_int, run_cli  # noqa: E402
 
 
 def main(argv=None):
@@ -107,12 +108,13 @@ def print_compare(a_path, b_path):
 def generate(args, prompts):
     import torch
 
-    from rundir import load_model, load_tokenizer
+    from checkpoint import load_model, load_tokenizer
 
-    device = check_device(args.device)
+    rt = runtime.for_script(args.device, args.dtype)
+    device = rt.device
     model, meta = load_model(args.ckpt, device)
     enc = load_tokenizer(meta)
-    ctx = autocast("cuda" if device.startswith("cuda") else "cpu", args.dtype)
+    ctx = rt.autocast()
     cfg = meta["model_config"]
     how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, top-k {args.top_k or 'all'}"
     print(f"# {args.ckpt}: {cfg['scheme']} n={cfg['n_streams']}, step {meta.get('step')}; {len(prompts)} beginnings, "
@@ -139,8 +141,8 @@ def default_output(args):
     judge = re.sub(r"[^A-Za-z0-9._-]+", "_", args.judge_model)
     if args.completions:
         return Path(args.completions).parent / f"stories_{judge}.json"
-    from rundir import resolve_ckpt
-    return Path(resolve_ckpt(args.ckpt)).parent / f"stories_{judge}.json"
+    from checkpoint import resolve
+    return Path(resolve(args.ckpt)).parent / f"stories_{judge}.json"
 
 
 def _main(args):

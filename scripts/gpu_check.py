@@ -116,13 +116,13 @@ def markov_task(vocab, batch, T, step, seed=1234):
 
 def train_curve(scheme, t, fused, device, perturb=0.0):
     import torch
-    import hc
     import hc_verify
+    import optim
     from model import GPT, GPTConfig
-    hc.FUSED = fused
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=t["block_size"], vocab_size=t["vocab"], n_layer=t["n_layer"], n_head=t["n_head"],
-                    n_embd=t["n_embd"], scheme=scheme, n_streams=4, sinkhorn_iters=5 if device == "cpu" else 20)
+                    n_embd=t["n_embd"], scheme=scheme, n_streams=4, sinkhorn_iters=5 if device == "cpu" else 20,
+                    fused=fused)
     model = GPT(cfg).to(device)
     if perturb:   # one bf16 rounding's worth of noise on every weight
         g = torch.Generator().manual_seed(99)
@@ -132,7 +132,7 @@ def train_curve(scheme, t, fused, device, perturb=0.0):
     autocast = torch.bfloat16
     if fused == "on" and device == "cuda":   # as train.py does (the compare part covers the interpreter)
         hc_verify.verify_fused(model, autocast_dtype=autocast)
-    opt = model.configure_optimizers(0.1, t["lr"], (0.9, 0.95), device)
+    opt = optim.build(model, optim.OptimConfig(weight_decay=0.1, learning_rate=t["lr"]), device)
     losses = []
     for step in range(t["steps"]):
         lr = t["lr"] * min(1.0, (step + 1) / t["warmup"])
@@ -275,7 +275,6 @@ def main(argv=None):
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU node, or "
               "add --interpret for the same checks at small shapes in Triton's CPU interpreter", file=sys.stderr)
         return 2
-    import hc
     shapes = INTERPRET if args.interpret else GPU
     device = "cpu" if args.interpret else "cuda"
     if device == "cuda":  # as train.py on CUDA; the kernels follow it
@@ -293,7 +292,6 @@ def main(argv=None):
              "compare": lambda: part_compare(shapes, torch.bfloat16),
              "training": lambda: part_training(shapes, device),
              "bench": lambda: part_bench(args.interpret)}
-    saved = hc.FUSED
     for name, run in parts.items():
         if name in args.skip:
             report["parts"][name] = {"ok": False, "reason": "skipped (--skip)"}
@@ -304,8 +302,6 @@ def main(argv=None):
             result = run()
         except Exception as e:   # a part that crashes fails; the others still run
             result = {"ok": False, "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        finally:
-            hc.FUSED = saved
         result["seconds"] = round(time.perf_counter() - t0, 1)
         report["parts"][name] = result
         log(f"gpu_check: {name} {'PASS' if result['ok'] else 'FAIL: ' + str(result['reason'])} ({result['seconds']} s)")

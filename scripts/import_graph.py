@@ -5,9 +5,13 @@ The import graph of hcgpt's own modules: who imports whom, and any cycle.
     python scripts/import_graph.py --dot      # the same as a Graphviz digraph
 
 Every import counts, also one inside a function (a lazy import still ties two modules together).
-The rules it checks (exit status 1 where one is broken): no cycle among the modules, and the
-library (every module outside scripts/ and tests/) imports no script. tests/ are not part of
-the graph.
+The rules it checks (exit status 1 where one is broken), tests/ not being part of the graph:
+- no cycle among the modules;
+- the library (every module outside scripts/) imports no script, and nothing imports train.py;
+- only train.py and the scripts import the config loader (configurator.py), and the evaluations
+  (evals/) import no config at all;
+- no library function takes the whole config: a parameter named `cfg` (the flat dict of every key)
+  is left to train.py, the scripts and config.py, which turns it into the owners' dataclasses.
 """
 
 import argparse
@@ -16,7 +20,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("data", "scripts")
+PACKAGES = ("data", "evals", "scripts")
+CONFIG = ("config", "configurator", "train")   # what a module imports to see the whole config
 
 
 def project_modules(repo=REPO):
@@ -87,6 +92,26 @@ def library_imports_of_scripts(g):
     return [(m, d) for m, deps in g.items() if not m.startswith("scripts.") for d in deps if d.startswith("scripts.")]
 
 
+def config_breaks(g, repo=REPO):
+    """What breaks the config's layering: imports of train.py, of the loader outside train.py and the scripts,
+    of any config by an evaluation, and library functions that take the whole config (a parameter `cfg`)."""
+    bad = [f"{m} imports train.py (a script runs train.py, it does not import it)" for m, deps in g.items()
+           if "train" in deps]
+    bad += [f"{m} imports the config loader (only train.py and the scripts do)" for m, deps in g.items()
+            if "configurator" in deps and m != "train" and not m.startswith("scripts.")]
+    bad += [f"{m} imports {d}: an evaluation takes the values it uses" for m, deps in g.items()
+            if m.startswith("evals.") for d in deps if d in CONFIG]
+    for name, path in project_modules(repo).items():
+        if name in ("train", "config") or name.startswith("scripts."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                    "cfg" in [a.arg for a in node.args.args + node.args.kwonlyargs]:
+                bad.append(f"{path.relative_to(repo)}:{node.lineno}: {node.name}() takes the whole config (cfg); "
+                           f"pass the values it uses, or their owner's dataclass")
+    return bad
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dot", action="store_true", help="print a Graphviz digraph")
@@ -102,10 +127,11 @@ def main(argv=None):
             print(f"{m:24} -> {', '.join(deps) or '-'}")
     bad = [f"cycle: {' <-> '.join(c)}" for c in cycles(g)]
     bad += [f"{m} imports the script {d}" for m, d in library_imports_of_scripts(g)]
+    bad += config_breaks(g)
     for line in bad:
         print(f"import_graph: {line}", file=sys.stderr)
     print(f"{len(g)} modules, {sum(len(d) for d in g.values())} imports, "
-          f"{'no cycle, the library imports no script' if not bad else f'{len(bad)} problem(s)'}")
+          f"{'no cycle, the library imports no script, the config layered' if not bad else f'{len(bad)} problem(s)'}")
     return 1 if bad else 0
 
 

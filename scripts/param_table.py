@@ -53,7 +53,8 @@ def main(argv=None):
     print("|---|---|---|")
     for n in args.n_streams:
         if n > 1:
-            print(f"| hc_head | {n} | {sum(p.numel() for p in hc.HCHead(args.dim, n).parameters()):,} |")
+            head = hc.HCHead(args.dim, n, hc.SchemeConfig.hc_eps)
+            print(f"| hc_head | {n} | {sum(p.numel() for p in head.parameters()):,} |")
 
 
 if __name__ == "__main__":

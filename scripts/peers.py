@@ -40,8 +40,8 @@ class LucidrainsConnection(hc.Connection):
     so no call copies them (the first one materialises the expanded embedding, as the package's own
     expand_stream does)."""
 
-    def __init__(self, mhc, dim, n_streams, layer_idx, sinkhorn_iters=20):
-        super().__init__(dim, n_streams, layer_idx)
+    def __init__(self, mhc, dim, n_streams, layer_idx, sinkhorn_iters):
+        super().__init__(dim, n_streams, layer_idx, fused="off", identity_res=False)
         from hyper_connections import HyperConnections, ManifoldConstrainedHyperConnections
         # layer_index: the home stream (layer_index mod n), as hcgpt's layer_idx
         if mhc:
@@ -66,8 +66,8 @@ class LigerConnection(hc.Connection):
     the layer. Liger takes bf16 / fp16 streams, fp32 only with allow_fp32; φ is kept in the streams'
     dtype (its docs: bf16 φ for bf16 streams, for the tensor cores)."""
 
-    def __init__(self, dim, n_streams, layer_idx, stream_dtype, sinkhorn_iters=20):
-        super().__init__(dim, n_streams, layer_idx)
+    def __init__(self, dim, n_streams, layer_idx, stream_dtype, sinkhorn_iters):
+        super().__init__(dim, n_streams, layer_idx, fused="off", identity_res=False)
         from liger_kernel.transformers import LigerMHC
         from liger_kernel.transformers.functional import liger_mhc_forward
         self.peer = LigerMHC(torch.nn.Identity(), hc=n_streams, c=dim, tmax=sinkhorn_iters, phi_dtype=stream_dtype,
@@ -85,10 +85,9 @@ class LigerConnection(hc.Connection):
         return [self.peer.phi]
 
 
-def wire(model, peer, sinkhorn_iters=20):
+def wire(model, peer):
     """Swap every Block's hc_attn / hc_mlp of a GPT (built with n_streams > 1) for ``peer``'s connection,
-    on the model's device; the mHC peers run ``sinkhorn_iters`` iterations (hcgpt's and both peers'
-    default: 20). Returns the model."""
+    on the model's device; the mHC peers run the model's sinkhorn_iters iterations. Returns the model."""
     if peer not in PEERS:
         raise ValueError(f"unknown peer {peer!r}; choose one of {sorted(PEERS)}")
     n = model.config.n_streams
@@ -96,7 +95,7 @@ def wire(model, peer, sinkhorn_iters=20):
         raise ValueError(f"the peers are n-stream connections: build the GPT with n_streams >= 2, got {n}")
     if peer == "liger mHC" and n & (n - 1):
         raise ValueError(f"Liger's mHC kernels take n_streams a power of 2 (tl.arange over the streams), got {n}")
-    device = next(model.parameters()).device
+    device, sinkhorn_iters = next(model.parameters()).device, model.config.sinkhorn_iters
     for block in model.transformer.h:
         for name in ("hc_attn", "hc_mlp"):
             old = getattr(block, name)

@@ -46,6 +46,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import config  # noqa: E402
 from common import HelpFormatter  # noqa: E402
 
 
@@ -268,10 +269,9 @@ def plot_curves(runs, out_dir, formats, smooth=None):
 def group_runs(runs):
     """[{"label", "color", "runs"}]: the runs grouped by setting (setting.py), as scripts/compare.py does."""
     import setting
-    import train
     groups = {}
     for run in runs:
-        items = setting.setting(run["config"], train.DEFAULTS)
+        items = setting.setting(run["config"], config.KEYS)
         groups.setdefault(setting.setting_name(items), {"setting": items, "runs": []})["runs"].append(run)
     groups = list(groups.values())
     varying = setting.varying_keys([g["setting"] for g in groups])

@@ -21,8 +21,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import HelpFormatter, autocast, check_device, positive_int, run_cli  # noqa: E402
-from rundir import load_model, load_tokenizer  # noqa: E402
+import runtime  # noqa: E402
+from checkpoint import load_model, load_tokenizer  # noqa: E402
+from common import HelpFormatter, positive_int, run_cli  # noqa: E402
 
 
 def decode(enc, ids):
@@ -31,8 +32,8 @@ def decode(enc, ids):
 
 
 @torch.no_grad()
-def sample(model, enc, prompt="", num_samples=1, max_new_tokens=100, temperature=0.8, top_k=200, seed=1337,
-           device="cpu", ctx=None, progress=True):
+def sample(model, enc, prompt, num_samples, max_new_tokens, temperature, top_k, seed, device, ctx=None,
+           progress=True):
     """-> list of num_samples generated texts (prompt excluded); progress: a bar on stderr."""
     if temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
@@ -74,8 +75,8 @@ def main(argv=None):
 
 
 def _main(args):
-    device = check_device(args.device)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    rt = runtime.for_script(args.device, args.dtype)
+    device = rt.device
     prompt = args.prompt
     if prompt.startswith("FILE:"):
         try:
@@ -88,7 +89,7 @@ def _main(args):
     print(f"# {cfg['scheme']} n={cfg['n_streams']}, step {meta.get('step')}, temperature {args.temperature}, "
           f"top-k {args.top_k or 'all'}, seed {args.seed}")
     texts = sample(model, load_tokenizer(meta), prompt, args.num_samples, args.max_new_tokens, args.temperature,
-                   args.top_k or None, args.seed, device, autocast(device_type, args.dtype))
+                   args.top_k or None, args.seed, device, rt.autocast())
     for text in texts:
         print(prompt + text)
         print("-" * 80)

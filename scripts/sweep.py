@@ -46,9 +46,12 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import config  # noqa: E402
+import configurator  # noqa: E402
 import hc  # noqa: E402
-from common import HelpFormatter, non_negative_int, positive_int  # noqa: E402
 import setting  # noqa: E402
+from common import HelpFormatter, non_negative_int, positive_int  # noqa: E402
+from errors import ConfigError  # noqa: E402
 
 # the keys the sweep sets for every run: after `--` they would make runs of the grid the same run
 SWEEP_KEYS = {"scheme": "--schemes", "n_streams": "--n", "seed": "--seeds", "data_seed": "--data_seed / --vary_data",
@@ -76,8 +79,8 @@ def grid(configs, schemes, ns, seeds):
     """[(config, scheme, n, seed)] with plain collapsed to n = 1, no duplicates, seed by seed: every setting's
     first seed, then every setting's second, ..., so a sweep stopped early has its settings at equal n."""
     runs = []
-    for seed, config, scheme, n in itertools.product(seeds, configs, schemes, ns):
-        run = (config, scheme, 1 if scheme == "plain" else n, seed)
+    for seed, path, scheme, n in itertools.product(seeds, configs, schemes, ns):
+        run = (path, scheme, 1 if scheme == "plain" else n, seed)
         if run not in runs:
             runs.append(run)
     return runs
@@ -110,7 +113,7 @@ def name_parts(extra):
         key, eq, value = arg[2:].partition("=")
         if key == "data_dir":
             value = os.path.basename(os.path.normpath(value))
-        elif key in setting.EXCLUDED:
+        elif key in config.KEYS and config.KEYS[key].setting is not True:
             continue
         parts.append(f"{key}={re.sub(r'[^A-Za-z0-9_.+-]+', '_', value if eq else 'True').strip('_')}")
     return parts
@@ -140,10 +143,8 @@ def command(config, scheme, n, seed, nproc=8, nnodes=1, out_root="out", extra=()
 
 
 def load_configs(configs, extra):
-    """{config: its resolved train.py config with the extra overrides}, or a ConfigError."""
-    import configurator
-    import train
-    return {c: configurator.load(train.DEFAULTS, [c, *extra], train.ALLOWED_TYPES) for c in configs}
+    """{config: its train.py config with the extra overrides}, or a ConfigError."""
+    return {c: configurator.load(config.KEYS, [c, *extra]) for c in configs}
 
 
 def passthrough_error(extra):
@@ -169,11 +170,11 @@ def default_nproc(cfgs):
 def check_batch(cfgs, world_size):
     """An error message for the first config whose batch does not divide over world_size processes, naming
     the numbers and the process counts that would work; None if all divide (train.py's own check)."""
-    for config, cfg in cfgs.items():
+    for path, cfg in cfgs.items():
         micro = cfg["batch_size"] * cfg["block_size"]
         if cfg["total_batch_tokens"] % (micro * world_size):
             fits = [n for n in (1, 2, 4, 8, 16, 32, 64) if cfg["total_batch_tokens"] % (micro * n) == 0]
-            return (f"{config}: total_batch_tokens ({cfg['total_batch_tokens']}) is not divisible by batch_size x "
+            return (f"{path}: total_batch_tokens ({cfg['total_batch_tokens']}) is not divisible by batch_size x "
                     f"block_size x processes = {cfg['batch_size']} x {cfg['block_size']} x {world_size}; pass "
                     f"--nproc (x --nnodes) for {' or '.join(map(str, fits)) or 'no'} process(es) in all, or change "
                     f"total_batch_tokens / batch_size after `--`")
@@ -223,7 +224,6 @@ def main(argv=None):
     error = passthrough_error(extra)
     if error:
         p.error(error)
-    from configurator import ConfigError, validate
     try:
         cfgs = load_configs(args.configs, extra)
     except ConfigError as e:
@@ -251,7 +251,7 @@ def main(argv=None):
         if reason:
             p.error(f"{scheme} at n={n}: {reason}")
         try:  # train.py's value rules on the run's own config (e.g. a seed out of range)
-            validate({**cfgs[run[0]], "scheme": scheme, "n_streams": n, "seed": run[3]})
+            config.build({**cfgs[run[0]], "scheme": scheme, "n_streams": n, "seed": run[3]})
         except ConfigError as e:
             p.error(f"{run_name(*run, data_seed, extra)}: {e}")
         runs.append(run)

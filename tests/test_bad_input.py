@@ -24,13 +24,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
+import checkpoint
+import config
 import configurator
 import rundir
 import tracking
 import train
-from configurator import ConfigError
+from errors import ConfigError
 from conftest import read_log, tiny_args
+from errors import WriteError
+from errors import DistributedSetupError
+import rendezvous
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ("--n_layer=1", "--max_iters=4", "--eval_interval=2")  # 1 layer, 32 wide, 4 steps
@@ -112,7 +116,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_runs_first_checkpoint(data_di
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *a, **kw)
     monkeypatch.setattr(torch, "save", save)
-    with pytest.raises(rundir.CheckpointWriteError, match="no checkpoint of this run was written yet"):
+    with pytest.raises(WriteError, match="no checkpoint of this run was written yet"):
         train.main(tiny_args(data_dir, run, *TINY, "--overwrite=True", "--seed=7"))
     assert seen == [old]
     assert snapshot(run) == old and not (run / rundir.ASIDE).exists()  # moved back
@@ -144,8 +148,8 @@ def test_rendezvous_ends_in_time_naming_what_is_missing(world_size, started, nee
 
     def join(rank):
         try:
-            results[rank] = common.rendezvous(rank, world_size, "127.0.0.1", port)
-        except common.DistributedSetupError as e:
+            results[rank] = rendezvous.rendezvous(rank, world_size, "127.0.0.1", port)
+        except DistributedSetupError as e:
             results[rank] = str(e)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=join, args=(r,)) for r in started]
@@ -169,12 +173,12 @@ def test_rendezvous_ends_in_time_naming_what_is_missing(world_size, started, nee
     (dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="two", MASTER_ADDR="h", MASTER_PORT="1"), "must be integers"),
 ])
 def test_incomplete_torchrun_environment(env, needle, monkeypatch):
-    for k in common.TORCHRUN_ENV:
+    for k in rendezvous.TORCHRUN_ENV:
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    with pytest.raises(common.DistributedSetupError, match=needle.replace("(", r"\(")):
-        common.init_distributed("cpu")
+    with pytest.raises(DistributedSetupError, match=needle.replace("(", r"\(")):
+        rendezvous.join("cpu")
 
 
 def test_train_py_rendezvous_timeout_is_one_line(data_dir, tmp_path):
@@ -200,31 +204,31 @@ def test_resume_with_nothing_left_to_train(max_iters, data_dir, run):
 @pytest.mark.parametrize("key,value", [("beta1", 1.5), ("beta1", -0.1), ("beta2", 1.0)])
 def test_betas_outside_0_1(key, value):
     with pytest.raises(ConfigError, match=rf"'{key}' must be in \[0, 1\), got {value}"):
-        configurator.validate(dict(train.DEFAULTS, **{key: value}))
+        config.build(dict(config.DEFAULTS, **{key: value}))
 
 
-@pytest.mark.parametrize("env,config,mode,noted", [
+@pytest.mark.parametrize("env,configured,mode,noted", [
     (None, "online", "online", False), ("offline", "online", "offline", True),
     ("disabled", "online", "disabled", True), ("dryrun", "online", "offline", True),
     ("online", "offline", "online", True), ("offline", "offline", "offline", False),
 ])
-def test_wandb_mode_environment_wins(env, config, mode, noted, monkeypatch):
+def test_wandb_mode_environment_wins(env, configured, mode, noted, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", os.devnull)
     if env is None:
         monkeypatch.delenv("WANDB_MODE", raising=False)
     else:
         monkeypatch.setenv("WANDB_MODE", env)
-    cfg = dict(train.DEFAULTS, wandb_log=True, wandb_mode=config)
-    assert bool(tracking.resolve_mode(cfg)) == noted and cfg["wandb_mode"] == mode
+    wc = tracking.WandbConfig(wandb_log=True, wandb_mode=configured)
+    assert bool(tracking.resolve_mode(wc)) == noted and wc.wandb_mode == mode
     if mode == "online":
         with pytest.raises(ConfigError, match="no wandb API key"):
-            tracking.check_wandb(cfg)
+            tracking.check_wandb(wc)
     else:
-        tracking.check_wandb(cfg)  # offline and disabled need no key
+        tracking.check_wandb(wc)  # offline and disabled need no key
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(ConfigError, match="WANDB_MODE='sometimes' in the environment is not a wandb mode"):
-        tracking.resolve_mode(dict(train.DEFAULTS, wandb_log=True))
+        tracking.resolve_mode(tracking.WandbConfig(wandb_log=True))
 
 
 def test_wandb_without_network_gives_up_in_time(tmp_path):
@@ -232,8 +236,8 @@ def test_wandb_without_network_gives_up_in_time(tmp_path):
     env = dict(os.environ, WANDB_API_KEY="k" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{free_port()}",
                WANDB_INIT_TIMEOUT="1", WANDB_SILENT="true", WANDB_DIR=str(tmp_path))
     env.pop("WANDB_MODE", None)
-    code = ("import train, tracking\n"
-            "try:\n    tracking.start_wandb(dict(train.DEFAULTS, wandb_log=True, wandb_run_name='x', setting='tiny',\n"
+    code = ("import config, tracking\n"
+            "try:\n    tracking.start_wandb(dict(config.DEFAULTS, wandb_log=True, wandb_run_name='x', setting='tiny',\n"
             "                                  config_name='default'))\n"
             "except tracking.ConfigError as e:\n    print(e)")
     t0 = time.perf_counter()
@@ -290,17 +294,18 @@ def test_annotation_in_a_config_file(text, result, tmp_path):
     f = tmp_path / "c.py"
     f.write_text(text)
     if isinstance(result, int):
-        assert configurator.load(train.DEFAULTS, [str(f)])["n_layer"] == result
+        assert configurator.load(config.KEYS, [str(f)])["n_layer"] == result
     else:
         with pytest.raises(ConfigError, match=result):
-            configurator.load(train.DEFAULTS, [str(f)])
+            configurator.load(config.KEYS, [str(f)])
 
 
-def test_paths_expand_home(data_dir, monkeypatch, tmp_path):
+def test_paths_expand_home(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = dict(train.DEFAULTS, data_dir=data_dir, **{k: f"~/{k}" for k in configurator.PATHS if k != "data_dir"})
-    train.resolve(cfg, "c", 1, "cpu")
-    assert all(cfg[k] == os.path.join(str(tmp_path), k) for k in configurator.PATHS if k != "data_dir")
+    paths = [k for k, key in config.KEYS.items() if key.path]
+    assert set(paths) == {"out_dir", "data_dir", "resume_from", "hellaswag_file", "core_bundle_dir"}
+    flat = config.flat(config.build(dict(config.DEFAULTS, **{k: f"~/{k}" for k in paths})))
+    assert all(flat[k] == os.path.join(str(tmp_path), k) for k in paths)
 
 
 def test_max_iters_0_and_ignored_keys_said_once(data_dir, tmp_path, capsys):
@@ -331,10 +336,10 @@ def test_max_iters_0_and_ignored_keys_said_once(data_dir, tmp_path, capsys):
     ("muon_weight_decay", 0.2, dict(optimizer="adamw"), True), ("embedding_dtype", "bfloat16", dict(arch="gpt2"), True),
 ])
 def test_keys_that_do_not_apply(key, value, run, ignored):
-    cfg = dict(train.DEFAULTS, **run, **{key: value})
-    notes = configurator.ignored(cfg, train.DEFAULTS)
+    cfg = dict(config.DEFAULTS, **run, **{key: value})
+    notes = config.ignored(cfg)
     assert (key in notes) == ignored and set(notes) <= {key}
-    assert configurator.applies(key, cfg) != ignored
+    assert config.KEYS[key].applies_to(cfg) != ignored
 
 
 # ---- 5. right error, wrong cause ----
@@ -343,10 +348,10 @@ def test_keys_that_do_not_apply(key, value, run, ignored):
 def test_full_disk_says_what_is_kept(had_one, tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     if had_one:
-        rundir.write_checkpoint({"step": 2}, str(path))
+        checkpoint.write({"step": 2}, str(path))
     monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    with pytest.raises(rundir.CheckpointWriteError) as e:
-        rundir.write_checkpoint({"step": 4}, str(path))
+    with pytest.raises(WriteError) as e:
+        checkpoint.write({"step": 4}, str(path))
     msg = str(e.value)
     if had_one:
         assert f"the checkpoint {path} (step 2) is kept" in msg and "--resume" in msg
@@ -387,14 +392,14 @@ def test_corrupt_meta_json_in_a_custom_folder(data_dir, tmp_path):
 def test_imports_and_helpers_in_config_files_are_not_keys(text, tmp_path):
     f = tmp_path / "c.py"
     f.write_text(text + "n_layer = 3\n")
-    assert configurator.load(train.DEFAULTS, [str(f)])["n_layer"] == 3
+    assert configurator.load(config.KEYS, [str(f)])["n_layer"] == 3
 
 
 @pytest.mark.parametrize("arg,needle", [("n_layer=2", "to set the key write --n_layer=2"),
                                         ("nlayer=2", "did you mean --n_layer=2?")])
 def test_override_without_dashes(arg, needle):
     with pytest.raises(ConfigError, match=needle.replace("?", r"\?")):
-        configurator.load(train.DEFAULTS, [arg])
+        configurator.load(config.KEYS, [arg])
 
 
 @pytest.mark.parametrize("script", ["eval_hellaswag", "eval_core"])

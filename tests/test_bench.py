@@ -112,11 +112,12 @@ def test_peer_rows_assembly(monkeypatch):
     from scripts import peers   # the module bench.py uses
     monkeypatch.setitem(peers.PEERS, "absent peer", ("no_such_module_for_hcgpt", "mhc", "absent==1.0"))
 
-    def fake(scheme, recompute, args, device, peer=None):
+    def fake(scheme, recompute, args, device, peer=None, fused=None):
         if peer == "lucidrains mHC":
             raise RuntimeError("it did not compile\nsecond line")
         ms = {"plain": 10.0, "hc": 12.0}.get(scheme, 15.0) + (1.0 if peer else 0.0)
-        return dict(path="peer" if peer else bench.hc.FUSED, ms_per_step=ms, fwd_ms=3.0, bwd_ms=6.0,
+        path = "peer" if peer else bench.model_config(scheme, args, recompute, fused).fused   # the row's fused
+        return dict(path=path, ms_per_step=ms, fwd_ms=3.0, bwd_ms=6.0,
                     peak_mem_gib=2.0 * ms / 10, params=1, loss=1.0)
 
     monkeypatch.setattr(bench, "bench_one", fake)
@@ -127,11 +128,11 @@ def test_peer_rows_assembly(monkeypatch):
     rows = {r["name"]: r for r in report["rows"]}
     assert list(rows) == ["plain", "hcgpt hc torch", "hcgpt hc fused", "liger mHC", "lucidrains HC",
                           "lucidrains mHC", "absent peer"]
-    assert (rows["hcgpt hc torch"]["path"], rows["hcgpt hc fused"]["path"]) == ("off", "on")   # hc.FUSED per row
+    assert (rows["hcgpt hc torch"]["path"], rows["hcgpt hc fused"]["path"]) == ("off", "on")   # fused per row
     assert rows["hcgpt hc fused"]["step_x"] == pytest.approx(1.2) and rows["liger mHC"]["mem_x"] == pytest.approx(1.6)
     assert rows["lucidrains mHC"]["error"] == "RuntimeError: it did not compile"
     assert rows["absent peer"]["note"] == "not installed (pip install absent==1.0)"
-    assert bench.hc.FUSED == "auto"   # restored
+    assert args.fused == "auto"   # the run's own setting: the rows' modes do not leak into it
     text = bench.peer_table(dict(report, config=dict(report["config"], device="cpu", torch="x")))
     assert "| hcgpt hc fused | on | 12.0 | 1.20 | 3.0 | 6.0 | 2.40 | 1.20 |" in text
     assert "| absent peer | | not installed (pip install absent==1.0) |" in text

@@ -7,8 +7,8 @@ import math
 import pytest
 from scipy import stats
 
+import config
 import setting
-import train
 from scripts import compare
 
 
@@ -17,7 +17,7 @@ def write_run(root, name, scheme="plain", seed=0, data_seed=None, val_loss=None,
     """A run directory whose log holds a config header and evals at 0 and last_step (default max_iters)."""
     out = root / name
     out.mkdir()
-    header = {"type": "config", **train.DEFAULTS, "scheme": scheme, "n_streams": 1 if scheme == "plain" else 4,
+    header = {"type": "config", **config.DEFAULTS, "scheme": scheme, "n_streams": 1 if scheme == "plain" else 4,
               "seed": seed, "data_seed": seed if data_seed is None else data_seed, "max_iters": max_iters,
               "out_dir": str(out), "wandb_run_name": name, "config_name": "tiny", "data_id": "d0", "tokenizer": "gpt2",
               "git_commit": "abc", **keys}
@@ -57,7 +57,7 @@ def sample_stats(xs):
 
 
 def test_group_statistics_and_paired_differences(sweep):
-    res = compare.compare(sweep, train.DEFAULTS, baseline=["scheme=plain"])
+    res = compare.compare(sweep, config.KEYS, baseline=["scheme=plain"])
     groups = {g["label"]: g for g in res["groups"]}
     assert sorted(groups) == ["hc n=4", "kromhc n=4", "plain n=1"] and groups["plain n=1"]["baseline"]
     t = 4.302652729911275  # t_{0.975, 2}, from a table: the interval's quantile is Student's, not normal's 1.96
@@ -86,7 +86,7 @@ def test_group_statistics_and_paired_differences(sweep):
 
 
 def test_later_metrics_by_name_and_their_direction(sweep):
-    res = compare.compare(sweep, train.DEFAULTS, metrics=["final/hellaswag_acc_norm", "tasks/arc_easy"],
+    res = compare.compare(sweep, config.KEYS, metrics=["final/hellaswag_acc_norm", "tasks/arc_easy"],
                           baseline=["plain n=1"], higher=["tasks/arc_easy"])
     groups = {g["label"]: g for g in res["groups"]}
     hs = groups["hc n=4"]["metrics"]["hellaswag_acc_norm"]  # read from the "final" record
@@ -110,19 +110,20 @@ def test_grouping_rules(tmp_path):
                       wandb_group="x", checkpoint=False, data_dir="/elsewhere", **base),
             write_run(tmp_path, "c", seed=2, learning_rate=1e-3, **base),        # another setting
             write_run(tmp_path, "d", seed=3, learning_rate=1e-3, **base)]
-    groups = compare.group_runs([compare.load_run(r, train.DEFAULTS) for r in runs])
+    groups = compare.group_runs([compare.load_run(r, config.KEYS) for r in runs])
     assert [[r["dir"] for r in g["runs"]] for g in groups] == [runs[:2], runs[2:]]
     assert [g["label"] for g in groups] == ["learning_rate=0.0006", "learning_rate=0.001"]
     name = groups[0]["name"]
     assert name.startswith("tiny-plain-n1-") and len(name.split("-")[-1]) == 8
     # 1 and 1.0 are one value (a config file may write either); a key older logs lack counts at its default
-    items = setting.setting({**train.DEFAULTS, "max_iters": 100, "config_name": "c"}, train.DEFAULTS)
-    again = setting.setting({**train.DEFAULTS, "max_iters": 100.0, "config_name": "c"}, train.DEFAULTS)
-    old = {k: v for k, v in train.DEFAULTS.items() if k != "res_logit_init"}
+    items = setting.setting({**config.DEFAULTS, "max_iters": 100, "config_name": "c"}, config.KEYS)
+    again = setting.setting({**config.DEFAULTS, "max_iters": 100.0, "config_name": "c"}, config.KEYS)
+    old = {k: v for k, v in config.DEFAULTS.items() if k != "res_logit_init"}
     assert setting.setting_name(items) == setting.setting_name(again)
-    assert setting.setting(old, train.DEFAULTS) == setting.setting(train.DEFAULTS, train.DEFAULTS)
+    assert setting.setting(old, config.KEYS) == setting.setting(config.DEFAULTS, config.KEYS)
     assert setting.changed_keys(items, {**items, "scheme": "hc", "data_id": "z"}) == ["data_id", "scheme"]
-    assert not set(setting.EXCLUDED) - set(train.DEFAULTS)  # every excluded key is a config key
+    # every key's declaration says whether it is part of a setting: True, or why not
+    assert all(k.setting is True or (isinstance(k.setting, str) and k.setting) for k in config.KEYS.values())
     assert [setting.run_name("q", "hc", 4, 1, d) for d in (1, 0)] == ["q-hc-n4-s1", "q-hc-n4-s1-d0"]
     assert setting.run_name("q", "hc", 4, 0, 0, ["n_layer=2"], always_data_seed=True) == "q-hc-n4-n_layer=2-s0-d0"
 
@@ -132,31 +133,31 @@ def test_refusals(tmp_path):
     running = write_run(tmp_path, "running", "hc", seed=0, val_loss=2.9, last_step=50)
     with pytest.raises(compare.CompareError, match="running is unfinished: its last eval is at step 50 of max_iters "
                                                    "100.*--resume.*--step"):
-        compare.compare(ok + [running], train.DEFAULTS)
-    res = compare.compare(ok + [running], train.DEFAULTS, step=0)  # a step every run reached: fine
+        compare.compare(ok + [running], config.KEYS)
+    res = compare.compare(ok + [running], config.KEYS, step=0)  # a step every run reached: fine
     assert res["groups"][1]["metrics"]["val_loss"]["vs_baseline"]["n_pairs"] == 1
     with pytest.raises(compare.CompareError, match="has no val_loss at step 50.*steps \\[0, 100\\]"):
-        compare.compare(ok + [running], train.DEFAULTS, step=50)
+        compare.compare(ok + [running], config.KEYS, step=50)
     other = write_run(tmp_path, "other", "hc", seed=0, val_loss=2.9, dataset="fwe", data_id="d1")
     with pytest.raises(compare.CompareError, match="different data or tokenizers.*'fwe'"):
-        compare.compare(ok + [other], train.DEFAULTS)
+        compare.compare(ok + [other], config.KEYS)
     tok = write_run(tmp_path, "tok", "hc", seed=0, val_loss=2.9, tokenizer="llama")
     with pytest.raises(compare.CompareError, match="different data or tokenizers.*llama"):
-        compare.compare(ok + [tok], train.DEFAULTS)
+        compare.compare(ok + [tok], config.KEYS)
     twin = write_run(tmp_path, "twin", seed=0, val_loss=3.5)
     with pytest.raises(compare.CompareError, match="same seed \\(0, data_seed 0\\).*pass one of them"):
-        compare.compare(ok + [twin], train.DEFAULTS)
+        compare.compare(ok + [twin], config.KEYS)
     bad = write_run(tmp_path, "bad", "mhc", seed=0, val_loss=2.9, last_step=40,
                     records=[{"type": "error", "step": 41, "tokens": 41 * 128, "message": "nan"}])
     with pytest.raises(compare.CompareError, match="bad diverged at step 41"):
-        compare.compare(ok + [bad], train.DEFAULTS)
+        compare.compare(ok + [bad], config.KEYS)
     with pytest.raises(compare.CompareError, match="no hellaswag_acc_norm at step 100"):
-        compare.compare(ok, train.DEFAULTS, metrics=["hellaswag_acc_norm"])
+        compare.compare(ok, config.KEYS, metrics=["hellaswag_acc_norm"])
     with pytest.raises(compare.CompareError, match="--baseline scheme=mhc matches 0 groups"):
-        compare.compare(ok, train.DEFAULTS, baseline=["scheme=mhc"])
+        compare.compare(ok, config.KEYS, baseline=["scheme=mhc"])
     # n = 1 and a seed without a partner: said, not hidden
     lone = write_run(tmp_path, "lone", "hc", seed=7, val_loss=2.9)
-    res = compare.compare(ok + [lone], train.DEFAULTS)
+    res = compare.compare(ok + [lone], config.KEYS)
     hc = res["groups"][1]["metrics"]["val_loss"]
     assert hc["n"] == 1 and hc["std"] is None and hc["ci"] is None
     assert hc["vs_baseline"]["verdict"] == "no common seeds"

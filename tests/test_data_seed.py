@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from configurator import ConfigError
+from errors import ConfigError
 from conftest import read_log, tiny_args
 from data.loader import TrainLoader
 
@@ -78,7 +78,8 @@ def test_data_seed_fixes_the_batches_across_seeds_processes_and_resume(data_dir,
     half, _ = run(data_dir, tmp_path / "d", "--seed=2", "--data_seed=7", "--max_iters=2", monkeypatch=monkeypatch)
     for key, value, other in (("data_seed", 8, 7), ("seed", 5, 2)):
         bad = ["--seed=2", "--data_seed=7", "--resume", f"--{key}={value}"]
-        with pytest.raises(ConfigError, match=f"used {key} {other}, this run has {key} {value}.*--{key}={other}"):
+        why = f"config key '{key}' is {value} but the checkpoint's run used {other}.*--{key}={other}"
+        with pytest.raises(ConfigError, match=why):
             run(data_dir, tmp_path / "d", *bad, monkeypatch=monkeypatch)
     rest, log_d = run(data_dir, tmp_path / "d", "--seed=2", "--data_seed=7", "--resume", monkeypatch=monkeypatch)
     assert all(torch.equal(x, y) for x, y in zip(half + rest, b)) and len(half + rest) == 4

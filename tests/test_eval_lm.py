@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import lm_eval  # noqa: E402  (the tests need it; it is in requirements.txt)
+import checkpoint  # noqa: E402
 import harness  # noqa: E402
 import rundir  # noqa: E402
 from conftest import tiny_args  # noqa: E402
@@ -121,8 +122,8 @@ def save_gpt(d, seed=0, **kw):
 
 
 def lm_of(path, batch_size=4, tokenizer=None):
-    model, meta = rundir.load_model(path)
-    return harness.HcgptLM(model, tokenizer or rundir.load_tokenizer(meta), "cpu", batch_size)
+    model, meta = checkpoint.load_model(path)
+    return harness.HcgptLM(model, tokenizer or checkpoint.load_tokenizer(meta), "cpu", batch_size)
 
 
 def reqs(*args):
@@ -236,7 +237,7 @@ def test_local_tasks_end_to_end(run_dir, tasks_dir, capsys):
     r = res["results"]
     assert set(r) == {"t_mc", "t_ppl", "t_gen"} and "acc_norm" in out and "bits_per_byte" in out
     # the multiple-choice metrics from the model's own log-probabilities of each choice
-    model, enc = rundir.load_model(run_dir)[0], rundir.load_tokenizer({})
+    model, enc = checkpoint.load_model(run_dir)[0], checkpoint.load_tokenizer({})
     acc = acc_norm = 0
     for doc in MC:
         # lm-eval scores " " + choice (its target delimiter) and divides by len(choice) for acc_norm
@@ -263,15 +264,15 @@ def test_local_tasks_end_to_end(run_dir, tasks_dir, capsys):
 
 
 def test_a_trained_tokenizer_is_used(run_dir, tasks_dir, monkeypatch, tmp_path):
-    """rundir.load_tokenizer is where the scripts get a run's tokenizer: a byte-level Encoding
+    """checkpoint.load_tokenizer is where the scripts get a run's tokenizer: a byte-level Encoding
     (another vocabulary, end-of-text 256) returned there is what the rolling task is scored with."""
     byte_enc = tiktoken.Encoding(name="bytes256", pat_str=r"[\s\S]", special_tokens={"<|endoftext|>": 256},
                                  mergeable_ranks={bytes([i]): i for i in range(256)})
-    monkeypatch.setattr(rundir, "load_tokenizer", lambda meta: byte_enc)
+    monkeypatch.setattr(checkpoint, "load_tokenizer", lambda meta: byte_enc)
     out = tmp_path / "bytes.json"
     res = eval_lm.main([str(run_dir), "--tasks", "t_ppl", "--include-path", str(tasks_dir), "--device", "cpu",
                         "--output", str(out)])
-    model = rundir.load_model(run_dir)[0]
+    model = checkpoint.load_model(run_dir)[0]
     lls = [direct_rolling(model, list(d["text"].encode()), 256, 32) for d in PPL]
     nbytes = sum(len(d["text"].encode()) for d in PPL)
     assert res["results"]["t_ppl"]["bits_per_byte,none"] == pytest.approx(-sum(lls) / math.log(2) / nbytes, rel=1e-5)

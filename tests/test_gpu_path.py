@@ -23,6 +23,7 @@ import hc  # noqa: E402
 import hc_kernels  # noqa: E402
 import hc_verify  # noqa: E402
 import numerics  # noqa: E402
+from errors import ConfigError, Diverged, FusedCheckError  # noqa: E402
 
 C, N, TOKENS = 40, 4, 24   # two channel tiles of 32 in the interpreter; 24 tokens: two programs of 16
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,8 +62,8 @@ def run_conn(conn):
 @pytest.mark.numerics
 @pytest.mark.parametrize("mode", ["on", "auto"])
 def test_correct_kernels_pass_and_auto_then_uses_them(mode, kernels, monkeypatch):
-    monkeypatch.setattr(hc, "FUSED", mode)
-    conns = [hc.make_connection("mhc", C, N, i, sinkhorn_iters=5) for i in range(3)]   # one kind: checked once
+    # one kind: checked once
+    conns = [hc.make_connection("mhc", C, N, i, sinkhorn_iters=5, fused=mode) for i in range(3)]
     report = hc_verify.verify_fused(conns, tokens=TOKENS)
     assert report["path"] == "fused", report
     assert len(report["checks"]) == 1 and report["checks"][0]["ok"]
@@ -82,8 +83,7 @@ def test_correct_kernels_pass_and_auto_then_uses_them(mode, kernels, monkeypatch
 @pytest.mark.numerics
 def test_auto_after_the_check_compiles_in_one_graph_with_the_kernels(kernels, monkeypatch):
     """train.py checks, then compiles: 'auto' with a verdict traces in one graph through the custom ops."""
-    monkeypatch.setattr(hc, "FUSED", "auto")
-    conn = hc.make_connection("mhc", C, N, 0, sinkhorn_iters=3)
+    conn = hc.make_connection("mhc", C, N, 0, sinkhorn_iters=3, fused="auto")
     assert hc_verify.verify_fused([conn], tokens=TOKENS)["path"] == "fused"
     torch._dynamo.reset()
     graphs, branch = [], nn.Linear(C, C)
@@ -95,7 +95,7 @@ def test_auto_after_the_check_compiles_in_one_graph_with_the_kernels(kernels, mo
     out = torch.compile(lambda h: conn(h, branch), fullgraph=True, backend=backend)(h)
     assert len(graphs) == 1 and "hcgpt.pre_mix" in graphs[0] and "hcgpt.post_mix" in graphs[0]
     assert "hcgpt.sinkhorn" in graphs[0]
-    monkeypatch.setattr(hc, "FUSED", "off")
+    hc.set_fused(conn, "off")
     # the compiled kernels against the torch path: the connection's forward in two fp32 orders
     rel = numerics.connection_path("mhc", N, C, 10, sinkhorn_iters=3, backward=False)
     numerics.assert_close(out, conn(h, branch), rel, "output")
@@ -104,8 +104,7 @@ def test_auto_after_the_check_compiles_in_one_graph_with_the_kernels(kernels, mo
 @pytest.mark.numerics
 def test_every_scheme_passes_with_bf16_streams_and_autocast(kernels, monkeypatch):
     """The tolerance is judged against fp64: bf16 roundoff in both paths must not fail a right kernel."""
-    monkeypatch.setattr(hc, "FUSED", "on")
-    conns = [hc.make_connection(s, C, N, 1, sinkhorn_iters=5) for s in ("hc", "mhc", "mhc_lite", "kromhc")]
+    conns = [hc.make_connection(s, C, N, 1, sinkhorn_iters=5, fused="on") for s in ("hc", "mhc", "mhc_lite", "kromhc")]
     report = hc_verify.verify_fused(conns, tokens=TOKENS, stream_dtype=torch.bfloat16, autocast_dtype=torch.bfloat16)
     assert report["path"] == "fused" and len(report["checks"]) == 4, report
     # bf16 roundoff was present: more error than fp32's rounding alone could give these connections
@@ -125,15 +124,13 @@ def test_wrong_joined_boundary_kernel_is_caught(kernels, monkeypatch):
     """A block's attention and MLP connections run through one joined kernel (post_pre_mix): the check
     runs a two-connection chain too, so a wrong joined kernel fails it even where single connections pass."""
     monkeypatch.setattr(kernels, "post_pre_mix", off_by(1.01, kernels.post_pre_mix))
-    monkeypatch.setattr(hc, "FUSED", "on")
-    with pytest.raises(hc_verify.FusedCheckError, match="chain: out: error"):
-        hc_verify.verify_fused([hc.make_connection("mhc_lite", C, N, 0)], tokens=TOKENS)
+    with pytest.raises(FusedCheckError, match="chain: out: error"):
+        hc_verify.verify_fused([hc.make_connection("mhc_lite", C, N, 0, fused="on")], tokens=TOKENS)
 
 
 def test_wrong_forward_auto_falls_back_and_on_raises(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "post_mix", off_by(1.01, kernels.post_mix))   # 1 % off: above any roundoff
-    conn = hc.make_connection("kromhc", C, N, 0)
-    monkeypatch.setattr(hc, "FUSED", "auto")
+    conn = hc.make_connection("kromhc", C, N, 0, fused="auto")
     with pytest.warns(UserWarning, match="failed their check for KromHC n=4 C=40.*out: error"):
         report = hc_verify.verify_fused([conn], tokens=TOKENS)
     assert report["path"] == "torch" and "mismatch against fp64" in report["reason"]
@@ -141,8 +138,8 @@ def test_wrong_forward_auto_falls_back_and_on_raises(kernels, monkeypatch):
     calls = count_fused_calls(monkeypatch, kernels)
     out = run_conn(conn)                      # the torch path, silently now: warned once above
     assert calls == [] and out.shape == (2, 3, N, C)
-    monkeypatch.setattr(hc, "FUSED", "on")
-    with pytest.raises(hc_verify.FusedCheckError, match="KromHC.*Set fused='auto'"):
+    hc.set_fused(conn, "on")
+    with pytest.raises(FusedCheckError, match="KromHC.*Set fused='auto'"):
         hc_verify.verify_fused([conn], tokens=TOKENS)
 
 
@@ -162,15 +159,14 @@ def test_wrong_gradient_is_named(kernels, monkeypatch):
     """Only the streams' gradient is wrong (the forward and the parameters' gradients agree)."""
     real = kernels.connection_forward
     monkeypatch.setattr(kernels, "connection_forward", lambda conn, h, branch: WrongGrad.apply(real(conn, h, branch)))
-    monkeypatch.setattr(hc, "FUSED", "auto")
     with pytest.warns(UserWarning):
-        report = hc_verify.verify_fused([hc.make_connection("mhc_lite", C, N, 0)], tokens=TOKENS)
+        report = hc_verify.verify_fused([hc.make_connection("mhc_lite", C, N, 0, fused="auto")], tokens=TOKENS)
     reason = report["checks"][0]["reason"]
     assert "grad h: error" in reason and "grad phi" in reason     # everything upstream of the output
     assert "out:" not in reason
     monkeypatch.setattr(kernels, "connection_forward", lambda conn, h, branch: real(conn, WrongGrad.apply(h), branch))
     with pytest.warns(UserWarning):
-        report = hc_verify.verify_fused([hc.make_connection("kromhc", C, N, 0)], tokens=TOKENS)
+        report = hc_verify.verify_fused([hc.make_connection("kromhc", C, N, 0, fused="auto")], tokens=TOKENS)
     reason = report["checks"][0]["reason"]
     assert "grad h: error" in reason and "grad phi" not in reason and "out:" not in reason
 
@@ -179,23 +175,20 @@ def test_raising_kernel_auto_falls_back_with_the_reason(kernels, monkeypatch):
     def boom(*args):
         raise RuntimeError("out of resources: shared memory")
     monkeypatch.setattr(kernels, "pre_mix", boom)
-    monkeypatch.setattr(hc, "FUSED", "auto")
     with pytest.warns(UserWarning, match="raised RuntimeError: out of resources"):
-        report = hc_verify.verify_fused([hc.make_connection("hc", C, N, 0)], tokens=TOKENS)
+        report = hc_verify.verify_fused([hc.make_connection("hc", C, N, 0, fused="auto")], tokens=TOKENS)
     assert report["path"] == "torch" and "out of resources" in report["reason"]
-    monkeypatch.setattr(hc, "FUSED", "on")
-    with pytest.raises(hc_verify.FusedCheckError, match="out of resources"):
-        hc_verify.verify_fused([hc.make_connection("hc", C, N, 0)], tokens=TOKENS)
+    with pytest.raises(FusedCheckError, match="out of resources"):
+        hc_verify.verify_fused([hc.make_connection("hc", C, N, 0, fused="on")], tokens=TOKENS)
 
 
 def test_unverified_kind_runs_the_torch_path_under_auto(kernels, monkeypatch):
-    monkeypatch.setattr(hc, "FUSED", "auto")
     calls = count_fused_calls(monkeypatch, kernels)
     with pytest.warns(UserWarning, match="not verified on this device"):
-        run_conn(hc.make_connection("kromhc", C, N, 0))
+        run_conn(hc.make_connection("kromhc", C, N, 0, fused="auto"))
     assert calls == []
-    monkeypatch.setattr(hc, "FUSED", "on")     # 'on' runs them unchecked: the user asked for them
-    run_conn(hc.make_connection("kromhc", C, N, 0))
+    # 'on' runs them unchecked: the user asked for them
+    run_conn(hc.make_connection("kromhc", C, N, 0, fused="on"))
     assert calls == [1]
 
 
@@ -209,34 +202,27 @@ def test_all_ranks_agree(kernels, monkeypatch):
         t.fill_(0.0)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    monkeypatch.setattr(hc, "FUSED", "auto")
     with pytest.warns(UserWarning, match="another rank"):
-        report = hc_verify.verify_fused([hc.make_connection("kromhc", C, N, 0)], tokens=TOKENS)
+        report = hc_verify.verify_fused([hc.make_connection("kromhc", C, N, 0, fused="auto")], tokens=TOKENS)
     assert reduced == [dist.ReduceOp.MIN]
     assert report["path"] == "torch" and report["checks"][0]["reason"] == "the check failed on another rank"
 
 
 def test_nothing_to_check():
     assert hc_verify.verify_fused([hc.make_connection("plain", C, 1, 0)])["path"] == "-"
-    saved = hc.FUSED
-    try:
-        hc.FUSED = "off"
-        assert hc_verify.verify_fused([hc.make_connection("mhc", C, N, 0)]) == {"path": "torch", "reason": "fused='off'",
-                                                                          "checks": []}
-        hc.FUSED = "auto"   # auto on a CPU: the torch path, nothing to check
-        r = hc_verify.verify_fused([hc.make_connection("mhc", C, N, 0)])
-        assert r["path"] == "torch" and "CUDA only" in r["reason"]
-    finally:
-        hc.FUSED = saved
+    assert hc_verify.verify_fused([hc.make_connection("mhc", C, N, 0, fused="off")]) == {
+        "path": "torch", "reason": "fused='off'", "checks": []}
+    # auto on a CPU: the torch path, nothing to check
+    r = hc_verify.verify_fused([hc.make_connection("mhc", C, N, 0, fused="auto")])
+    assert r["path"] == "torch" and "CUDA only" in r["reason"]
 
 
 @cuda_only
 @pytest.mark.parametrize("scheme", ["hc", "mhc", "mhc_lite", "kromhc"])
 def test_cuda_verify_gpt2_small_shapes(scheme, monkeypatch):
-    monkeypatch.setattr(hc, "FUSED", "on")
     monkeypatch.setattr(hc_kernels, "VERDICTS", {})
     torch.backends.cuda.matmul.allow_tf32 = True
-    conn = hc.make_connection(scheme, 768, 4, 0).cuda()
+    conn = hc.make_connection(scheme, 768, 4, 0, fused="on").cuda()
     for stream_dtype in (torch.float32, torch.bfloat16):
         report = hc_verify.verify_fused([conn], tokens=4096, stream_dtype=stream_dtype, autocast_dtype=torch.bfloat16)
         assert report["path"] == "fused", report
@@ -306,8 +292,7 @@ def test_recompute_rejects_unknown_values(data_dir, tmp_path):
     from model import GPT, GPTConfig
     import train
     from conftest import tiny_args
-    from configurator import ConfigError
-    with pytest.raises(ValueError, match="recompute must be one of"):
+    with pytest.raises(ValueError, match="'recompute' must be one of"):
         GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=8, recompute="all"))
     with pytest.raises(ConfigError, match="'recompute' must be one of"):
         train.main(tiny_args(data_dir, tmp_path / "r", "--recompute=all"))
@@ -339,7 +324,7 @@ def test_nonfinite_step_stops_the_run_at_the_next_check(log_interval, stop, data
     from conftest import read_log, tiny_args
     poison_step(monkeypatch, 3)
     out = tmp_path / "run"
-    with pytest.raises(train.Diverged) as e:
+    with pytest.raises(Diverged) as e:
         train.main(tiny_args(data_dir, out, f"--log_interval={log_interval}"))
     msg = str(e.value)
     assert msg.startswith("step 3: training loss is nan") and f"stopping at step {stop}," in msg
@@ -408,25 +393,24 @@ def test_flagged_step_leaves_fused_adamw_untouched():
 def test_train_records_the_residual_path(data_dir, tmp_path, monkeypatch, capsys):
     import train
     from conftest import read_log, tiny_args
-    from configurator import ConfigError
-    saved = hc.FUSED
-    try:
-        for scheme, fused, path, reason in [("kromhc", "auto", "torch", "CUDA only"), ("mhc", "off", "torch", "fused='off'"),
-                                            ("plain", "on", "-", "no n-stream connections")]:
-            out = tmp_path / f"{scheme}-{fused}"
-            train.main(tiny_args(data_dir, out, f"--scheme={scheme}", f"--fused={fused}", "--max_iters=1"))
-            header = read_log(out)[0]
-            assert header["fused"] == fused and hc.FUSED == fused
-            assert header["fused_path"] == path and reason in header["fused_reason"]
-            assert f"residual path: {path} (fused={fused}: " in capsys.readouterr().out
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # 'on' on a CPU without the interpreter
-        with pytest.raises(ConfigError, match="config key 'fused' is 'on' but the fused kernels cannot run kromhc "
-                                              "at n_streams=4 here: tensors are on the CPU"):
-            train.main(tiny_args(data_dir, tmp_path / "on", "--scheme=kromhc", "--fused=on"))
-        with pytest.raises(ConfigError, match="'fused' must be one of"):
-            train.main(tiny_args(data_dir, tmp_path / "x", "--fused=yes"))
-    finally:
-        hc.FUSED = saved
+    modes = []   # the fused mode of every connection of the model the run checks (and trains)
+    verify = train.hc_verify.verify_fused
+    monkeypatch.setattr(train.hc_verify, "verify_fused", lambda model, **kw: (
+        modes.append({c.fused for c in model.connections()}), verify(model, **kw))[1])
+    for scheme, fused, path, reason in [("kromhc", "auto", "torch", "CUDA only"), ("mhc", "off", "torch", "fused='off'"),
+                                        ("plain", "on", "-", "no n-stream connections")]:
+        out = tmp_path / f"{scheme}-{fused}"
+        train.main(tiny_args(data_dir, out, f"--scheme={scheme}", f"--fused={fused}", "--max_iters=1"))
+        header = read_log(out)[0]
+        assert header["fused"] == fused and modes.pop() == {fused}
+        assert header["fused_path"] == path and reason in header["fused_reason"]
+        assert f"residual path: {path} (fused={fused}: " in capsys.readouterr().out
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # 'on' on a CPU without the interpreter
+    with pytest.raises(ConfigError, match="config key 'fused' is 'on' but the fused kernels cannot run kromhc "
+                                          "at n_streams=4 here: tensors are on the CPU"):
+        train.main(tiny_args(data_dir, tmp_path / "on", "--scheme=kromhc", "--fused=on"))
+    with pytest.raises(ConfigError, match="'fused' must be one of"):
+        train.main(tiny_args(data_dir, tmp_path / "x", "--fused=yes"))
 
 
 def test_bench_recompute_rows_and_sync_column(capsys):

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import hc
 import numerics
+from errors import ConfigError
 
 C = 16  # small width keeps the tests fast; the formulas do not depend on it
 
@@ -474,10 +475,12 @@ def test_diagnostics_composite_and_gain():
 # bad arguments
 
 @pytest.mark.parametrize("args,kwargs,match", [
-    (("residual", C, 4, 0), {}, "unknown residual scheme"),
+    (("residual", C, 4, 0), {}, "config key 'scheme' must be one of"),
     (("plain", C, 4, 0), {}, "n_streams=1"),
     (("hc", C, 1, 0), {}, "n_streams >= 2"),
-    (("mhc", C, 0, 0), {}, "positive integer"),
+    (("mhc", C, -1, 0), {}, "config key 'n_streams' must be >= 0"),   # 0: the scheme's default n (4)
+    (("mhc", C, True, 0), {}, "config key 'n_streams' must be int"),
+    (("mhc", 0, 4, 0), {}, "dim must be a positive integer"),
     (("mhc_lite", C, 8, 0), {}, "n_streams <= 6"),
     (("kromhc", C, 4, 0), {"kron_factors": (2, 3)}, "product is n_streams"),
     (("kromhc", C, 7, 0), {}, r"\[2, 6\]"),
@@ -486,7 +489,7 @@ def test_diagnostics_composite_and_gain():
     (("mhc", C, 4, 0), {"sinkhorn_iter": 5}, "unknown connection option"),
 ])
 def test_bad_arguments(args, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         hc.make_connection(*args, **kwargs)
 
 

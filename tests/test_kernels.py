@@ -28,12 +28,13 @@ triton = pytest.importorskip("triton")
 import hc  # noqa: E402
 import hc_kernels  # noqa: E402
 import numerics  # noqa: E402
+import optim  # noqa: E402
 
 C = 40  # two channel tiles of 32 in the interpreter, the second one partial
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 CASES = [("hc", 2), ("hc", 3), ("hc", 4), ("mhc", 2), ("mhc", 3), ("mhc", 4), ("mhc_lite", 2), ("mhc_lite", 3),
          ("mhc_lite", 4), ("kromhc", 2), ("kromhc", 4), ("kromhc", 6)]
-ITERS = hc.OPTIONS["sinkhorn_iters"]   # mhc's Sinkhorn iterations as built here
+ITERS = hc.SchemeConfig.sinkhorn_iters   # mhc's Sinkhorn iterations as built here
 # bf16 streams under autocast: the roundings to bf16 on one connection's path, each a relative error of at most
 # u(bf16) = 2^-8 on its value: forward x_in, the Linear's input, weight and output, the new streams; backward the
 # output's gradient, y's, the Linear's input and weight gradients, x_in's and h's
@@ -49,11 +50,11 @@ def bound(scheme, n, tokens, dtype=torch.float32, depth=1):
 
 @pytest.fixture
 def fused(monkeypatch, device):
-    """hc.FUSED = 'on' for this test; on CPU through Triton's interpreter."""
+    """The fused path 'on' for this test (the mode to build its connections with); on CPU through Triton's
+    interpreter."""
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(hc, "FUSED", "on")
-    return device
+    return "on"
 
 
 def randomize(conn, seed=0, logit_std=3.0):
@@ -83,9 +84,9 @@ class Branch(nn.Module):
 
 
 def run_connection(conn, branch, h, w, mode, monkeypatch):
-    """Output and the gradients of <out, w> w.r.t. h and every parameter, with hc.FUSED = mode, and the scalar
-    gates' gradient scales (numerics.gate_term_scales; found on the torch path only)."""
-    monkeypatch.setattr(hc, "FUSED", mode)
+    """Output and the gradients of <out, w> w.r.t. h and every parameter, with the connection's fused = mode, and
+    the scalar gates' gradient scales (numerics.gate_term_scales; found on the torch path only)."""
+    hc.set_fused(conn, mode)
     conn.zero_grad(set_to_none=True)
     branch.zero_grad(set_to_none=True)
     h = h.detach().clone().requires_grad_()
@@ -100,7 +101,7 @@ def run_connection(conn, branch, h, w, mode, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
-# the whole connection: hc.FUSED = "on" against "off"
+# the whole connection: fused="on" against "off"
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("device", DEVICES)
@@ -176,7 +177,7 @@ def test_expanded_streams(scheme, device, fused, monkeypatch):
     w = torch.randn(2, 9, n, C, dtype=torch.float64, device=device)
     results = []
     for mode in ("on", "off"):
-        monkeypatch.setattr(hc, "FUSED", mode)
+        hc.set_fused(conn, mode)
         xx = x.detach().clone().requires_grad_()
         out = conn(hc.expand_streams(xx, n), branch)
         (out.double() * w).sum().backward()
@@ -206,7 +207,8 @@ def make_chain(scheme, n, device, depth=3):
 def run_chain(conns, branches, x, w, mode, monkeypatch):
     """run_connections' output, the gradients of <out, w> w.r.t. its input and every parameter, and the gates'
     gradient scales. x: the streams (B, T, n, C), or the embedding (B, T, C) expanded to n streams (a stride-0 view)."""
-    monkeypatch.setattr(hc, "FUSED", mode)
+    for conn in conns:
+        hc.set_fused(conn, mode)
     for module in (*conns, *branches):
         module.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_()
@@ -404,7 +406,7 @@ def test_post_mix_kernel(n, h_dtype, y_dtype, device, fused):
 def test_sinkhorn_kernel(n, iters, device, fused):
     z = (4 * torch.randn(5, 7, n, n, generator=torch.Generator().manual_seed(n))).to(device)
     a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
-    out, out_ref = hc.sinkhorn(a, iters), hc.sinkhorn_reference(b, iters)   # hc.sinkhorn dispatches
+    out, out_ref = hc.sinkhorn(a, iters, fused=fused), hc.sinkhorn_reference(b, iters)   # hc.sinkhorn dispatches
     rel = numerics.sinkhorn_path(n, iters, z.abs().max().item(), backward=True)   # forward and backward
     numerics.assert_close(out, out_ref, rel, "H")
     # ends on the rows: exact but for the last logsumexp's sum over n and the row sum itself over n (the exps'
@@ -427,13 +429,14 @@ def test_same_loss_curve(scheme, device, fused, monkeypatch):
     from model import GPT, GPTConfig
 
     def curve(mode):
-        monkeypatch.setattr(hc, "FUSED", mode)
         torch.manual_seed(0)
         cfg = GPTConfig(block_size=8, vocab_size=64, n_layer=2, n_head=2, n_embd=32, scheme=scheme, n_streams=4,
                         gate_init=0.5, res_logit_init=-1.0,   # gates open: the connections matter
-                        sinkhorn_iters=5)                      # the interpreter is slow
+                        sinkhorn_iters=5,                      # the interpreter is slow
+                        fused=mode)
         model = GPT(cfg).to(device)
-        opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), device)
+        opt = optim.build(model, optim.OptimConfig(weight_decay=0.1, learning_rate=3e-3, beta1=0.9, beta2=0.95),
+                          device)
         g = torch.Generator().manual_seed(1)
         x, y = (torch.randint(0, 64, (2, 8), generator=g).to(device) for _ in range(2))
         losses = []
@@ -462,7 +465,8 @@ def test_compile_fullgraph(scheme, device, fused):
     in one graph around them."""
     torch._dynamo.reset()
     n = 4
-    conns = [randomize(hc.make_connection(scheme, C, n, layer_idx=i), seed=12 + i).to(device) for i in range(2)]
+    conns = [randomize(hc.make_connection(scheme, C, n, layer_idx=i, fused=fused), seed=12 + i).to(device)
+             for i in range(2)]
     branches = [Branch().to(device), Branch().to(device)]
     compiled = torch.compile(lambda h: hc.run_connections(conns, branches, h), fullgraph=True, backend="aot_eager")
     h1 = torch.randn(2, 5, n, C, device=device).requires_grad_()
@@ -536,14 +540,14 @@ def test_tf32_setting_through_either_api(how, tf32, device, fused, restore_tf32,
     launch = hc_kernels._launch_pre
     monkeypatch.setattr(hc_kernels, "_launch_pre",
                         lambda *a, **kw: (precisions.append(kw["PRECISION"]), launch(*a, **kw)))
-    conn = randomize(hc.make_connection("mhc", C, 4, layer_idx=1), seed=1)
+    conn = randomize(hc.make_connection("mhc", C, 4, layer_idx=1, fused=fused), seed=1)
     branch = Branch()
     h = torch.randn(2, 5, 4, C, requires_grad=True)
     torch._dynamo.reset()
     out = torch.compile(lambda h: conn(h, branch), fullgraph=True, backend="aot_eager")(h)
     out.square().sum().backward()
     assert precisions == ["tf32" if tf32 else "ieee"] * 2         # forward and backward
-    monkeypatch.setattr(hc, "FUSED", "off")
+    hc.set_fused(conn, "off")
     # the interpreter has no TF32 rounding: fp32 in two orders, the connection's forward
     rel = numerics.connection_path("mhc", 4, C, 10, sinkhorn_iters=ITERS, backward=False)
     numerics.assert_close(out, conn(h, branch), rel, "output")
@@ -665,7 +669,7 @@ def test_fused_off_and_auto_on_cpu_use_torch(monkeypatch):
     monkeypatch.setattr(hc_kernels, "chain_forward", lambda *a: calls.append(a))
     conn = hc.make_connection("mhc", C, 4, 0)
     for mode in ("off", "auto"):
-        monkeypatch.setattr(hc, "FUSED", mode)
+        hc.set_fused(conn, mode)
         conn(torch.randn(2, 3, 4, C), Branch())
         hc.run_connections([conn, conn], [Branch(), Branch()], torch.randn(2, 3, 4, C))
     assert calls == []
@@ -675,28 +679,26 @@ def test_fused_off_and_auto_on_cpu_use_torch(monkeypatch):
 
 def test_fused_on_raises_where_it_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(hc, "FUSED", "on")
-    conn = hc.make_connection("kromhc", C, 4, 0)
+    conn = hc.make_connection("kromhc", C, 4, 0, fused="on")
     with pytest.raises(RuntimeError, match="need CUDA, or TRITON_INTERPRET=1"):
         conn(torch.randn(2, 3, 4, C), Branch())
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="130 coefficients per token"):   # mhc_lite at n = 5: 5! + 10
-        hc.make_connection("mhc_lite", C, 5, 0)(torch.randn(2, 3, 5, C), Branch())
+        hc.make_connection("mhc_lite", C, 5, 0, fused="on")(torch.randn(2, 3, 5, C), Branch())
     with pytest.raises(RuntimeError, match="float64"):
-        hc.sinkhorn(torch.randn(3, 4, 4, dtype=torch.float64))
+        hc.sinkhorn(torch.randn(3, 4, 4, dtype=torch.float64), ITERS, fused="on")
     # plain has nothing to fuse and runs as it is
     x = torch.randn(2, 3, 1, C)
-    assert hc.make_connection("plain", C, 1, 0)(x, Branch()).shape == x.shape
-    monkeypatch.setattr(hc, "FUSED", "yes")
+    assert hc.make_connection("plain", C, 1, 0, fused="on")(x, Branch()).shape == x.shape
+    hc.set_fused(conn, "yes")   # past the config's check (make_connection refuses it: a ConfigError)
     with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
         conn(torch.randn(2, 3, 4, C), Branch())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 def test_auto_on_cuda_reports_the_torch_path(monkeypatch):
-    monkeypatch.setattr(hc, "FUSED", "auto")
     monkeypatch.setattr(hc_kernels, "_WARNED", set())
-    conn = hc.make_connection("mhc_lite", C, 5, 0).cuda()
+    conn = hc.make_connection("mhc_lite", C, 5, 0, fused="auto").cuda()
     with pytest.warns(UserWarning, match="torch reference path runs MHCLite"):
         conn(torch.randn(2, 3, 5, C, device="cuda"), Branch().cuda())
 

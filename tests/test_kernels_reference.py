@@ -1,4 +1,4 @@
-"""The fused path (hc.FUSED = "on": the Triton kernels of hc_kernels.py) against the papers'
+"""The fused path (fused="on": the Triton kernels of hc_kernels.py) against the papers'
 equations written out in this file, in float64, from the connection's parameters.
 
 test_kernels.py compares the kernels with hc.py's torch path; both paths share the connection's
@@ -118,9 +118,9 @@ def test_prime_factors_helper():
 def test_fused_connection_against_the_equations(scheme, n, device, monkeypatch):
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(hc, "FUSED", "on")
     iters = 5
-    conn = randomize(hc.make_connection(scheme, C, n, layer_idx=1, sinkhorn_iters=iters), seed=n).to(device)
+    conn = randomize(hc.make_connection(scheme, C, n, layer_idx=1, sinkhorn_iters=iters, fused="on"),
+                     seed=n).to(device)
     branch = Branch().to(device)
     g = torch.Generator().manual_seed(3)
     h = torch.randn(2, 12, n, C, generator=g).to(device)               # 24 tokens: two programs of 16

@@ -14,8 +14,9 @@ import hc
 import hc_kernels
 import hc_verify
 import numerics
+import optim
 import train
-from configurator import ConfigError
+from errors import ConfigError
 from conftest import read_log, tiny_args
 import model as model_module
 from model import GPT, GPTConfig
@@ -178,19 +179,19 @@ def test_torchtitan_init():
     H_pre, H_post, H_res = conn.coefficients(torch.randn(2, 8, n, 256))
     assert (H_pre - 0.5).abs().max() < 0.05 and (H_post - 1).abs().max() < 0.1
     assert (H_res - 1 / n).abs().max() < 0.02
-    head = hc.HCHead(256, n)
+    head = hc.HCHead(256, n, hc.SchemeConfig.hc_eps)
     assert (head.weights(torch.randn(2, 8, n, 256)) - 0.5).abs().max() < 0.05
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match="hc_eps must be >= 0"):
+    with pytest.raises(ConfigError, match="config key 'hc_eps' must be >= 0"):
         hc.make_connection("mhc_v4", C, 4, 0, hc_eps=-1.0)
-    with pytest.raises(ValueError, match="sinkhorn_iters must be >= 1"):
+    with pytest.raises(ConfigError, match="config key 'sinkhorn_iters' must be > 0"):
         hc.make_connection("mhc_v4", C, 4, 0, sinkhorn_iters=0)
-    with pytest.raises(ValueError, match="needs n_streams >= 2"):
+    with pytest.raises(ConfigError, match="needs n_streams >= 2"):
         hc.make_connection("mhc_v4", C, 1, 0)
     with pytest.raises(ValueError, match=r"HCHead expects streams of shape \(B, T, n=4"):
-        hc.HCHead(C, 4)(torch.randn(2, 3, 2, C))
+        hc.HCHead(C, 4, hc.SchemeConfig.hc_eps)(torch.randn(2, 3, 2, C))
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ def test_bad_options():
 @pytest.mark.numerics
 @pytest.mark.parametrize("n", [2, 4])
 def test_hc_head_equals_the_public_formula(n):
-    head = randomize(hc.HCHead(C, n), seed=7)
+    head = randomize(hc.HCHead(C, n, hc.SchemeConfig.hc_eps), seed=7)
     h = streams(n)
     w, out = hc_head_ref(head.fn, head.scale, head.base, h, 1e-6)
     rel = numerics.chain(n * C, n * C, n)   # fp32 against float64: the norm and projection over n C, the sum over n
@@ -262,7 +263,7 @@ def test_adamw_groups():
     """Decayed: the projections fn of the connections and of hc_head; not decayed: base and scale."""
     model = GPT(tiny(scheme="mhc_v4", readout="hc_head"))
     names = {id(p): k for k, p in model.named_parameters()}
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = optim.build(model, optim.OptimConfig(weight_decay=0.1, learning_rate=1e-3, beta1=0.9, beta2=0.95), "cpu")
     decay, no_decay = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
     assert not decay & no_decay and decay | no_decay == set(names.values())
     v4 = {k for k in names.values() if ".hc_" in k or k.startswith("hc_head.")}
@@ -275,7 +276,9 @@ def test_adamw_groups():
 def test_muon_groups(hc_optimizer):
     model = GPT(tiny("nanochat", scheme="mhc_v4", readout="hc_head"))
     names = {id(p): k for k, p in model.named_parameters()}
-    opt = model.configure_muon(hc_lr=1e-3, hc_optimizer=hc_optimizer, weight_decay=0.1)
+    # configure_muon's former defaults (betas (0.8, 0.95), eps 1e-10) where OptimConfig's differ
+    opt = optim.build(model, optim.OptimConfig(optimizer="muon", learning_rate=1e-3, hc_optimizer=hc_optimizer,
+                                               weight_decay=0.1, beta1=0.8, beta2=0.95, adam_eps=1e-10), "cpu")
     sets = {g["name"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
     assert sum(len(s) for s in sets.values()) == len(names)            # every parameter exactly once
     fns = {k for k in names.values() if k.endswith(".fn")}
@@ -296,7 +299,7 @@ def test_parameter_counts(capsys):
         count = sum(p.numel() for p in conn.parameters())
         assert count == n * dim * (n * n + 2 * n) + n * n + 2 * n + 3
         assert sum(p.numel() for p in mhc.parameters()) - count == n * dim
-        assert sum(p.numel() for p in hc.HCHead(dim, n).parameters()) == n * n * dim + n + 1
+        assert sum(p.numel() for p in hc.HCHead(dim, n, hc.SchemeConfig.hc_eps).parameters()) == n * n * dim + n + 1
     from scripts import param_table
     param_table.main(["--n-streams", "4"])
     out = capsys.readouterr().out
@@ -362,12 +365,12 @@ def test_fused_path_routes_mhc_v4_to_torch(monkeypatch):
     model = GPT(tiny(scheme="mhc_v4", readout="hc_head"))
     conn = model.connections()[0]
     assert hc_kernels.unsupported(conn, torch.zeros(1, 1, 4, 24)) == "there is no fused kernel for MHCV4"
-    monkeypatch.setattr(hc, "FUSED", "auto")
+    hc.set_fused(model, "auto")
     monkeypatch.setattr(hc, "AUTO_DEVICES", ("cuda", "cpu"))
     with pytest.warns(UserWarning, match="torch reference path runs MHCV4: there is no fused kernel"):
         check = hc_verify.verify_fused(model)
     assert check["path"] == "torch" and "no fused kernel for MHCV4" in check["reason"] and check["checks"] == []
-    monkeypatch.setattr(hc, "FUSED", "on")
+    hc.set_fused(model, "on")
     with pytest.raises(RuntimeError, match="fused MHCV4 kernels cannot run: there is no fused kernel for MHCV4"):
         hc_verify.verify_fused(model)
 

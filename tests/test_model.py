@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import numerics
+import optim
 from model import GPT, GPTConfig
 
 SCHEMES_N = [("plain", 1), ("hc", 4), ("mhc", 4), ("mhc_lite", 4), ("kromhc", 4), ("kromhc", 6)]
@@ -138,7 +139,7 @@ def test_optimizer_groups(scheme, n):
     """Decay: 2-D weights outside the connections + each connection's dynamic projections;
     no decay: norms, biases, static coefficients and gates. Every parameter exactly once."""
     model = GPT(tiny(scheme=scheme, n_streams=n))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = optim.build(model, optim.OptimConfig(weight_decay=0.1, learning_rate=1e-3, beta1=0.9, beta2=0.95), "cpu")
     decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
     assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
     assert not decay & no_decay
@@ -200,7 +201,7 @@ def test_branch_init_scale_sqrt_n():
 
 
 def test_bad_scheme_and_streams():
-    with pytest.raises(ValueError, match="unknown residual scheme"):
+    with pytest.raises(ValueError, match="config key 'scheme' must be one of"):
         GPT(tiny(scheme="foo"))
     with pytest.raises(ValueError, match="n_streams=1"):
         GPT(tiny(scheme="plain", n_streams=4))

@@ -3,6 +3,7 @@ init and softcap, rotary, Muon's groups, lrs, momentum warmup and update, exact 
 config configs/nanochat_d12.py, and the end-of-run HellaSwag / CORE."""
 
 import json
+from dataclasses import replace
 import math
 import os
 import subprocess
@@ -13,13 +14,15 @@ import torch
 import torch.nn.functional as F
 import torch.optim._muon
 
+import config
 import configurator
 import train
-from configurator import ConfigError
+from errors import ConfigError
 import fp32_muon
 import numerics
 from conftest import read_log, tiny_args
 from model import GPT, GPTConfig, apply_rotary, rotary_tables
+import optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELLASWAG = os.path.join(REPO, "tests", "fixtures", "hellaswag", "hellaswag_val_sample.jsonl")
@@ -31,6 +34,16 @@ def tiny(**kw):
     cfg = dict(arch="nanochat", block_size=16, vocab_size=96, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False)
     cfg.update(kw)
     return GPTConfig(**cfg)
+
+
+def muon(model, **kw):
+    """optim.build's Muon + AdamW with the values of the former GPT.configure_muon's defaults where OptimConfig's
+    differ (AdamW betas (0.8, 0.95), eps 1e-10, no weight decay); kw: other OptimConfig values."""
+    oc = dict(optimizer="muon", matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, learning_rate=6e-4,
+              hc_optimizer="adamw", weight_decay=0.0, muon_weight_decay=0.0, beta1=0.8, beta2=0.95, adam_eps=1e-10,
+              muon_momentum=0.95)
+    oc.update(kw)
+    return optim.build(model, optim.OptimConfig(**oc), "cpu")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -196,7 +209,7 @@ def test_zero_init_still_trains():
     after a few steps every parameter, connections included, has one and the loss falls."""
     torch.manual_seed(0)
     model = GPT(tiny(scheme="kromhc", n_streams=4))
-    opt = model.configure_muon(hc_lr=1e-2)
+    opt = muon(model, learning_rate=1e-2)
     idx = torch.randint(0, 96, (4, 16))
     losses, first = [], None
     for _ in range(6):
@@ -243,7 +256,8 @@ def test_muon_groups_and_lrs():
     phis = {n for n in names.values() if n.endswith(".phi")}
     conn = {n for n in names.values() if ".hc_" in n}
     for hc_optimizer in ("adamw", "muon"):
-        opt = model.configure_muon(0.02, 0.2, 0.004, hc_lr=1e-3, hc_optimizer=hc_optimizer, weight_decay=0.0)
+        opt = muon(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, learning_rate=1e-3,
+                   hc_optimizer=hc_optimizer, weight_decay=0.0)
         groups = {g["name"]: g for g in opt.param_groups}
         sets = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
         expected = {"matrices": blocks, "unembedding": {"lm_head.weight"}, "embedding": {"transformer.wte.weight"}}
@@ -265,11 +279,11 @@ def test_muon_groups_and_lrs():
             assert (g["momentum"], g["nesterov"], g["weight_decay"], g["adjust_lr_fn"]) == (0.95, True, 0.0, "original")
         for g in opt.adamw.param_groups:
             assert g["betas"] == (0.8, 0.95) and g["eps"] == 1e-10 and g["weight_decay"] == 0.0
-    at_768 = GPT(tiny(n_embd=768, n_head=6, n_layer=1)).configure_muon()
+    at_768 = muon(GPT(tiny(n_embd=768, n_head=6, n_layer=1)))
     assert {g["name"]: g["base_lr"] for g in at_768.param_groups} == {
         "matrices": 0.02, "unembedding": 0.004, "embedding": 0.2}  # plain: no connection groups
     with pytest.raises(ValueError, match="arch='nanochat'"):
-        GPT(GPTConfig(block_size=16, vocab_size=96, n_layer=1, n_head=2, n_embd=32)).configure_muon()
+        muon(GPT(GPTConfig(block_size=16, vocab_size=96, n_layer=1, n_head=2, n_embd=32)))
 
 
 @pytest.mark.numerics
@@ -290,7 +304,7 @@ def test_muon_update_is_nanochats(monkeypatch):
 
     torch.manual_seed(0)
     model = GPT(tiny(n_layer=1))
-    opt = model.configure_muon()
+    opt = muon(model)
     opt.muon.param_groups[0]["momentum"] = 0.85
     block = model.transformer.h[0]
     ws = {"tall": (block.mlp.c_fc.weight, 2.0), "square": (block.attn.c_q.weight, 1.0),
@@ -314,21 +328,22 @@ def test_muon_update_is_nanochats(monkeypatch):
             assert (delta - expected).norm() / expected.norm() <= rel, k
 
 
-@pytest.mark.parametrize("config, ratio", [("nanochat_d12.py", 0.2), ("kromhc_d12.py", 0.4)])
-def test_schedule_and_momentum_warmup(config, ratio):
+@pytest.mark.parametrize("name, ratio", [("nanochat_d12.py", 0.2), ("kromhc_d12.py", 0.4)])
+def test_schedule_and_momentum_warmup(name, ratio):
     """Linear warmdown with warmup 0 and min_lr_ratio 0 is nanochat's get_lr_multiplier (warmdown_ratio
     0.2 at e1770a3, 0.4 from ae0bf52); the momentum is nanochat's get_muon_momentum."""
-    cfg = configurator.load(train.DEFAULTS, [os.path.join(REPO, "configs", config)], train.ALLOWED_TYPES)
+    cfg = configurator.load(config.KEYS, [os.path.join(REPO, "configs", name)])
     cfg["max_iters"] = N = 7080  # the configs' max_iters = -1: nanochat's rule (plain at 65,536 tokens)
+    oc = config.build(cfg).optim
     warmdown = round(ratio * N)
     for step in list(range(0, N, 97)) + [N - warmdown - 1, N - warmdown, N - warmdown + 1, N - 1]:
         nanochat = 1.0 if step <= N - warmdown else (N - step) / warmdown
         for base in (0.02, 0.004, 6e-4):
-            assert train.get_lr(step, cfg, base) == pytest.approx(base * nanochat, rel=1e-12, abs=1e-15)
-    assert train.get_lr(N - 1, cfg, 0.02) == pytest.approx(0.02 / warmdown, rel=1e-12)
+            assert optim.lr_at(step, oc, base) == pytest.approx(base * nanochat, rel=1e-12, abs=1e-15)
+    assert optim.lr_at(N - 1, oc, 0.02) == pytest.approx(0.02 / warmdown, rel=1e-12)
     for step, m in ((0, 0.85), (30, 0.86), (150, 0.90), (299, 0.85 + 0.1 * 299 / 300), (300, 0.95), (5000, 0.95)):
-        assert train.muon_momentum(step, cfg) == pytest.approx(m, rel=1e-12)   # float64, a few u: 1e-16
-    assert train.muon_momentum(7, dict(cfg, muon_momentum_warmup=0)) == 0.95
+        assert optim.muon_momentum(step, oc) == pytest.approx(m, rel=1e-12)   # float64, a few u: 1e-16
+    assert optim.muon_momentum(7, replace(oc, muon_momentum_warmup=0)) == 0.95
 
 
 # ----------------------------------------------------------------------------- through train.py
@@ -437,7 +452,7 @@ def test_muon_ddp_two_processes_match_one(data_dir, tmp_path, monkeypatch):
     from data.tokenizer import get_encoding
     from evals import evaluate_core
     from evals import evaluate_hellaswag, load_examples
-    from rundir import load_model
+    from checkpoint import load_model
     final = [r for r in two if r["type"] == "final"]
     model = load_model(ddp)[0]
     hs = evaluate_hellaswag(model, load_examples(HELLASWAG), "cpu")
@@ -463,8 +478,8 @@ def test_muon_ddp_two_processes_match_one(data_dir, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- the config and the end of the run
 
 def test_nanochat_d12_config():
-    cfg = configurator.load(train.DEFAULTS, [os.path.join(REPO, "configs", "nanochat_d12.py")], train.ALLOWED_TYPES)
-    configurator.validate(cfg)
+    cfg = configurator.load(config.KEYS, [os.path.join(REPO, "configs", "nanochat_d12.py")])
+    config.build(cfg)
     assert (cfg["arch"], cfg["optimizer"], cfg["scheme"], cfg["n_streams"]) == ("nanochat", "muon", "kromhc", 0)
     assert (cfg["n_layer"], cfg["n_embd"], cfg["n_embd"] // cfg["n_head"], cfg["block_size"]) == (12, 768, 128, 2048)
     assert (cfg["total_batch_tokens"], cfg["dataset"], cfg["grad_clip"]) == (524_288, "fineweb_edu-65536", 1.0)
@@ -476,11 +491,10 @@ def test_nanochat_d12_config():
         assert cfg["total_batch_tokens"] % (cfg["batch_size"] * cfg["block_size"] * gpus) == 0
     # nanochat: num_iterations = 20 x (every parameter of its model) // tokens per step, at 65,536 tokens
     with torch.device("meta"):
-        model = GPT(GPTConfig(**{k: cfg[k] for k in train.MODEL_KEYS if k not in ("scheme", "n_streams", "vocab_size")},
-                              vocab_size=65536))
+        model = GPT(replace(config.build(cfg).model, scheme="plain", n_streams=1, vocab_size=65536))
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == 2 * 65536 * 768 + 12 * 12 * 768 ** 2 == 185_597_952
-    assert cfg["max_iters"] == -1 and train.ratio_steps(n_params, cfg["param_data_ratio"], 524_288) == 7080
+    assert cfg["max_iters"] == -1 and optim.ratio_steps(n_params, cfg["param_data_ratio"], 524_288) == 7080
 
 
 def test_nanochat_d12_trains_with_end_of_run_evals(data_dir, tmp_path):
@@ -502,7 +516,7 @@ def test_nanochat_d12_trains_with_end_of_run_evals(data_dir, tmp_path):
     final = [r for r in log if r["type"] == "final"]
     assert len(final) == 1 and final[0]["step"] == 3
     # the same numbers from the saved weights, scored here
-    from rundir import load_model
+    from checkpoint import load_model
     model = load_model(out)[0]
     hs = evaluate_hellaswag(model, load_examples(HELLASWAG), "cpu")
     core = evaluate_core(model, get_encoding(), "cpu", BUNDLE, log=None)

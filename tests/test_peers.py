@@ -45,6 +45,7 @@ from liger_kernel.transformers import LigerMHC  # noqa: E402
 import hc  # noqa: E402
 import hc_kernels  # noqa: E402
 import numerics  # noqa: E402
+from errors import ConfigError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,8 +211,8 @@ def test_mhc_equals_lucidrains_mhc(n, exp_space):
 
 
 def test_coeff_norm_option():
-    assert hc.OPTIONS["coeff_norm"] == "flat" and hc.make_connection("kromhc", 8, 4, 0).coeff_norm == "flat"
-    with pytest.raises(ValueError, match="coeff_norm must be one of"):
+    assert hc.SchemeConfig.coeff_norm == "flat" and hc.make_connection("kromhc", 8, 4, 0).coeff_norm == "flat"
+    with pytest.raises(ConfigError, match="config key 'coeff_norm' must be one of"):
         hc.make_connection("mhc", 8, 2, 0, coeff_norm="streams")
     conn = hc.make_connection("mhc_lite", 8, 2, 0, coeff_norm="stream")
     reason = hc_kernels.unsupported(conn, torch.empty(1, 1, 2, 8, device="cuda" if torch.cuda.is_available()

@@ -14,12 +14,15 @@ if not torch.cuda.is_available():
     # before Triton's first import (as in test_kernels.py), for the fused Sinkhorn in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import config
 import configurator
 import hc
 import numerics
+import optim
 import train
 from conftest import read_log, tiny_args
 from model import GPT, GPTConfig
+from errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "*_[sml].py"))
@@ -143,7 +146,7 @@ DYNAMIC = {"hc": {"W_m", "W_r", "W_beta"}, "mhc": {"phi"}, "mhc_lite": {"phi"}, 
 def test_static_decay_groups(scheme, decay_static):
     n = 1 if scheme == "plain" else 4
     model = GPT(tiny(scheme=scheme, n_streams=n, decay_static=decay_static, bias=False))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = optim.build(model, optim.OptimConfig(weight_decay=0.1, learning_rate=1e-3, beta1=0.9, beta2=0.95), "cpu")
     names = {id(p): name for name, p in model.named_parameters()}
     decay = {names[id(p)] for p in opt.param_groups[0]["params"]}
     no_decay = {names[id(p)] for p in opt.param_groups[1]["params"]}
@@ -164,7 +167,7 @@ def test_static_decay_step_shrinks_exactly_the_decayed():
     lr, wd = 0.1, 0.5
     model = GPT(tiny(scheme="mhc", n_streams=3, decay_static=True))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = model.configure_optimizers(wd, lr, (0.9, 0.95), "cpu")
+    opt = optim.build(model, optim.OptimConfig(weight_decay=wd, learning_rate=lr, beta1=0.9, beta2=0.95), "cpu")
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
@@ -248,9 +251,9 @@ def test_mhc_connection_sinkhorn_end():
 
 
 def test_sinkhorn_end_option_checks():
-    assert hc.OPTIONS["sinkhorn_end"] == "rows"
+    assert hc.SchemeConfig.sinkhorn_end == "rows"
     assert hc.make_connection("mhc", 8, 2, 0).sinkhorn_end == "rows"
-    with pytest.raises(ValueError, match="sinkhorn_end"):
+    with pytest.raises(ConfigError, match="config key 'sinkhorn_end' must be one of"):
         hc.make_connection("mhc", 8, 2, 0, sinkhorn_end="columns")
     hc.make_connection("kromhc", 8, 4, 0, sinkhorn_end="cols")  # an option other schemes ignore
 
@@ -262,11 +265,9 @@ def test_sinkhorn_cols_fused_matches_torch(monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     z = 3 * torch.randn(5, 4, 4, generator=torch.Generator().manual_seed(3))
     z = z.to(device).requires_grad_()
-    monkeypatch.setattr(hc, "FUSED", "off")
-    H_torch = hc.sinkhorn(z, 4, "cols")
+    H_torch = hc.sinkhorn(z, 4, "cols", fused="off")
     (g_torch,) = torch.autograd.grad(H_torch.square().sum(), z)
-    monkeypatch.setattr(hc, "FUSED", "on")
-    H_fused = hc.sinkhorn(z, 4, "cols")
+    H_fused = hc.sinkhorn(z, 4, "cols", fused="on")
     (g_fused,) = torch.autograd.grad(H_fused.square().sum(), z)
     # Sinkhorn's 4 iterations over n = 4, forward and (for the gradient) back: in two fp32 orders, and against
     # float64
@@ -305,11 +306,11 @@ def test_stream_dtype_bfloat16_hc(scheme, n):
 def test_grid_configs_set_the_published_model():
     assert len(GRID) == 6, GRID
     for path in GRID:
-        cfg = configurator.load(train.DEFAULTS, [path], train.ALLOWED_TYPES)
+        cfg = configurator.load(config.KEYS, [path])
         assert (cfg["readout"], cfg["bias"], cfg["decay_static"], cfg["sinkhorn_end"], cfg["stream_dtype"]) == \
             ("norm_sum", False, True, "cols", "bfloat16_hc"), path
-    assert train.DEFAULTS["readout"] == "mean" and train.DEFAULTS["decay_static"] is False
-    assert train.DEFAULTS["sinkhorn_end"] == "rows" and train.DEFAULTS["stream_dtype"] == "float32"
+    assert config.DEFAULTS["readout"] == "mean" and config.DEFAULTS["decay_static"] is False
+    assert config.DEFAULTS["sinkhorn_end"] == "rows" and config.DEFAULTS["stream_dtype"] == "float32"
 
 
 @pytest.mark.parametrize("config", GRID)
@@ -335,16 +336,16 @@ def test_grid_config_trains(config, data_dir, tmp_path):
         # (the decay's arithmetic is test_static_decay_step_shrinks_exactly_the_decayed; after a few Adam
         # steps the statics' values depend on the sign of gradients near 1e-6, so they are not asserted)
         groups = ckpt["optimizer"]["param_groups"]
-        decayed = [len(GPT(GPTConfig(**{**ckpt["model_config"], "decay_static": d}))
-                       .configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups[0]["params"])
-                   for d in (False, True)]
+        adamw = optim.OptimConfig(weight_decay=0.1, learning_rate=1e-3, beta1=0.9, beta2=0.95)
+        decayed = [len(optim.build(GPT(GPTConfig(**{**ckpt["model_config"], "decay_static": d})), adamw, "cpu")
+                       .param_groups[0]["params"]) for d in (False, True)]
         assert groups[0]["weight_decay"] > 0 and len(groups[0]["params"]) == decayed[1] > decayed[0]
 
 
 def test_train_rejects_bad_grid_keys(data_dir, tmp_path):
     for arg, msg in (("--readout=sum", "'readout' must be one of"), ("--sinkhorn_end=row", "'sinkhorn_end' must be"),
                      ("--stream_dtype=bf16", "'stream_dtype' must be one of")):
-        with pytest.raises(configurator.ConfigError, match=msg):
+        with pytest.raises(ConfigError, match=msg):
             train.main(tiny_args(data_dir, tmp_path / "x", arg))
 
 

@@ -12,19 +12,21 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import configurator
 import evals
 import numerics
-import rundir
+import checkpoint
 import train
 from common import LossEMA
 from conftest import read_log, tiny_args
-from configurator import ConfigError
+from errors import CheckpointError, ConfigError
 from data import prepare as prep
 from data import sources
 from data import shards as shardlib
 from data import tokenizer as toklib
 from model import GPT, GPTConfig
+import optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELLASWAG = os.path.join(REPO, "tests", "fixtures", "hellaswag", "hellaswag_val_sample.jsonl")
@@ -173,11 +175,12 @@ def test_train_sample_and_evals_with_the_trained_tokenizer(bpe_data, tmp_path):
     log = read_log(out)
     assert log[0]["vocab_size"] == V
     shutil.rmtree(data)
-    model, meta = rundir.load_model(out)
-    enc = rundir.load_tokenizer(meta)
+    model, meta = checkpoint.load_model(out)
+    enc = checkpoint.load_tokenizer(meta)
     assert (enc.n_vocab, enc.bos_token, enc.eot_token, enc.name) == (V, V - 9, V - 9, "pydocs-4096")
     assert evals.encode(enc, ["The cat"])[0] == [V - 9] + enc.encode_ordinary("The cat")
-    text = sample.sample(model, enc, "def ", num_samples=1, max_new_tokens=5, temperature=0)[0]
+    text = sample.sample(model, enc, "def ", num_samples=1, max_new_tokens=5, temperature=0, top_k=200,
+                         seed=1337, device="cpu")[0]
     ids = model.generate(torch.tensor([enc.encode_ordinary("def ")]), 5, temperature=0)[0, -5:].tolist()
     assert text == enc.decode(ids)
     core = evals.evaluate_core(model, enc, "cpu", BUNDLE, log=None)
@@ -191,20 +194,20 @@ def test_tokenizer_from_checkpoint_is_checked(bpe, bpe_data, tmp_path):
     never GPT-2's BPE; a data directory whose tokenizer copy was replaced: refused before out_dir."""
     out = tmp_path / "run"
     train.main(tiny_args(bpe_data, out, "--max_iters=2", "--eval_interval=2"))
-    _, meta = rundir.load_model(out)
+    _, meta = checkpoint.load_model(out)
     rec = dict(meta["tokenizer"])
-    assert rundir.load_tokenizer({"tokenizer": rec}).encode_ordinary("hello") == \
+    assert checkpoint.load_tokenizer({"tokenizer": rec}).encode_ordinary("hello") == \
         toklib.load_bpe(bpe).encode_ordinary("hello")
     with pytest.raises(ValueError, match="carries no rank file"):
-        rundir.load_tokenizer({"tokenizer": {k: v for k, v in rec.items() if k != "rank_file"}})
+        checkpoint.load_tokenizer({"tokenizer": {k: v for k, v in rec.items() if k != "rank_file"}})
     rec["rank_file"] = rec["rank_file"].replace(b"\n", b"\n\n", 1) + b"QUFB 9999\n"
     with pytest.raises(ValueError, match="sha256 .* does not match"):
-        rundir.load_tokenizer({"tokenizer": rec})
+        checkpoint.load_tokenizer({"tokenizer": rec})
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     ckpt["tokenizer"] = rec
     torch.save(ckpt, tmp_path / "bad.pt")
-    with pytest.raises(rundir.CheckpointError, match=r"bad\.pt: .*sha256"):
-        rundir.load_model(tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"bad\.pt: .*sha256"):
+        checkpoint.load_model(tmp_path / "bad.pt")
     data = tmp_path / "data"
     shutil.copytree(bpe_data, data)
     (data / "tokenizer.tiktoken").write_bytes(b"AAAA 0\n")
@@ -237,12 +240,12 @@ def test_d12_step_rule(scheme, params, steps):
     """nanochat's base_train.py: num_iterations = 20 x every parameter // 524,288 (the numbers in
     configs/nanochat_d12.py); the connections' parameters are the KromHC table's extra params."""
     n = d12(scheme).num_params(non_embedding=False)
-    assert n == params and train.ratio_steps(n, 20, 524_288) == steps
+    assert n == params and optim.ratio_steps(n, 20, 524_288) == steps
     assert n - 185_597_952 == {"plain": 0, "hc": 129_648, "mhc": 1_843_848, "mhc_lite": 2_433_864,
                                "kromhc": 958_824}[scheme]
     if scheme == "plain":
         assert n == 2 * 65_536 * 768 + 12 * 12 * 768 ** 2
-        assert train.ratio_steps(d12(scheme, 50_304).num_params(non_embedding=False), 20, 524_288) == 6187
+        assert optim.ratio_steps(d12(scheme, 50_304).num_params(non_embedding=False), 20, 524_288) == 6187
 
 
 def test_max_iters_from_param_data_ratio(data_dir, tmp_path):
@@ -250,18 +253,28 @@ def test_max_iters_from_param_data_ratio(data_dir, tmp_path):
     result = train.main(tiny_args(data_dir, out, "--arch=nanochat", "--bias=False", "--max_iters=-1",
                                   "--param_data_ratio=0.0005", "--eval_interval=100"))
     n = read_log(out)[0]["num_params"]  # without the embedding lookup: not what nanochat's rule counts
-    n_all = sum(p.numel() for p in rundir.load_model(out)[0].parameters())
+    n_all = sum(p.numel() for p in checkpoint.load_model(out)[0].parameters())
     assert read_log(out)[0]["max_iters"] == result["step"] == int(0.0005 * n_all) // 128 == 12
     assert int(0.0005 * n) // 128 < 12
     with pytest.raises(ConfigError, match="'max_iters' is -1.*'param_data_ratio' is 0"):
-        configurator.validate({**train.DEFAULTS, "max_iters": -1, "param_data_ratio": 0})
-    with pytest.raises(ConfigError, match="'max_iters' must be >= 0 .*or -1"):
-        configurator.validate({**train.DEFAULTS, "max_iters": -2})
+        config.build({**config.DEFAULTS, "max_iters": -1, "param_data_ratio": 0})
+    with pytest.raises(ConfigError, match="'max_iters' must be an integer >= 0 .*or -1"):
+        config.build({**config.DEFAULTS, "max_iters": -2})
 
 
 def tiny(**kw):
     return GPTConfig(**{**dict(arch="nanochat", block_size=16, vocab_size=128, n_layer=2, n_head=2, n_embd=32,
                                bias=False), **kw})
+
+
+def muon(model, **kw):
+    """optim.build's Muon + AdamW with the values of the former GPT.configure_muon's defaults where OptimConfig's
+    differ (AdamW betas (0.8, 0.95), eps 1e-10, no weight decay); kw: other OptimConfig values."""
+    oc = dict(optimizer="muon", matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, learning_rate=6e-4,
+              hc_optimizer="adamw", weight_decay=0.0, muon_weight_decay=0.0, beta1=0.8, beta2=0.95, adam_eps=1e-10,
+              muon_momentum=0.95)
+    oc.update(kw)
+    return optim.build(model, optim.OptimConfig(**oc), "cpu")
 
 
 def test_softcap_in_fp32_under_bf16_autocast():
@@ -294,7 +307,7 @@ def test_bf16_embedding_and_2026_init():
         assert w.abs().max() <= 3 ** 0.5 / 16 and w.std().item() == pytest.approx(1 / 16, rel=0.05)
     assert model.lm_head.weight.std().item() == pytest.approx(0.001, rel=0.05)
     assert not b.attn.c_proj.weight.any() and not b.mlp.c_proj.weight.any()
-    opt = model.configure_muon(device_type="cpu")
+    opt = muon(model)
     idx = torch.randint(0, 128, (2, 16))
     loss = model(idx, idx)[1]
     loss.backward()
@@ -313,7 +326,7 @@ def test_muon_weight_decay_is_decoupled():
     m1.load_state_dict(m0.state_dict())
     idx = torch.randint(0, 128, (2, 16))
     for m, wd in ((m0, 0.0), (m1, 0.2)):
-        opt = m.configure_muon(device_type="cpu", muon_weight_decay=wd)
+        opt = muon(m, muon_weight_decay=wd)
         assert [g["weight_decay"] for g in opt.muon.param_groups] == [wd]
         torch.manual_seed(1)  # a weight the decay can be seen on, the same in both
         m.transformer.h[0].attn.c_q.weight.data.normal_()
@@ -358,8 +371,8 @@ def test_loss_ema_in_the_log(data_dir, tmp_path):
 
 def test_d12_configs():
     def load(name):
-        cfg = configurator.load(train.DEFAULTS, [os.path.join(REPO, "configs", name)], train.ALLOWED_TYPES)
-        configurator.validate(cfg)
+        cfg = configurator.load(config.KEYS, [os.path.join(REPO, "configs", name)])
+        config.build(cfg)
         return cfg
     nano, krom = load("nanochat_d12.py"), load("kromhc_d12.py")
     for cfg in (nano, krom):

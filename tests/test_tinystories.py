@@ -160,12 +160,12 @@ def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_config_and_sweep_preset(capsys):
+    import config
     import configurator
     import hc
-    import train
     from scripts import sweep
 
-    cfg = configurator.load(train.DEFAULTS, [str(REPO / "configs" / "tinystories.py")], train.ALLOWED_TYPES)
+    cfg = configurator.load(config.KEYS, [str(REPO / "configs" / "tinystories.py")])
     assert (cfg["dataset"], cfg["block_size"], cfg["n_layer"], cfg["n_embd"], cfg["n_head"]) == \
         ("tinystories", 512, 8, 512, 16)
     assert cfg["total_batch_tokens"] % (cfg["batch_size"] * cfg["block_size"] * 8) == 0  # 1 to 8 GPUs

@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO))
 
 from model import GPT, GPTConfig  # noqa: E402
 import evals  # noqa: E402
-import rundir  # noqa: E402
+import checkpoint  # noqa: E402
 from scripts import eval_core, eval_hellaswag, sample  # noqa: E402
 
 HELLASWAG = REPO / "tests" / "fixtures" / "hellaswag" / "hellaswag_val_sample.jsonl"
@@ -92,7 +92,7 @@ def test_temperature_zero_is_greedy(ckpt, capsys):
     """Checked against an argmax loop written here, from two different seeds."""
     from data.tokenizer import get_encoding
     enc = get_encoding()
-    model, _ = rundir.load_model(ckpt)
+    model, _ = checkpoint.load_model(ckpt)
     ids = enc.encode_ordinary("def f(")
     x = torch.tensor([ids])
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_sample_flags_out_of_range(flag, value, ckpt, capsys):
 
 
 def test_generate_refuses_negative_temperature(ckpt):
-    model, _ = rundir.load_model(ckpt)
+    model, _ = checkpoint.load_model(ckpt)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         model.generate(torch.zeros(1, 1, dtype=torch.long), 2, temperature=-1.0)
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 from conftest import ByteEnc  # noqa: E402
 import evals  # noqa: E402
 import numerics  # noqa: E402
-import rundir  # noqa: E402
+import checkpoint  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from scripts import eval_hellaswag as hs  # noqa: E402
 
@@ -199,7 +199,7 @@ def test_cli_writes_results_next_to_the_checkpoint(ckpt_dir, enc, examples):
     res = hs.main(["--ckpt", str(ckpt_dir), "--data-file", str(FIXTURE), "--device", "cpu", "--batch-size", "3"])
     saved = json.loads((ckpt_dir / "hellaswag.json").read_text())
     assert saved["n"] == 7 and saved["step"] == 7 and saved["acc_norm"] == res["acc_norm"]
-    model, meta = rundir.load_model(ckpt_dir)
+    model, meta = checkpoint.load_model(ckpt_dir)
     assert meta["step"] == 7 and "model" not in meta
     assert evals.evaluate_hellaswag(model, examples, "cpu", enc=enc) == res
 
@@ -214,7 +214,7 @@ def test_torchrun_ddp_matches_one_process(ckpt_dir, tmp_path, enc, examples):
                        cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     ddp = json.loads(out.read_text())
-    one = evals.evaluate_hellaswag(rundir.load_model(ckpt_dir)[0], examples, "cpu", enc=enc)
+    one = evals.evaluate_hellaswag(checkpoint.load_model(ckpt_dir)[0], examples, "cpu", enc=enc)
     assert {k: ddp[k] for k in one} == one and one["n"] == 7
 
 
@@ -229,14 +229,14 @@ def test_train_logs_hellaswag_at_each_eval(tmp_path, data_dir):
     records = [json.loads(line) for line in open(out / "log.jsonl") if '"eval"' in line]
     assert [e["step"] for e in records] == [0, 2]
     # the logged accuracies are those of the step-2 checkpoint, scored again here on the same 5 items
-    again = evals.evaluate_hellaswag(rundir.load_model(out)[0], evals.load_examples(FIXTURE, limit=5), "cpu")
+    again = evals.evaluate_hellaswag(checkpoint.load_model(out)[0], evals.load_examples(FIXTURE, limit=5), "cpu")
     assert again["n"] == 5
     assert (records[-1]["hellaswag_acc_norm"], records[-1]["hellaswag_acc"]) == (again["acc_norm"], again["acc"])
 
 
 def test_train_names_a_missing_hellaswag_file(tmp_path, data_dir):
     import train
-    from configurator import ConfigError
+    from errors import ConfigError
     data = data_dir
     with pytest.raises(ConfigError, match="hellaswag_file"):
         train.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", "--device=cpu", "--n_layer=1",

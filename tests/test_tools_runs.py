@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
-import rundir  # noqa: E402
+import checkpoint  # noqa: E402
 from scripts import eval_core, eval_hellaswag, plot_runs, sample  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -73,7 +73,7 @@ def test_plot_runs_end_to_end(runs, tmp_path):
         assert rows[label]["tokens"] == "768"
         assert rows[label]["tok/s"] != "–"
         ckpt = torch.load(runs[scheme] / "ckpt.pt", weights_only=False)
-        model, _ = rundir.load_model(runs[scheme])
+        model, _ = checkpoint.load_model(runs[scheme])
         extra = sum(p.numel() for c in model.connections() for p in c.parameters())
         assert rows[label]["extra params"] == f"{extra:,}"
         assert (extra == 0) == (scheme == "plain")
@@ -149,8 +149,8 @@ def test_sample(runs, capsys):
     assert printed.out.count("The list") == 2 and "kromhc n=4, step 6" in printed.out
     assert "sampling 2 x 8 tokens" in printed.err and "8/8" in printed.err  # the progress bar, on stderr
     # a token at a time (for the bar) draws what one generate() call draws
-    model, meta = rundir.load_model(runs["kromhc"], "cpu")
-    enc = rundir.load_tokenizer(meta)
+    model, meta = checkpoint.load_model(runs["kromhc"], "cpu")
+    enc = checkpoint.load_tokenizer(meta)
     ids = torch.tensor([enc.encode_ordinary("The list")] * 2)
     torch.manual_seed(7)
     whole = model.generate(ids, 8, temperature=0.8, top_k=200)

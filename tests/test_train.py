@@ -3,6 +3,7 @@ wandb offline, configs, sweeps, and every bad-config error (resume: test_train_r
 
 import math
 import os
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -11,13 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import config
 import configurator
 import evals
 import hc
 import model as model_module
 import train
-from configurator import ConfigError
+from errors import ConfigError
 from conftest import read_log, tiny_args
+import optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,15 +112,15 @@ def test_wandb_offline_writes_a_run(data_dir, tmp_path, monkeypatch):
 
 
 def test_lr_schedule():
-    cfg = dict(train.DEFAULTS, learning_rate=1.0, warmup_iters=10, max_iters=110, lr_decay_iters=0, min_lr_ratio=0.1)
-    lrs = [train.get_lr(s, cfg) for s in range(120)]
+    oc = optim.OptimConfig(learning_rate=1.0, warmup_iters=10, max_iters=110, lr_decay_iters=0, min_lr_ratio=0.1)
+    lrs = [optim.lr_at(s, oc, 1.0) for s in range(120)]
     # float64, a few operations (1e-16 relative): approx's default 1e-6 is far above them and below any schedule bug
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.55)  # half way through the cosine
     assert lrs[110] == lrs[119] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
-    cfg.update(lr_schedule="linear", warmdown_frac=0.5)
-    lrs = [train.get_lr(s, cfg) for s in range(120)]
+    oc = replace(oc, lr_schedule="linear", warmdown_frac=0.5)
+    lrs = [optim.lr_at(s, oc, 1.0) for s in range(120)]
     assert lrs[10] == lrs[54] == 1.0
     assert lrs[55] == pytest.approx(1.0) and lrs[82] == pytest.approx(1.0 - 0.9 * 27 / 55)
     assert lrs[110] == pytest.approx(0.1)
@@ -125,28 +128,26 @@ def test_lr_schedule():
 
 def test_config_files_load():
     for name in sorted(os.listdir(os.path.join(REPO, "configs"))):
-        cfg = configurator.load(train.DEFAULTS, [os.path.join(REPO, "configs", name)], train.ALLOWED_TYPES)
-        configurator.validate(cfg)
+        cfg = configurator.load(config.KEYS, [os.path.join(REPO, "configs", name)])
+        config.build(cfg)
     grid = {"s": (6, 512, 1e-3), "m": (12, 768, 6e-4), "l": (24, 1024, 3e-4)}
     for ds, short in (("openwebtext", "owt"), ("fineweb_edu", "fwe")):
         for size, (L, C, lr) in grid.items():
-            cfg = configurator.load(train.DEFAULTS, [os.path.join(REPO, "configs", f"{short}_{size}.py")],
-                                    train.ALLOWED_TYPES)
+            cfg = configurator.load(config.KEYS, [os.path.join(REPO, "configs", f"{short}_{size}.py")])
             assert (cfg["dataset"], cfg["n_layer"], cfg["n_embd"], cfg["learning_rate"]) == (ds, L, C, lr)
             assert (cfg["max_iters"], cfg["total_batch_tokens"], cfg["block_size"]) == (10_000, 131_072, 1024)
             assert (cfg["beta1"], cfg["beta2"], cfg["weight_decay"], cfg["warmup_iters"]) == (0.9, 0.95, 0.1, 200)
             assert (cfg["lr_schedule"], cfg["min_lr_ratio"], cfg["n_streams"]) == ("cosine", 0.1, 0)
             for gpus in (1, 2, 4, 8):
                 assert cfg["total_batch_tokens"] % (cfg["batch_size"] * cfg["block_size"] * gpus) == 0
-    q = configurator.load(train.DEFAULTS, [os.path.join(REPO, "configs", "quickstart.py")], train.ALLOWED_TYPES)
+    q = configurator.load(config.KEYS, [os.path.join(REPO, "configs", "quickstart.py")])
     assert (q["dataset"], q["scheme"], q["n_streams"], q["device"]) == ("pydocs", "kromhc", 4, "cpu")
 
 
 def test_overrides_apply_in_order(tmp_path):
     f = tmp_path / "c.py"
     f.write_text("import math\n_helper = 3\nn_layer = _helper * 2\nlearning_rate = 1\nkron_factors = [2, 3]\n")
-    cfg = configurator.load(train.DEFAULTS, [str(f), "--n_layer=4", "--scheme=kromhc", "--resume", "--dropout=0"],
-                            train.ALLOWED_TYPES)
+    cfg = configurator.load(config.KEYS, [str(f), "--n_layer=4", "--scheme=kromhc", "--resume", "--dropout=0"])
     assert cfg["n_layer"] == 4 and cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)
     assert cfg["kron_factors"] == (2, 3) and cfg["scheme"] == "kromhc" and cfg["resume"] is True
     assert cfg["dropout"] == 0.0
@@ -171,7 +172,7 @@ BAD_CONFIGS = [
     (["--n_embd=30", "--n_head=4"], "'n_embd' \\(30\\) must be divisible by 'n_head' \\(4\\)"),
     (["--total_batch_tokens=1000"], "'total_batch_tokens' \\(1000\\) must be divisible by batch_size x block_size "
                                     "x world_size = 4 x 32 x 1 = 128"),
-    (["--scheme=plain", "--n_streams=4"], "model config: .*plain.*n_streams=1"),
+    (["--scheme=plain", "--n_streams=4"], "'n_streams' is 4, but scheme 'plain'"),
     (["--scheme=kromhc", "--n_streams=4", "--kron_factors=(3, 2)"], "kron_factors"),
     (["--scheme=mhc_lite", "--n_streams=8"], "mhc_lite"),
     (["--eval_tokens=100000000"], "data .*val tokens"),
@@ -228,7 +229,7 @@ def test_sweep_prints_distinct_runs(capsys):
     assert sorted({n.rpartition("-s")[2] for n in names}) == ["0-d0", "1-d0"]
     for line in lines:  # every printed command is a valid config
         args = line.split("train.py ", 1)[1].split()
-        configurator.load(train.DEFAULTS, [os.path.join(REPO, args[0])] + args[1:], train.ALLOWED_TYPES)
+        configurator.load(config.KEYS, [os.path.join(REPO, args[0])] + args[1:])
 
 
 def test_sweep_names_progress_and_next_commands(capsys, monkeypatch):

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import numerics
+import optim
 import train
 from model import GPT, GPTConfig
 
@@ -79,9 +80,9 @@ def compare_logs(one, two, rel_loss, rel_norm, steps, eval_steps):
 
 def named_moments(ckpt):
     """{parameter name: (exp_avg, exp_avg_sq)} of a checkpoint's AdamW state (the optimizer's parameter order
-    from model.configure_optimizers on the checkpoint's model)."""
+    from optim.build on the checkpoint's model)."""
     model = GPT(GPTConfig(**ckpt["model_config"]))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = optim.build(model, optim.OptimConfig(weight_decay=0.1, learning_rate=1e-3, beta1=0.9, beta2=0.95), "cpu")
     names = {id(p): k for k, p in model.named_parameters()}
     order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
     return {order[i]: (s["exp_avg"], s["exp_avg_sq"]) for i, s in ckpt["optimizer"]["state"].items()}

@@ -17,13 +17,15 @@ import model as model_module
 import numerics
 import train
 from conftest import read_log, tiny_args
+import optim
+import common
 
 
 @pytest.fixture
 def steps(monkeypatch):
     """Records, at every optimizer.step() of the run: each group's lr and weight decay, the ids of
     its parameters, and the global gradient norm the step is about to apply; the largest gradient
-    already present when a training forward begins; and the GPT whose configure_optimizers built
+    already present when a training forward begins; and the GPT whose optim.build built
     the optimizer (for the parameter names)."""
     seen = {"steps": [], "leftover": [], "model": None}
 
@@ -38,18 +40,18 @@ def steps(monkeypatch):
             "grad_norm": torch.sqrt(sum((g * g).sum() for g in grads)).item(),
         })
 
-    original = model_module.GPT.configure_optimizers
+    original = optim.build
 
-    def configure(self, *a, **k):
-        seen["model"] = self
-        return original(self, *a, **k)
+    def build(model, *a, **k):
+        seen["model"] = model
+        return original(model, *a, **k)
 
     def forward_pre_hook(module, args):  # gradient left over from earlier steps when a step begins
         if isinstance(module, model_module.GPT) and module.training:
             seen["leftover"].append(max((p.grad.abs().max().item() for p in module.parameters()
                                          if p.grad is not None), default=0.0))
 
-    monkeypatch.setattr(model_module.GPT, "configure_optimizers", configure)
+    monkeypatch.setattr(optim, "build", build)
     handles = [register_optimizer_step_pre_hook(pre_hook), register_module_forward_pre_hook(forward_pre_hook)]
     yield seen
     for h in handles:
@@ -198,6 +200,6 @@ PEAKS = [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVID
 def test_mfu_peak_is_one_table_for_train_and_bench(name, peak, monkeypatch):
     from scripts import bench  # here, not at collection: it imports Triton (see test_kernels.py)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
-    assert train.peak_flops("cuda") == peak
+    assert common.peak_flops("cuda") == peak
     assert bench.bf16_peak(name) == peak
-    assert train.peak_flops("cpu") is None
+    assert common.peak_flops("cpu") is None

@@ -7,8 +7,9 @@ import torch
 
 import model as model_module
 import train
-from configurator import ConfigError
+from errors import ConfigError
 from conftest import read_log, tiny_args
+from errors import Diverged
 
 
 def test_exact_resume(data_dir, tmp_path):
@@ -58,7 +59,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monkeypatc
 
     monkeypatch.setattr(model_module.GPT, "forward", forward)
     out = tmp_path / "nan"
-    with pytest.raises(train.Diverged, match=r"step 7: training loss is nan.*ckpt.pt \(step 5\)"):
+    with pytest.raises(Diverged, match=r"step 7: training loss is nan.*ckpt.pt \(step 5\)"):
         train.main(tiny_args(data_dir, out, "--scheme=hc", "--eval_interval=5"))
     assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 5
     last = read_log(out)[-1]

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 import common
+import config
 import rundir
 import tracking
 import train
-from configurator import ConfigError
+from errors import ConfigError, WriteError
 from conftest import read_log, tiny_args
 from data import shards
 
@@ -118,7 +119,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(error, data_dir, tmp_pat
 
     monkeypatch.setattr(torch, "save", disk_full)
     out = tmp_path / "run"
-    with pytest.raises(rundir.CheckpointWriteError) as e:
+    with pytest.raises(WriteError) as e:
         train.main(tiny_args(data_dir, out, "--max_iters=4", "--eval_interval=2"))
     msg = str(e.value)
     assert f"step-4 checkpoint {out / 'ckpt.pt'}" in msg and str(error) in msg
@@ -284,7 +285,7 @@ def test_bad_checkpoint_on_resume(damage, message, data_dir, run_copy):
 
 def test_resume_with_other_seed_or_data(data_dir, run_copy, tmp_path):
     before = snapshot(run_copy)
-    with pytest.raises(ConfigError, match="used seed 1337, this run has seed 7.*resume with --seed=1337"):
+    with pytest.raises(ConfigError, match="'seed' is 7 but the checkpoint's run used 1337.*resume with --seed=1337"):
         train.main(tiny_args(data_dir, run_copy, "--resume", "--max_iters=6", "--seed=7"))
     other = data_copy(data_dir, tmp_path)
     meta = json.loads((other / "meta.json").read_text())
@@ -356,12 +357,12 @@ def test_wandb_online_without_key(data_dir, tmp_path, monkeypatch):
                                           "--wandb_mode=offline"):
         train.main(tiny_args(data_dir, out, "--wandb_log=True"))
     assert not (out / "log.jsonl").exists()  # refused before any training
-    cfg = dict(train.DEFAULTS, wandb_log=True)
+    wc = tracking.WandbConfig(wandb_log=True)
     netrc.write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
-    tracking.check_wandb(cfg)  # a key in .netrc (what `wandb login` writes) is enough
+    tracking.check_wandb(wc)  # a key in .netrc (what `wandb login` writes) is enough
     netrc.write_text("")
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    tracking.check_wandb(cfg)
+    tracking.check_wandb(wc)
 
 
 # ---- usability ----
@@ -376,11 +377,11 @@ def test_help_lists_every_key(capsys):
             key, _, rest = line.strip()[2:].partition("=")
             default, _, meaning = rest.partition(" ")
             rows[key] = (default, meaning.strip())
-    assert set(rows) == set(train.DEFAULTS)
+    assert set(rows) == set(config.DEFAULTS)
     assert all(meaning for _, meaning in rows.values()), [k for k, (_, m) in rows.items() if not m]
     assert rows["max_iters"] == ("10000", "optimizer steps in the run; -1 -> from param_data_ratio (nanochat's num_iterations=-1)")
     assert rows["scheme"][0] == "plain" and rows["out_dir"][0] == '""' and rows["kron_factors"][0] == "None"
-    assert "keep_checkpoints" in rows and "data:" in text.splitlines()
+    assert "keep_checkpoints" in rows and "data (data/loader.py):" in text.splitlines()
     train.main(["-h", "--n_layr=3"])  # help wins over a bad argument
     assert capsys.readouterr().out == text
 

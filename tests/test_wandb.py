@@ -10,6 +10,7 @@ import pytest
 import tracking
 import train
 from conftest import read_log, tiny_args
+import config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELLASWAG = os.path.join(REPO, "tests", "fixtures", "hellaswag", "hellaswag_val_sample.jsonl")
@@ -165,6 +166,6 @@ def test_the_name_mapping_and_the_tags_override():
                                   "diag": {"L0.attn/amax": 1.5}, "hres": {"L0": [[1.0]]}})
     assert row == {"tokens": 512, "val/loss": 3.0, "val/bpb": 4.0, "diag/L0.attn/amax": 1.5}
     assert tracking.wandb_metrics({"type": "error", "step": 3, "tokens": 1, "message": "nan"}) == {}
-    header = dict(train.DEFAULTS, n_streams=4, scheme="mhc", tokenizer="gpt2")
+    header = dict(config.DEFAULTS, n_streams=4, scheme="mhc", tokenizer="gpt2")
     assert tracking.wandb_tags(header) == ["mhc", "n4", "gpt2", "adamw", "pydocs", "tokenizer:gpt2"]
     assert tracking.wandb_tags(dict(header, wandb_tags="ablation, v2, ablation,")) == ["ablation", "v2"]  # each once

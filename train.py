@@ -35,7 +35,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
-import evals
+import evals.hellaswag
+import evals.training
 import hc
 import hc_verify
 import rundir
@@ -232,12 +233,16 @@ def check_run(cfg, meta, ddp, master, device_type):
     hellaswag_examples = None
     if cfg["hellaswag"]:
         try:
-            hellaswag_examples = evals.load_examples(cfg["hellaswag_file"] or None,
-                                                     limit=cfg["hellaswag_limit"] or None)
+            hellaswag_examples = evals.hellaswag.load_examples(cfg["hellaswag_file"] or None,
+                                                               limit=cfg["hellaswag_limit"] or None)
         except (OSError, ValueError, RuntimeError) as e:  # missing file, bad jsonl, failed download
             raise ConfigError(f"config key 'hellaswag': cannot read the HellaSwag items ({e}); set 'hellaswag_file' "
                               f"to a local hellaswag_val.jsonl, or --hellaswag=False") from None
-    final = evals.plan_final_evals(cfg)
+    try:
+        final = evals.training.plan_final_evals(cfg["final_hellaswag"], cfg["hellaswag_file"], cfg["final_core"],
+                                                cfg["core_bundle_dir"])
+    except ValueError as e:  # a file or bundle the config names is missing or unreadable
+        raise ConfigError(str(e)) from None
 
     def rank0_checks():
         tracking.check_wandb(cfg)
@@ -405,7 +410,7 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
         # evaluate (and checkpoint) every eval_interval steps and at the end
         resumed_here = ckpt is not None and step == start_step  # the checkpoint's own eval is in the log
         if (step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]) and not resumed_here:
-            record, wandb_data, extra = evals.training_eval(step, tokens, eval_model, raw_model, val_loader,
+            record, wandb_data, extra = evals.training.training_eval(step, tokens, eval_model, raw_model, val_loader,
                                                  token_bytes, hellaswag_examples, diag_x, ctx, device, ddp, wandb_run,
                                                  enc)
             if master:
@@ -479,7 +484,8 @@ def train(cfg, config_name, ddp, rank, world_size, device, device_type, master, 
             t_last, steps_since = time.perf_counter(), 0
 
     if final["hellaswag"] or final["core"] or final["skipped"]:
-        result.update(evals.run_final_evals(final, raw_model, cfg, step, tokens, device, ctx, master, log, enc))
+        result.update(evals.training.run_final_evals(final, raw_model, step, tokens, device, ctx, master, log, enc,
+                                                     cfg["out_dir"], cfg["core_max_per_task"]))
     if wandb_run is not None:
         wandb_run.finish()
     if master:

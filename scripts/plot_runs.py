@@ -526,7 +526,7 @@ def results_rows(runs):
     return rows
 
 
-HELLASWAG_ITEMS = 10042  # the validation split (evals.NUM_ITEMS["val"])
+HELLASWAG_ITEMS = 10042  # the validation split (evals.hellaswag.NUM_ITEMS["val"])
 
 
 def hellaswag_subset(row):

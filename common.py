@@ -1,9 +1,6 @@
-"""What hcgpt's commands share: where they run and how they end.
+"""What hcgpt's commands share: how they end, and the numbers of a training step.
 
-    init_distributed   torchrun's process group (or one process) and this rank's device; a rendezvous
-                       that does not complete ends after $HCGPT_RENDEZVOUS_TIMEOUT s, naming the missing ranks
-    keep_freed_memory  on a CPU, freed memory stays in the process for the next step (no page faults)
-    check_device / setup_device / autocast   the --device and --dtype of the scripts
+    env_seconds        a timeout from the environment
     bf16_peak / peak_flops   the one table of dense bf16 peaks, for MFU (train.py, scripts/bench.py)
     flag_nonfinite     the NaN/inf check of a training step without a host sync; nonfinite_message its report
     rng_state          every random stream of a process, saved in checkpoints for exact resume
@@ -98,9 +95,11 @@ class LossEMA:
     """nanochat's logged "train loss" (scripts/base_train.py): an EMA (beta 0.9) of the loss of rank 0's
     last micro-batch, debiased by 1 - beta^steps. Kept on the device: no host sync per step."""
 
-    def __init__(self, device, beta=0.9):
+    def __init__(self, device, state=None, beta=0.9):
         self.beta, self.steps = beta, 0
         self.ema = torch.zeros((), dtype=torch.float64, device=device)
+        if state is not None:   # a checkpoint's (state_dict)
+            self.load_state_dict(state)
 
     def update(self, loss):
         self.ema.mul_(self.beta).add_(loss.detach().double(), alpha=1 - self.beta)

@@ -5,7 +5,7 @@
     Config    one run's owner dataclasses: .rundir .evals .wandb .data .model .optim .system, and .name
     build     a Config from the loader's flat dict (configurator.load): every value checked where its owner
               is made, and what the config leaves to the run filled in (n_streams, data_seed, data_dir, the
-              run's name and out_dir, resume_from implying resume)
+              run's name and out_dir, resume_from implying resume, the checkpoint it names)
     flat      a Config as the flat dict the log header and the checkpoint record
     ignored   the keys set away from their default that the run does not use, each with a note
     usage     --help
@@ -17,10 +17,10 @@ from dataclasses import dataclass, fields
 
 import keys
 from data.loader import DataConfig
-from evals import EvalConfig
+from evals.training import EvalConfig
 from model import GPTConfig
 from optim import OptimConfig
-from rundir import RunDirConfig
+from rundir import RunDirConfig, resume_path
 from runtime import SystemConfig
 from setting import run_name
 from tracking import WandbConfig
@@ -53,6 +53,7 @@ def build(cfg, name="default"):
                                                                 c.system.seed, c.data.data_seed)
     c.rundir.out_dir = c.rundir.out_dir or os.path.join("out", c.wandb.wandb_run_name)
     c.rundir.resume = c.rundir.resume or bool(c.rundir.resume_from)
+    c.rundir.resume_from = resume_path(c.rundir)
     return c
 
 

@@ -7,6 +7,7 @@ keeps its traceback. docs/errors.md is the catalogue of the messages.
 
     HcgptError              the base
     ConfigError             a config key, a flag, an input file or a run directory hcgpt cannot use
+    NotFound                a file or directory that is not there (a FileNotFoundError)
     CheckpointError         a ckpt.pt that cannot be used (missing, damaged, another program's)
     WriteError              a run's file (log, checkpoint, results) could not be written; what is kept
     DistributedSetupError   torchrun's environment is incomplete, or the ranks did not all meet
@@ -20,6 +21,10 @@ class HcgptError(Exception):
 
 
 class ConfigError(HcgptError, ValueError):
+    pass
+
+
+class NotFound(HcgptError, FileNotFoundError):
     pass
 
 

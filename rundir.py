@@ -11,6 +11,7 @@
     OldRun        the overwritten run in <out_dir>/.overwritten/<time>/: deleted once the new run's first
                   checkpoint is on disk, moved back if the new run stops before
     read_log / append_log   the records of a log.jsonl (a line cut by a crash dropped); one record more
+    read_run / run_dirs     a run directory as the scripts read it (compare.py, plot_runs.py); which paths are runs
     run_identity  the log header's data, tokenizer and code identity (git commit, dirty tree)
 """
 
@@ -19,14 +20,16 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import checkpoint
 from data import tokenizer as toklib
 from data.loader import data_id
 from data.shards import DirLocked, dir_lock
-from errors import ConfigError, CheckpointError
+from errors import CheckpointError, ConfigError, NotFound
 from keys import check, key
 from optim import OptimConfig
 
@@ -59,18 +62,23 @@ def run_files(out):
     return sorted(f for f in os.listdir(out) if RUN_FILE.fullmatch(f)) if os.path.isdir(out) else []
 
 
+def resume_path(rc):
+    """The checkpoint a run resumes from ("" for a new run): resume_from (a bare file name is in out_dir, a
+    directory is another run's out_dir), else out_dir/ckpt.pt with resume."""
+    path = rc.resume_from
+    if path and not os.path.dirname(path):
+        path = os.path.join(rc.out_dir, path)
+    if path and os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    return path or (os.path.join(rc.out_dir, "ckpt.pt") if rc.resume else "")
+
+
 class RunDir:
     """The directory of one training run, from its RunDirConfig."""
 
     def __init__(self, rc):
         self.path, self.resume, self.overwrite = rc.out_dir, rc.resume, rc.overwrite
-        self.checkpoints, self.keep = rc.checkpoint, rc.keep_checkpoints
-        path = rc.resume_from   # a bare file name is in out_dir, a directory is another run's out_dir
-        if path and not os.path.dirname(path):
-            path = os.path.join(self.path, path)
-        if path and os.path.isdir(path):
-            path = os.path.join(path, "ckpt.pt")
-        self.resume_from = path or (os.path.join(self.path, "ckpt.pt") if self.resume else "")
+        self.checkpoints, self.keep, self.resume_from = rc.checkpoint, rc.keep_checkpoints, resume_path(rc)
         self.old = None
 
     @property
@@ -247,9 +255,10 @@ class OldRun:
         return False
 
 
-def read_log(path):
-    """The records of a log.jsonl. A crash can cut its last line: that line is dropped with a notice;
-    an unreadable line elsewhere is an error (the file was edited or mixed, and must be looked at)."""
+def read_log(path, skip_damaged=False):
+    """The records of a log.jsonl. A crash can cut its last line: that line is dropped with a note on stderr;
+    an unreadable line elsewhere is an error (the file was edited or mixed, and must be looked at), or with
+    skip_damaged (the figures: they can still be drawn) skipped with a note."""
     with open(path, "rb") as f:
         lines = f.read().decode("utf-8", "replace").splitlines()
     records = []
@@ -257,13 +266,61 @@ def read_log(path):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            if i < len(lines) - 1:
-                raise ConfigError(f"{path}, line {i + 1} is not JSON; remove or repair that line, then rerun") from None
-            print(f"{path}: dropping its last line, cut by a crash: {line[:60]!r}")
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif i == len(lines) - 1:
+            print(f"note: {path}: dropping its last line, cut by a crash: {line[:60]!r}", file=sys.stderr)
+        elif skip_damaged:
+            print(f"note: {path}:{i + 1}: skipping a line that is not a JSON record (a damaged log)", file=sys.stderr)
+        else:
+            raise ConfigError(f"{path}, line {i + 1} is not a JSON record; remove or repair that line, then rerun")
     return records
 
+
+def read_run(path, skip_damaged=False):
+    """A run directory (or its log.jsonl), as the scripts read one: {"dir", "records", "headers" (its config and
+    resume records), "config" (the last header, {} for none: it ran last), "hellaswag", "core" (the results
+    files beside it, None where absent or unreadable, with a note)}; NotFound naming a path that holds no log."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFound(f"{path}: no such directory; pass the out_dirs of train.py runs (or their log.jsonl files)")
+    log = path / "log.jsonl" if path.is_dir() else path
+    if not log.is_file():
+        raise NotFound(f"{path}: no log.jsonl; pass the out_dir of a train.py run")
+    records = read_log(log, skip_damaged)
+    headers = [r for r in records if r.get("type") in ("config", "resume")]
+    run = {"dir": log.parent, "records": records, "headers": headers, "config": headers[-1] if headers else {}}
+    for name in ("hellaswag", "core"):
+        p, run[name] = log.parent / f"{name}.json", None
+        if p.is_file():
+            try:
+                run[name] = json.loads(p.read_text())
+            except (OSError, ValueError) as e:
+                print(f"note: {p}: unreadable ({e}); left out (scripts/eval_{name}.py rewrites it)", file=sys.stderr)
+            if not isinstance(run[name], (dict, type(None))):
+                print(f"note: {p}: not a JSON object; left out", file=sys.stderr)
+                run[name] = None
+    return run
+
+
+def run_dirs(paths, prog):
+    """The paths that can be runs (a directory with a log.jsonl, a .jsonl file, a path that does not exist: its
+    reader names it); every other one (the wandb/ or plots/ folder under an out root) is left out with a note on
+    stderr. A ConfigError when none is left."""
+    runs = []
+    for p in paths:
+        if not os.path.exists(p) or (os.path.isfile(os.path.join(p, "log.jsonl")) if os.path.isdir(p)
+                                     else p.endswith(".jsonl")):
+            runs.append(p)
+        else:
+            print(f"{prog}: note: skipping {p}: not a run directory (no log.jsonl)", file=sys.stderr)
+    if not runs:
+        raise ConfigError(f"none of the {len(paths)} path(s) is a run directory (one with a log.jsonl); pass the "
+                          f"out_dirs of train.py runs")
+    return runs
 
 
 def append_log(out_dir, record):

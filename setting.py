@@ -7,7 +7,6 @@
     changed_keys  the keys in which two settings differ (to say why two runs are not one group)
     label         a group's short label from the keys that vary between groups ("kromhc n=4")
     run_name      a run's default name: the setting's readable part and its seeds (and a sweep's)
-    run_paths     the arguments that are runs, apart from the others a glob over an out root matches
     mean_interval mean, sample std and the Student-t confidence interval of a group's values
 
 Two runs are seeds of one setting when they differ only in `seed` (init and dropout), `data_seed`
@@ -22,8 +21,6 @@ list) rather than its path, so the same shards under two paths are one setting.
 import hashlib
 import json
 import math
-import os
-import sys
 
 IDENTITY = ("config_name", "data_id", "tokenizer")  # log-header facts that are part of the setting
 
@@ -83,23 +80,6 @@ def run_name(config_name, scheme, n_streams, seed, data_seed, parts=(), always_d
     (a sweep's overrides, 'n_layer=2')."""
     name = "-".join([config_name, scheme, f"n{n_streams}", *parts, f"s{seed}"])
     return name + (f"-d{data_seed}" if always_data_seed or data_seed != seed else "")
-
-
-def run_paths(paths, prog):
-    """The paths that can be runs (a directory with a log.jsonl, a .jsonl file, a path that does not exist:
-    its reader names it); every other one (the wandb/ or plots/ folder under an out root) is left out with a
-    note on stderr. A ValueError when none is left."""
-    runs = []
-    for p in paths:
-        if not os.path.exists(p) or (os.path.isfile(os.path.join(p, "log.jsonl")) if os.path.isdir(p)
-                                     else p.endswith(".jsonl")):
-            runs.append(p)
-        else:
-            print(f"{prog}: note: skipping {p}: not a run directory (no log.jsonl)", file=sys.stderr)
-    if not runs:
-        raise ValueError(f"none of the {len(paths)} path(s) is a run directory (one with a log.jsonl); pass the "
-                         f"out_dirs of train.py runs")
-    return runs
 
 
 def mean_interval(values, confidence=0.95):

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import config
 import configurator
-import evals
+import evals.training
 import hc_verify
 import optim
 import runtime
@@ -153,10 +153,15 @@ def seed_rank(seed, ckpt, rt):
               f"continues exactly, the dropout random streams start afresh")
 
 
-def start_log(c, rt, run, scope, model, meta, ckpt, facts):
-    """The log header (also the wandb config), the last checks (the disk, wandb's server), then the run's
-    first write: out_dir claimed and the header written. -> (header, the wandb run or None)."""
+def start_log(c, rt, run, scope, model, meta, ckpt, notes, fused, grad_accum, tokens):
+    """The log header (also the wandb config): the resolved config and the run's facts; the last checks (the
+    disk, wandb's server), then the run's first write: out_dir claimed and the header written. -> (header,
+    the wandb run or None)."""
     flat = config.flat(c)
+    facts = {"config_name": c.name, **run_identity(meta, REPO), "world_size": rt.world_size, "grad_accum": grad_accum,
+             "num_params": model.num_params(), "flops_per_token": model.estimate_flops_per_token(c.model.block_size),
+             "tokens": tokens, "device_name": torch.cuda.get_device_name() if rt.device_type == "cuda" else "cpu",
+             "fused_path": fused["path"], "fused_reason": fused["reason"], "notes": notes}
     facts["setting"] = setting_name(setting({**flat, **facts}, config.KEYS))  # the seeds of one experiment share it
     header = {"type": "config" if ckpt is None else "resume", **flat, **facts}
     if ckpt is not None:
@@ -199,8 +204,7 @@ def train(c, user, rt, scope):
     """One run of Config c on Runtime rt; user: the flat config as given (the notes name what it ignores)."""
     run = RunDir(c.rundir)
     meta, tokenizer, notes = check(c, user, rt, run)
-    e = c.evals
-    hellaswag_examples, final = evals.plan(e.hellaswag, e.hellaswag_file, e.hellaswag_limit, config.flat(c))
+    hellaswag_examples, final = evals.training.plan(c.evals)
     model, optimizer, ckpt, fused, horizon = build(c, rt, run, meta)
     enc = load_tokenizer({"tokenizer": tokenizer}) if hellaswag_examples or final["hellaswag"] or final["core"] else None
     ddp_model = eval_model = torch.compile(model) if rt.compile else model
@@ -210,28 +214,12 @@ def train(c, user, rt, scope):
     seed_rank(c.system.seed, ckpt, rt)
     step = start_step = ckpt["step"] if ckpt is not None else 0
     tokens = ckpt.get("tokens", 0) if ckpt is not None else 0   # counted (a resume may change the batch)
-    loss_ema = LossEMA(rt.device)
-    if ckpt is not None and "loss_ema" in ckpt:
-        loss_ema.load_state_dict(ckpt["loss_ema"])
-    grad_accum = c.data.total_batch_tokens // (c.data.batch_size * c.model.block_size * rt.world_size)
-    flops_per_token = model.estimate_flops_per_token(c.model.block_size)
-    facts = {"config_name": c.name, **run_identity(meta, REPO), "world_size": rt.world_size, "grad_accum": grad_accum,
-             "num_params": model.num_params(), "flops_per_token": flops_per_token, "tokens": tokens,
-             "device_name": torch.cuda.get_device_name() if rt.device_type == "cuda" else "cpu",
-             "fused_path": fused["path"], "fused_reason": fused["reason"], "notes": notes}
-    header, wandb_run = start_log(c, rt, run, scope, model, meta, ckpt, facts)
+    loss_ema = LossEMA(rt.device, (ckpt or {}).get("loss_ema"))
+    oc, tokens_per_step, ctx = c.optim, c.data.total_batch_tokens, rt.autocast()
+    grad_accum = tokens_per_step // (c.data.batch_size * c.model.block_size * rt.world_size)
+    header, wandb_run = start_log(c, rt, run, scope, model, meta, ckpt, notes, fused, grad_accum, tokens)
     if rt.master:
         tracking.announce(header, meta, horizon, final["skipped"])
-    return loop(c, rt, run, model, ddp_model, eval_model, optimizer, train_loader, val_loader, token_bytes, diag_x,
-                hellaswag_examples, final, enc, meta, tokenizer, wandb_run, ckpt, step, start_step, tokens, loss_ema,
-                grad_accum, flops_per_token)
-
-
-def loop(c, rt, run, model, ddp_model, eval_model, optimizer, train_loader, val_loader, token_bytes, diag_x,
-         hellaswag_examples, final, enc, meta, tokenizer, wandb_run, ckpt, step, start_step, tokens, loss_ema,
-         grad_accum, flops_per_token):
-    oc, tokens_per_step, ctx = c.optim, c.data.total_batch_tokens, rt.autocast()
-    peak = peak_flops(rt.device_type)
 
     def log(record, wandb_extra=None):  # the same metric names in log.jsonl and wandb (tracking.wandb_key)
         if rt.master:
@@ -239,19 +227,18 @@ def loop(c, rt, run, model, ddp_model, eval_model, optimizer, train_loader, val_
         if rt.master and wandb_run is not None:
             tracking.log_record(wandb_run, record, wandb_extra)
 
-    last_ckpt_step = start_step if ckpt is not None else None
+    peak, last_ckpt_step, result = peak_flops(rt.device_type), start_step if ckpt is not None else None, {}
     nonfinite = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=rt.device)  # 1st bad step, loss, norm
-    result = {}
-    t_last, steps_since = time.perf_counter(), 0
-    t_start = t_last
+    t_last = t_start = time.perf_counter()
+    steps_since = 0
     ddp_model.train()
     while True:
         # evaluate (and checkpoint) every eval_interval steps and at the end
         resumed_here = ckpt is not None and step == start_step  # the checkpoint's own eval is in the log
         if (step % c.evals.eval_interval == 0 or step == oc.max_iters) and not resumed_here:
-            record, wandb_data, extra = evals.training_eval(step, tokens, eval_model, model, val_loader, token_bytes,
-                                                            hellaswag_examples, diag_x, ctx, rt.device, rt.ddp,
-                                                            wandb_run, enc)
+            record, wandb_data, extra = evals.training.training_eval(
+                step, tokens, eval_model, model, val_loader, token_bytes, hellaswag_examples, diag_x, ctx, rt.device,
+                rt.ddp, wandb_run, enc)
             if rt.master:
                 print(f"eval step {step}: val loss {record['val_loss']:.4f} | val bpb {record['val_bpb']:.4f}{extra}")
             log(record, wandb_data)
@@ -308,7 +295,7 @@ def loop(c, rt, run, model, ddp_model, eval_model, optimizer, train_loader, val_
         if step % c.rundir.log_interval == 0 and rt.master:
             dt = (time.perf_counter() - t_last) / steps_since
             tok_per_s = tokens_per_step / dt
-            mfu = flops_per_token * tok_per_s / (peak * rt.world_size) if peak else None
+            mfu = header["flops_per_token"] * tok_per_s / (peak * rt.world_size) if peak else None
             record = {"type": "train", "step": step, "tokens": tokens, "loss": train_loss, "loss_ema": train_loss_ema,
                       "lr": lr, "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu, "ms": dt * 1000}
             print(f"step {step:6d} | loss {train_loss:.4f} (ema {train_loss_ema:.4f}) | lr {lr:.2e} | "
@@ -318,8 +305,8 @@ def loop(c, rt, run, model, ddp_model, eval_model, optimizer, train_loader, val_
             t_last, steps_since = time.perf_counter(), 0
 
     if final["hellaswag"] or final["core"] or final["skipped"]:
-        result.update(evals.run_final_evals(final, model, config.flat(c), step, tokens, rt.device, ctx, rt.master,
-                                            log, enc))
+        result.update(evals.training.run_final_evals(final, model, step, tokens, rt.device, ctx, rt.master, log, enc,
+                                                     run.path, c.evals.core_max_per_task))
     if wandb_run is not None:
         wandb_run.finish()
     if rt.master:

@@ -41,7 +41,7 @@ import tracking  # noqa: E402
 from common import HelpFormatter  # noqa: E402
 import config  # noqa: E402
 from errors import ConfigError  # noqa: E402
-from rundir import read_log  # noqa: E402
+from rundir import read_run, run_dirs  # noqa: E402
 
 DEFAULT_METRICS = ["val_loss", "val_bpb"]
 LOWER = ("loss", "bpb", "ppl", "perplexity", "nll")  # a metric whose name holds one of these: lower is better
@@ -73,19 +73,16 @@ def direction(metric, lower=(), higher=()):
 def load_run(path, keys):
     """A run directory (or its log.jsonl) -> {"dir", "header", "setting", "name", "seed", "data_seed",
     "values": {step: {metric: value}}, "max_iters", "last_step", "diverged", "warnings"}."""
-    log = os.path.join(path, "log.jsonl") if os.path.isdir(path) else path
     if not os.path.isdir(path) and not path.endswith(".jsonl"):
         raise CompareError(f"{path}: not a run directory or a log.jsonl; pass train.py out_dirs")
-    if not os.path.isfile(log):
-        raise CompareError(f"{path}: no log.jsonl; pass the out_dir of a train.py run")
     try:
-        records = read_log(log)
+        run = read_run(path)
     except ConfigError as e:
         raise CompareError(str(e)) from None
-    headers = [r for r in records if r.get("type") in ("config", "resume")]
+    records, headers = run["records"], run["headers"]
     if not headers:
-        raise CompareError(f"{log}: no config record; not a train.py log")
-    header, warnings = headers[-1], []  # a resume may change keys (e.g. max_iters): the last header ran last
+        raise CompareError(f"{path}: no config record in its log.jsonl; not a train.py log")
+    header, warnings = run["config"], []  # a resume may change keys (e.g. max_iters): the last header ran last
     items = setting.setting(header, keys)
     first = setting.setting(headers[0], keys)
     if setting.changed_keys(first, items):
@@ -287,10 +284,10 @@ def compare(paths, keys, metrics=None, step=None, baseline=None, confidence=0.95
 
 
 def run_paths(paths):
-    """The runs among the paths (setting.run_paths: the others are left out with a note)."""
+    """The runs among the paths (rundir.run_dirs: the others are left out with a note)."""
     try:
-        return setting.run_paths(paths, "compare.py")
-    except ValueError as e:
+        return run_dirs(paths, "compare.py")
+    except ConfigError as e:
         raise CompareError(str(e)) from None
 
 

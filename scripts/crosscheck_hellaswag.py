@@ -1,17 +1,17 @@
 """
-lm-eval's HellaSwag next to scripts/eval_hellaswag.py's (evals.py) on the same checkpoint and items.
+lm-eval's HellaSwag next to scripts/eval_hellaswag.py's (evals/hellaswag.py) on the same checkpoint and items.
 
     python scripts/crosscheck_hellaswag.py out/run --limit 1000
     python scripts/crosscheck_hellaswag.py out/run --task my_hellaswag --include-path my_tasks/
 
 The items are lm-eval's (task hellaswag: the 10,042 validation items of Rowan/hellaswag, the same
-items as hellaswag_val.jsonl); evals.py scores each item's raw "ctx", "endings" and "label".
+items as hellaswag_val.jsonl); evals/hellaswag.py scores each item's raw "ctx", "endings" and "label".
 The two differ in two ways, both printed:
     prompt     lm-eval: preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize()) (its
-               hellaswag/utils.py drops WikiHow's [title]-style brackets); evals.py: ctx as it is.
+               hellaswag/utils.py drops WikiHow's [title]-style brackets); evals: ctx as it is.
                Both append " " + ending.
     acc_norm   lm-eval: argmax of log-likelihood / len(ending) in characters (the bytes of ASCII
-               text; the leading space is not counted); evals.py (llm.c, nanoGPT): argmin of the
+               text; the leading space is not counted); evals (llm.c, nanoGPT): argmin of the
                ending's summed loss / its number of tokens.
     acc        both: the largest summed log-likelihood of the ending.
 Each side's numbers are recomputed here from its per-ending scores by its own definition; a
@@ -19,7 +19,6 @@ mismatch ends the script with status 1. --output writes every item's scores as J
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -44,7 +43,7 @@ def main(argv=None):
 
 
 def _main(args):
-    import harness
+    from evals import harness, results
     rt = runtime.for_script(args.device, args.dtype)
     device = rt.device
     model, meta = load_model(args.ckpt, device)
@@ -56,11 +55,11 @@ def _main(args):
         got, ref = res[side], res[f"{side}_by_definition"]
         print(f"{side:28s} {got['acc']:7.4f} {got['acc_norm']:9.4f}   acc_norm: {how}")
         print(f"{'  recomputed by definition':28s} {ref['acc']:7.4f} {ref['acc_norm']:9.4f}")
-    print(f"summed log-likelihoods of the endings: largest |lm-eval - evals.py| {res['max_ll_diff']:.2e} "
+    print(f"summed log-likelihoods of the endings: largest |lm-eval - evals| {res['max_ll_diff']:.2e} "
           f"(float noise only where both score the same prompt text; lm-eval's hellaswag adds the activity label)")
     print(f"same prediction on {res['same_pred']:.1%} of items (acc), {res['same_pred_norm']:.1%} (acc_norm)")
     if args.output:
-        Path(args.output).write_text(json.dumps(res, indent=1) + "\n")
+        results.save(args.output, res)
         print(f"items: {args.output}")
     bad = [s for s in ("lm_eval", "evals")
            if any(abs(res[s][k] - res[f"{s}_by_definition"][k]) > 1e-9 for k in ("acc", "acc_norm"))]

@@ -27,7 +27,6 @@ to <run dir>/core.json unless --out says otherwise.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -35,10 +34,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import runtime  # noqa: E402
-from common import HelpFormatter, out_file_error, run_cli  # noqa: E402
-from evals import (EVAL_BUNDLE_URL, core_line, default_bundle_dir, download_bundle, evaluate_core,  # noqa: E402
-                   load_bundle, select_tasks)
 from checkpoint import load_model, load_tokenizer, resolve as resolve_ckpt  # noqa: E402
+from common import HelpFormatter, out_file_error, run_cli  # noqa: E402
+from evals.core import (EVAL_BUNDLE_URL, core_line, default_bundle_dir, download_bundle, evaluate_core,  # noqa: E402
+                        load_bundle, select_tasks)
+from evals.results import save_core  # noqa: E402
 
 
 def main(argv=None):
@@ -54,8 +54,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="results JSON (default: <run dir>/core.json; '-' for none)")
     args = ap.parse_args(argv)
     ckpt = resolve_ckpt(args.ckpt)
-    default = ckpt.parent / "core.json" if ckpt.is_file() else None  # a missing checkpoint is named later
-    why = out_file_error(args.out if args.out is not None else default)  # now, not after the evaluation
+    if args.out is None and ckpt.is_file():  # a missing checkpoint is named later
+        args.out = ckpt.parent / "core.json"
+    why = out_file_error(args.out)  # now, not after the evaluation
     if why:
         ap.error(f"argument --out: {why}")
     if args.max_per_task == 0 or args.max_per_task < -1:
@@ -82,12 +83,8 @@ def _main(args):
                             log=print if rank == 0 else None)
         if rank == 0:
             print(f"{core_line(res)} | step {meta.get('step')}")
-            ckpt = resolve_ckpt(args.ckpt)
-            out = ckpt.parent / "core.json" if args.out is None else args.out
-            if out != "-":
-                record = {"task": "core", **res, "step": meta.get("step"), "tokens": meta.get("tokens"),
-                          "ckpt": str(ckpt), "bundle_dir": str(bundle)}
-                Path(out).write_text(json.dumps(record, indent=1) + "\n")
+            if args.out != "-":
+                save_core(args.out, res, bundle, meta.get("step"), meta.get("tokens"), resolve_ckpt(args.ckpt))
         return res
     finally:
         if world_size > 1:

@@ -19,13 +19,12 @@ $HCGPT_CACHE_DIR/hellaswag (default ~/.cache/hcgpt/hellaswag). On a node without
 copy hellaswag_val.jsonl there or pass --data-file. Results go to <run dir>/hellaswag.json
 (read by scripts/plot_runs.py for the results table) unless --out says otherwise.
 
-The scoring is evals.py's (train.py's --hellaswag and final_hellaswag use the same):
-    from evals import load_examples, evaluate_hellaswag
+The scoring is evals/hellaswag.py's (train.py's --hellaswag and final_hellaswag use the same):
+    from evals.hellaswag import load_examples, evaluate_hellaswag
     res = evaluate_hellaswag(raw_model, load_examples(limit=1000), device, ctx=autocast_ctx)
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,9 +34,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import runtime  # noqa: E402
-from common import HelpFormatter, out_file_error, positive_int, run_cli  # noqa: E402
-from evals import download, evaluate_hellaswag, load_examples  # noqa: E402
 from checkpoint import load_model, load_tokenizer, resolve as resolve_ckpt  # noqa: E402
+from common import HelpFormatter, out_file_error, positive_int, run_cli  # noqa: E402
+from evals.hellaswag import download, evaluate_hellaswag, load_examples  # noqa: E402
+from evals.results import save_hellaswag  # noqa: E402
 
 
 def main(argv=None):
@@ -53,8 +53,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="results JSON (default: <run dir>/hellaswag.json; '-' for none)")
     args = ap.parse_args(argv)
     ckpt = resolve_ckpt(args.ckpt)
-    default = ckpt.parent / "hellaswag.json" if ckpt.is_file() else None  # a missing checkpoint is named later
-    why = out_file_error(args.out if args.out is not None else default)  # now, not after the evaluation
+    if args.out is None and ckpt.is_file():  # a missing checkpoint is named later
+        args.out = ckpt.parent / "hellaswag.json"
+    why = out_file_error(args.out)  # now, not after the evaluation
     if why:
         ap.error(f"argument --out: {why}")
     return run_cli(lambda: _main(args), "eval_hellaswag.py")
@@ -77,15 +78,11 @@ def _main(args):
                                  ctx=rt.autocast(), rank=rank, world_size=world_size)
         dt = time.time() - t0
         if rank == 0:
-            ckpt = resolve_ckpt(args.ckpt)
             print(f"hellaswag {args.split}: {res['n']} items | acc_norm {res['acc_norm']:.4f} | acc {res['acc']:.4f} "
                   f"| step {meta.get('step')} | {dt:.1f}s on {world_size} process(es)")
-            out = ckpt.parent / "hellaswag.json" if args.out is None else args.out
-            if out != "-":
-                record = {"task": "hellaswag", "split": args.split, **res, "step": meta.get("step"),
-                          "tokens": meta.get("tokens"), "ckpt": str(ckpt),
-                          "data_file": str(args.data_file or download(args.split))}
-                Path(out).write_text(json.dumps(record, indent=1) + "\n")
+            if args.out != "-":
+                save_hellaswag(args.out, res, args.split, args.data_file or download(args.split), meta.get("step"),
+                               meta.get("tokens"), resolve_ckpt(args.ckpt))
         return res
     finally:
         if world_size > 1:

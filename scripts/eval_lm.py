@@ -1,6 +1,6 @@
 """
 A checkpoint on any task of EleutherAI's lm-evaluation-harness (lm-eval 0.4.13), scored by the
-harness's own evaluator (harness.py wraps the model: loglikelihood, loglikelihood_rolling,
+harness's own evaluator (evals/harness.py wraps the model: loglikelihood, loglikelihood_rolling,
 generate_until). Either architecture, any scheme, the run's own tokenizer.
 
     python scripts/eval_lm.py out/run --tasks commonsense                     # the KromHC Table 4 suite
@@ -10,7 +10,7 @@ generate_until). Either architecture, any scheme, the run's own tokenizer.
 
 --tasks commonsense is HellaSwag, PIQA, ARC-easy, ARC-challenge, WinoGrande, OpenBookQA, BoolQ and
 SIQA; it prints each task's metric (acc_norm for HellaSwag, ARC-challenge and OpenBookQA, acc for
-the others: harness.COMMONSENSE) and their average.
+the others: evals.harness.COMMONSENSE) and their average.
 
 Results: lm-eval's results JSON beside the checkpoint (lm_eval_<tasks>_step<step>.json, or
 --output), a "lm_eval" record in the run's log.jsonl with metrics named lm_eval/<task>/<metric>,
@@ -69,7 +69,7 @@ def default_output(ckpt, spec, step, num_fewshot, limit):
 def _main(args):
     if int(os.environ.get("RANK", -1)) != -1:
         raise ValueError("eval_lm.py runs in one process: start it with python, not torchrun")
-    import harness  # lm-eval is needed from here on (a one-line error with the pip command if it is missing)
+    from evals import harness  # lm-eval is needed from here on (a one-line error with the pip command if it is missing)
     tasks = harness.expand_tasks(args.tasks)
     harness.check_tasks(tasks, args.include_path)  # before the checkpoint is read: a typo fails at once
     if args.download_only:
@@ -104,7 +104,7 @@ def _main(args):
     results = harness.evaluate(lm, tasks, args.num_fewshot, args.limit, args.include_path,
                                model_args=f"ckpt={ckpt}")
     dt = time.time() - t0
-    report(results, tasks, meta, dt)
+    report(harness, results, tasks, meta, dt)
 
     step = meta.get("step")
     out = default_output(ckpt, args.tasks, step, args.num_fewshot, args.limit) if args.output is None else args.output
@@ -128,13 +128,12 @@ def _main(args):
     return results
 
 
-def report(results, tasks, meta, seconds):
+def report(harness, results, tasks, meta, seconds):
     """lm-eval's table, then each suite's metric per task and its average, as the paper prints them."""
     from lm_eval.utils import make_table
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
-    import harness
     for suite in harness.SUITES:
         rows = harness.suite_rows(results, suite)
         if not rows:

@@ -34,9 +34,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: spinning OpenMP threads starve a shared CPU
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import stories  # noqa: E402
 import runtime  # noqa: E402
 from common import HelpFormatter, non_negative_int, positive_int, run_cli  # noqa: E402
+from evals import results, stories  # noqa: E402
 
 
 def main(argv=None):
@@ -184,9 +184,7 @@ def _main(args):
                         "rubric_sha256": stories.sha256(rubric)},
               "summary": summary, "counts": counts, "items": items}
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, output)
+    results.save(output, result)
 
     print(f"{counts['graded']}/{counts['items']} graded ({counts['cached']} from the cache, {counts['judged']} judged)"
           + (f"; {counts['truncated']} completions ran into --max-new-tokens" if counts["truncated"] else ""))

@@ -25,10 +25,11 @@ CONFIG = ("config", "configurator", "train")   # what a module imports to see th
 
 
 def project_modules(repo=REPO):
-    """{module name: path} for the top-level files and the data/ and scripts/ packages."""
+    """{module name: path} for the top-level files, the modules of PACKAGES and each __init__.py with code."""
     mods = {p.stem: p for p in repo.glob("*.py")}
     for pkg in PACKAGES:
         mods.update({f"{pkg}.{p.stem}": p for p in (repo / pkg).glob("*.py") if p.stem != "__init__"})
+        mods.update({pkg: p for p in (repo / pkg).glob("__init__.py") if p.read_text().strip()})
     return mods
 
 

@@ -35,7 +35,6 @@ in the curves and the table only.
 """
 
 import argparse
-import json
 import math
 import re
 import statistics
@@ -47,61 +46,29 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import config  # noqa: E402
+import rundir  # noqa: E402
 from common import HelpFormatter  # noqa: E402
+from errors import ConfigError  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
 # reading runs
 
 def read_run(path, label=None):
-    """A run from its directory (or its log.jsonl) -> dict with config, train and eval records,
-    and the HellaSwag / CORE results found next to it."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such directory; pass train.py out_dirs (or their log.jsonl files)")
-    log = path / "log.jsonl" if path.is_dir() else path
-    if not log.is_file():
-        raise FileNotFoundError(f"{log}: no log.jsonl (is {path} a train.py out_dir?); pass the out_dir of a "
-                                f"run that has logged at least one step")
-    config, train, evals = {}, [], []
-    with open(log, encoding="utf-8", errors="replace") as f:  # a damaged line is skipped below, not fatal
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                r = None
-            if not isinstance(r, dict):
-                print(f"warning: {log}:{lineno}: skipping a line that is not a JSON record (a run still "
-                      f"writing, or a damaged log)", file=sys.stderr)
-                continue
-            kind = r.get("type")
-            if kind in ("config", "resume"):
-                config.update({k: v for k, v in r.items() if k not in ("type", "step")})
-            elif kind == "train" and isinstance(r.get("tokens"), (int, float)):
-                train.append(r)
-            elif kind == "eval" and isinstance(r.get("tokens"), (int, float)) and isinstance(r.get("step"), int):
-                evals.append(r)
+    """A run from its directory (or its log.jsonl: rundir.read_run) -> dict with its config (the merged headers),
+    train and eval records, and the HellaSwag / CORE results found next to it."""
+    run = rundir.read_run(path, skip_damaged=True)
+    config = {}
+    for h in run["headers"]:
+        config.update({k: v for k, v in h.items() if k not in ("type", "step")})
+    train = [r for r in run["records"] if r.get("type") == "train" and isinstance(r.get("tokens"), (int, float))]
+    evals = [r for r in run["records"] if r.get("type") == "eval" and isinstance(r.get("tokens"), (int, float))
+             and isinstance(r.get("step"), int)]
     if not train and not evals:
-        raise ValueError(f"{log}: no train or eval records; pass the out_dir of a run that has logged at least "
-                         f"one step (--log_interval, --eval_interval)")
-    run_dir = log.parent
-    run = {"dir": run_dir, "config": config, "train": train, "eval": evals,
-           "label": label or default_label(config, run_dir)}
-    for name in ("hellaswag", "core"):
-        p = run_dir / f"{name}.json"
-        run[name] = None
-        if p.is_file():
-            try:
-                run[name] = json.loads(p.read_text())
-            except (OSError, ValueError) as e:
-                print(f"warning: {p}: unreadable ({e}); left out of the table. Rerun scripts/eval_{name}.py "
-                      f"to rewrite it", file=sys.stderr)
-            if not isinstance(run[name], (dict, type(None))):
-                print(f"warning: {p}: not a JSON object; left out of the table", file=sys.stderr)
-                run[name] = None
-    return run
+        raise ConfigError(f"{run['dir'] / 'log.jsonl'}: no train or eval records; pass the out_dir of a run that "
+                          f"has logged at least one step (--log_interval, --eval_interval)")
+    return {"dir": run["dir"], "config": config, "train": train, "eval": evals, "hellaswag": run["hellaswag"],
+            "core": run["core"], "label": label or default_label(config, run["dir"])}
 
 
 def default_label(config, run_dir):
@@ -526,7 +493,7 @@ def results_rows(runs):
     return rows
 
 
-HELLASWAG_ITEMS = 10042  # the validation split (evals.NUM_ITEMS["val"])
+HELLASWAG_ITEMS = 10042  # the validation split (evals.hellaswag.NUM_ITEMS["val"])
 
 
 def hellaswag_subset(row):
@@ -587,8 +554,7 @@ def main(argv=None):
 
 
 def _main(args):
-    import setting
-    paths = args.runs if args.labels else setting.run_paths(args.runs, "plot_runs.py")  # labels: one per path
+    paths = args.runs if args.labels else rundir.run_dirs(args.runs, "plot_runs.py")  # labels: one per path
     runs = [read_run(p, label) for p, label in zip(paths, args.labels or [None] * len(paths))]
     unique_labels(runs)
     for i, run in enumerate(runs):

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import stories  # noqa: E402
+from evals import stories  # noqa: E402
 
 
 def reply(content, status=200, headers=None, delay=0.0):

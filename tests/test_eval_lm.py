@@ -1,4 +1,4 @@
-"""scripts/eval_lm.py and harness.py: hcgpt checkpoints through lm-evaluation-harness, offline, on
+"""scripts/eval_lm.py and evals/harness.py: hcgpt checkpoints through lm-evaluation-harness, offline, on
 task YAMLs written here (multiple choice, rolling log-likelihood, generation, HellaSwag's own task
 on the HellaSwag fixture). The scores are checked against log-probabilities computed directly
 with the model; left truncation, batch-size invariance, the GPT-2 and a trained tokenizer,
@@ -22,9 +22,10 @@ sys.path.insert(0, str(REPO))
 
 import lm_eval  # noqa: E402  (the tests need it; it is in requirements.txt)
 import checkpoint  # noqa: E402
-import harness  # noqa: E402
+import evals  # noqa: E402
 import rundir  # noqa: E402
 from conftest import tiny_args  # noqa: E402
+from evals import harness  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from scripts import crosscheck_hellaswag, eval_lm  # noqa: E402
 
@@ -39,7 +40,7 @@ GEN = [{"prompt": f"x = {i}\ny = ", "answer": f"{i + 1}"} for i in range(4)]
 
 def write_tasks(d, cache):
     """A task directory: t_mc (multiple choice), t_ppl (loglikelihood_rolling), t_gen (generate_until),
-    hs_lmeval (lm-eval's own hellaswag task on the fixture) and hs_raw (the fixture's raw ctx, as evals.py)."""
+    hs_lmeval (lm-eval's own hellaswag task on the fixture) and hs_raw (the fixture's raw ctx, as evals/hellaswag.py)."""
     d.mkdir()
     for name, rows in (("mc", MC), ("ppl", PPL), ("gen", GEN)):
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -359,7 +360,7 @@ def test_wandb_online_without_key_stops_before_the_evaluation(tmp_path, tasks_di
 # ----------------------------------------------------------------------------- HellaSwag cross-check
 
 def test_hellaswag_crosscheck(tmp_path, tasks_dir):
-    """lm-eval's own hellaswag task and evals.py on the same items: each accuracy equals its own
+    """lm-eval's own hellaswag task and evals/hellaswag.py on the same items: each accuracy equals its own
     definition; with the same prompt text (hs_raw) the summed log-likelihoods agree and only
     acc_norm's normalisation (characters vs tokens) separates them."""
     d = save_gpt(tmp_path / "hs", block_size=128)
@@ -423,12 +424,13 @@ def test_download_only_and_a_dataset_missing_offline(tmp_path, tasks_dir, monkey
 
 def test_lm_eval_missing_is_one_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
-    monkeypatch.delitem(sys.modules, "harness")
+    monkeypatch.delitem(sys.modules, "evals.harness")  # imported again by eval_lm.py, which then fails
+    monkeypatch.delattr(evals, "harness")
     fails([str(save_gpt(tmp_path / "ok")), "--tasks", "hellaswag"], capsys, "pip install lm-eval==0.4.13")
 
 
 def test_training_never_imports_lm_eval():
     code = ("import sys; import train, evals, rundir, tracking, common; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lm_eval', 'harness')))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'lm_eval' or m == 'evals.harness'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

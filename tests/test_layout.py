@@ -13,7 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_no_import_cycle_and_the_library_imports_no_script():
     g = import_graph.graph()
-    assert {"train", "model", "hc", "hc_kernels", "hc_verify", "evals", "rundir", "common"} <= set(g)
+    assert {"train", "model", "hc", "hc_kernels", "hc_verify", "rundir", "common"} <= set(g)
+    evals = {"evals", "evals.val", "evals.hellaswag", "evals.core", "evals.harness", "evals.stories", "evals.results",
+             "evals.training"}
+    assert evals <= set(g)
+    # the evaluations read no config and no run directory; the package's __init__ imports none of its modules
+    assert not {d for m in evals for d in g[m]} & {"configurator", "train", "rundir"}
+    assert g["evals"] == []
     assert import_graph.cycles(g) == []
     assert import_graph.library_imports_of_scripts(g) == []
     # the reference path never imports its safety net; the check depends on what it checks

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import evals
+import evals.val
 import hc
 import hc_kernels
 import hc_verify
@@ -337,7 +337,7 @@ def test_diagnostics_report_readout_weights():
     model = GPT(tiny(scheme="mhc_v4", readout="hc_head"))
     randomize(model.hc_head, seed=1)
     x = torch.randint(0, 96, (2, 16))
-    d = evals.residual_diagnostics(model, x, torch.autocast("cpu", enabled=False))
+    d = evals.val.residual_diagnostics(model, x, torch.autocast("cpu", enabled=False))
     s = d["scalars"]
     seen = []
     hook = model.hc_head.register_forward_pre_hook(lambda mod, args: seen.append(mod.weights(args[0])))
@@ -356,7 +356,7 @@ def test_diagnostics_report_readout_weights():
     # mhc_v4's rows: eps off 1 (see test_doubly_stochastic_error_at_20_iterations), and rounding
     assert s["L00.attn/ds_row_err"] <= 1e-6 + numerics.chain(4, 4) and "composite/amax_fwd" in s
     assert len(d["matrices"]) == 4
-    assert not any(k.startswith("readout/") for k in evals.residual_diagnostics(
+    assert not any(k.startswith("readout/") for k in evals.val.residual_diagnostics(
         GPT(tiny(scheme="mhc_v4")), x, torch.autocast("cpu", enabled=False))["scalars"])
 
 

@@ -450,8 +450,8 @@ def test_muon_ddp_two_processes_match_one(data_dir, tmp_path, monkeypatch):
         numerics.assert_close(b["exp_avg_sq"].sqrt(), a["exp_avg_sq"].sqrt(), rel_grad, f"AdamW parameter {i}: |g|")
     # the ranks' shares of HellaSwag and CORE add up to the scores of the same weights in one process
     from data.tokenizer import get_encoding
-    from evals import evaluate_core
-    from evals import evaluate_hellaswag, load_examples
+    from evals.core import evaluate_core
+    from evals.hellaswag import evaluate_hellaswag, load_examples
     from checkpoint import load_model
     final = [r for r in two if r["type"] == "final"]
     model = load_model(ddp)[0]
@@ -501,8 +501,8 @@ def test_nanochat_d12_trains_with_end_of_run_evals(data_dir, tmp_path):
     """The config at tiny overrides: builds, trains, and scores HellaSwag and CORE once at the end
     (all items), with the results in the log and in hellaswag.json / core.json."""
     from data.tokenizer import get_encoding
-    from evals import evaluate_core
-    from evals import evaluate_hellaswag, load_examples
+    from evals.core import evaluate_core
+    from evals.hellaswag import evaluate_hellaswag, load_examples
     out = tmp_path / "run"
     result = train.main([os.path.join(REPO, "configs", "nanochat_d12.py"), f"--data_dir={data_dir}",
                          f"--out_dir={out}", "--device=cpu", "--n_layer=1", "--n_embd=32", "--n_head=2",

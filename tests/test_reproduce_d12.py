@@ -14,7 +14,7 @@ import torch
 
 import config
 import configurator
-import evals
+import evals.core
 import numerics
 import checkpoint
 import train
@@ -178,15 +178,15 @@ def test_train_sample_and_evals_with_the_trained_tokenizer(bpe_data, tmp_path):
     model, meta = checkpoint.load_model(out)
     enc = checkpoint.load_tokenizer(meta)
     assert (enc.n_vocab, enc.bos_token, enc.eot_token, enc.name) == (V, V - 9, V - 9, "pydocs-4096")
-    assert evals.encode(enc, ["The cat"])[0] == [V - 9] + enc.encode_ordinary("The cat")
+    assert evals.core.encode(enc, ["The cat"])[0] == [V - 9] + enc.encode_ordinary("The cat")
     text = sample.sample(model, enc, "def ", num_samples=1, max_new_tokens=5, temperature=0, top_k=200,
                          seed=1337, device="cpu")[0]
     ids = model.generate(torch.tensor([enc.encode_ordinary("def ")]), 5, temperature=0)[0, -5:].tolist()
     assert text == enc.decode(ids)
-    core = evals.evaluate_core(model, enc, "cpu", BUNDLE, log=None)
+    core = evals.core.evaluate_core(model, enc, "cpu", BUNDLE, log=None)
     final = [r for r in log if r["type"] == "final"][0]
     assert final["core"] == core["core"] and final["hellaswag_n"] == 7
-    assert "x100: " in evals.core_line(core)
+    assert "x100: " in evals.core.core_line(core)
 
 
 def test_tokenizer_from_checkpoint_is_checked(bpe, bpe_data, tmp_path):

@@ -1,4 +1,4 @@
-"""Story grades (stories.py, scripts/eval_stories.py) against a real HTTP server on 127.0.0.1 that speaks the
+"""Story grades (evals/stories.py, scripts/eval_stories.py) against a real HTTP server on 127.0.0.1 that speaks the
 chat-completions protocol to the `openai` client with scripted replies: valid grades, malformed JSON, a 429
 with Retry-After, a timeout, a refused key, no server at all. Also seeded generation, the cache, the
 intervals and the shipped prompts. CPU only, no network."""
@@ -17,8 +17,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import stories  # noqa: E402
 from conftest import ByteEnc  # noqa: E402
+from evals import stories  # noqa: E402
 from judge_server import JudgeServer, heuristic_judge, reply  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from scripts import eval_stories  # noqa: E402

@@ -21,7 +21,7 @@ BUNDLE = REPO / "tests" / "fixtures" / "core" / "eval_bundle"
 sys.path.insert(0, str(REPO))
 
 from conftest import ByteEnc  # noqa: E402
-import evals  # noqa: E402
+import evals.core  # noqa: E402
 import numerics  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from scripts import eval_core as core  # noqa: E402
@@ -50,7 +50,7 @@ SPELLS_ABAB = BigramLM({(":", " "): 4.0, (" ", "a"): 4.0, ("a", "b"): 4.0, ("b",
 
 
 def task(label):
-    tasks, _ = evals.load_bundle(BUNDLE)
+    tasks, _ = evals.core.load_bundle(BUNDLE)
     return next(t for t in tasks if t["label"] == label)
 
 
@@ -65,12 +65,12 @@ SHOTS = {"mc": [{"query": "Q2?", "choices": ["p", "q"], "gold": 0}, {"query": "Q
 
 
 def test_prompts_by_hand():
-    assert evals.render_prompts_mc(MC, " ") == ["Q1? x", "Q1? y"]
-    assert evals.render_prompts_mc(MC, "\nAnswer: ", SHOTS["mc"]) == [
+    assert evals.core.render_prompts_mc(MC, " ") == ["Q1? x", "Q1? y"]
+    assert evals.core.render_prompts_mc(MC, "\nAnswer: ", SHOTS["mc"]) == [
         "Q2?\nAnswer: p\n\nQ3?\nAnswer: s\n\nQ1?\nAnswer: x", "Q2?\nAnswer: p\n\nQ3?\nAnswer: s\n\nQ1?\nAnswer: y"]
-    assert evals.render_prompts_schema(SCHEMA, " ", SHOTS["schema"]) == [
+    assert evals.core.render_prompts_schema(SCHEMA, " ", SHOTS["schema"]) == [
         "It rains today.\n\nA cat barks.", "It rains today.\n\nA dog barks."]
-    assert evals.render_prompts_lm(LM, " ", SHOTS["lm"]) == ["Say hi: hi\n\nSpell it:", "Say hi: hi\n\nSpell it: abab"]
+    assert evals.core.render_prompts_lm(LM, " ", SHOTS["lm"]) == ["Say hi: hi\n\nSpell it:", "Say hi: hi\n\nSpell it: abab"]
 
 
 def test_prompts_match_nanochats_jinja_templates():
@@ -88,26 +88,26 @@ def test_prompts_match_nanochats_jinja_templates():
             kw = dict(continuation_delimiter=delim)
             t = jinja2.Template(mc)
             want = [t.render(choice=c, item=MC, fewshot_examples=SHOTS["mc"][:k], **kw) for c in MC["choices"]]
-            assert evals.render_prompts_mc(MC, delim, SHOTS["mc"][:k]) == want
+            assert evals.core.render_prompts_mc(MC, delim, SHOTS["mc"][:k]) == want
             t = jinja2.Template(schema)
             want = [t.render(context=c, item=SCHEMA, fewshot_examples=SHOTS["schema"][:k], **kw)
                     for c in SCHEMA["context_options"]]
-            assert evals.render_prompts_schema(SCHEMA, delim, SHOTS["schema"][:k]) == want
+            assert evals.core.render_prompts_schema(SCHEMA, delim, SHOTS["schema"][:k]) == want
             t = jinja2.Template(lm)
             shots = (SHOTS["lm"] * 2)[:k]
             want = [t.render(include_continuation=False, item=LM, fewshot_examples=shots, **kw).strip(),
                     t.render(include_continuation=True, item=LM, fewshot_examples=shots, **kw)]
-            assert evals.render_prompts_lm(LM, delim, shots) == want
+            assert evals.core.render_prompts_lm(LM, delim, shots) == want
 
 
 def test_scored_spans():
     enc = ByteEnc()
-    tokens, starts, ends = evals.batch_mc(enc, ["Q: ab", "Q: ac", "Q: b"])
+    tokens, starts, ends = evals.core.batch_mc(enc, ["Q: ab", "Q: ac", "Q: b"])
     assert all(t[0] == 256 for t in tokens)  # BOS
     assert starts == [4, 4, 4] and ends == [6, 6, 5]  # after the common prefix "<bos>Q: "
-    tokens, starts, ends = evals.batch_schema(enc, ["A cat barks.", "A dog barks."])
+    tokens, starts, ends = evals.core.batch_schema(enc, ["A cat barks.", "A dog barks."])
     assert [t[s:e] for t, s, e in zip(tokens, starts, ends)] == [list(b" barks.")] * 2
-    tokens, starts, ends = evals.batch_lm(enc, ["Spell it:", "Spell it: abab"])
+    tokens, starts, ends = evals.core.batch_lm(enc, ["Spell it:", "Spell it: abab"])
     assert len(tokens) == 1 and tokens[0][starts[0]:ends[0]] == list(b" abab")
     # cropping keeps the end and shifts the indices
     t, s, e = evals.crop([list(range(10))], [6], [10], 4)
@@ -127,8 +127,8 @@ def token_loss_error(lz):
 @pytest.mark.numerics
 def test_multiple_choice_by_hand():
     """Only "a" is likely: the all-"a" choice wins; 3 of the 4 golds are all-"a"."""
-    data = evals.load_task_data(task("toy_mc"))
-    outcome = {tuple(d["choices"]): evals.evaluate_example(i, LIKES_A, ByteEnc(), data, "cpu", task("toy_mc"))
+    data = evals.core.load_task_data(task("toy_mc"))
+    outcome = {tuple(d["choices"]): evals.core.evaluate_example(i, LIKES_A, ByteEnc(), data, "cpu", task("toy_mc"))
                for i, d in enumerate(data)}
     ok, info = outcome[("ba", "bb", "aa", "ab")]
     lz = math.log(math.exp(3.0) + 256)
@@ -138,31 +138,31 @@ def test_multiple_choice_by_hand():
     ok, info = outcome[("aaa", "bbb")]
     assert not ok and info["pred"] == 0 and info["gold"] == 1
     for label in ("toy_mc", "toy_mc_2shot"):
-        assert evals.evaluate_task(LIKES_A, ByteEnc(), data, "cpu", task(label)) == 0.75
+        assert evals.core.evaluate_task(LIKES_A, ByteEnc(), data, "cpu", task(label)) == 0.75
 
 
 @pytest.mark.numerics
 def test_schema_by_hand():
     """The options differ only in the context's last byte; " " is likely only after "a", so
     the option ending in "a" wins: tea (gold), boa (gold), pizza (gold is sandwich)."""
-    data = evals.load_task_data(task("toy_schema"))
+    data = evals.core.load_task_data(task("toy_schema"))
     la, lu = math.log(math.exp(4.0) + 256) - 4.0, math.log(257)  # " " after "a", any token after the rest
     for i, d in enumerate(data):
-        ok, info = evals.evaluate_example(i, A_THEN_SPACE, ByteEnc(), data, "cpu", task("toy_schema"))
+        ok, info = evals.core.evaluate_example(i, A_THEN_SPACE, ByteEnc(), data, "cpu", task("toy_schema"))
         assert d["context_options"][info["pred"]].endswith("a")
         n = len(d["continuation"]) + 1  # scored: " " + continuation; only the first loss differs
         worst, best = max(info["mean_losses"]), min(info["mean_losses"])
         # two fp32 means against float64
         numerics.assert_close(worst - best, (lu - la) / n, 1.0, "loss gap", scale=2 * token_loss_error(lu + 4))
     # an fp32 mean of 0s and 1s: an exact sum and one division, within u = 6e-8; approx's default 1e-6 leaves 16x
-    assert evals.evaluate_task(A_THEN_SPACE, ByteEnc(), data, "cpu", task("toy_schema")) == pytest.approx(2 / 3)
+    assert evals.core.evaluate_task(A_THEN_SPACE, ByteEnc(), data, "cpu", task("toy_schema")) == pytest.approx(2 / 3)
 
 
 def test_language_modeling_by_hand():
     """Greedy decoding of the model after ":" is " abababa...": "abab" and "ababa" are
     reproduced exactly, "abba" is not (the context's trailing space is trimmed)."""
-    data = evals.load_task_data(task("toy_lm"))
-    got = {d["continuation"]: evals.evaluate_example(i, SPELLS_ABAB, ByteEnc(), data, "cpu", task("toy_lm"))[0]
+    data = evals.core.load_task_data(task("toy_lm"))
+    got = {d["continuation"]: evals.core.evaluate_example(i, SPELLS_ABAB, ByteEnc(), data, "cpu", task("toy_lm"))[0]
            for i, d in enumerate(data)}
     assert got == {"abab": True, "ababa": True, "abba": False}
 
@@ -170,7 +170,7 @@ def test_language_modeling_by_hand():
 def test_core_is_the_mean_centred_accuracy():
     model = BigramLM({("*", "a"): 3.0, (":", " "): 6.0, (" ", "a"): 6.0, ("a", "b"): 6.0, ("b", "a"): 6.0,
                       ("a", " "): 9.0})
-    res = evals.evaluate_core(model, ByteEnc(), "cpu", BUNDLE, log=None)
+    res = evals.core.evaluate_core(model, ByteEnc(), "cpu", BUNDLE, log=None)
     with open(BUNDLE / "eval_meta_data.csv", newline="") as f:
         base = {r["Eval Task"]: float(r["Random baseline"]) / 100 for r in csv.DictReader(f)}
     assert list(res["results"]) == ["toy_mc", "toy_mc_2shot", "toy_schema", "toy_lm"]
@@ -180,8 +180,8 @@ def test_core_is_the_mean_centred_accuracy():
         assert res["centered"][label] == pytest.approx((acc - base[label]) / (1 - base[label]))
     assert res["core"] == pytest.approx(sum(res["centered"].values()) / 4)
     assert res["complete"] is False  # 4 toy tasks, not the 22 of CORE
-    assert evals.centered(0.75, 25) == pytest.approx(2 / 3) and evals.centered(0.5, 0) == 0.5
-    sub = evals.evaluate_core(model, ByteEnc(), "cpu", BUNDLE, labels=["toy_lm"], max_per_task=2, log=None)
+    assert evals.core.centered(0.75, 25) == pytest.approx(2 / 3) and evals.core.centered(0.5, 0) == 0.5
+    sub = evals.core.evaluate_core(model, ByteEnc(), "cpu", BUNDLE, labels=["toy_lm"], max_per_task=2, log=None)
     assert list(sub["results"]) == ["toy_lm"] and sub["max_per_task"] == 2
 
 
@@ -191,19 +191,19 @@ def test_complete_only_with_all_22_tasks(tmp_path):
     (tmp_path / "eval_data" / "t.jsonl").write_text((json.dumps(item) + "\n") * 2)
     (tmp_path / "core.yaml").write_text("icl_tasks:\n" + "".join(
         f"-\n  label: {name}\n  dataset_uri: t.jsonl\n  num_fewshot: [0]\n  icl_task_type: multiple_choice\n"
-        for name in evals.CORE_TASKS))
+        for name in evals.core.CORE_TASKS))
     (tmp_path / "eval_meta_data.csv").write_text("Eval Task,Random baseline\n" + "".join(
-        f"{name},{i}\n" for i, name in enumerate(evals.CORE_TASKS)))
-    res = evals.evaluate_core(LIKES_A, ByteEnc(), "cpu", tmp_path, log=None)
+        f"{name},{i}\n" for i, name in enumerate(evals.core.CORE_TASKS)))
+    res = evals.core.evaluate_core(LIKES_A, ByteEnc(), "cpu", tmp_path, log=None)
     assert res["complete"] is True and res["core"] == pytest.approx(1.0)   # float64 mean of 22 centred 1s
-    assert evals.evaluate_core(LIKES_A, ByteEnc(), "cpu", tmp_path, max_per_task=1, log=None)["complete"] is False
+    assert evals.core.evaluate_core(LIKES_A, ByteEnc(), "cpu", tmp_path, max_per_task=1, log=None)["complete"] is False
 
 
 def test_missing_bundle_says_how_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="eval_bundle.zip"):
-        evals.load_bundle(tmp_path)
+        evals.core.load_bundle(tmp_path)
     with pytest.raises(ValueError, match="not in"):
-        evals.evaluate_core(LIKES_A, ByteEnc(), "cpu", BUNDLE, labels=["hellaswag"], log=None)
+        evals.core.evaluate_core(LIKES_A, ByteEnc(), "cpu", BUNDLE, labels=["hellaswag"], log=None)
 
 
 def test_download_bundle_unpacks_once(tmp_path):
@@ -213,13 +213,13 @@ def test_download_bundle_unpacks_once(tmp_path):
         for p in BUNDLE.rglob("*"):
             if p.is_file():
                 zf.write(p, "eval_bundle/" + str(p.relative_to(BUNDLE)))
-    dest = evals.download_bundle(tmp_path / "cache" / "eval_bundle", url="file://" + str(z))
-    assert evals.load_bundle(dest)[0] == [dict(t, dataset=dest / t["dataset"].relative_to(BUNDLE))
-                                         for t in evals.load_bundle(BUNDLE)[0]]
+    dest = evals.core.download_bundle(tmp_path / "cache" / "eval_bundle", url="file://" + str(z))
+    assert evals.core.load_bundle(dest)[0] == [dict(t, dataset=dest / t["dataset"].relative_to(BUNDLE))
+                                         for t in evals.core.load_bundle(BUNDLE)[0]]
     z.unlink()
-    assert evals.download_bundle(dest, url="file://" + str(z)) == dest  # already there: no download
+    assert evals.core.download_bundle(dest, url="file://" + str(z)) == dest  # already there: no download
     with pytest.raises(RuntimeError, match="--bundle-dir"):
-        evals.download_bundle(tmp_path / "other", url="file://" + str(z))
+        evals.core.download_bundle(tmp_path / "other", url="file://" + str(z))
 
 
 # ----------------------------------------------------------------------------- real tokenizer, CLI, DDP
@@ -230,9 +230,9 @@ def test_cropping_to_the_block_size(enc):
     model = GPT(GPTConfig(block_size=24, vocab_size=50304, n_layer=1, n_head=2, n_embd=16)).eval()
     lengths = []
     model.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
-    res = evals.evaluate_core(model, enc, "cpu", BUNDLE, log=None)
-    tasks = evals.load_bundle(BUNDLE)[0]
-    sizes = {t["label"]: len(evals.load_task_data(t)) for t in tasks}
+    res = evals.core.evaluate_core(model, enc, "cpu", BUNDLE, log=None)
+    tasks = evals.core.load_bundle(BUNDLE)[0]
+    sizes = {t["label"]: len(evals.core.load_task_data(t)) for t in tasks}
     assert set(res["results"]) == set(sizes)
     assert len(lengths) == sum(sizes.values()) and max(lengths) == 24   # one forward per item, cropped to 24
 

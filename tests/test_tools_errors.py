@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model import GPT, GPTConfig  # noqa: E402
-import evals  # noqa: E402
 import checkpoint  # noqa: E402
+import evals.core  # noqa: E402
+import evals.hellaswag  # noqa: E402
 from scripts import eval_core, eval_hellaswag, sample  # noqa: E402
 
 HELLASWAG = REPO / "tests" / "fixtures" / "hellaswag" / "hellaswag_val_sample.jsonl"
@@ -163,7 +164,7 @@ def test_hellaswag_missing_or_empty_file(tmp_path, ckpt, capsys):
 def test_hellaswag_counts_must_be_positive(flag, value, ckpt, capsys):
     fails(eval_hellaswag.main, ["--ckpt", str(ckpt), flag, value], capsys, f"argument {flag}", "must be >= 1", code=2)
     with pytest.raises(ValueError, match="limit must be >= 1"):
-        evals.load_examples(HELLASWAG, limit=0)
+        evals.hellaswag.load_examples(HELLASWAG, limit=0)
 
 
 def test_hellaswag_limit_counts_items(ckpt, capsys):
@@ -565,7 +566,7 @@ def test_damaged_bundle_download(tmp_path):
     z = tmp_path / "eval_bundle.zip"
     z.write_bytes(os.urandom(1000))
     with pytest.raises(RuntimeError, match="not a readable zip.*--bundle-dir"):
-        evals.download_bundle(tmp_path / "b", url="file://" + str(z))
+        evals.core.download_bundle(tmp_path / "b", url="file://" + str(z))
     assert not (tmp_path / "b").exists()
 
 

@@ -21,7 +21,7 @@ FIXTURE = REPO / "tests" / "fixtures" / "hellaswag" / "hellaswag_val_sample.json
 sys.path.insert(0, str(REPO))
 
 from conftest import ByteEnc  # noqa: E402
-import evals  # noqa: E402
+import evals.hellaswag  # noqa: E402
 import numerics  # noqa: E402
 import checkpoint  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -70,7 +70,7 @@ def reference_scores(model, example, enc):
 
 @pytest.fixture(scope="module")
 def examples():
-    return evals.load_examples(FIXTURE)
+    return evals.hellaswag.load_examples(FIXTURE)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -80,7 +80,7 @@ def test_fixture_is_in_the_official_format(examples):
     assert len(examples) == 7
     for ex in examples:
         assert set(ex) == keys and len(ex["endings"]) == 4 and ex["label"] in range(4)
-    assert evals.load_examples(FIXTURE, limit=3) == examples[:3]
+    assert evals.hellaswag.load_examples(FIXTURE, limit=3) == examples[:3]
 
 
 @pytest.mark.numerics
@@ -94,7 +94,7 @@ def test_hand_checked_acc_norm_vs_acc(examples):
     expected_sums = [3 * lo, lo + 4 * la, 2 * lo, 2 * lo + la]
     expected_means = [s / n for s, n in zip(expected_sums, (3, 5, 2, 3))]
     preds = []
-    res = evals.evaluate_hellaswag(UnigramLM(), examples[:2], "cpu", enc=ByteEnc(), predictions=preds)
+    res = evals.hellaswag.evaluate_hellaswag(UnigramLM(), examples[:2], "cpu", enc=ByteEnc(), predictions=preds)
     # fp32 against float64: each token's loss is a logsumexp of 257 terms, 256 of them equal (so the deterministic
     # gamma: their roundings do not cancel), its log, + max and - logit (3 u of log Z); then sums of <= 5 tokens
     per_token = numerics.gamma(257) + 3 * numerics.u() * lz
@@ -124,7 +124,7 @@ def forward_path(T):
 def test_batched_scores_match_the_plain_reference(examples, reference, batch_size):
     model, refs = reference
     preds = []
-    res = evals.evaluate_hellaswag(model, examples, "cpu", enc=ByteEnc(), batch_size=batch_size, predictions=preds)
+    res = evals.hellaswag.evaluate_hellaswag(model, examples, "cpu", enc=ByteEnc(), batch_size=batch_size, predictions=preds)
     assert [p["index"] for p in preds] == list(range(len(examples)))
     rel = forward_path(256)   # rows of at most block_size tokens
     for p, (sums, means) in zip(preds, refs):
@@ -140,9 +140,9 @@ def test_batched_scores_match_the_plain_reference(examples, reference, batch_siz
 @pytest.mark.numerics
 def test_long_rows_are_cropped_on_the_left(examples):
     model, enc = tiny_gpt(block_size=16), ByteEnc()
-    rows, _ = evals.render_example(examples[2], enc)
+    rows, _ = evals.hellaswag.render_example(examples[2], enc)
     assert max(len(t) for t, _ in rows) > 16
-    sums, means = evals.score_rows(model, rows, "cpu", block_size=16)
+    sums, means = evals.hellaswag.score_rows(model, rows, "cpu", block_size=16)
     for (tokens, start), s, m in zip(rows, sums, means):
         cut = len(tokens) - 16
         kept, start = tokens[cut:], max(start - cut, 1)
@@ -154,7 +154,7 @@ def test_long_rows_are_cropped_on_the_left(examples):
 
 def test_training_mode_is_restored(examples):
     model = tiny_gpt().train()
-    evals.evaluate_hellaswag(model, examples[:2], "cpu", enc=ByteEnc())
+    evals.hellaswag.evaluate_hellaswag(model, examples[:2], "cpu", enc=ByteEnc())
     assert model.training
 
 
@@ -162,7 +162,7 @@ def test_bad_files_are_named(tmp_path):
     bad = tmp_path / "test.jsonl"
     bad.write_text(json.dumps({"ctx": "x", "endings": ["a", "b", "c", "d"], "label": ""}) + "\n")
     with pytest.raises(ValueError, match="test.jsonl:1"):
-        evals.load_examples(bad)
+        evals.hellaswag.load_examples(bad)
 
 
 # ----------------------------------------------------------------------------- download
@@ -171,15 +171,15 @@ def test_download_once_then_cached(tmp_path, monkeypatch):
     src = tmp_path / "upstream"
     src.mkdir()
     (src / "hellaswag_val.jsonl").write_bytes(FIXTURE.read_bytes())
-    monkeypatch.setattr(evals, "URL", "file://" + str(src) + "/hellaswag_{split}.jsonl")
+    monkeypatch.setattr(evals.hellaswag, "URL", "file://" + str(src) + "/hellaswag_{split}.jsonl")
     monkeypatch.setenv("HCGPT_CACHE_DIR", str(tmp_path / "cache"))
-    path = evals.download("val")
+    path = evals.hellaswag.download("val")
     assert path == tmp_path / "cache" / "hellaswag" / "hellaswag_val.jsonl"
     assert path.read_bytes() == FIXTURE.read_bytes()
     (src / "hellaswag_val.jsonl").unlink()  # upstream gone: the cached copy is used
-    assert evals.load_examples(split="val") == evals.load_examples(FIXTURE)
+    assert evals.hellaswag.load_examples(split="val") == evals.hellaswag.load_examples(FIXTURE)
     with pytest.raises(RuntimeError, match="--data-file"):
-        evals.download("train")  # not cached, and the "network" has no such file
+        evals.hellaswag.download("train")  # not cached, and the "network" has no such file
     assert not list((tmp_path / "cache" / "hellaswag").glob("*.tmp*"))
 
 
@@ -201,7 +201,7 @@ def test_cli_writes_results_next_to_the_checkpoint(ckpt_dir, enc, examples):
     assert saved["n"] == 7 and saved["step"] == 7 and saved["acc_norm"] == res["acc_norm"]
     model, meta = checkpoint.load_model(ckpt_dir)
     assert meta["step"] == 7 and "model" not in meta
-    assert evals.evaluate_hellaswag(model, examples, "cpu", enc=enc) == res
+    assert evals.hellaswag.evaluate_hellaswag(model, examples, "cpu", enc=enc) == res
 
 
 def test_torchrun_ddp_matches_one_process(ckpt_dir, tmp_path, enc, examples):
@@ -214,7 +214,7 @@ def test_torchrun_ddp_matches_one_process(ckpt_dir, tmp_path, enc, examples):
                        cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     ddp = json.loads(out.read_text())
-    one = evals.evaluate_hellaswag(checkpoint.load_model(ckpt_dir)[0], examples, "cpu", enc=enc)
+    one = evals.hellaswag.evaluate_hellaswag(checkpoint.load_model(ckpt_dir)[0], examples, "cpu", enc=enc)
     assert {k: ddp[k] for k in one} == one and one["n"] == 7
 
 
@@ -229,7 +229,7 @@ def test_train_logs_hellaswag_at_each_eval(tmp_path, data_dir):
     records = [json.loads(line) for line in open(out / "log.jsonl") if '"eval"' in line]
     assert [e["step"] for e in records] == [0, 2]
     # the logged accuracies are those of the step-2 checkpoint, scored again here on the same 5 items
-    again = evals.evaluate_hellaswag(checkpoint.load_model(out)[0], evals.load_examples(FIXTURE, limit=5), "cpu")
+    again = evals.hellaswag.evaluate_hellaswag(checkpoint.load_model(out)[0], evals.hellaswag.load_examples(FIXTURE, limit=5), "cpu")
     assert again["n"] == 5
     assert (records[-1]["hellaswag_acc_norm"], records[-1]["hellaswag_acc"]) == (again["acc_norm"], again["acc"])
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import config
 import configurator
-import evals
+import evals.val
 import hc
 import model as model_module
 import train
@@ -80,7 +80,7 @@ def test_bpb_hand_built():
     token_bytes = torch.tensor([0, 1, 2, 3, 1, 1, 4, 2])  # token 0 is a special token: 0 bytes
     x = torch.zeros(2, 3, dtype=torch.long)
     y = torch.tensor([[0, 1, 2], [3, 6, 7]])
-    loss, bpb = evals.val_loss_bpb(UniformModel(V), [(x, y)], token_bytes, torch.autocast("cpu", enabled=False), "cpu")
+    loss, bpb = evals.val.val_loss_bpb(UniformModel(V), [(x, y)], token_bytes, torch.autocast("cpu", enabled=False), "cpu")
     # every token's loss is fp32's log 8 (within 1 ulp: 2 u = 1.2e-7 relative), summed in float64 (loss and BPB, here
     # and below): approx's default 1e-6 leaves 8x, and a wrong count or byte total is off by a tenth or more
     assert loss == pytest.approx(math.log(8))  # all 6 targets, the special one included
@@ -88,7 +88,7 @@ def test_bpb_hand_built():
     assert bpb == pytest.approx(5 * 3 / 12)
     # split over two batches, with an ignored (-1) target: sums, not means of means
     y2 = torch.tensor([[1, -1, 2]])
-    loss, bpb = evals.val_loss_bpb(UniformModel(V), [(x[:1], y[:1]), (x[:1], y2)], token_bytes,
+    loss, bpb = evals.val.val_loss_bpb(UniformModel(V), [(x[:1], y[:1]), (x[:1], y2)], token_bytes,
                                torch.autocast("cpu", enabled=False), "cpu")
     assert loss == pytest.approx(math.log(8))
     assert bpb == pytest.approx((2 + 2) * 3 / (3 + 3))

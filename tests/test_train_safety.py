@@ -207,8 +207,10 @@ def test_killed_during_checkpoint_write_resumes_exactly(data_dir, tmp_path, caps
         f.write('{"type": "train", "step": 7, "lo')
     capsys.readouterr()
     train.main(tiny_args(data_dir, out, *common, "--resume"))  # the killed run's lock died with it
-    stdout = capsys.readouterr().out
-    assert "log.jsonl: dropping its last line, cut by a crash" in stdout
+    printed = capsys.readouterr()
+    assert "log.jsonl: dropping its last line, cut by a crash" in printed.err   # stderr: stdout stays the run's
+    stdout = printed.out
+    assert f"resumed from step 3 ({out / 'ckpt.pt'})" in stdout
     assert stdout.index("resumed from step 3") < stdout.index("step      4 |")
     assert not (out / "ckpt.pt.tmp").exists()
 
@@ -227,9 +229,9 @@ def test_read_log_cut_and_corrupt_lines(tmp_path, capsys):
     path = tmp_path / "log.jsonl"
     path.write_text('{"type": "config"}\n{"type": "eval", "step": 5}\n{"type": "tr')
     assert rundir.read_log(str(path)) == [{"type": "config"}, {"type": "eval", "step": 5}]
-    assert "dropping its last line" in capsys.readouterr().out
+    assert "dropping its last line" in capsys.readouterr().err
     path.write_text('{"type": "config"}\nnot json\n{"type": "eval", "step": 5}\n')
-    with pytest.raises(ConfigError, match=r"log.jsonl, line 2 is not JSON; remove or repair that line"):
+    with pytest.raises(ConfigError, match=r"log.jsonl, line 2 is not a JSON record; remove or repair that line"):
         rundir.read_log(str(path))
 
 

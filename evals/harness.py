@@ -7,14 +7,14 @@ harness, scored by the harness's own evaluator; scripts/eval_lm.py is its comman
     task_manager      lm-eval's task index (+ a local task directory), checked for files that do not parse
     evaluate          lm_eval.simple_evaluate on tasks; clear errors for unknown tasks and missing datasets
     flat_metrics      a results dict -> {"lm_eval/<task>/<metric>": value}: the names in log.jsonl and wandb
-    crosscheck_hellaswag   lm-eval's HellaSwag next to evals.py's on the same items
+    crosscheck_hellaswag   lm-eval's HellaSwag next to evals/hellaswag.py's on the same items
 
 Scoring follows lm-eval's Hugging Face model (lm_eval/models/huggingface.py): a continuation's
 log-probability is the sum of log softmax(logits) at its tokens, over the model's whole output
 vocabulary (as train.py's loss); a context and continuation longer than block_size + 1 tokens lose
 tokens on the left; rolling log-likelihoods use lm-eval's disjoint windows of block_size tokens,
 the first one after <|endoftext|>; generation is greedy, its context cut on the left to leave room
-for max_gen_toks. Text is encoded by rundir.load_tokenizer's encoding (special tokens written in the
+for max_gen_toks. Text is encoded by checkpoint.load_tokenizer's encoding (special tokens written in the
 text are read as such, as Hugging Face tokenizers do), and its end-of-text token is the prefix of an
 empty context and the stop of every generation.
 
@@ -30,6 +30,10 @@ from pathlib import Path
 
 import torch
 
+from evals import forward_logits
+from evals.hellaswag import evaluate_hellaswag
+from evals.results import save
+
 try:
     import lm_eval
     from lm_eval.api.model import TemplateLM
@@ -40,8 +44,6 @@ try:
 except ImportError as e:  # not installed, or another version whose modules moved
     raise RuntimeError(f"lm-evaluation-harness is not installed or not the version hcgpt uses ({e}); install it "
                        f"with `pip install lm-eval==0.4.13` (it is in requirements.txt)") from None
-
-LM_EVAL_VERSION = "0.4.13"
 
 # The suite averaged in the KromHC paper's Table 4 (commonsense reasoning): the paper's text at hand
 # does not list its tasks or metrics, so this is the list the paper's column names suggest, scored
@@ -65,12 +67,12 @@ class HcgptLM(TemplateLM):
     """A GPT (model.py, either arch, any scheme) and a tiktoken Encoding as an lm_eval model.
 
     model: anything whose forward(idx) returns (logits, ...) with config.block_size (put in eval mode).
-    enc: rundir.load_tokenizer(meta). ctx: the autocast context of every forward (bf16 on CUDA).
+    enc: checkpoint.load_tokenizer(meta). ctx: the autocast context of every forward (bf16 on CUDA).
     batch_size: rows per forward; results do not depend on it (rows are right-padded and the model
     is causal, so a row's logits never see its padding).
     """
 
-    def __init__(self, model, enc, device="cpu", batch_size=16, ctx=None, info=None):
+    def __init__(self, model, enc, device, batch_size, ctx=None, info=None):
         super().__init__()
         self.model, self.enc, self._device = model.eval(), enc, torch.device(device)
         self.batch_size, self.ctx, self.info = int(batch_size), ctx or nullcontext(), dict(info or {})
@@ -99,12 +101,7 @@ class HcgptLM(TemplateLM):
     @torch.no_grad()
     def _logits(self, rows):
         """Logits (len(rows), T, V) of token rows right-padded to the longest, T = its length."""
-        T = max(len(r) for r in rows)
-        idx = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        with self.ctx:
-            return self.model(idx.to(self._device))[0]
+        return forward_logits(self.model, rows, self._device, self.ctx)[0]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
         """[(cache key, context tokens, continuation tokens)] -> [(log P(continuation | context), greedy)].
@@ -261,7 +258,8 @@ def task_manager(include_path=None):
 
 
 def check_tasks(names, include_path=None):
-    """Every name a task, group or tag of lm-eval or of include_path, else a ValueError with close matches."""
+    """Every name a task, group or tag of lm-eval or of include_path, else a ValueError with close matches.
+    -> the task manager that knows them."""
     tm = task_manager(str(include_path) if include_path is not None else None)
     known = set(tm.all_tasks)
     for name in names:
@@ -271,12 +269,12 @@ def check_tasks(names, include_path=None):
             raise ValueError(f"unknown task {name!r}: not in {where}"
                              + (f" (did you mean {', '.join(close)}?)" if close else "")
                              + "; `lm-eval ls tasks` lists them, and --include-path DIR adds local task YAMLs")
+    return tm
 
 
 def evaluate(lm, tasks, num_fewshot=None, limit=None, include_path=None, log_samples=False, model_args=None):
     """lm_eval.simple_evaluate of lm on tasks (names; suites expanded by the caller) -> its results dict."""
-    tm = task_manager(str(include_path) if include_path is not None else None)
-    check_tasks(tasks, include_path)
+    tm = check_tasks(tasks, include_path)
     try:
         return lm_eval.simple_evaluate(model=lm, model_args=model_args, tasks=list(tasks), num_fewshot=num_fewshot,
                                        limit=limit, batch_size=lm.batch_size, device=str(lm._device),
@@ -290,9 +288,7 @@ def evaluate(lm, tasks, num_fewshot=None, limit=None, include_path=None, log_sam
 
 def download(tasks, include_path=None):
     """Build the tasks without a model: lm-eval downloads their datasets into the Hugging Face cache."""
-    tm = task_manager(str(include_path) if include_path is not None else None)
-    check_tasks(tasks, include_path)
-    loaded = tm.load(list(tasks))
+    loaded = check_tasks(tasks, include_path).load(list(tasks))
     return {name: {split: len(docs) for split, docs in (task.dataset or {}).items()}
             for name, task in loaded["tasks"].items()}
 
@@ -302,8 +298,7 @@ def download(tasks, include_path=None):
 
 def save_results(results, path):
     """lm-eval's results JSON (as `lm_eval --output_path` writes it, without the per-item samples)."""
-    body = {k: v for k, v in results.items() if k != "samples"}
-    Path(path).write_text(json.dumps(body, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
+    return save(path, {k: v for k, v in results.items() if k != "samples"}, indent=2, default=handle_non_serializable)
 
 
 def flat_metrics(results):
@@ -339,32 +334,31 @@ def suite_averages(results):
 
 
 # -----------------------------------------------------------------------------
-# cross-check with evals.py's HellaSwag
+# cross-check with evals/hellaswag.py
 
 def crosscheck_hellaswag(lm, task="hellaswag", limit=None, include_path=None):
     """lm-eval's `task` (HellaSwag, or a local task with the same ctx/endings/label fields) and
-    evals.evaluate_hellaswag on the same items and model. -> {"items": per-item records, and each
+    evals.hellaswag.evaluate_hellaswag on the same items and model. -> {"items": per-item records, and each
     side's acc / acc_norm, each recomputed from its own definition}.
 
     lm-eval scores the prompt its task builds (for hellaswag: the activity label, the cleaned
     context) with " " + ending, and its acc_norm divides each ending's log-likelihood by the
     ending's length in characters (len(str), the bytes of ASCII text; the leading space is not
-    counted). evals.py (llm.c) scores the raw "ctx" with " " + ending, and its acc_norm divides
+    counted). evals/hellaswag.py (llm.c) scores the raw "ctx" with " " + ending, and its acc_norm divides
     the ending's summed loss by its number of tokens. Both acc pick the largest summed log-likelihood."""
-    import evals
     results = evaluate(lm, [task], limit=limit, include_path=include_path, log_samples=True)
     samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
     docs = [{"ctx": s["doc"]["ctx"], "endings": list(s["doc"]["endings"]), "label": int(s["doc"]["label"])}
             for s in samples]
     preds = []
-    mine = evals.evaluate_hellaswag(lm.model, docs, lm._device, enc=lm.enc, batch_size=lm.batch_size, ctx=lm.ctx,
+    mine = evaluate_hellaswag(lm.model, docs, lm._device, enc=lm.enc, batch_size=lm.batch_size, ctx=lm.ctx,
                                     rank=0, world_size=1, predictions=preds)
     items = []
     for s, doc, p in zip(samples, docs, sorted(preds, key=lambda p: p["index"])):
         lls = [float(r[0][0]) for r in s["resps"]]
         choices = [a[1] for a in s["arguments"]]  # " " + ending: the continuation lm-eval scored
         chars = [len(c.removeprefix(" ")) for c in choices]
-        ntok = [len(lm.enc.encode_ordinary(" " + e)) for e in doc["endings"]]  # evals.render_example's ending tokens
+        ntok = [len(lm.enc.encode_ordinary(" " + e)) for e in doc["endings"]]  # render_example's ending tokens
         items.append({
             "doc_id": s["doc_id"], "label": doc["label"],
             "lm_eval": {"ll": lls, "chars": chars, "acc": s["acc"], "acc_norm": s["acc_norm"],

@@ -16,8 +16,6 @@ beginning and plot, each an integer from 1 to 10.
 scripts/eval_stories.py is the command line; docs/tinystories.md the page.
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
 import math
@@ -31,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent
+from evals import cache_root
+
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PROMPTS = REPO / "data" / "tinystories_prompts.jsonl"
 DEFAULT_RUBRIC = REPO / "data" / "tinystories_rubric.md"
 DEFAULT_JUDGE = "gpt-4.1-nano"
@@ -244,7 +244,6 @@ class TransientFailure(Exception):
 
 def cache_file() -> Path:
     """The default grade cache: $HCGPT_CACHE_DIR/story_grades.jsonl (~/.cache/hcgpt/story_grades.jsonl)."""
-    from evals import cache_root
     return cache_root() / "story_grades.jsonl"
 
 

@@ -140,6 +140,6 @@ def load_tokenizer(meta):
     if toklib.is_gpt2(rec):
         return toklib.get_encoding()
     if not isinstance(rec.get("rank_file"), bytes):
-        raise ValueError(f"the checkpoint names {toklib.describe(rec)} but carries no rank file for it; use a "
+        raise CheckpointError(f"the checkpoint names {toklib.describe(rec)} but carries no rank file for it; use a "
                          f"checkpoint written by train.py")
     return toklib.from_record(rec, rec["rank_file"], where=f"the checkpoint's tokenizer {rec.get('name')}")

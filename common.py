@@ -11,17 +11,14 @@
 
 import argparse
 import copy
-import ctypes
 import os
 import random
-import socket
 import sys
-import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from errors import HcgptError
 
 
 # -----------------------------------------------------------------------------
@@ -86,9 +83,11 @@ def nonfinite_message(nonfinite, step, optimizer, ckpt_dir, last_ckpt_step):
              if last_ckpt_step is not None and ckpt_dir is not None else "no checkpoint had been written")
     skipped = ("the optimizer skipped it on the device" if skips_on_device(optimizer)
                else "the optimizer took it: the weights are not finite from then on")
+    fix = ("The first step's loss comes from the weights as initialised, before any update, so the learning rate "
+           "is not the cause: check the model config (its init, dtype) and the data." if bad_step == 1 else
+           "Lower learning_rate, raise warmup_iters or check the data.")
     return bad_step, (f"step {bad_step}: training loss is {bad_loss} (grad norm {bad_norm}); stopping at step {step}, "
-                      f"where it was checked ({skipped}); {where}. Lower learning_rate, raise warmup_iters or check "
-                      f"the data.")
+                      f"where it was checked ({skipped}); {where}. {fix}")
 
 
 class LossEMA:
@@ -185,11 +184,12 @@ def out_file_error(path):
 
 
 def run_cli(main_body, prog):
-    """Run a script's body; a user's mistake (bad file, flag, checkpoint, device) ends in one line
-    naming it and exit status 1, not a traceback."""
+    """Run a script's body; a user's mistake (errors.HcgptError: a bad file, flag, checkpoint, device) or the
+    system's (OSError: a full disk, a lost permission) ends in one line naming it and exit status 1. Anything
+    else is a bug in hcgpt and keeps its traceback."""
     try:
         return main_body()
-    except (OSError, ValueError, RuntimeError) as e:  # missing/bad files, checkpoints, devices, no network
+    except (HcgptError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:

@@ -44,6 +44,8 @@ from typing import Optional
 
 import torch
 
+from errors import FusedCheckError
+
 try:
     import triton
     import triton.language as tl
@@ -444,7 +446,7 @@ def _interpreting():
 
 def _kernel(fn, device):
     if TRITON_ERROR is not None:
-        raise RuntimeError(f"the fused kernels need Triton: {TRITON_ERROR}")
+        raise FusedCheckError(f"the fused kernels need Triton: {TRITON_ERROR}")
     key = (fn, device.type, _interpreting())
     if key not in _KERNELS:
         interpret = device.type == "cpu" or _interpreting()   # fixed PRE_CPU tiles there
@@ -891,7 +893,7 @@ def use_fused(t, conn, mode):
         return True
     what = "Sinkhorn" if conn is None else type(conn).__name__
     if mode == "on":
-        raise RuntimeError(f"fused='on' but the fused {what} kernels cannot run: {reason}. "
+        raise FusedCheckError(f"fused='on' but the fused {what} kernels cannot run: {reason}. "
                            f"Set fused='auto' or 'off' for the torch reference path.")
     if (what, reason) not in _WARNED:  # 'auto': the torch path, said once
         _WARNED.add((what, reason))

@@ -50,18 +50,6 @@ from errors import ConfigError
 from keys import key
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False until 2.1)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, input):
-        return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -104,9 +92,9 @@ class Block(nn.Module):
 
     def __init__(self, config, layer):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
         # connection 2*layer wraps attention, 2*layer+1 the MLP (decides each one's home stream)
         self.hc_attn = hc.connection(config, config.n_embd, 2 * layer)
@@ -250,6 +238,9 @@ class GPTConfig(hc.SchemeConfig):
             raise ConfigError(f"readout 'hc_head' weighs n streams: it takes an n-stream scheme (n_streams >= 2), "
                               f"got scheme={self.scheme!r} with n_streams={self.n_streams}; use readout='mean'")
         if self.arch == "nanochat":
+            if (self.n_embd // self.n_head) % 2:
+                raise ConfigError(f"config key 'n_head': arch 'nanochat' needs an even head size n_embd / n_head for "
+                                  f"the rotary pairs, got n_embd={self.n_embd}, n_head={self.n_head}")
             for name in ("bias", "dropout", "hc_branch_init_scale_sqrt_n"):
                 value = getattr(self, name)
                 if value:
@@ -285,7 +276,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
@@ -313,16 +304,12 @@ class GPT(nn.Module):
 
     def _build_nanochat(self):
         config = self.config
-        head_dim = config.n_embd // config.n_head
-        if config.n_embd % config.n_head or head_dim % 2:
-            raise ValueError(f"arch 'nanochat' needs an even head size n_embd / n_head for the rotary pairs, "
-                             f"got n_embd={config.n_embd}, n_head={config.n_head}")
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # no position embedding: rotary instead
             h=nn.ModuleList([NanochatBlock(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied
-        cos, sin = rotary_tables(config.block_size, head_dim)
+        cos, sin = rotary_tables(config.block_size, config.n_embd // config.n_head)
         self.register_buffer("rotary_cos", cos, persistent=False)  # recomputed, never saved
         self.register_buffer("rotary_sin", sin, persistent=False)
 

@@ -27,6 +27,10 @@ def torchrun_env():
     without RANK (one process); DistributedSetupError naming what is missing or wrong."""
     env = {k: os.environ.get(k) for k in TORCHRUN_ENV}
     if env["RANK"] in (None, "", "-1"):
+        if env["WORLD_SIZE"] not in (None, "", "1"):   # a launcher's environment without RANK: not one process
+            raise DistributedSetupError(f"WORLD_SIZE={env['WORLD_SIZE']} is set but RANK is not (LOCAL_RANK="
+                                        f"{env['LOCAL_RANK']}): this process would train alone; launch with torchrun "
+                                        f"(which sets RANK), or unset WORLD_SIZE to run one process")
         return None
     seen = ", ".join(f"{k}={env[k]}" if env[k] is not None else f"{k} unset" for k in TORCHRUN_ENV)
     missing = [k for k in TORCHRUN_ENV if not env[k]]

@@ -12,6 +12,7 @@
                   checkpoint is on disk, moved back if the new run stops before
     read_log / append_log   the records of a log.jsonl (a line cut by a crash dropped); one record more
     read_run / run_dirs     a run directory as the scripts read it (compare.py, plot_runs.py); which paths are runs
+    check_output  a tool's results path: never a run's own file (log.jsonl, a checkpoint, another tool's results)
     run_identity  the log header's data, tokenizer and code identity (git commit, dirty tree)
 """
 
@@ -321,6 +322,26 @@ def run_dirs(paths, prog):
         raise ConfigError(f"none of the {len(paths)} path(s) is a run directory (one with a log.jsonl); pass the "
                           f"out_dirs of train.py runs")
     return runs
+
+
+def check_output(path, own=()):
+    """Where a tool writes a results file, checked when it starts (before the work, the paid calls): a ConfigError
+    naming the path and the fix when it is a run's own file (log.jsonl, a checkpoint, another tool's results: own
+    names the files this tool itself writes there), a directory, or in a folder that is missing or unwritable.
+    "-" or None: no file."""
+    if path in (None, "-"):
+        return
+    path = os.path.abspath(path)
+    folder, name = os.path.split(path)
+    if RUN_FILE.fullmatch(name) and name not in own and os.path.isfile(os.path.join(folder, "log.jsonl")):
+        raise ConfigError(f"{path} is a file of the run in {folder} (written by train.py or another tool); "
+                          f"pass another output path")
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a directory; pass a file path")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"the folder {folder} does not exist; create it, or pass another path")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"cannot write in {folder}; pass another path")
 
 
 def append_log(out_dir, record):

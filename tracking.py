@@ -281,7 +281,7 @@ def offline_records(path):
     from wandb.proto import wandb_internal_pb2 as pb
     data = open(path, "rb").read()
     if data[:4] != b":W&B":
-        raise ValueError(f"{path} is not a wandb run file (it starts {data[:4]!r}, not ':W&B')")
+        raise ConfigError(f"{path} is not a wandb run file (it starts {data[:4]!r}, not ':W&B')")
     records, parts, pos = [], None, 7
     while pos + CHUNK_HEADER <= len(data):
         left = BLOCK - pos % BLOCK

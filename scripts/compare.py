@@ -38,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import setting  # noqa: E402
 import tracking  # noqa: E402
-from common import HelpFormatter  # noqa: E402
+from common import HelpFormatter, run_cli  # noqa: E402
 import config  # noqa: E402
 from errors import ConfigError  # noqa: E402
 from rundir import read_run, run_dirs  # noqa: E402
@@ -49,8 +49,8 @@ HIGHER = ("acc", "core", "score", "exact_match", "f1")
 NOT_METRICS = {"type", "step", "tokens"}
 
 
-class CompareError(ValueError):
-    pass
+class CompareError(ConfigError):
+    """Runs that cannot be compared (unfinished, diverged, on other data, ...): the message names them and the fix."""
 
 
 def direction(metric, lower=(), higher=()):
@@ -73,12 +73,9 @@ def direction(metric, lower=(), higher=()):
 def load_run(path, keys):
     """A run directory (or its log.jsonl) -> {"dir", "header", "setting", "name", "seed", "data_seed",
     "values": {step: {metric: value}}, "max_iters", "last_step", "diverged", "warnings"}."""
-    if not os.path.isdir(path) and not path.endswith(".jsonl"):
+    if os.path.exists(path) and not os.path.isdir(path) and not path.endswith(".jsonl"):  # missing: read_run names it
         raise CompareError(f"{path}: not a run directory or a log.jsonl; pass train.py out_dirs")
-    try:
-        run = read_run(path)
-    except ConfigError as e:
-        raise CompareError(str(e)) from None
+    run = read_run(path)
     records, headers = run["records"], run["headers"]
     if not headers:
         raise CompareError(f"{path}: no config record in its log.jsonl; not a train.py log")
@@ -116,14 +113,16 @@ def _number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def group_runs(runs):
-    """[{"name", "setting", "runs"}] in the order of first appearance; two runs of one (seed, data_seed) in a
-    group are an error (a rerun: pass one of them)."""
+def group_runs(runs, one_per_seed=True):
+    """The runs (each with its setting's "name" and "setting") by setting, in the order of first appearance:
+    [{"name", "setting", "runs", "label" (the keys that vary between the groups, or the name), "keys"}].
+    one_per_seed: two runs of one (seed, data_seed) in a group are an error (a rerun: pass one of them)."""
     groups = {}
     for run in runs:
         g = groups.setdefault(run["name"], {"name": run["name"], "setting": run["setting"], "runs": []})
-        twin = next((r for r in g["runs"] if (r["seed"], r["data_seed"]) == (run["seed"], run["data_seed"])), None)
-        if twin is not None:
+        twin = one_per_seed and next((r for r in g["runs"] if (r["seed"], r["data_seed"]) ==
+                                      (run["seed"], run["data_seed"])), None)
+        if twin:
             raise CompareError(f"{twin['dir']} and {run['dir']} are the same seed ({run['seed']}, data_seed "
                                f"{run['data_seed']}) of one setting ({run['name']}); pass one of them")
         g["runs"].append(run)
@@ -171,16 +170,11 @@ def pick_baseline(groups, spec):
 
 
 def _matches(value, text):
-    return str(value) == text or json.dumps(value) == text or (_number(value) and _is_float(text)
-                                                              and float(text) == float(value))
-
-
-def _is_float(text):
     try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+        same_number = _number(value) and float(text) == float(value)
+    except ValueError:  # text is not a number
+        same_number = False
+    return str(value) == text or json.dumps(value) == text or same_number
 
 
 # -----------------------------------------------------------------------------
@@ -283,14 +277,6 @@ def compare(paths, keys, metrics=None, step=None, baseline=None, confidence=0.95
     return out
 
 
-def run_paths(paths):
-    """The runs among the paths (rundir.run_dirs: the others are left out with a note)."""
-    try:
-        return run_dirs(paths, "compare.py")
-    except ConfigError as e:
-        raise CompareError(str(e)) from None
-
-
 def _log_name(metric):
     """A wandb name (val/bpb, final/core) -> its log.jsonl name; a log name as it is."""
     mapped = tracking.log_key(metric)
@@ -305,9 +291,7 @@ def fmt(v, digits=4):
 
 
 def fmt_p(p):
-    if p is None:
-        return "-"
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+    return "-" if p is None else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
 def rows(result, m):
@@ -373,21 +357,21 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.confidence < 1:
         p.error(f"--confidence must be in (0, 1), got {args.confidence}")
-    try:
-        result = compare(run_paths(args.runs), config.KEYS, args.metric, args.step, args.baseline, args.confidence,
-                         args.lower, args.higher)
-    except CompareError as e:
-        print(f"compare.py: error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: report(args), "compare.py")
+
+
+def report(args):
+    """The comparison of main's arguments, printed: warnings on stderr, then the JSON or the tables -> 0."""
+    result = compare(run_dirs(args.runs, "compare.py"), config.KEYS, args.metric, args.step, args.baseline,
+                     args.confidence, args.lower, args.higher)
     for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    groups = result["groups"]
     print(markdown_table(result) if args.markdown else text_table(result))
     print()
-    for g in groups:
+    for g in result["groups"]:
         print(f"{g['label']}: {g['name']}, {len(g['runs'])} run(s), seeds {', '.join(str(s[0]) for s in g['seeds'])}"
               + (" (baseline)" if g["baseline"] else ""))
     print(f"Δ: group - baseline, paired by (seed, data_seed); p: paired t-test; {round(100 * args.confidence)}% "

@@ -175,8 +175,9 @@ def test_cli_tables_and_json(sweep, capsys):
     assert compare.main([*sweep, "--json", "--metric", "val_bpb"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["metrics"] == ["val_bpb"] and len(res["groups"]) == 3 and res["groups"][0]["label"] == "plain n=1"
-    assert compare.main([sweep[0], "--step", "3"]) == 1
-    assert "has no val_loss at step 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # common.run_cli: one line, exit status 1
+        compare.main([sweep[0], "--step", "3"])
+    assert e.value.code == 1 and "compare.py: error: " in capsys.readouterr().err
 
 
 def test_paths_that_are_not_runs_are_left_out_with_a_note(sweep, tmp_path, capsys):
@@ -191,7 +192,9 @@ def test_paths_that_are_not_runs_are_left_out_with_a_note(sweep, tmp_path, capsy
     assert err.count("note: skipping") == 2
     plot_runs.main([*paths, "--out-dir", str(tmp_path / "plots"), "--formats", "png"])
     assert capsys.readouterr().err.count("plot_runs.py: note: skipping") == 2
-    assert compare.main(paths[-2:]) == 1  # nothing left: one line
+    with pytest.raises(SystemExit) as e:  # nothing left: one line
+        compare.main(paths[-2:])
+    assert e.value.code == 1
     assert "compare.py: error: none of the 2 path(s) is a run directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         plot_runs.main(paths[-2:] + ["--out-dir", str(tmp_path / "plots")])

@@ -4,9 +4,6 @@ field of hc.SchemeConfig (the Identity-HC ablation, identity_res, shows it: hc.p
 this test)."""
 
 import ast
-import json
-import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 

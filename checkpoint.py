@@ -12,6 +12,7 @@ tokenizer a checkpoint holds, for the scripts (evaluation, sampling, plots).
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -29,13 +30,11 @@ def fsync_dir(path):
         os.close(fd)
 
 
-
 def write(ckpt, path, keep=0):
     """Write ckpt to path atomically and durably (tmp file, fsync, rename, fsync the directory). With keep > 0
     also keep it as ckpt_<step>.pt (a hard link, else a copy) and delete all but the last `keep` of those.
     On failure (disk full, read-only, ...) the partial file is removed and the previous checkpoint stays."""
     out, tmp = os.path.dirname(path) or ".", path + ".tmp"
-    had_one = os.path.exists(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(ckpt, f)
@@ -59,11 +58,17 @@ def write(ckpt, path, keep=0):
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
-        kept = (f"the checkpoint {path} (step {step_of(path)}) is kept: free space / fix permissions in {out}, "
-                f"then rerun with --resume" if had_one else
-                f"no checkpoint of this run was written yet, so there is nothing to resume: free space / fix "
-                f"permissions in {out}, then start the run again with --overwrite=True")
-        raise WriteError(f"could not write the step-{ckpt['step']} checkpoint {path} ({e}); {kept}") from None
+        raise WriteError(f"could not write the step-{ckpt['step']} checkpoint {path} ({e}); {kept(out)}") from None
+
+
+def kept(out_dir):
+    """What a failed write of a run's file leaves to continue from, and how (the WriteErrors' second half)."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if os.path.isfile(path):
+        return (f"the checkpoint {path} (step {step_of(path)}) is kept: free space / fix permissions in {out_dir}, "
+                f"then rerun with --resume")
+    return (f"no checkpoint of this run was written yet, so there is nothing to resume: free space / fix "
+            f"permissions in {out_dir}, then start the run again with --overwrite=True")
 
 
 def step_of(path):
@@ -74,8 +79,6 @@ def step_of(path):
         return "?"
 
 
-
-
 def load(path):
     """The dict train.py saved at path (a ckpt.pt or a run directory holding one), on the CPU.
     Raises CheckpointError naming the file and the fix instead of torch's or pickle's traceback."""
@@ -83,17 +86,44 @@ def load(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: pass a ckpt.pt or the out_dir of a train.py run")
+    elsewhere = ("use another checkpoint (e.g. ckpt_<step>.pt in the same out_dir) or start the run afresh in a new "
+                 "out_dir")
+    try:  # torch.load does not check the CRC-32 that the zip stores for every tensor: damaged bytes would load
+        with zipfile.ZipFile(path) as z:
+            damaged = z.testzip()
+    except (zipfile.BadZipFile, OSError, RuntimeError):
+        damaged = None   # not a zip at all: torch.load below says what it is
+    if damaged is not None:
+        raise CheckpointError(f"{path} is damaged: the bytes of {damaged} do not match the checksum stored in the file "
+                              f"(left as it is); {elsewhere}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, random bytes, a pickle of something else: all unusable
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be truncated "
-                              f"or not a train.py checkpoint: use another checkpoint (e.g. ckpt_<step>.pt in "
-                              f"the same out_dir) or start the run afresh in a new out_dir") from None
+                              f"or not a train.py checkpoint: {elsewhere}") from None
     missing = [k for k in ("model", "model_config", "step") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not a train.py checkpoint (no {', '.join(missing)}): pass the ckpt.pt "
                               f"that train.py wrote in a run's out_dir")
+    # train.py never saves a non-finite step (it stops first): inf or NaN in the weights or moments is damage
+    tensors = {**dict(_tensors(ckpt["model"])), **{f"optimizer {k}": v for k, v in _tensors(ckpt.get("optimizer"))}}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite values in {', '.join(bad[:3])}"
+                              f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} (left as it is); {elsewhere}")
     return ckpt
+
+
+def _tensors(tree, prefix=""):
+    """(name, tensor) of every tensor in a nested dict / list (an optimizer's state_dict)."""
+    if torch.is_tensor(tree):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _tensors(v, f"{prefix}.{i}" if prefix else str(i))
 
 
 def resolve(path):

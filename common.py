@@ -3,6 +3,7 @@
     env_seconds        a timeout from the environment
     bf16_peak / peak_flops   the one table of dense bf16 peaks, for MFU (train.py, scripts/bench.py)
     flag_nonfinite     the NaN/inf check of a training step without a host sync; nonfinite_message its report
+    nonfinite_val_message  the report of a val loss that is not finite
     rng_state          every random stream of a process, saved in checkpoints for exact resume
     run_cli            a script's body: a user's mistake ends in one line and exit status 1
     HelpFormatter      a script's --help: its docstring as written, every option's default
@@ -79,8 +80,7 @@ def nonfinite_message(nonfinite, step, optimizer, ckpt_dir, last_ckpt_step):
     """What a run says when it stops at its first non-finite step (nonfinite: [step, loss, grad norm] on the
     host; ckpt_dir None: checkpoints off) -> (that step, the message)."""
     bad_step, bad_loss, bad_norm = int(nonfinite[0]), nonfinite[1], nonfinite[2]
-    where = (f"the last good checkpoint is {os.path.join(ckpt_dir, 'ckpt.pt')} (step {last_ckpt_step})"
-             if last_ckpt_step is not None and ckpt_dir is not None else "no checkpoint had been written")
+    where = last_good(ckpt_dir, last_ckpt_step)
     skipped = ("the optimizer skipped it on the device" if skips_on_device(optimizer)
                else "the optimizer took it: the weights are not finite from then on")
     fix = ("The first step's loss comes from the weights as initialised, before any update, so the learning rate "
@@ -88,6 +88,20 @@ def nonfinite_message(nonfinite, step, optimizer, ckpt_dir, last_ckpt_step):
            "Lower learning_rate, raise warmup_iters or check the data.")
     return bad_step, (f"step {bad_step}: training loss is {bad_loss} (grad norm {bad_norm}); stopping at step {step}, "
                       f"where it was checked ({skipped}); {where}. {fix}")
+
+
+def last_good(ckpt_dir, last_ckpt_step):
+    """The checkpoint a stopped run can continue from (ckpt_dir None: checkpoints off), in words."""
+    return (f"the last good checkpoint is {os.path.join(ckpt_dir, 'ckpt.pt')} (step {last_ckpt_step})"
+            if last_ckpt_step is not None and ckpt_dir is not None else "no checkpoint had been written")
+
+
+def nonfinite_val_message(step, val_loss, ckpt_dir, last_ckpt_step):
+    """What a run says when its val loss at an eval is not finite (the step is not checkpointed)."""
+    fix = ("the weights as initialised give it, so the learning rate is not the cause: check the model config (its "
+           "init, dtype) and the data" if step == 0 else "lower learning_rate, raise warmup_iters or check the data")
+    return (f"step {step}: val loss is {val_loss}; stopping without a checkpoint of this step; "
+            f"{last_good(ckpt_dir, last_ckpt_step)}; {fix}")
 
 
 class LossEMA:

@@ -30,7 +30,7 @@ import checkpoint
 from data import tokenizer as toklib
 from data.loader import data_id
 from data.shards import DirLocked, dir_lock
-from errors import CheckpointError, ConfigError, NotFound
+from errors import CheckpointError, ConfigError, NotFound, WriteError
 from keys import check, key
 from optim import OptimConfig
 
@@ -92,21 +92,27 @@ class RunDir:
         out = self.path
         if os.path.exists(out) and not os.path.isdir(out):
             raise ConfigError(f"config key 'out_dir': {out} is a file, not a directory; pass another --out_dir")
-        if self.resume and self.overwrite:
+        here = self.continues_here()
+        if self.resume and self.overwrite and here:
             raise ConfigError("config keys 'resume' and 'overwrite' contradict each other; pass one of them")
         ckpts = [f for f in run_files(out) if f.endswith(".pt")]
         if self.resume and not os.path.isfile(self.resume_from):
             key = "resume" if self.resume_from == os.path.join(out, "ckpt.pt") else "resume_from"
-            raise ConfigError(f"config key {key!r} is set but there is no checkpoint at {self.resume_from}"
-                              + (f" ({out} holds {', '.join(ckpts)}; pick one with --resume_from=FILE)" if ckpts
-                                 else f"; drop --{key} to start a new run"))
+            if ckpts:
+                fix = f" ({out} holds {', '.join(ckpts)}; pick one with --resume_from=FILE)"
+            elif here and os.path.exists(self.log_path):  # stopped before its first checkpoint: nothing to continue
+                fix = (f"; {out} holds a run stopped before its first checkpoint: start it afresh with "
+                       f"--overwrite=True in place of --{key}, or pick another --out_dir")
+            else:
+                fix = f"; drop --{key} to start a new run"
+            raise ConfigError(f"config key {key!r} is set but there is no checkpoint at {self.resume_from}{fix}")
         parent = os.path.abspath(out)
         while not os.path.exists(parent):  # the folder that will hold it
             parent = os.path.dirname(parent)
         if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
             raise ConfigError(f"config key 'out_dir': cannot write in {out} ({parent} is not a writable directory); "
                               f"pass a writable --out_dir")
-        if self.resume or not (ckpts or os.path.exists(self.log_path)):
+        if (self.resume and here) or not (ckpts or os.path.exists(self.log_path)):
             return None
         steps = [r["step"] for r in (read_log(self.log_path) if os.path.exists(self.log_path) else []) if "step" in r]
         what = f"a run that reached step {max(steps)}" if steps else "a run"
@@ -114,11 +120,24 @@ class RunDir:
             aside = os.path.join(out, ASIDE)
             earlier = (f" (an earlier run that --overwrite moved aside is in {aside}/: move its files back into {out} "
                        f"to restore it)" if os.path.isdir(aside) else "")
+            afresh = "--overwrite=True (the old run is deleted once the new run's first checkpoint is written)"
+            if self.resume:   # another run's checkpoint continued here: the two runs' files would mix
+                fix = (f"--resume_from continues {self.resume_from} into it, which would mix the two runs; pick an "
+                       f"empty --out_dir for the continuation"
+                       + (", continue the run there with --resume in place of --resume_from" if ckpts else "")
+                       + f", or replace it with {afresh}")
+            elif not ckpts:   # nothing to continue: --resume would be refused
+                fix = (f"it stopped before its first checkpoint, so there is nothing to resume; start it afresh with "
+                       f"{afresh}, or pick another --out_dir")
+            else:
+                fix = f"continue it with --resume, pick another --out_dir, or start afresh with {afresh}"
             raise ConfigError(f"config key 'out_dir': {out} already holds {what} ({', '.join(ckpts) or 'log.jsonl'}); "
-                              f"continue it with --resume, pick another --out_dir, or start afresh with "
-                              f"--overwrite=True (the old run is deleted once the new run's first checkpoint is "
-                              f"written){earlier}")
+                              f"{fix}{earlier}")
         return what
+
+    def continues_here(self):
+        """Whether the checkpoint resumed (if any) is this out_dir's own: the run continues in place."""
+        return not self.resume_from or os.path.abspath(os.path.dirname(self.resume_from)) == os.path.abspath(self.path)
 
     def check_disk(self, nbytes):
         """A checkpoint of nbytes must fit on out_dir's filesystem: said now, not at the first eval."""
@@ -153,15 +172,25 @@ class RunDir:
     def start_log(self, header, resumed_step=None):
         """log.jsonl's header record: a new log, or when resuming, the records up to the checkpoint's step
         (those written after it dropped) and then the header."""
-        if resumed_step is not None and os.path.exists(self.log_path):
-            keep = [r for r in read_log(self.log_path) if "step" not in r or r["step"] <= resumed_step]
-            with open(self.log_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
-        with open(self.log_path, "w" if resumed_step is None else "a") as f:
-            f.write(json.dumps(header) + "\n")
+        try:
+            if resumed_step is not None and os.path.exists(self.log_path):
+                keep = [r for r in read_log(self.log_path) if "step" not in r or r["step"] <= resumed_step]
+                with open(self.log_path, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in keep)
+            with open(self.log_path, "w" if resumed_step is None else "a") as f:
+                f.write(json.dumps(header) + "\n")
+        except OSError as e:
+            raise self.write_error(self.log_path, e) from None
 
     def log(self, record):
-        append_log(self.path, record)
+        try:
+            append_log(self.path, record)
+        except OSError as e:  # a full disk, a lost permission: said in one line, the checkpoint kept
+            raise self.write_error(self.log_path, e) from None
+
+    def write_error(self, path, e):
+        """The WriteError of a failed write of the run's file at path: the cause, and the checkpoint that is kept."""
+        return WriteError(f"could not write {path} ({e.strerror or e}); {checkpoint.kept(self.path)}")
 
     def save(self, ckpt):
         """Write the checkpoint (checkpoint.write: atomic, keep_checkpoints kept); the overwritten run, now

@@ -3,7 +3,7 @@ object for what would otherwise be half a dozen loose values), and the config ke
 
     SystemConfig       device, dtype, compile, seed
     Runtime            ddp, rank, local_rank, world_size, device, device_type, dtype, compile; .master,
-                       .autocast(), .on_rank0(fn), .barrier(), .close()
+                       .autocast(), .on_rank0(fn), .check_same(values), .barrier(), .close()
     start              the Runtime of train.py: CUDA checked when asked for, torchrun's group joined
     for_script         the Runtime of a script's --device / --dtype (cuda:N allowed)
     keep_freed_memory  on a CPU, freed memory stays in the process for the next step (no page faults)
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import rendezvous
-from errors import ConfigError, HcgptError
+from errors import ConfigError, DistributedSetupError, HcgptError
 from keys import check, key
 
 
@@ -68,6 +68,22 @@ class Runtime:
         if verdict[0] is not None:
             raise verdict[0]
         return result
+
+    def check_same(self, values, what):
+        """values (a dict) must be equal on every rank: a DistributedSetupError on every rank naming the keys that
+        differ, e.g. two nodes launched with different flags (they would otherwise hang or fail inside DDP)."""
+        if not self.ddp:
+            return
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, values)
+        for rank, theirs in enumerate(everyone):
+            differ = sorted(k for k in values.keys() | theirs.keys() if everyone[0].get(k) != theirs.get(k))
+            if differ:
+                shown = "; ".join(f"{k}: {everyone[0].get(k)!r} on rank 0, {theirs.get(k)!r} on rank {rank}"
+                                  for k in differ[:5])
+                raise DistributedSetupError(f"the ranks were started with different settings in {what} ({shown}"
+                                            f"{'; ...' if len(differ) > 5 else ''}); launch every node with the "
+                                            f"same config file and flags")
 
     def barrier(self):
         if self.ddp:

@@ -17,6 +17,7 @@ old run aside and deletes it only once the new run's first checkpoint is on disk
 """
 
 import contextlib
+import math
 import os
 import random
 import sys
@@ -36,7 +37,8 @@ import optim
 import runtime
 import tracking
 from checkpoint import load_tokenizer
-from common import LossEMA, flag_nonfinite, fmt_time, nonfinite_message, peak_flops, rng_state, set_rng_state
+from common import (LossEMA, flag_nonfinite, fmt_time, nonfinite_message, nonfinite_val_message, peak_flops, rng_state,
+                    set_rng_state)
 from data.loader import TrainLoader, ValLoader, data_id, load_token_bytes, prepared, verify_shards
 from errors import ConfigError, Diverged, HcgptError
 from model import GPT
@@ -53,6 +55,7 @@ def check(c, user, rt, run):
     """What can refuse the run, before anything is built or written; -> (the data's meta, its tokenizer
     record, the things to say once at the start). Rank 0 checks wandb, the shards and out_dir (it alone
     writes there) and every rank stops on its verdict."""
+    rt.check_same(config.flat(c), "the config")  # nodes started with other settings would hang or fail in DDP
     notes = list(config.ignored(user).values()) + [n for n in [tracking.resolve_mode(c.wandb)] if n]
     micro_tokens = c.data.batch_size * c.model.block_size * rt.world_size
     if c.data.total_batch_tokens % micro_tokens:
@@ -221,11 +224,12 @@ def train(c, user, rt, scope):
     if rt.master:
         tracking.announce(header, meta, horizon, final["skipped"])
 
-    def log(record, wandb_extra=None):  # the same metric names in log.jsonl and wandb (tracking.wandb_key)
-        if rt.master:
+    def log(record, wandb_extra=None):  # on every rank: rank 0's failed write (WriteError) stops them all
+        def write():  # the same metric names in log.jsonl and wandb (tracking.wandb_key)
             run.log(record)
-        if rt.master and wandb_run is not None:
-            tracking.log_record(wandb_run, record, wandb_extra)
+            if wandb_run is not None:
+                tracking.log_record(wandb_run, record, wandb_extra)
+        rt.on_rank0(write)
 
     peak, last_ckpt_step, result = peak_flops(rt.device_type), start_step if ckpt is not None else None, {}
     nonfinite = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=rt.device)  # 1st bad step, loss, norm
@@ -239,6 +243,11 @@ def train(c, user, rt, scope):
             record, wandb_data, extra = evals.training.training_eval(
                 step, tokens, eval_model, model, val_loader, token_bytes, hellaswag_examples, diag_x, ctx, rt.device,
                 rt.ddp, wandb_run, enc)
+            if not math.isfinite(record["val_loss"]):  # never checkpointed, never "the last good checkpoint"
+                msg = nonfinite_val_message(step, record["val_loss"], run.path if c.rundir.checkpoint else None,
+                                            last_ckpt_step)
+                log({"type": "error", "step": step, "tokens": tokens, "message": msg})
+                raise Diverged(msg)
             if rt.master:
                 print(f"eval step {step}: val loss {record['val_loss']:.4f} | val bpb {record['val_bpb']:.4f}{extra}")
             log(record, wandb_data)
@@ -292,20 +301,21 @@ def train(c, user, rt, scope):
                 log({"type": "error", "step": bad_step, "tokens": tokens - (step - bad_step) * tokens_per_step,
                      "message": msg})
                 raise Diverged(msg)
-        if step % c.rundir.log_interval == 0 and rt.master:
+        if step % c.rundir.log_interval == 0:
             dt = (time.perf_counter() - t_last) / steps_since
             tok_per_s = tokens_per_step / dt
             mfu = header["flops_per_token"] * tok_per_s / (peak * rt.world_size) if peak else None
             record = {"type": "train", "step": step, "tokens": tokens, "loss": train_loss, "loss_ema": train_loss_ema,
                       "lr": lr, "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu, "ms": dt * 1000}
-            print(f"step {step:6d} | loss {train_loss:.4f} (ema {train_loss_ema:.4f}) | lr {lr:.2e} | "
-                  f"grad norm {grad_norm:.3f} | {tok_per_s:,.0f} tok/s | mfu {'-' if mfu is None else f'{mfu:.1%}'} | "
-                  f"{dt * 1000:.0f} ms | eta {fmt_time(dt * (oc.max_iters - step))}")
+            if rt.master:
+                print(f"step {step:6d} | loss {train_loss:.4f} (ema {train_loss_ema:.4f}) | lr {lr:.2e} | grad norm "
+                      f"{grad_norm:.3f} | {tok_per_s:,.0f} tok/s | mfu {'-' if mfu is None else f'{mfu:.1%}'} | "
+                      f"{dt * 1000:.0f} ms | eta {fmt_time(dt * (oc.max_iters - step))}")
             log(record)
             t_last, steps_since = time.perf_counter(), 0
 
     if final["hellaswag"] or final["core"] or final["skipped"]:
-        result.update(evals.training.run_final_evals(final, model, step, tokens, rt.device, ctx, rt.master, log, enc,
+        result.update(evals.training.run_final_evals(final, model, step, tokens, rt.device, ctx, rt, log, enc,
                                                      run.path, c.evals.core_max_per_task))
     if wandb_run is not None:
         wandb_run.finish()

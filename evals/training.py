@@ -6,7 +6,8 @@ use, or their EvalConfig, never the run's config."""
 import os
 from dataclasses import dataclass
 
-from errors import ConfigError
+from checkpoint import kept
+from errors import ConfigError, WriteError
 from evals import results
 from evals.core import core_line, default_bundle_dir, evaluate_core, load_bundle
 from evals.hellaswag import evaluate_hellaswag, hellaswag_dir, load_examples
@@ -119,9 +120,9 @@ def plan_final_evals(final_hellaswag, hellaswag_file, final_core, core_bundle_di
     return final
 
 
-def run_final_evals(final, raw_model, step, tokens, device, ctx, master, log, enc, out_dir, core_max_per_task):
+def run_final_evals(final, raw_model, step, tokens, device, ctx, rt, log, enc, out_dir, core_max_per_task):
     """HellaSwag and CORE (core_max_per_task items per task, -1: all) once, at the end of the run, on
-    every rank (the counts are all-reduced), with enc, the run's tokenizer.
+    every rank of Runtime rt (the counts are all-reduced), with enc, the run's tokenizer.
     Logged as a "final" record and written to <out_dir>/hellaswag.json and core.json, as the eval
     scripts write them (plot_runs.py reads them)."""
     record = {"type": "final", "step": step, "tokens": tokens}
@@ -131,21 +132,27 @@ def run_final_evals(final, raw_model, step, tokens, device, ctx, master, log, en
         record.update(hellaswag_acc_norm=hs["acc_norm"], hellaswag_acc=hs["acc"], hellaswag_n=hs["n"])
     if final["core"]:
         res = evaluate_core(raw_model, enc, device, final["core"], core_max_per_task, ctx=ctx,
-                            log=print if master else None)
+                            log=print if rt.master else None)
         record.update(core=res["core"], core_complete=res["complete"], core_centered=res["centered"])
     if final["skipped"]:
         record["skipped"] = final["skipped"]
-    if master:
+    if rt.master:
         for msg in final["skipped"]:
             print(f"note: {msg}")
         parts = [f"hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in record else "",
                  core_line(res) if "core" in record else ""]
         if any(parts):
             print(f"final step {step}: " + " | ".join(p for p in parts if p))
+
+    def write():  # rank 0 writes; its WriteError stops every rank
         ckpt = os.path.join(out_dir, "ckpt.pt")
-        if final["hellaswag"]:
-            results.save_hellaswag(os.path.join(out_dir, "hellaswag.json"), hs, "val", path, step, tokens, ckpt)
-        if final["core"]:
-            results.save_core(os.path.join(out_dir, "core.json"), res, final["core"], step, tokens, ckpt)
+        try:
+            if final["hellaswag"]:
+                results.save_hellaswag(os.path.join(out_dir, "hellaswag.json"), hs, "val", path, step, tokens, ckpt)
+            if final["core"]:
+                results.save_core(os.path.join(out_dir, "core.json"), res, final["core"], step, tokens, ckpt)
+        except OSError as e:
+            raise WriteError(f"could not write {e.filename or out_dir} ({e.strerror or e}); {kept(out_dir)}") from None
+    rt.on_rank0(write)
     log(record)  # wandb: the record's numbers as final/<key>, also in the run summary (tracking.log_record)
     return {k: record[k] for k in ("hellaswag_acc_norm", "core") if k in record}

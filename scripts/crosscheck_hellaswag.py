@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import runtime  # noqa: E402
 from checkpoint import load_model, load_tokenizer  # noqa: E402
 from common import HelpFormatter, positive_int, run_cli  # noqa: E402
+from rundir import check_output  # noqa: E402
 
 
 def main(argv=None):
@@ -44,6 +45,7 @@ def main(argv=None):
 
 def _main(args):
     from evals import harness, results
+    check_output(args.output)   # now, not after the scoring; never over a run's own files
     rt = runtime.for_script(args.device, args.dtype)
     device = rt.device
     model, meta = load_model(args.ckpt, device)

@@ -100,8 +100,8 @@ def test_help_and_the_configs_page_come_from_the_declarations():
 
 
 def test_loader_converts_and_owners_check(tmp_path):
-    f = tmp_path / "c.py"
-    f.write_text("gate_init = 1\nkron_factors = [2, 2]\nscheme = 'kromhc'\n")
+    f = tmp_path / "c.py"   # saved with a byte-order mark, as some Windows editors do: not part of the code
+    f.write_text("\ufeffgate_init = 1\nkron_factors = [2, 2]\nscheme = 'kromhc'\n", encoding="utf-8")
     flat = configurator.load(config.KEYS, [str(f), "--n_layer=3"])
     assert flat["gate_init"] == 1.0 and type(flat["gate_init"]) is float and flat["kron_factors"] == (2, 2)
     c = config.build(flat, "c")
@@ -110,6 +110,7 @@ def test_loader_converts_and_owners_check(tmp_path):
     for bad, message in ((["--n_layer=0"], "'n_layer' must be > 0, got 0"),
                          (["--learning_rate=inf"], "'learning_rate' must be a finite number, got inf"),
                          (["--param_data_ratio=nan"], "'param_data_ratio' must be"),
+                         (["--max_iters=-1", "--param_data_ratio=inf"], "'param_data_ratio' must be a finite"),
                          (["--seed=-1"], r"'seed' must be in \[0, 2\*\*31\), got -1"),
                          (["--fused=yes"], "'fused' must be one of")):
         with pytest.raises(ConfigError, match=message):

@@ -26,14 +26,15 @@ from errors import HcgptError
 # devices and processes
 
 def env_seconds(name, default):
-    """A timeout from the environment variable name (default when unset); ValueError unless a number > 0."""
+    """A timeout from the environment variable name (default when unset); ValueError unless a finite number > 0."""
     text = os.environ.get(name)
     try:
         seconds = float(text) if text else default
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
-        raise ValueError(f"{name}={text!r} must be a number of seconds > 0")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{name}={text!r} must be a finite number of seconds > 0; set it to one (e.g. {name}="
+                         f"{default:g}), or unset it for {default:g} s")
     return seconds
 
 

@@ -17,6 +17,7 @@
 """
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -34,7 +35,8 @@ from errors import CheckpointError, ConfigError, NotFound, WriteError
 from keys import check, key
 from optim import OptimConfig
 
-RUN_FILE = re.compile(r"ckpt(_\d+)?\.pt(\.tmp)?|log\.jsonl|hellaswag\.json|core\.json")  # what a run writes there
+# what a run and its tools write there: moved aside together by --overwrite, never a tool's output
+RUN_FILE = re.compile(r"ckpt(_\d+)?\.pt(\.tmp)?|log\.jsonl|hellaswag\.json|core\.json|(lm_eval|stories)_.*\.json")
 ASIDE = ".overwritten"  # --overwrite moves the old run into <out_dir>/.overwritten/<time>/ until it is safe to delete
 
 
@@ -356,13 +358,14 @@ def run_dirs(paths, prog):
 def check_output(path, own=()):
     """Where a tool writes a results file, checked when it starts (before the work, the paid calls): a ConfigError
     naming the path and the fix when it is a run's own file (log.jsonl, a checkpoint, another tool's results: own
-    names the files this tool itself writes there), a directory, or in a folder that is missing or unwritable.
+    holds the names, or fnmatch patterns, of the files this tool itself writes there), a directory, or in a folder that is missing or unwritable.
     "-" or None: no file."""
     if path in (None, "-"):
         return
     path = os.path.abspath(path)
     folder, name = os.path.split(path)
-    if RUN_FILE.fullmatch(name) and name not in own and os.path.isfile(os.path.join(folder, "log.jsonl")):
+    mine = any(fnmatch.fnmatch(name, pattern) for pattern in own)
+    if RUN_FILE.fullmatch(name) and not mine and os.path.isfile(os.path.join(folder, "log.jsonl")):
         raise ConfigError(f"{path} is a file of the run in {folder} (written by train.py or another tool); "
                           f"pass another output path")
     if os.path.isdir(path):

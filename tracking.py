@@ -3,11 +3,12 @@
     announce          what the run is, from its log header: steps, tokens, tokenizer, model, processes,
                       the residual path
     resolve_mode      the mode wandb runs in: WANDB_MODE in the environment, when set, wins over wandb_mode
-    check_wandb       online mode needs an API key: said at start, not after the first eval
+    check_wandb       what wandb.init would refuse, said at start: the tags (64 characters at most),
+                      WANDB_INIT_TIMEOUT, a folder for wandb's files; online mode's API key
     start_wandb       the wandb run: group = the run's setting, job type = the config, tags; config =
                       the log header; tokens as the x-axis (resumed with the checkpoint's run id and group);
-                      given up after WANDB_INIT_TIMEOUT seconds (default 60) with a message that suggests
-                      offline mode
+                      given up after WANDB_INIT_TIMEOUT seconds (default 60); a failed start said by its
+                      cause (init_run: the network or the key online, the files, a value wandb refused)
     wandb_key         a log.jsonl metric's wandb name (the one mapping, both ways: log_key)
     log_record        one log.jsonl record to wandb (a "final" record also into the run summary)
     hres_image        every connection's token-averaged H_res as one image, logged at each eval
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import env_seconds
 from data import tokenizer as toklib
 from errors import ConfigError
 from keys import check, key
@@ -52,6 +52,7 @@ class WandbConfig:
 
 MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline", "run": "online"}
 INIT_TIMEOUT = 60.0  # seconds; wandb's own default is 90
+TAG_MAX = 64  # wandb.init refuses a longer tag
 
 
 def announce(h, meta, horizon, skipped):
@@ -90,17 +91,60 @@ def resolve_mode(wc):
 
 
 def init_timeout():
+    """WANDB_INIT_TIMEOUT in seconds (INIT_TIMEOUT when unset): a finite number > 0 (wandb refuses inf)."""
+    text = os.environ.get("WANDB_INIT_TIMEOUT", "").strip()
+    if not text:
+        return INIT_TIMEOUT
     try:
-        return env_seconds("WANDB_INIT_TIMEOUT", INIT_TIMEOUT)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"WANDB_INIT_TIMEOUT={text!r} in the environment is not a finite number of seconds > 0; "
+                          f"set it to one (e.g. WANDB_INIT_TIMEOUT=120), or unset it for {INIT_TIMEOUT:g} s")
+    return seconds
+
+
+def user_tags(text):
+    """The tags of config key wandb_tags (comma-separated), each once; a tag wandb would refuse is refused here."""
+    tags = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    for t in tags:
+        if len(t) > TAG_MAX:
+            raise ConfigError(f"config key 'wandb_tags': the tag {t!r} has {len(t)} characters, but wandb takes at "
+                              f"most {TAG_MAX}; shorten it (tags are comma-separated)")
+    return tags
+
+
+def wandb_dir():
+    """Where wandb writes its run files: <WANDB_DIR, else the current folder>/wandb (.wandb where that exists)."""
+    root = os.path.abspath(os.environ.get("WANDB_DIR") or os.getcwd())
+    return os.path.join(root, ".wandb" if os.path.isdir(os.path.join(root, ".wandb")) else "wandb")
+
+
+def check_files():
+    """wandb needs a folder it can write in (where it cannot, wandb 0.31 moves the run to the system temp folder,
+    which `wandb sync` and scripts/wandb_offline.py then do not look in)."""
+    folder = wandb_dir()
+    place = folder
+    while not os.path.exists(place):  # wandb makes the missing folders
+        place = os.path.dirname(place)
+    if not (os.path.isdir(place) and os.access(place, os.W_OK | os.X_OK)):
+        where = "WANDB_DIR" if os.environ.get("WANDB_DIR") else "the current folder (WANDB_DIR is unset)"
+        raise ConfigError(f"wandb writes its run files in {folder} (under {where}), but {place} is not a writable "
+                          f"folder; set WANDB_DIR to a writable folder, or --wandb_log=False")
 
 
 def check_wandb(wc):
-    """wandb online needs an API key: say so now, not after the first eval or in a prompt on a cluster node.
+    """What wandb.init would refuse, said now, not after the data and the model are built (or in a prompt
+    on a cluster node): the tags, WANDB_INIT_TIMEOUT, the folder for wandb's files, and online, an API key.
     wc: the WandbConfig, its wandb_mode resolve_mode's."""
+    if not wc.wandb_log:
+        return
     init_timeout()
-    if not wc.wandb_log or wc.wandb_mode != "online":
+    user_tags(wc.wandb_tags)
+    if wc.wandb_mode != "disabled":
+        check_files()
+    if wc.wandb_mode != "online":
         return
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return
@@ -122,27 +166,45 @@ def wandb_tags(header):
     """The tags of a run, each once: wandb_tags (comma-separated) if set, else scheme, n<n>, arch, optimizer,
     dataset and tokenizer:<name> (GPT-2's BPE is also an arch): the filters of a sweep's dashboard."""
     if header["wandb_tags"]:
-        tags = [t.strip() for t in header["wandb_tags"].split(",")]
-    else:
-        tok = header.get("tokenizer")
-        tags = [header["scheme"], f"n{header['n_streams']}", header["arch"], header["optimizer"], header["dataset"],
-                tok and f"tokenizer:{tok}"]
-    return list(dict.fromkeys(str(t)[:64] for t in tags if t))
+        return user_tags(header["wandb_tags"])
+    tok = header.get("tokenizer")
+    tags = [header["scheme"], f"n{header['n_streams']}", header["arch"], header["optimizer"], header["dataset"],
+            tok and f"tokenizer:{tok}"]
+    return list(dict.fromkeys(str(t)[:TAG_MAX] for t in tags if t))  # a long dataset name: cut, the user wrote no tag
 
 
 def init_run(**kwargs):
-    """wandb.init(resume="allow", **kwargs), given up after WANDB_INIT_TIMEOUT seconds with one line that
-    names the server and the way out (offline mode) instead of wandb's traceback."""
+    """wandb.init(resume="allow", **kwargs), given up after WANDB_INIT_TIMEOUT seconds; a failure is one line
+    naming its cause and the fix (start_error) instead of wandb's traceback."""
     import wandb
     timeout = init_timeout()
     try:
         return wandb.init(resume="allow", settings=wandb.Settings(init_timeout=timeout), **kwargs)
-    except Exception as e:  # no network, a rejected key, a dead server, a bad WANDB_* variable: wandb's own types
-        url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-        raise ConfigError(f"wandb could not start the run at {url} within {timeout:g} s ({type(e).__name__}: "
-                          f"{(str(e).splitlines() or [''])[0][:300]}); "
-                          f"check the network and the key, or pass --wandb_mode=offline and sync later with "
-                          f"`wandb sync` (WANDB_INIT_TIMEOUT sets the wait)") from None
+    except Exception as e:  # wandb's own types, pydantic's, OSError: start_error sorts them
+        raise ConfigError(start_error(e, kwargs.get("mode") or "online", timeout)) from None
+
+
+def start_error(e, mode, timeout):
+    """The message of a wandb.init that raised e in mode: only online mode talks to the server."""
+    from wandb.errors import AuthenticationError, UsageError
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and "errors.pydantic.dev" not in line]
+    what = f"{type(e).__name__}: {' '.join(lines)[:300]}"  # pydantic's cause is below its first line
+    if isinstance(e, (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError)) or \
+            (isinstance(e, OSError) and e.filename):  # its files, not the network (ConnectionError has no file)
+        return (f"wandb could not write its run files in {wandb_dir()} ({what}); set WANDB_DIR to a writable folder "
+                f"with free space")
+    if isinstance(e, (ValueError, UsageError)):  # a value it validates: the tags, the name, the id, a WANDB_* setting
+        return (f"wandb refused a value of the run ({what}); correct the value it names (config keys wandb_project, "
+                f"wandb_run_name, wandb_group, wandb_tags, or a WANDB_* variable)")
+    if isinstance(e, AuthenticationError):
+        return (f"wandb rejected the API key ({what}); run `wandb login --relogin` with a valid key, or pass "
+                f"--wandb_mode=offline and sync later with `wandb sync`")
+    if mode != "online":
+        return (f"wandb could not start the {mode} run ({what}; {mode} mode uses no network); its log is in "
+                f"{wandb_dir()}/debug-internal.log; train without wandb with --wandb_log=False")
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    return (f"wandb could not start the run at {url} within {timeout:g} s ({what}); check the network and the key, "
+            f"or pass --wandb_mode=offline and sync later with `wandb sync` (WANDB_INIT_TIMEOUT sets the wait)")
 
 
 def start_wandb(header, run_id=None, run_group=None):
@@ -278,6 +340,8 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 def offline_records(path):
     """The protobuf Records of an offline run file, in order."""
     import zlib
+    import wandb
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2 as pb
     data = open(path, "rb").read()
     if data[:4] != b":W&B":
@@ -301,7 +365,12 @@ def offline_records(path):
             parts.append(chunk)
         if kind in (FULL, LAST) and parts is not None:
             record = pb.Record()
-            record.ParseFromString(b"".join(parts))
+            try:
+                record.ParseFromString(b"".join(parts))
+            except DecodeError as e:  # its checksum held: another wandb's record layout
+                raise ConfigError(f"{path}: a record could not be decoded ({e}): the file is damaged, or written "
+                                  f"by another wandb version than {wandb.__version__} (install that one to read it)"
+                                  ) from None
             records.append(record)
             parts = None
     return records

@@ -27,11 +27,10 @@ import numpy as np
 import torch
 
 from data import shards as shardlib
+from data.shards import META_FORMAT
 from data.sources import DATA_ROOT, prepare_command
 from errors import ConfigError
 from keys import check, key
-
-__all__ = ["DataConfig", "load_meta", "load_token_bytes", "verify_shards", "data_id", "TrainLoader", "ValLoader"]
 
 
 def _data_seed(v):
@@ -56,42 +55,33 @@ class DataConfig:
                               "'data_dir'")
         self.data_dir = self.data_dir or str(DATA_ROOT / self.dataset)
 
-META_FORMAT = "hcgpt-token-shards/1"
 
-
-def _prepare_cmd(data_dir: Path, meta: dict | None = None, **flags) -> str:
-    """data/prepare.py's command that makes this dataset again (imported only for an error message)."""
-    from data.sources import prepare_command
-    return prepare_command(data_dir, meta, **flags)
-
-
-def load_meta(data_dir) -> dict:
-    """meta.json of a prepared dataset directory; FileNotFoundError with the fix otherwise."""
+def load_meta(data_dir, dataset=None) -> dict:
+    """meta.json of a prepared dataset directory; FileNotFoundError with the fix otherwise (dataset: the one
+    the directory is meant to hold, for the command in the fix)."""
     data_dir = Path(data_dir)
     path = data_dir / "meta.json"
+    meant = {"dataset": dataset} if dataset else None
     if not path.is_file():
         if (data_dir / "progress.json").is_file():
             why = (f"{data_dir} holds an unfinished preparation (progress.json, no meta.json); "
-                   f"re-run the same `{_prepare_cmd(data_dir)} ...` command to finish it")
-        elif data_dir.is_dir():
-            why = (f"{data_dir} has no meta.json: the dataset was never prepared there; "
-                   f"run `{_prepare_cmd(data_dir)}`")
+                   f"re-run the same `{prepare_command(data_dir, meant)} ...` command to finish it")
         else:
-            why = (f"dataset directory {data_dir} does not exist: the dataset was never prepared; "
-                   f"run `{_prepare_cmd(data_dir)}`")
+            what = f"{data_dir} has no meta.json" if data_dir.is_dir() else f"folder {data_dir} does not exist"
+            why = f"{what}: the dataset was never prepared there; run `{prepare_command(data_dir, meant)}`"
         raise FileNotFoundError(why + " (or pass --out-dir to prepare.py to choose the directory)")
     try:
         meta = json.loads(path.read_text())
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-run `{_prepare_cmd(data_dir, restart=True)}`")
+        raise ValueError(f"{path} is not valid JSON ({e}); re-run `{prepare_command(data_dir, meant, restart=True)}`")
     if not isinstance(meta, dict):
         raise ValueError(f"{path} is not a JSON object (it holds a {type(meta).__name__}): not a meta.json written "
-                         f"by data/prepare.py; re-run `{_prepare_cmd(data_dir, restart=True)}`")
+                         f"by data/prepare.py; re-run `{prepare_command(data_dir, meant, restart=True)}`")
     missing = [k for k in ("vocab_size", "token_bytes", "splits") if k not in meta]
     if meta.get("format") != META_FORMAT or missing:
         raise ValueError(f"{path}: not a meta.json written by data/prepare.py (format "
                          f"{meta.get('format')!r}, missing {missing}); re-run "
-                         f"`{_prepare_cmd(data_dir, meta, restart=True)}`")
+                         f"`{prepare_command(data_dir, meta, restart=True)}`")
     return meta
 
 
@@ -125,7 +115,7 @@ def load_token_bytes(data_dir) -> torch.Tensor:
     if tb.numel() != meta["vocab_size"]:
         raise ValueError(f"{Path(data_dir) / 'meta.json'}: token_bytes has {tb.numel()} entries, "
                          f"vocab_size is {meta['vocab_size']}; re-run "
-                         f"`{_prepare_cmd(Path(data_dir), meta, restart=True)}`")
+                         f"`{prepare_command(data_dir, meta, restart=True)}`")
     return tb
 
 
@@ -133,7 +123,7 @@ def verify_shards(data_dir, meta: dict) -> None:
     """Every token id below the vocabulary, checked now (a numpy max over the memory-mapped shards: 0.1 s per GB
     from the page cache, else the disk's read speed), so a corrupt or foreign shard is an error naming it and
     the fix rather than a crash mid-run. Raises ValueError or FileNotFoundError."""
-    fix = f"Re-run `{_prepare_cmd(Path(data_dir), meta, restart=True)}`."
+    fix = f"Re-run `{prepare_command(data_dir, meta, restart=True)}`."
     for split in meta["splits"].values():
         for e in split["shards"]:
             shardlib.verify_shard(os.path.join(data_dir, e["file"]), meta["vocab_size"], fix)
@@ -153,7 +143,7 @@ class _TokenStream:
         self.meta = load_meta(self.data_dir)
         self.split = split
         self.vocab_size = int(self.meta["vocab_size"])
-        self.fix = f"Re-run `{_prepare_cmd(self.data_dir, self.meta, restart=True)}`."
+        self.fix = f"Re-run `{prepare_command(self.data_dir, self.meta, restart=True)}`."
         entries = self.meta["splits"][split]["shards"]
         if not entries:
             raise ValueError(f"{self.data_dir / 'meta.json'} lists no {split} shards. {self.fix}")
@@ -166,17 +156,16 @@ class _TokenStream:
     def read(self, start: int, length: int, out: np.ndarray) -> None:
         """Copy tokens [start, start + length) into ``out`` and check their ids."""
         k = int(np.searchsorted(self.starts, start, side="right")) - 1
-        pos, done = start, 0
+        done = 0
         while done < length:
             arr = self.arrays[k]
-            lo = pos - int(self.starts[k])
+            lo = start + done - int(self.starts[k])
             n = min(length - done, arr.size - lo)
             piece = arr[lo:lo + n]
             if piece.size and int(piece.max()) >= self.vocab_size:
                 shardlib.check_token_range(piece, self.vocab_size, self.paths[k], self.fix, offset=lo)
             out[done:done + n] = piece
             done += n
-            pos += n
             k += 1
 
 
@@ -195,20 +184,12 @@ class TrainLoader:
         if self.num_windows < 1:
             raise ValueError(
                 f"train split of {self.stream.data_dir} has {self.stream.num_tokens} tokens, fewer than "
-                f"one window of seq_len + 1 = {self.T + 1} ({self.stream.paths[0]}); use a smaller "
-                f"seq_len or prepare more data with `{_prepare_cmd(self.stream.data_dir, self.stream.meta)}`")
+                f"one window of seq_len + 1 = {self.T + 1} ({self.stream.paths[0]}); use a smaller seq_len, or "
+                f"prepare more documents (a larger --max-docs, more --data-files) with "
+                f"`{prepare_command(self.stream.data_dir, self.stream.meta, restart=True)}`")
         self.consumed = 0  # windows of the global stream used so far (by all ranks together)
-        self._perm_epoch = -1
-        self._perm = None
+        self._perm_epoch, self._perm = -1, None  # the permutation of the windows of one epoch, cached
         self._buf = np.empty((self.B, self.T + 1), dtype=np.uint16)
-
-    @property
-    def tokens_per_epoch(self) -> int:
-        return self.num_windows * self.T
-
-    @property
-    def epoch(self) -> float:
-        return self.consumed / self.num_windows
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
@@ -224,8 +205,7 @@ class TrainLoader:
         out = np.empty(count, dtype=np.int64)
         done = 0
         while done < count:
-            g = first + done
-            epoch, i = divmod(g, self.num_windows)
+            epoch, i = divmod(first + done, self.num_windows)
             n = min(count - done, self.num_windows - i)
             out[done:done + n] = self._permutation(epoch)[i:i + n]
             done += n
@@ -267,7 +247,7 @@ class ValLoader:
         available = (stream.num_tokens - 1) // self.T
         where = ", ".join(str(p) for p in stream.paths[:3]) + (" ..." if len(stream.paths) > 3 else "")
         fix = (f"lower {knob} or seq_len, or prepare a larger val split "
-               f"(`{_prepare_cmd(stream.data_dir, stream.meta, val_fraction='F', restart=True)}`)")
+               f"(`{prepare_command(stream.data_dir, stream.meta, val_fraction='F', restart=True)}`)")
         if available < 1:
             raise ValueError(f"val split ({where}) has {stream.num_tokens} tokens, fewer than one "
                              f"window of seq_len + 1 = {self.T + 1}; {fix}")

@@ -22,15 +22,11 @@ vocabulary, special tokens, BOS) and ``token_bytes``, each token's exact UTF-8 b
 special tokens) for bits per byte; a trained tokenizer's rank file is copied in as
 ``tokenizer.tiktoken``, so the dataset (and every checkpoint trained on it) carries its tokenizer.
 
-Train/val split: ``Dataset.train_test_split(test_size=val_fraction, seed=seed)`` on the
-document list (openwebtext: 0.05 %, seed 2357 as in nanoGPT; fineweb_edu: 0.5 %, seed 42;
-pydocs: 10 %, seed 1337). A dataset published with its own validation split (tinystories) keeps it:
-val is that split, train the train split (``--val-fraction`` splits all its documents at random
-instead). ``--data-files`` feeds local parquet / json(l) / text files that have a ``text`` column
-through the same path as the hub download, with the dataset's split settings; for a dataset with
-its own split, a file whose name says ``val``, ``valid`` or ``validation`` (``TinyStories-valid.txt``,
-``validation-00000-of-00001.parquet``) is val, every other file train. TinyStories' ``.txt`` files
-hold many stories separated by ``<|endoftext|>``: each story is a document.
+Train/val split: ``Dataset.train_test_split(test_size=val_fraction, seed=seed)`` on the document
+list, with each dataset's fraction and seed (``data/sources.py``'s DATASETS: openwebtext 0.05 %, seed
+2357 as in nanoGPT). A dataset published with its own validation split (tinystories) keeps it
+(``--val-fraction`` splits all its documents at random instead); its ``--data-files`` named ``val``,
+``valid`` or ``validation`` are val. ``--data-files`` go through the same path as the hub download.
 
 Resumable and atomic: shards are written as ``*.bin.tmp`` and renamed when complete, and
 ``progress.json`` records the completed shards and the document cursor after each one. A
@@ -66,18 +62,12 @@ import numpy as np
 
 from data import shards as shardlib
 from data import tokenizer as toklib
-from data.sources import (DATA_ROOT, DATASETS, SPLITS, drop_null_texts, load_documents,  # noqa: F401
-                          load_splits, prepare_command, source_spec, split_documents)
+from data.sources import DATA_ROOT, DATASETS, SPLITS, load_splits, prepare_command, source_spec
 
-META_FORMAT = "hcgpt-token-shards/1"
-DEFAULT_SHARD_TOKENS = 100_000_000
 PROGRESS_EVERY_S = 30.0  # a plain progress line this often when stderr is not a terminal (a log file)
 STAGING = ".restart"  # --restart over a complete preparation builds here, then swaps in
 
 _SHARD_RE = re.compile(r"^(train|val)_\d{6}\.bin(\.tmp)?$")
-
-
-# ----------------------------------------------------------------------------- sources
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -105,22 +95,8 @@ def _tokenize_range(task: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray]
 
 # ----------------------------------------------------------------------------- output dir
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    shardlib.write_atomic(path, json.dumps(obj, indent=1).encode())
 
 
 def _clean_dir(out_dir: Path) -> None:
@@ -184,7 +160,7 @@ def default_out_dir(dataset: str, tok_record: dict) -> Path:
 
 
 def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=None,
-            val_fraction=None, seed=None, shard_tokens=DEFAULT_SHARD_TOKENS, workers=None,
+            val_fraction=None, seed=None, shard_tokens=shardlib.DEFAULT_SHARD_TOKENS, workers=None,
             chunk_docs=None, cache_dir=None, max_docs=None, restart=False, progress=True,
             on_shard=None, log=print, tokenizer=None) -> dict:
     """Prepare ``dataset`` into ``out_dir``; returns the meta dict. See the module docstring.
@@ -224,7 +200,7 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
 
     token_bytes = toklib.token_byte_lengths(enc)
     source = source_spec(dataset, data_files, subset, revision, max_docs, own_split)
-    fingerprint = {"format": META_FORMAT, "dataset": dataset, "source": source,
+    fingerprint = {"format": shardlib.META_FORMAT, "dataset": dataset, "source": source,
                    "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                    "tokenizer_sha256": tok_record["rank_file_sha256"]}
     if not toklib.is_gpt2(tok_record):  # GPT-2's datasets keep the fingerprint they always had
@@ -293,10 +269,9 @@ def prepare(dataset: str, out_dir=None, data_files=None, subset=None, revision=N
                 pool.join()
         dt = time.time() - t1
 
-        meta = _build_meta(dataset, source, state, token_bytes, val_fraction, seed, shard_tokens,
-                           fingerprint, skipped, tok_record)
+        meta = _build_meta(state, token_bytes, skipped, tok_record)
         if not toklib.is_gpt2(tok_record):  # the dataset carries its tokenizer; meta.json comes last
-            _atomic_bytes(out_dir / toklib.DATA_RANK_FILE, toklib.rank_file_bytes(enc))
+            shardlib.write_atomic(out_dir / toklib.DATA_RANK_FILE, toklib.rank_file_bytes(enc))
         _atomic_json(meta_path, meta)
         (out_dir / "progress.json").unlink(missing_ok=True)
     rate = n_tok_new / max(dt, 1e-9)
@@ -354,8 +329,7 @@ def _prepare_split(split, ds, state, out_dir, shard_tokens, token_bytes, bos, po
     results = pool.imap(_tokenize_range, tasks) if pool is not None else map(_tokenize_range, tasks)
 
     buf = np.empty(shard_tokens, dtype=np.uint16)
-    fill = 0
-    written = 0
+    fill = written = 0
 
     def commit(nd: int, sk: int) -> None:
         nonlocal fill, written
@@ -364,8 +338,7 @@ def _prepare_split(split, ds, state, out_dir, shard_tokens, token_bytes, bos, po
         name = shardlib.shard_name(split, index)
         shardlib.write_shard(out_dir / name, tokens)
         counts = np.bincount(tokens, minlength=token_bytes.size)
-        st["shards"].append({"file": name, "tokens": int(fill),
-                             "documents": int(counts[bos]),
+        st["shards"].append({"file": name, "tokens": int(fill), "documents": int(counts[bos]),
                              "bytes": int(counts[: token_bytes.size] @ token_bytes)})
         st["next_doc"], st["skip_tokens"] = int(nd), int(sk)
         _atomic_json(out_dir / "progress.json", state)
@@ -383,7 +356,7 @@ def _prepare_split(split, ds, state, out_dir, shard_tokens, token_bytes, bos, po
     try:
         for (_, a, b), (toks, lens) in zip(tasks, results):
             pos = skip if a == start else 0
-            ends = None
+            ends = np.cumsum(lens)  # where each document of the chunk ends
             while pos < toks.size:
                 take = min(shard_tokens - fill, toks.size - pos)
                 buf[fill:fill + take] = toks[pos:pos + take]
@@ -393,8 +366,6 @@ def _prepare_split(split, ds, state, out_dir, shard_tokens, token_bytes, bos, po
                     if pos == toks.size:
                         commit(b, 0)
                     else:  # shard ends inside document j of this chunk
-                        if ends is None:
-                            ends = np.cumsum(lens)
                         j = int(np.searchsorted(ends, pos, side="right"))
                         commit(a + j, pos - (int(ends[j - 1]) if j else 0))
             ntok += toks.size
@@ -415,45 +386,38 @@ def _prepare_split(split, ds, state, out_dir, shard_tokens, token_bytes, bos, po
     return written
 
 
-def _build_meta(dataset, source, state, token_bytes, val_fraction, seed, shard_tokens, fingerprint, skipped_docs,
-                tok_record):
+def _build_meta(state, token_bytes, skipped_docs, tok_record):
+    """meta.json of a complete preparation (its settings: the fingerprint of its state)."""
+    fp = state["fingerprint"]
     splits = {}
     for s in SPLITS:
         shards = state["splits"][s]["shards"]
-        splits[s] = {"documents": sum(x["documents"] for x in shards),
-                     "tokens": sum(x["tokens"] for x in shards),
-                     "bytes": sum(x["bytes"] for x in shards),
-                     "shards": shards}
-    return {
-        "format": META_FORMAT,
-        "dataset": dataset,
-        "tokenizer": tok_record,
-        "vocab_size": tok_record["n_vocab"],
-        "eot": tok_record["bos"],  # the document token (its name from GPT-2's <|endoftext|>)
-        "bos": tok_record["bos"],
-        "shard_format": {"magic": shardlib.MAGIC, "version": shardlib.VERSION,
-                         "header_bytes": shardlib.HEADER_BYTES, "dtype": "uint16"},
-        "source": source,
-        "val_split": "own" if val_fraction is None else "random",  # own: the dataset's published validation split
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "shard_tokens": shard_tokens,
-        "splits": splits,
-        "skipped_docs": skipped_docs,  # rows whose text is null: not documents
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "fingerprint": fingerprint,
-        "token_bytes": [int(x) for x in token_bytes],
-    }
+        splits[s] = {k: sum(x[k] for x in shards) for k in ("documents", "tokens", "bytes")}
+        splits[s]["shards"] = shards
+    return {"format": shardlib.META_FORMAT, "dataset": fp["dataset"], "tokenizer": tok_record,
+            "vocab_size": tok_record["n_vocab"],
+            "eot": tok_record["bos"],  # the document token (its name from GPT-2's <|endoftext|>)
+            "bos": tok_record["bos"],
+            "shard_format": {"magic": shardlib.MAGIC, "version": shardlib.VERSION,
+                             "header_bytes": shardlib.HEADER_BYTES, "dtype": "uint16"},
+            "source": fp["source"],
+            "val_split": "own" if fp["val_fraction"] is None else "random",  # own: the dataset's validation split
+            "val_fraction": fp["val_fraction"], "seed": fp["seed"], "shard_tokens": fp["shard_tokens"],
+            "splits": splits,
+            "skipped_docs": skipped_docs,  # rows whose text is null: not documents
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": fp,
+            "token_bytes": [int(x) for x in token_bytes]}
 
 
-def verify(out_dir) -> dict:
-    """Full check of a prepared dir: every shard's header, size and token ids; counts vs meta."""
+def verify(out_dir, dataset=None) -> dict:
+    """Full check of a prepared dir (meant to hold dataset): every shard's header, size and token ids;
+    counts vs meta."""
     from data.loader import load_meta
 
     out_dir = Path(out_dir)
-    meta = load_meta(out_dir)
+    meta = load_meta(out_dir, dataset)
     token_bytes = np.asarray(meta["token_bytes"], dtype=np.int64)
-    fix = f"Re-run `python data/prepare.py {meta.get('dataset', out_dir.name)} --restart`."
+    fix = f"Re-run `{prepare_command(out_dir, meta, restart=True)}`."
     enc = toklib.for_data(out_dir, meta)  # a trained tokenizer's copy is there and is the recorded one
     if not np.array_equal(toklib.token_byte_lengths(enc), token_bytes):
         raise ValueError(f"{out_dir / 'meta.json'}: token_bytes are not the tokenizer's. {fix}")
@@ -465,8 +429,7 @@ def verify(out_dir) -> dict:
             got = (n, int(counts[meta["eot"]]), int(counts @ token_bytes))
             want = (sh["tokens"], sh["documents"], sh["bytes"])
             if got != want:
-                raise ValueError(f"shard {path}: (tokens, documents, bytes) = {got} but meta.json "
-                                 f"says {want}. {fix}")
+                raise ValueError(f"shard {path}: (tokens, documents, bytes) = {got} but meta.json says {want}. {fix}")
     return meta
 
 
@@ -493,8 +456,8 @@ def main(argv=None) -> int:
                          "instead of keeping its own validation split; default: the dataset's)")
     ap.add_argument("--seed", type=count(0), default=None,
                     help="override the dataset's split seed (default: the dataset's)")
-    ap.add_argument("--shard-tokens", type=count(1), default=DEFAULT_SHARD_TOKENS,
-                    help=f"tokens per shard (default: {DEFAULT_SHARD_TOKENS:,})")
+    ap.add_argument("--shard-tokens", type=count(1), default=shardlib.DEFAULT_SHARD_TOKENS,
+                    help=f"tokens per shard (default: {shardlib.DEFAULT_SHARD_TOKENS:,})")
     ap.add_argument("--workers", type=count(1), default=None, help="tokenizer processes (default: all cores)")
     ap.add_argument("--chunk-docs", type=count(1), default=None,
                     help="documents per tokenizer task (default: about 8 tasks per process, at most 1024)")
@@ -511,11 +474,8 @@ def main(argv=None) -> int:
 
     try:
         if args.verify:
-            if args.out_dir:
-                out = Path(args.out_dir)
-            else:
-                out = default_out_dir(args.dataset, load_tokenizer(args.tokenizer)[1])
-            meta = verify(out)
+            out = Path(args.out_dir or default_out_dir(args.dataset, load_tokenizer(args.tokenizer)[1]))
+            meta = verify(out, args.dataset)
             counts = ", ".join(f"{s}: {meta['splits'][s]['tokens']:,} tokens" for s in SPLITS)
             print(f"{out}: ok ({counts})")
             return 0

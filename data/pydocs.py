@@ -62,8 +62,6 @@ MODULES = sorted([
     "zlib", "zoneinfo",
 ])
 
-SOURCE = "CPython pydoc_data.topics + standard-library docstrings"
-
 
 def _clean(doc) -> str:
     return inspect.cleandoc(doc).strip() if isinstance(doc, str) else ""
@@ -80,10 +78,7 @@ def _signature(obj) -> str:
 
 
 def _defined_in(obj, module) -> bool:
-    mod = getattr(obj, "__module__", None)
-    if mod is None:
-        return False
-    name = module.__name__
+    mod, name = getattr(obj, "__module__", None) or "", module.__name__
     # C implementations often report the private accelerator module (``_json``, ``_io``...).
     return mod == name or mod == "_" + name or mod.lstrip("_") == name.rsplit(".", 1)[-1]
 
@@ -97,9 +92,7 @@ def module_document(module) -> str:
                    (n for n in vars(module) if not n.startswith("_")))
     for attr in names:
         obj = vars(module).get(attr)
-        if obj is None or not (inspect.isclass(obj) or inspect.isroutine(obj)):
-            continue
-        if not _defined_in(obj, module):
+        if not (inspect.isclass(obj) or inspect.isroutine(obj)) or not _defined_in(obj, module):
             continue
         doc = _clean(obj.__doc__)
         if not doc:
@@ -148,7 +141,8 @@ def _collect() -> list[str]:
 
 
 def source_info() -> dict:
-    return {"name": "pydocs", "description": SOURCE, "python": sys.version.split()[0]}
+    return {"name": "pydocs", "description": "CPython pydoc_data.topics + standard-library docstrings",
+            "python": sys.version.split()[0]}
 
 
 if __name__ == "__main__":  # the clean child process of documents()

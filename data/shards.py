@@ -21,10 +21,24 @@ VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
+DEFAULT_SHARD_TOKENS = 100_000_000  # data/prepare.py's --shard-tokens
+META_FORMAT = "hcgpt-token-shards/1"  # a prepared dataset's meta.json (data/prepare.py)
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:06d}.bin"
+
+
+def write_atomic(path: Path, *chunks: bytes, fsync: bool = True) -> None:
+    """Write chunks to path's .tmp and rename it into place: a file under its final name is complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray, fsync: bool = True) -> None:
@@ -41,38 +55,26 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray, fsync: bool = True)
         raise ValueError(f"{path}: {tokens.size} tokens do not fit the int32 header count")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, tokens.size
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.tobytes())
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, header.tobytes(), tokens.tobytes(), fsync=fsync)
 
 
 def read_header(path: str | os.PathLike, fix: str = "") -> int:
-    """Validate a shard's header and size; return its token count.
-
-    Raises FileNotFoundError (missing) or ValueError (wrong magic/version, truncated or
-    oversized file), naming the file; ``fix`` is appended to the message.
-    """
+    """Validate a shard's header and size; return its token count. FileNotFoundError (missing) or
+    ValueError (wrong magic/version, truncated or oversized file) naming the file, then ``fix``."""
     path = Path(path)
     hint = f" {fix}" if fix else ""
     if not path.is_file():
         raise FileNotFoundError(f"shard {path} is missing.{hint}")
     size = path.stat().st_size
     if size < HEADER_BYTES:
-        raise ValueError(f"shard {path} is truncated: {size} bytes, shorter than the "
-                         f"{HEADER_BYTES}-byte header.{hint}")
+        raise ValueError(f"shard {path} is truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header.{hint}")
     with open(path, "rb") as f:
         header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
     if header[0] != MAGIC:
         raise ValueError(f"shard {path}: wrong magic {int(header[0])} (expected {MAGIC}); "
                          f"not a token shard in the llm.c format.{hint}")
     if header[1] != VERSION:
-        raise ValueError(f"shard {path}: unsupported version {int(header[1])} "
-                         f"(expected {VERSION}).{hint}")
+        raise ValueError(f"shard {path}: unsupported version {int(header[1])} (expected {VERSION}).{hint}")
     count = int(header[2])
     expected = HEADER_BYTES + TOKEN_DTYPE.itemsize * count
     if count < 0 or size != expected:
@@ -87,23 +89,15 @@ def open_shard(path: str | os.PathLike, expected_tokens: int | None = None, fix:
     count = read_header(path, fix)
     if expected_tokens is not None and count != expected_tokens:
         hint = f" {fix}" if fix else ""
-        raise ValueError(f"shard {path} holds {count} tokens but meta.json lists "
-                         f"{expected_tokens}.{hint}")
+        raise ValueError(f"shard {path} holds {count} tokens but meta.json lists {expected_tokens}.{hint}")
     if count == 0:
         return np.zeros(0, dtype=TOKEN_DTYPE)
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
-def read_shard(path: str | os.PathLike) -> np.ndarray:
-    """The tokens of a shard, loaded into memory."""
-    return np.array(open_shard(path))
-
-
 def check_token_range(tokens: np.ndarray, vocab_size: int, path, fix: str = "", offset: int = 0) -> None:
     """ValueError naming ``path`` if any token id is >= ``vocab_size``."""
-    if tokens.size == 0:
-        return
-    mx = int(tokens.max())
+    mx = int(tokens.max()) if tokens.size else 0
     if mx >= vocab_size:
         pos = offset + int(np.argmax(tokens >= vocab_size))
         hint = f" {fix}" if fix else ""

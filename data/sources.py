@@ -44,10 +44,7 @@ FILES_FIX = ("--data-files takes parquet, JSON-lines or UTF-8 text files with on
 
 
 def _file_format(path: str) -> str | None:
-    name = path.lower()
-    for comp in (".gz", ".bz2", ".xz", ".zst"):
-        if name.endswith(comp):
-            name = name[: -len(comp)]
+    name = re.sub(r"\.(gz|bz2|xz|zst)$", "", path.lower())  # compressed: the format of what is inside
     return _FORMATS.get(os.path.splitext(name)[1])
 
 
@@ -77,11 +74,6 @@ def expand_data_files(patterns: list[str]) -> tuple[list[str], str]:
     return files, fmts.pop()
 
 
-def file_split(path: str) -> str:
-    """'val' for a file whose name marks it as a validation file, else 'train'."""
-    return "val" if _VAL_FILE_RE.search(os.path.basename(path).lower()) else "train"
-
-
 def source_spec(dataset: str, data_files=None, subset=None, revision=None, max_docs=None,
                 own_split=False) -> dict:
     """What will be read: recorded in meta.json and used to decide whether a rerun may resume.
@@ -92,8 +84,8 @@ def source_spec(dataset: str, data_files=None, subset=None, revision=None, max_d
         st = [os.stat(f) for f in files]
         entries = [{"path": f, "bytes": s.st_size, "mtime_ns": s.st_mtime_ns} for f, s in zip(files, st)]
         if own_split:
-            for e in entries:
-                e["split"] = file_split(e["path"])
+            for e in entries:  # a file whose name marks it as a validation file is val
+                e["split"] = "val" if _VAL_FILE_RE.search(os.path.basename(e["path"]).lower()) else "train"
             missing = [s for s in SPLITS if not any(e["split"] == s for e in entries)]
             if missing:
                 raise ValueError(f"--data-files: no {missing[0]} file among {', '.join(files[:3])}"
@@ -203,11 +195,7 @@ def load_documents(source: dict, cache_dir=None, num_proc=None, progress=True, s
         ds = _load_files(datasets, files, source["format"], cache_dir, source.get("separator"))
         where = ", ".join(files[:3]) + (" ..." if len(files) > 3 else "")
     else:
-        kw = {}
-        if source.get("subset"):
-            kw["name"] = source["subset"]
-        if source.get("revision"):
-            kw["revision"] = source["revision"]
+        kw = {arg: source[key] for arg, key in (("name", "subset"), ("revision", "revision")) if source.get(key)}
         hub_splits = [None] if split is None and not source.get("files") else [split] if split else list(SPLITS)
         parts = []
         for s in hub_splits:  # a dataset with its own splits names their files; all documents: both splits
@@ -271,11 +259,13 @@ def split_documents(ds, val_fraction: float, seed: int) -> dict:
 def prepare_command(data_dir, meta=None, **flags) -> str:
     """The `python data/prepare.py ...` command that makes the dataset in data_dir again, as its
     meta.json records it (the dataset, --data-files, --subset / --revision / --val-fraction / --seed
-    where they differ from the dataset's defaults, --max-docs, and --out-dir unless data/<dataset>);
+    where they differ from the dataset's defaults, --max-docs, --shard-tokens unless the default, a trained
+    tokenizer's --tokenizer, and --out-dir unless data/<dataset>);
     without a meta.json the dataset is the folder's name if that names one, else <dataset> (the one it
     was prepared from).
     flags: more options, e.g. restart=True -> --restart, val_fraction="F" -> --val-fraction F."""
     import shlex
+    from data.shards import DEFAULT_SHARD_TOKENS
     data_dir, meta = Path(data_dir), meta or {}
     name = meta.get("dataset")
     if name is None and data_dir.name in DATASETS:  # data/<dataset>, or a folder named after it
@@ -296,6 +286,11 @@ def prepare_command(data_dir, meta=None, **flags) -> str:
             opts[key] = meta[key]
     if source.get("max_docs") is not None:
         opts["max_docs"] = source["max_docs"]
+    if meta.get("shard_tokens", DEFAULT_SHARD_TOKENS) != DEFAULT_SHARD_TOKENS:
+        opts["shard_tokens"] = meta["shard_tokens"]
+    tokenizer = meta.get("tokenizer") or {}
+    if "file" in tokenizer:  # a trained tokenizer (its copy in the dataset): the rank file it was read from
+        opts["tokenizer"] = tokenizer.get("source", "FILE")
     if name is None or data_dir.resolve() != (DATA_ROOT / name).resolve():
         opts["out_dir"] = str(data_dir)
     opts.update(flags)

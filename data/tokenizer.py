@@ -1,39 +1,19 @@
 r"""Tokenizers: GPT-2's BPE (offline), and BPE tokenizers trained like nanochat's.
 
-Every tokenizer hcgpt hands out is a ``Tokenizer``: a ``tiktoken.Encoding`` (``encode_ordinary``,
-``encode``, ``decode``, ``n_vocab``, ...) plus ``bos_token``, the token that starts every document
-in hcgpt's shards (``data/prepare.py``). ``eot_token`` is the same token, so code written for
-GPT-2's ``<|endoftext|>`` delimiter works unchanged: GPT-2: ``<|endoftext|>`` = 50256 for both;
-a trained tokenizer: nanochat's ``<|bos|>``.
+Every tokenizer hcgpt hands out is a ``Tokenizer``: a ``tiktoken.Encoding`` that also names its
+``bos_token`` (GPT-2: ``<|endoftext|>`` = 50256; a trained tokenizer: nanochat's ``<|bos|>``).
 
 GPT-2
 -----
-``tiktoken.get_encoding("gpt2")`` downloads its vocabulary on first use, which fails on
-compute nodes without internet. This module builds the identical encoding from a local
-copy of the GPT-2 rank file (``gpt2.tiktoken``, the same file as tiktoken's ``r50k_base``:
-same merges, same split pattern, ``<|endoftext|>`` = 50256), so ``"hello world"`` encodes
-to ``[31373, 995]`` exactly as with ``tiktoken.get_encoding("gpt2")``.
-
-Where the rank file is looked up
-    ``$HCGPT_TIKTOKEN_FILE`` if set, else ``~/.cache/hcgpt/gpt2.tiktoken``. Its sha256 is
-    always checked against ``306cd27f...930`` before use.
-
-Getting the rank file
-    On a machine that can reach PyPI::
-
-        python data/tokenizer.py fetch
-
-    downloads the ``openai-whisper`` source distribution with ``pip download`` (about 0.8 MB;
-    nothing is installed), extracts only ``whisper/assets/gpt2.tiktoken``, verifies its sha256
-    and installs it at the path above.
-
-    On an air-gapped node, copy the file over from any machine that has it (for example
-    ``~/.cache/hcgpt/gpt2.tiktoken`` after a fetch there) and install it with::
-
-        python data/tokenizer.py fetch --from /path/to/gpt2.tiktoken
-
-    or point ``HCGPT_TIKTOKEN_FILE`` at the copied file. ``python data/tokenizer.py check``
-    prints the path in use and verifies it.
+``tiktoken.get_encoding("gpt2")`` downloads its vocabulary on first use, which fails on compute
+nodes without internet. This module builds the identical encoding (``"hello world"`` ->
+``[31373, 995]``) from a local copy of the GPT-2 rank file ``gpt2.tiktoken`` (tiktoken's
+``r50k_base``), read from ``$HCGPT_TIKTOKEN_FILE`` or ``~/.cache/hcgpt/gpt2.tiktoken`` and always
+checked against its sha256. ``python data/tokenizer.py fetch`` installs it from the
+``openai-whisper`` sdist on PyPI (``pip download``, about 0.8 MB, nothing installed); on an
+air-gapped node copy the file from a machine that has it and run
+``python data/tokenizer.py fetch --from /path/to/gpt2.tiktoken``. ``python data/tokenizer.py check``
+verifies the file in use.
 
 Trained BPE (nanochat's tokenizer)
 ----------------------------------
@@ -45,17 +25,11 @@ Trained BPE (nanochat's tokenizer)
 
 trains a byte-level BPE as nanochat's ``scripts/tok_train.py`` does (karpathy/nanochat at
 e1770a3 .. ae0bf52): ``rustbpe`` on the train split of a dataset (``data/prepare.py``'s sources
-and split, or ``--data-files``), each document cut to ``--doc-cap`` characters (10,000), until
-``--max-chars`` characters (nanochat's default 10 B; its speedrun passes 2 B); nanochat's split
-pattern (GPT-4's with ``\p{N}{1,2}``); ``--vocab-size`` (65,536) including nanochat's 9 special
-tokens, which take the last ids (``<|bos|>`` = vocab - 9). Output: ``FILE`` (tiktoken's rank
-format: ``tiktoken.load.load_tiktoken_bpe`` reads it) and ``FILE`` with ``.json`` (the pattern,
-the special tokens, the rank file's sha256, the data it was trained on). ``load_bpe(FILE)`` reads
-the pair back and checks the one against the other.
-
-Public API: ``Tokenizer``, ``get_encoding()``, ``EOT``, ``VOCAB_SIZE``, ``NAME``, ``rank_file_path()``,
-``fetch_rank_file()``, ``install_rank_file()``, ``token_byte_lengths()``, ``train_bpe()``, ``save_bpe()``,
-``load_bpe()``, ``record()``, ``from_record()``, ``same_tokenizer()``, ``for_data()``, ``checkpoint_record()``.
+and split, or ``--data-files``), each document cut to ``--doc-cap`` characters, until
+``--max-chars`` characters; nanochat's split pattern (GPT-4's with ``\p{N}{1,2}``); ``--vocab-size``
+includes nanochat's 9 special tokens, which take the last ids (``<|bos|>`` = vocab - 9). Output:
+``FILE.tiktoken`` (tiktoken's rank format) and ``FILE.json`` (the pattern, the special tokens, the rank
+file's sha256, the data it was trained on); ``load_bpe`` reads the pair back and checks one against the other.
 """
 
 from __future__ import annotations
@@ -89,10 +63,8 @@ FETCH_COMMAND = "python data/tokenizer.py fetch"
 WHISPER_SDIST = "openai-whisper==20250625"
 WHISPER_MEMBER_SUFFIX = "whisper/assets/gpt2.tiktoken"
 
-try:  # the exact pattern tiktoken uses for gpt2 / r50k_base
-    from tiktoken_ext.openai_public import r50k_pat_str as PAT_STR
-except Exception:  # pragma: no cover - older/newer tiktoken layouts
-    PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# tiktoken's pattern of gpt2 / r50k_base (tiktoken_ext.openai_public.r50k_pat_str)
+PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
 class Tokenizer(tiktoken.Encoding):
@@ -148,39 +120,21 @@ def read_verified(path: str | os.PathLike, fix: str = REFETCH) -> bytes:
         raise ValueError(f"{path}: cannot read the GPT-2 rank file ({e.strerror or e}). {fix}.") from None
     digest = _sha256(data)
     if digest != RANK_FILE_SHA256:
-        raise ValueError(
-            f"{path}: sha256 {digest} does not match the GPT-2 rank file "
-            f"({RANK_FILE_SHA256}); the file is corrupt, truncated or not gpt2.tiktoken. {fix}."
-        )
+        raise ValueError(f"{path}: sha256 {digest} does not match the GPT-2 rank file ({RANK_FILE_SHA256}); "
+                         f"the file is corrupt, truncated or not gpt2.tiktoken. {fix}.")
     return data
-
-
-def _parse_ranks(data: bytes, path: Path) -> dict[bytes, int]:
-    ranks: dict[bytes, int] = {}
-    for line in data.splitlines():
-        if not line:
-            continue
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-        except Exception as e:  # pragma: no cover - excluded by the sha256 check
-            raise ValueError(f"{path}: cannot parse line {line!r}") from e
-    return ranks
 
 
 @functools.lru_cache(maxsize=4)
 def _load_encoding(path: str) -> Tokenizer:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(
-            f"GPT-2 tokenizer rank file not found at {p}. Fetch it (from PyPI, ~1 MB) with "
-            f"`{FETCH_COMMAND}`; on a node without network copy gpt2.tiktoken from another machine "
-            f"and run `{FETCH_COMMAND} --from /path/to/gpt2.tiktoken`, or set {ENV_VAR}=/path/to/gpt2.tiktoken."
-        )
+        raise FileNotFoundError(f"GPT-2 tokenizer rank file not found at {p}. Fetch it (from PyPI, ~1 MB) with "
+                                f"`{FETCH_COMMAND}`; on a node without network copy gpt2.tiktoken from another machine "
+                                f"and run `{FETCH_COMMAND} --from /path/to/gpt2.tiktoken`, or set "
+                                f"{ENV_VAR}=/path/to/gpt2.tiktoken.")
     ranks = _parse_ranks(read_verified(p), p)
-    enc = Tokenizer(NAME, PAT_STR, ranks, {ENDOFTEXT: EOT}, bos_token=EOT, explicit_n_vocab=VOCAB_SIZE)
-    assert enc.n_vocab == VOCAB_SIZE and enc.eot_token == EOT
-    return enc
+    return Tokenizer(NAME, PAT_STR, ranks, {ENDOFTEXT: EOT}, bos_token=EOT, explicit_n_vocab=VOCAB_SIZE)
 
 
 def get_encoding() -> Tokenizer:
@@ -189,9 +143,8 @@ def get_encoding() -> Tokenizer:
     return _load_encoding(str(rank_file_path()))
 
 
-def token_byte_lengths(enc: tiktoken.Encoding | None = None) -> np.ndarray:
+def token_byte_lengths(enc: tiktoken.Encoding) -> np.ndarray:
     """int64 array (n_vocab,): UTF-8 byte length of each token's decoding, 0 for special tokens."""
-    enc = enc or get_encoding()
     special = set(enc._special_tokens.values())
     out = np.zeros(enc.n_vocab, dtype=np.int64)
     for i in range(enc.n_vocab):
@@ -200,11 +153,10 @@ def token_byte_lengths(enc: tiktoken.Encoding | None = None) -> np.ndarray:
     return out
 
 
-def install_rank_file(src: str | os.PathLike, dest: str | os.PathLike | None = None,
-                      fix: str = FROM_FIX) -> Path:
+def install_rank_file(src: str | os.PathLike, dest: str | os.PathLike | None = None) -> Path:
     """Verify ``src`` and copy it atomically to ``dest`` (default: ``rank_file_path()``); a bad
     ``src`` leaves ``dest`` as it was."""
-    data = read_verified(src, fix)
+    data = read_verified(src, FROM_FIX)
     dest = Path(dest) if dest is not None else rank_file_path()
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     try:
@@ -244,11 +196,9 @@ def _pip_download(spec: str, dest_dir: str) -> Path:
            "--disable-pip-version-check", "-d", dest_dir, spec]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(
-            f"`{' '.join(cmd)}` failed (exit {res.returncode}):\n{res.stderr[-2000:]}\n"
-            f"Without network, copy gpt2.tiktoken from another machine and run "
-            f"`{FETCH_COMMAND} --from /path/to/gpt2.tiktoken`."
-        )
+        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {res.returncode}):\n{res.stderr[-2000:]}\nWithout "
+                           f"network, copy gpt2.tiktoken from another machine and run "
+                           f"`{FETCH_COMMAND} --from /path/to/gpt2.tiktoken`.")
     found = sorted(Path(dest_dir).glob("openai[-_]whisper-*.tar.gz"))
     if not found:
         raise RuntimeError(f"pip download of {spec} left no openai-whisper sdist in {dest_dir}")
@@ -256,12 +206,9 @@ def _pip_download(spec: str, dest_dir: str) -> Path:
 
 
 def fetch_rank_file(dest: str | os.PathLike | None = None, src: str | os.PathLike | None = None,
-                    spec: str = WHISPER_SDIST, downloader=_pip_download) -> Path:
-    """Install the verified rank file at ``dest`` (default ``rank_file_path()``).
-
-    ``src``: a local ``gpt2.tiktoken`` or an openai-whisper ``.tar.gz`` (no network used).
-    Otherwise the sdist is fetched from PyPI with pip.
-    """
+                    downloader=_pip_download) -> Path:
+    """Install the verified rank file at ``dest`` (default ``rank_file_path()``) from ``src``, a local
+    ``gpt2.tiktoken`` or openai-whisper ``.tar.gz`` (no network used), else from the sdist on PyPI."""
     with tempfile.TemporaryDirectory(prefix="hcgpt-tok-") as tmp:
         if src is not None:
             src = Path(src)
@@ -270,7 +217,7 @@ def fetch_rank_file(dest: str | os.PathLike | None = None, src: str | os.PathLik
             if src.name.endswith((".tar.gz", ".tgz")):
                 src = extract_from_sdist(src, tmp)
         else:
-            src = extract_from_sdist(downloader(spec, tmp), tmp)
+            src = extract_from_sdist(downloader(WHISPER_SDIST, tmp), tmp)
         return install_rank_file(src, dest)
 
 
@@ -304,19 +251,16 @@ def capped_texts(texts, doc_cap=DOC_CAP, max_chars=MAX_CHARS, stats=None):
             return
 
 
-def train_bpe(texts, vocab_size=NANOCHAT_VOCAB, pattern=NANOCHAT_PATTERN, specials=NANOCHAT_SPECIALS,
-              name="bpe") -> Tokenizer:
+def train_bpe(texts, vocab_size=NANOCHAT_VOCAB, name="bpe") -> Tokenizer:
     """Train a byte-level BPE with rustbpe on an iterable of texts, as nanochat's
-    RustBPETokenizer.train_from_iterator: vocab_size - len(specials) byte-pair ranks, then the
-    special tokens; bos_token = specials[0]."""
+    RustBPETokenizer.train_from_iterator: vocab_size - 9 byte-pair ranks (at least 256: --vocab-size's
+    minimum), then nanochat's special tokens; bos_token = <|bos|>."""
     import rustbpe  # only training needs it
 
+    specials = NANOCHAT_SPECIALS
     n_ranks = vocab_size - len(specials)
-    if n_ranks < 256:
-        raise ValueError(f"--vocab-size {vocab_size} leaves {n_ranks} byte-pair tokens; it must be at least "
-                         f"256 + {len(specials)} special tokens = {256 + len(specials)}")
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(iter(texts), n_ranks, pattern=pattern)
+    trainer.train_from_iterator(iter(texts), n_ranks, pattern=NANOCHAT_PATTERN)
     ranks = {bytes(k): v for k, v in trainer.get_mergeable_ranks()}
     if len(ranks) != n_ranks:  # rustbpe stops when no pair occurs twice: too little text
         raise ValueError(f"the training text yields only {len(ranks)} byte-pair tokens, not {n_ranks}: use more text "
@@ -335,16 +279,44 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
+def _is_gpt2_rank_file(path) -> bool:
+    try:
+        return _sha256(Path(path).read_bytes()) == RANK_FILE_SHA256
+    except OSError:  # missing, a folder, unreadable
+        return False
+
+
+def _check_out(path: Path, replace: bool, name: str) -> None:
+    """Refuse, before the training, an --out where a trained tokenizer must not go: a folder (name: the file to
+    suggest in it), a name without .tiktoken (its .json could be another file's), GPT-2's rank file, files
+    `train` did not write, a folder that cannot be written; an existing tokenizer unless replace."""
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; pass a file in it: --out {path / name}")
+    if path.suffix != ".tiktoken":
+        raise ValueError(f"--out {path}: a tokenizer's rank file ends in .tiktoken (its metadata goes beside it as "
+                         f".json); pass --out {path.with_suffix('.tiktoken')}")
+    if path.resolve() == rank_file_path().resolve() or _is_gpt2_rank_file(path):
+        raise ValueError(f"--out {path} is GPT-2's rank file, or where hcgpt reads it from; pass another --out")
+    existing = [p for p in (path, _sidecar(path)) if p.exists()]
+    if existing:
+        try:
+            load_bpe(path)
+        except ValueError:
+            raise ValueError(f"{existing[0]} exists and is not part of a tokenizer `{TRAIN_COMMAND}` wrote; pass "
+                             f"another --out (--force replaces only such a tokenizer)") from None
+        if not replace:
+            raise ValueError(f"{path} already exists (a tokenizer `{TRAIN_COMMAND}` wrote); pass another --out, or "
+                             f"--force to replace it")
+    folder = next(p for p in path.resolve().parents if p.exists())  # save_bpe creates the folders below it
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):
+        raise ValueError(f"--out {path}: cannot write in {folder}; pass an --out in a folder you can write to")
+
+
 def save_bpe(enc: Tokenizer, path, info: dict | None = None, replace=False) -> dict:
-    """Write enc's rank file to path and its metadata to path with .json -> the metadata.
-    An existing file is an error unless overwrite (each file is written to a temporary name and
-    renamed)."""
+    """Write enc's rank file to path and its metadata to path with .json -> the metadata. Refused as
+    _check_out refuses; each file is written to a temporary name and renamed."""
     path = Path(path)
-    if path.suffix == ".json":
-        raise ValueError(f"--out {path}: name the rank file (e.g. .tiktoken); its metadata goes to a .json beside it")
-    for p in (path, _sidecar(path)):
-        if p.exists() and not replace:
-            raise ValueError(f"{p} already exists; pass another --out, or --force to replace it")
+    _check_out(path, replace, f"{enc.name}.tiktoken")
     data = rank_file_bytes(enc)
     meta = {"format": BPE_FORMAT, "name": enc.name, "rank_file": path.name, "rank_file_sha256": _sha256(data),
             "n_vocab": enc.n_vocab, "pattern": enc._pat_str, "special_tokens": dict(enc._special_tokens),
@@ -357,12 +329,11 @@ def save_bpe(enc: Tokenizer, path, info: dict | None = None, replace=False) -> d
     return meta
 
 
-def _bpe_fix(path) -> str:
-    return (f"use the .tiktoken and .json pair `{TRAIN_COMMAND}` wrote (copy both files), or train it again with "
-            f"`{TRAIN_COMMAND} DATASET --out {path}`")
+BPE_FIX = (f"pass a .tiktoken file `{TRAIN_COMMAND}` wrote, with the .json written beside it, or train one with "
+           f"`{TRAIN_COMMAND} DATASET` (it prints where it wrote them)")
 
 
-def _parse_bpe_ranks(data: bytes, where) -> dict[bytes, int]:
+def _parse_ranks(data: bytes, where) -> dict[bytes, int]:
     ranks = {}
     try:
         for line in data.splitlines():
@@ -382,7 +353,7 @@ def from_record(rec: dict, data: bytes, where="tokenizer") -> Tokenizer:
     if _sha256(data) != rec["rank_file_sha256"]:
         raise ValueError(f"{where}: sha256 {_sha256(data)[:16]}... of the rank file does not match the recorded "
                          f"{rec['rank_file_sha256'][:16]}...: it is another tokenizer's or damaged")
-    ranks = _parse_bpe_ranks(data, where)
+    ranks = _parse_ranks(data, where)
     specials = {str(k): int(v) for k, v in rec["special_tokens"].items()}
     enc = Tokenizer(rec["name"], rec["pattern"], ranks, specials, bos_token=int(rec["bos"]))
     if enc.n_vocab != rec["n_vocab"]:
@@ -395,24 +366,26 @@ def load_bpe(path) -> Tokenizer:
     each other. A missing, damaged or mismatched file is a ValueError naming it and the fix."""
     path = Path(path)
     side = _sidecar(path)
+    if not side.is_file() and _is_gpt2_rank_file(path):  # `prepare.py --tokenizer gpt2.tiktoken`
+        install = "" if _is_gpt2_rank_file(rank_file_path()) else \
+            f", after installing this copy with `{FETCH_COMMAND} --from {path}`"
+        raise ValueError(f"{path} is GPT-2's rank file, not a tokenizer trained by `{TRAIN_COMMAND}`: for GPT-2's BPE "
+                         f"leave --tokenizer out (data/prepare.py's default){install}")
     for p in (path, side):
         if not p.is_file():
-            raise ValueError(f"tokenizer file {p} not found; {_bpe_fix(path)}")
+            raise ValueError(f"tokenizer file {p} {'is a folder' if p.is_dir() else 'not found'}; {BPE_FIX}")
     try:
         meta = json.loads(side.read_text())
-        if meta.get("format") != BPE_FORMAT:
-            raise ValueError
-        missing = [k for k in ("name", "rank_file_sha256", "n_vocab", "pattern", "special_tokens", "bos")
-                   if k not in meta]
-        if missing:
-            raise ValueError
+        ok = meta.get("format") == BPE_FORMAT and all(
+            k in meta for k in ("name", "rank_file_sha256", "n_vocab", "pattern", "special_tokens", "bos"))
     except (OSError, ValueError, AttributeError):
-        raise ValueError(f"{side}: not the metadata of a tokenizer trained by data/tokenizer.py; {_bpe_fix(path)}") \
-            from None
+        ok = False
+    if not ok:
+        raise ValueError(f"{side}: not the metadata of a tokenizer trained by data/tokenizer.py; {BPE_FIX}")
     try:
         return from_record(meta, path.read_bytes(), where=str(path))
     except ValueError as e:
-        raise ValueError(f"{e}; {_bpe_fix(path)}") from None
+        raise ValueError(f"{e}; {BPE_FIX}") from None
 
 
 GPT2_RECORD = {"name": NAME, "encoding": "tiktoken gpt2 (r50k_base ranks)", "rank_file_sha256": RANK_FILE_SHA256,
@@ -440,8 +413,7 @@ def same_tokenizer(a: dict | None, b: dict | None) -> bool:
     """Do two records describe the same tokenizer (ranks, pattern, special tokens, BOS)?"""
     if is_gpt2(a) or is_gpt2(b):
         return is_gpt2(a) and is_gpt2(b)
-    keys = ("rank_file_sha256", "pattern", "special_tokens", "bos")
-    return all(a.get(k) == b.get(k) for k in keys)
+    return all(a.get(k) == b.get(k) for k in ("rank_file_sha256", "pattern", "special_tokens", "bos"))
 
 
 def describe(rec: dict | None) -> str:
@@ -453,27 +425,21 @@ def describe(rec: dict | None) -> str:
 DATA_RANK_FILE = "tokenizer.tiktoken"  # a prepared dataset's copy of its trained tokenizer
 
 
-def _data_rank_bytes(data_dir, rec: dict) -> bytes:
-    path = Path(data_dir) / rec.get("file", DATA_RANK_FILE)
-    try:
-        return path.read_bytes()
-    except OSError:
-        raise ValueError(f"{path}: the dataset's tokenizer file is missing (meta.json names {describe(rec)}); "
-                         f"prepare the dataset again with `python data/prepare.py ... --tokenizer FILE --restart`") \
-            from None
-
-
 def for_data(data_dir, meta: dict) -> Tokenizer:
     """The tokenizer a prepared dataset was tokenized with (its meta.json's "tokenizer"); a
     missing or mismatched copy of a trained one is a ValueError naming the file and the fix."""
     rec = meta.get("tokenizer")
     if is_gpt2(rec):
         return get_encoding()
+    path = Path(data_dir) / rec.get("file", DATA_RANK_FILE)
     try:
-        return from_record(rec, _data_rank_bytes(data_dir, rec), where=str(Path(data_dir) / rec.get("file", "")))
+        return from_record(rec, path.read_bytes(), where=str(path))
+    except OSError as e:
+        cause = f"{path}: cannot read the dataset's copy of its tokenizer, {describe(rec)} ({e.strerror})"
     except ValueError as e:
-        raise ValueError(f"{e}; prepare the dataset again with `python data/prepare.py ... --tokenizer FILE "
-                         f"--restart`") from None
+        cause = e
+    from data.sources import prepare_command
+    raise ValueError(f"{cause}; prepare the dataset again with `{prepare_command(data_dir, meta, restart=True)}`")
 
 
 def checkpoint_record(data_dir, meta: dict) -> dict:
@@ -482,34 +448,35 @@ def checkpoint_record(data_dir, meta: dict) -> dict:
     rec = dict(meta.get("tokenizer") or GPT2_RECORD)
     if not is_gpt2(rec):
         for_data(data_dir, meta)  # verified before it is written anywhere
-        rec["rank_file"] = _data_rank_bytes(data_dir, rec)
+        rec["rank_file"] = (Path(data_dir) / rec.get("file", DATA_RANK_FILE)).read_bytes()
     return rec
 
 
 def _train_main(args) -> int:
+    from importlib.metadata import version
     from data import sources  # the documents and the train/val split
 
     cfg = sources.DATASETS[args.dataset]
     val_fraction = cfg["val_fraction"] if args.val_fraction is None else args.val_fraction
     seed = cfg["seed"] if args.seed is None else args.seed
-    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "tokenizers"
-                                           / f"{args.dataset}-{args.vocab_size}.tiktoken")
+    name = f"{args.dataset}-{args.vocab_size}.tiktoken"
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "tokenizers" / name
     if args.vocab_size > UINT16_VOCAB:
         print(f"note: --vocab-size {args.vocab_size:,} > {UINT16_VOCAB:,}: data/prepare.py's uint16 shards cannot "
               f"hold it", file=sys.stderr)
-    for p in (out, _sidecar(out)):  # before minutes of work
-        if p.exists() and not args.force:
-            raise ValueError(f"{p} already exists; pass another --out, or --force to replace it")
-    source = sources.source_spec(args.dataset, args.data_files, args.subset, args.revision)
-    ds = sources.load_documents(source, progress=False)
-    ds, _ = sources.drop_null_texts(ds)
-    train = sources.split_documents(ds, val_fraction, seed)["train"]
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    _check_out(out, args.force, name)  # before minutes of work
+    # val_fraction None: the dataset's own train split (its validation documents are left out too)
+    source = sources.source_spec(args.dataset, args.data_files, args.subset, args.revision,
+                                 own_split=val_fraction is None)
+    train = sources.load_splits(source, val_fraction, seed, progress=False)[0]["train"]
     stats = {}
     texts = (t for batch in train.iter(batch_size=1024) for t in batch["text"])
     t0 = time.time()
     enc = train_bpe(capped_texts(texts, args.doc_cap, args.max_chars, stats), args.vocab_size, name=out.stem)
     dt = time.time() - t0
-    info = {"trainer": f"rustbpe {_version('rustbpe')}", "recipe": "nanochat scripts/tok_train.py (e1770a3 .. ae0bf52)",
+    info = {"trainer": f"rustbpe {version('rustbpe')}", "recipe": "nanochat scripts/tok_train.py (e1770a3 .. ae0bf52)",
             "trained_on": {"dataset": args.dataset, "source": source, "split": "train", "val_fraction": val_fraction,
                            "seed": seed, "doc_cap": args.doc_cap, "max_chars": args.max_chars, **stats},
             "train_seconds": round(dt, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -519,14 +486,6 @@ def _train_main(args) -> int:
     return 0
 
 
-def _version(pkg: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(pkg)
-    except PackageNotFoundError:
-        return "?"
-
-
 def _info_main(args) -> int:
     enc = load_bpe(args.file)
     meta = json.loads(_sidecar(Path(args.file)).read_text())
@@ -534,13 +493,15 @@ def _info_main(args) -> int:
     trained = meta.get("trained_on", {})
     print(f"{args.file}: {enc.n_vocab:,} tokens ({enc.n_vocab - len(enc._special_tokens):,} byte-pair + "
           f"{len(enc._special_tokens)} special), bos {enc.bos_token}, sha256 {meta['rank_file_sha256'][:12]}... ok")
-    print(f"  trained on {trained.get('documents', '?'):,} documents, {trained.get('chars', '?'):,} characters of "
-          f"{trained.get('dataset', '?')} ({meta.get('trainer', '?')})")
+    if trained:  # save_bpe's callers other than `train` may record none
+        print(f"  trained on {trained['documents']:,} documents, {trained['chars']:,} characters of "
+              f"{trained['dataset']} ({meta.get('trainer', '?')})")
     print(f"  bytes per byte-pair token: mean {tb[tb > 0].mean():.2f}, max {tb.max()}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data.sources import DATASETS
     ap = argparse.ArgumentParser(description="GPT-2's rank file offline (fetch, check); BPE tokenizers trained like "
                                              "nanochat's (train, info).")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -551,14 +512,16 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--force", action="store_true", help="re-fetch even if a verified file is present")
     sub.add_parser("check", help="verify the rank file in use and print its path")
     t = sub.add_parser("train", help="train a BPE tokenizer as nanochat's tok_train.py (rustbpe)")
-    t.add_argument("dataset", help="a data/prepare.py dataset: its train split is the training text")
+    t.add_argument("dataset", choices=sorted(DATASETS),
+                   help="a data/prepare.py dataset: its train split is the training text")
     t.add_argument("--data-files", nargs="+", default=None, metavar="PATH",
                    help="local parquet/json(l)/txt files with a 'text' column, instead of the hub download")
     t.add_argument("--subset", default=None, help="hub config (as data/prepare.py; default: the dataset's)")
     t.add_argument("--revision", default=None, help="hub revision (as data/prepare.py; default: the dataset's)")
     t.add_argument("--val-fraction", type=float, default=None,
                    help="the dataset's val fraction (left out of training; default: the dataset's)")
-    t.add_argument("--seed", type=int, default=None, help="the dataset's split seed (default: the dataset's)")
+    t.add_argument("--seed", type=int_at_least(0), default=None,
+                   help="the dataset's split seed (default: the dataset's)")
     t.add_argument("--vocab-size", type=int_at_least(256 + len(NANOCHAT_SPECIALS)), default=NANOCHAT_VOCAB,
                    help=f"tokens including the {len(NANOCHAT_SPECIALS)} special ones "
                         f"(default: nanochat's {NANOCHAT_VOCAB:,})")
@@ -567,14 +530,16 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--max-chars", type=int_at_least(1), default=MAX_CHARS,
                    help=f"stop after this many characters (default: nanochat's, {MAX_CHARS:,}; its speedrun "
                         f"passes 2000000000)")
-    t.add_argument("--out", default=None, help="rank file to write (default: data/tokenizers/DATASET-VOCAB.tiktoken); "
-                                               "its metadata goes beside it as .json")
-    t.add_argument("--force", action="store_true", help="replace an existing --out")
+    t.add_argument("--out", default=None, help="rank file to write, NAME.tiktoken (default: "
+                                               "data/tokenizers/DATASET-VOCAB.tiktoken); its metadata goes beside it "
+                                               "as NAME.json")
+    t.add_argument("--force", action="store_true", help="replace the tokenizer an earlier `train` wrote at --out")
     i = sub.add_parser("info", help="check a trained tokenizer's files and print what it is")
     i.add_argument("file", help="the .tiktoken rank file (its .json beside it)")
     args = ap.parse_args(argv)
+    run = {"fetch": _fetch_main, "check": _check_main, "train": _train_main, "info": _info_main}[args.cmd]
     try:
-        return _run(args)
+        return run(args)
     except (OSError, ValueError, RuntimeError) as e:  # the messages name the file and the fix
         print(f"tokenizer.py: error: {e}", file=sys.stderr)
         return 1
@@ -597,33 +562,23 @@ def int_at_least(min_value):
     return parse
 
 
-def _run(args) -> int:
-    if args.cmd == "train":
-        return _train_main(args)
-    if args.cmd == "info":
-        return _info_main(args)
-    if args.cmd == "fetch":
-        dest = Path(args.dest) if args.dest else rank_file_path()
-        if args.src is None and not args.force and dest.is_file():
-            try:
-                read_verified(dest)
-                print(f"{dest}: already present, sha256 ok")
-                return 0
-            except ValueError:
-                pass
-        path = fetch_rank_file(dest=dest, src=args.src)
-        print(f"installed {path} (sha256 {RANK_FILE_SHA256[:12]}... ok)")
+def _fetch_main(args) -> int:
+    dest = Path(args.dest) if args.dest else rank_file_path()
+    if args.src is None and not args.force and _is_gpt2_rank_file(dest):
+        print(f"{dest}: already present, sha256 ok")
         return 0
-    if args.cmd == "check":
-        enc = get_encoding()
-        ids = enc.encode_ordinary("hello world")
-        print(f"{rank_file_path()}: sha256 ok, n_vocab={enc.n_vocab}, 'hello world' -> {ids}")
-        if ids != [31373, 995]:  # the file is right: tiktoken itself disagrees
-            print("tokenizer.py: error: 'hello world' should encode to [31373, 995]; check the tiktoken "
-                  "version (requirements.txt)", file=sys.stderr)
-            return 1
-        return 0
-    return 2
+    path = fetch_rank_file(dest=dest, src=args.src)
+    print(f"installed {path} (sha256 {RANK_FILE_SHA256[:12]}... ok)")
+    return 0
+
+
+def _check_main(args) -> int:
+    enc = get_encoding()
+    ids = enc.encode_ordinary("hello world")
+    print(f"{rank_file_path()}: sha256 ok, n_vocab={enc.n_vocab}, 'hello world' -> {ids}")
+    if ids != [31373, 995]:  # the file is right: tiktoken itself disagrees
+        raise RuntimeError("'hello world' should encode to [31373, 995]; check the tiktoken version (requirements.txt)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from errors import ConfigError, NotFound
+
 
 def cache_root():
     """$HCGPT_CACHE_DIR, else ~/.cache/hcgpt: where downloaded evaluation data is kept."""
@@ -28,19 +30,19 @@ def cache_root():
 
 def fetch(url, path, without_network):
     """url's bytes into the file path, atomically (a partial download never takes its name); a
-    RuntimeError that says what to do without network when the download fails."""
+    NotFound that says what to do without network when the download fails."""
     tmp = Path(path).with_name(Path(path).name + f".tmp{os.getpid()}")
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             shutil.copyfileobj(r, f, 1 << 20)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"cannot download {url} ({e}). Without network, {without_network}") from None
+        raise NotFound(f"cannot download {url} ({e}). Without network, {without_network}") from None
     os.replace(tmp, path)
 
 
 def jsonl_items(path, fix):
-    """(line number, object) for each non-blank line of a JSON-lines file; a ValueError that names the line
+    """(line number, object) for each non-blank line of a JSON-lines file; a ConfigError that names the line
     and the fix for a line that is not JSON or a file that is not UTF-8."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -49,10 +51,10 @@ def jsonl_items(path, fix):
                     try:
                         item = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: not a JSON line ({e}); {fix}") from None
+                        raise ConfigError(f"{path}:{lineno}: not a JSON line ({e}); {fix}") from None
                     yield lineno, item
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e}); {fix}") from None
+        raise ConfigError(f"{path}: not UTF-8 text ({e}); {fix}") from None
 
 
 def model_block_size(model):

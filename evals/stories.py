@@ -7,9 +7,11 @@ beginning and plot, each an integer from 1 to 10.
     load_rubric         the judge's instructions, with {beginning} and {completion} in them
     complete            one completion of a beginning, stopping at the end-of-text token
     Judge               an OpenAI-compatible chat API, with retries and backoff; a reply that is not one JSON
-                        object of four integer grades in 1..10 is asked for again, then a failure (never a 0)
+                        object of four integer grades in 1..10 is asked for again, then a failure (never a 0);
+                        a judge that does not answer, answers HTML or outlasts the deadline stops the grading
     GradeCache          grades already paid for, keyed by (judge model, rubric, temperature, beginning, completion)
-    grade_all           every item through the cache and the judge, --concurrency requests at once
+    grade_all           every item through the cache and the judge, --concurrency requests at once, by a deadline
+    default_deadline    the grading's deadline when none is given
     summarize           each criterion's mean with a 95 % Student-t interval
     compare             two result files paired by prompt: the mean difference with its paired 95 % interval
 
@@ -23,12 +25,14 @@ import os
 import random
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from errors import ConfigError
 from evals import cache_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,20 +44,21 @@ _FIELD = re.compile(r"\{(beginning|completion)\}")
 _FENCE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.S)
 
 
-class JudgeError(RuntimeError):
-    """The judge cannot be used at all (no key, unreachable, refused): the run stops, naming the fix."""
+class JudgeError(ConfigError):
+    """The judge cannot be used (no key, unreachable, refused, silent, a web page instead of the API, past the
+    deadline): the grading stops, naming the fix."""
 
 
 # ----------------------------------------------------------------------------- inputs
 
 def load_prompts(path) -> list[dict]:
     """[{'id', 'beginning'}] from a .jsonl file (one {"id": ..., "beginning": ...} object a line; id optional)
-    or any other text file (one beginning a line, its line number as id). ValueError naming the line."""
+    or any other text file (one beginning a line, its line number as id). ConfigError naming the line."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--prompts {path}: cannot read it ({e}); pass a UTF-8 .jsonl or text file") from None
+        raise ConfigError(f"--prompts {path}: cannot read it ({e}); pass a UTF-8 .jsonl or text file") from None
     fix = 'each line one JSON object {"id": "...", "beginning": "..."}'
     items, seen = [], set()
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -63,19 +68,19 @@ def load_prompts(path) -> list[dict]:
             try:
                 obj = json.loads(line)
             except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON line ({e}); {fix}") from None
+                raise ConfigError(f"{path}:{lineno}: not a JSON line ({e}); {fix}") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("beginning"), str) or not obj["beginning"].strip():
-                raise ValueError(f"{path}:{lineno}: no non-empty string 'beginning'; {fix}")
+                raise ConfigError(f"{path}:{lineno}: no non-empty string 'beginning'; {fix}")
             pid = str(obj.get("id", lineno))
             beginning = obj["beginning"]
         else:
             pid, beginning = str(lineno), line
         if pid in seen:
-            raise ValueError(f"{path}:{lineno}: id {pid!r} appears twice; give every prompt its own id")
+            raise ConfigError(f"{path}:{lineno}: id {pid!r} appears twice; give every prompt its own id")
         seen.add(pid)
         items.append({"id": pid, "beginning": beginning})
     if not items:
-        raise ValueError(f"--prompts {path}: no story beginnings in it; {fix}")
+        raise ConfigError(f"--prompts {path}: no story beginnings in it; {fix}")
     return items
 
 
@@ -84,11 +89,11 @@ def load_rubric(path) -> str:
     try:
         rubric = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--rubric {path}: cannot read it ({e}); pass a UTF-8 text file") from None
+        raise ConfigError(f"--rubric {path}: cannot read it ({e}); pass a UTF-8 text file") from None
     for name in ("beginning", "completion"):
         if rubric.count("{" + name + "}") != 1:
-            raise ValueError(f"--rubric {path}: needs {{{name}}} exactly once (where the judge reads the "
-                             f"{name}), found {rubric.count('{' + name + '}')}")
+            raise ConfigError(f"--rubric {path}: needs {{{name}}} exactly once (where the judge reads the "
+                              f"{name}), found {rubric.count('{' + name + '}')}")
     return rubric
 
 
@@ -161,24 +166,39 @@ class Judge:
     Rate limits (429), timeouts, dropped connections and server errors (5xx) are retried up to `retries`
     times, waiting the server's Retry-After or an exponential backoff (backoff * 2^k, jittered, at most
     max_wait s). A reply that does not parse is asked for again up to `parse_retries` times. Either way the
-    item then counts as a failure. Errors every request would repeat (bad key, unknown model, refused
-    request, a judge still unreachable after the retries) raise JudgeError and stop the run."""
+    item then counts as a failure. Errors every request would repeat raise JudgeError and stop the run: a bad
+    key, an unknown model, a refused request, a judge still unreachable after the retries, an HTML page
+    instead of the API's JSON, and `give_up` requests in a row without a reply (a server that accepts
+    connections but never answers would otherwise cost (retries + 1) x timeout per item). `until` (a
+    time.monotonic() deadline, set by grade_all) cuts requests and waits short, then stops the run too."""
 
     def __init__(self, model=DEFAULT_JUDGE, base_url=None, api_key=None, temperature=0.0, timeout=60.0,
-                 retries=6, parse_retries=2, backoff=1.0, max_wait=60.0, max_tokens=100):
+                 retries=6, parse_retries=2, backoff=1.0, max_wait=60.0, max_tokens=100, give_up=3):
         import openai
 
         api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         if not api_key:
             raise JudgeError("OPENAI_API_KEY is not set; export the judge's API key (a local server that takes "
                              "none accepts any value, e.g. OPENAI_API_KEY=none), or use --dry-run to count the calls")
-        self.model, self.base_url, self.temperature = model, base_url, temperature
+        self.model, self.base_url, self.temperature, self.timeout = model, base_url, temperature, timeout
         self.retries, self.parse_retries, self.backoff, self.max_wait = retries, parse_retries, backoff, max_wait
-        self.max_tokens = max_tokens
+        self.max_tokens, self.give_up = max_tokens, give_up
         self.stop = threading.Event()  # set when the run is stopping: no new request, no more waiting
+        self.until, self.deadline = None, None  # grade_all's deadline: monotonic time, and its seconds
+        self.silent, self.lock = 0, threading.Lock()  # requests in a row that timed out, over all workers
         self.openai = openai
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
-        self.where = base_url or "the OpenAI API"
+        self.where = str(self.client.base_url).rstrip("/")  # also OPENAI_BASE_URL's, which the client reads
+
+    def _left(self):
+        """Seconds to the deadline (None: no deadline); JudgeError once it has passed."""
+        if self.until is None:
+            return None
+        left = self.until - time.monotonic()
+        if left <= 0:
+            raise JudgeError(f"the grading ran out of time: --judge-deadline {self.deadline:g} s passed; raise "
+                             f"--judge-deadline, or rerun the same command to grade the rest")
+        return left
 
     def _wait(self, attempt, error):
         headers = getattr(getattr(error, "response", None), "headers", None) or {}
@@ -191,7 +211,28 @@ class Judge:
                 continue
         if wait is None:
             wait = self.backoff * 2 ** attempt * (0.5 + random.random())
-        self.stop.wait(min(max(wait, 0.0), self.max_wait))
+        left = self._left()
+        self.stop.wait(min(max(wait, 0.0), self.max_wait, math.inf if left is None else left))
+
+    def _answered(self, timed_out=False):
+        """Count the requests in a row that got no reply; JudgeError at give_up of them (any reply resets it)."""
+        with self.lock:
+            self.silent = self.silent + 1 if timed_out else 0
+            silent = self.silent
+        if timed_out:
+            self._left()  # a request cut short by the deadline is the deadline's failure
+            if self.give_up and silent >= self.give_up:
+                raise JudgeError(f"the judge at {self.where} does not answer: {silent} requests in a row got no "
+                                 f"reply within --judge-timeout {self.timeout:g} s; check that the server behind "
+                                 f"--judge-base-url is serving (it accepts connections), or raise --judge-timeout "
+                                 f"for a slow judge")
+
+    def _not_the_api(self, text, status=200):
+        """JudgeError for a reply that is not the API's JSON (a proxy's or a login page: a wrong URL)."""
+        text = (text or "").strip()
+        what = "HTML" if text.startswith("<") else f"text ({text[:60]!r})"
+        return JudgeError(f"the judge at {self.where} answered {what}, not JSON (HTTP {status}); is --judge-base-url "
+                          f"the API base, e.g. http://localhost:8000/v1?")
 
     def ask(self, message: str) -> str:
         """The judge's raw reply to one message (transient errors retried); JudgeError when it cannot answer."""
@@ -200,12 +241,14 @@ class Judge:
         for attempt in range(self.retries + 1):
             if self.stop.is_set():
                 raise JudgeError("stopped")
+            left = self._left()
             try:
                 resp = self.client.chat.completions.create(
                     model=self.model, messages=[{"role": "user", "content": message}],
-                    temperature=self.temperature, max_tokens=self.max_tokens)
-                return resp.choices[0].message.content if resp.choices else None
+                    temperature=self.temperature, max_tokens=self.max_tokens,
+                    timeout=self.timeout if left is None else min(self.timeout, left))
             except transient as e:
+                self._answered(timed_out=isinstance(e, oa.APITimeoutError))
                 if attempt == self.retries:
                     if isinstance(e, oa.APIConnectionError) and not isinstance(e, oa.APITimeoutError):
                         raise JudgeError(f"cannot reach the judge at {self.where} ({e}); check --judge-base-url "
@@ -214,9 +257,17 @@ class Judge:
                     raise TransientFailure(f"{type(e).__name__} after {self.retries + 1} attempts: {e}") from None
                 self._wait(attempt, e)
             except oa.APIStatusError as e:  # 400, 401, 403, 404, ...: every request would get the same answer
+                self._answered()
+                if "html" in e.response.headers.get("content-type", "") or e.response.text.lstrip().startswith("<"):
+                    raise self._not_the_api(e.response.text, e.status_code) from None
                 raise JudgeError(f"the judge at {self.where} refused the request with HTTP {e.status_code} "
                                  f"({str(e)[:300]}); check OPENAI_API_KEY, --judge-model and --judge-base-url"
                                  ) from None
+            else:
+                self._answered()
+                if isinstance(resp, str):  # the client hands back a 200 reply that is not JSON as its text
+                    raise self._not_the_api(resp)
+                return resp.choices[0].message.content if resp.choices else None
 
     def grade(self, beginning: str, completion: str, rubric: str) -> dict:
         """{'scores': {criterion: int} or None, 'replies': [raw replies in order], 'error': None or why}."""
@@ -254,20 +305,32 @@ def cache_key(judge_model: str, rubric: str, temperature: float, beginning: str,
 
 class GradeCache:
     """Valid grades already paid for, one JSON object a line in a file that only grows (a torn last line, from
-    a killed run, is skipped). Failures are not cached: a rerun asks again."""
+    a killed run, is skipped). Failures are not cached: a rerun asks again. A file that cannot be read, or
+    that holds lines but no grade (another file passed as the cache, which the grades would be appended
+    to), is a ConfigError when the cache is opened: before the work."""
 
     def __init__(self, path):
         self.path = Path(path) if path else None
         self.entries, self.lock = {}, threading.Lock()
-        if self.path is not None and self.path.is_file():
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        e = json.loads(line)
-                        if parse_grades(json.dumps(e["scores"])) is not None:
-                            self.entries[e["key"]] = e
-                    except (ValueError, KeyError, TypeError):
-                        continue
+        if self.path is None or not self.path.exists():
+            return
+        fix = "pass another --cache, or --no-cache"
+        if self.path.is_dir():
+            raise ConfigError(f"--cache {self.path} is a directory; pass a file path (it is made), or --no-cache")
+        try:
+            lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--cache {self.path}: cannot read it ({e}); {fix}") from None
+        for line in lines:
+            try:
+                e = json.loads(line)
+                if parse_grades(json.dumps(e["scores"])) is not None:
+                    self.entries[e["key"]] = e
+            except (ValueError, KeyError, TypeError):
+                continue
+        if lines[:-1] and not self.entries:  # a lone line may be the torn first write of a killed run
+            raise ConfigError(f"--cache {self.path} is not a grade cache of eval_stories.py (none of its "
+                              f"{len(lines)} lines is a grade, and grades would be appended to it); {fix}")
 
     def get(self, key):
         return self.entries.get(key)
@@ -283,9 +346,18 @@ class GradeCache:
                     f.flush()
 
 
-def grade_all(items, rubric, judge_model, temperature, cache, judge=None, concurrency=4, log=print) -> dict:
+def default_deadline(calls, concurrency, timeout) -> float:
+    """Seconds for grading `calls` requests: twice what they take when every one waits the whole timeout, at
+    least 10 minutes (a judge that answers takes a small part of it; one that stalls is stopped by it)."""
+    return max(600.0, 2.0 * timeout * math.ceil(calls / max(1, concurrency)))
+
+
+def grade_all(items, rubric, judge_model, temperature, cache, judge=None, concurrency=4, log=print,
+              deadline=None) -> dict:
     """Grade every item ({'beginning', 'completion', ...}) in place: adds 'scores', 'replies', 'error', 'cached'.
-    Cached items first; the rest through `judge` (None: only the cache is read). -> counts."""
+    Cached items first; the rest through `judge` (None: only the cache is read), within `deadline` seconds
+    (None: no limit). -> counts. When the judge stops the run (JudgeError), every item it did not grade gets
+    the cause as its error, then the JudgeError is raised: the caller can still write what was graded."""
     todo = []
     for item in items:
         key = cache_key(judge_model, rubric, temperature, item["beginning"], item["completion"])
@@ -296,14 +368,18 @@ def grade_all(items, rubric, judge_model, temperature, cache, judge=None, concur
             todo.append((key, item))
     if todo and judge is None:
         raise JudgeError(f"{len(todo)} items are not in the cache and there is no judge to ask")
-    done, lock = [0], threading.Lock()
+    if todo and deadline is not None:
+        judge.until, judge.deadline = time.monotonic() + deadline, deadline
+    done, causes, lock = [0], [], threading.Lock()
 
     def one(job):
         key, item = job
         try:
             result = judge.grade(item["beginning"], item["completion"], rubric)
-        except JudgeError:
+        except JudgeError as e:
             judge.stop.set()  # the other workers stop instead of retrying a judge that cannot answer
+            with lock:
+                causes.append(e)  # in the order they happened: the first is the cause
             raise
         item.update(result, cached=False)
         if result["scores"] is not None:
@@ -316,14 +392,23 @@ def grade_all(items, rubric, judge_model, temperature, cache, judge=None, concur
     if todo:
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
             futures = [pool.submit(one, job) for job in todo]
-            errors = [f.exception() for f in futures]  # waits for all; the first JudgeError is the cause
-        first = next((e for e in errors if isinstance(e, JudgeError) and str(e) != "stopped"), None)
+            errors = [f.exception() for f in futures]  # waits for all
+        first = next((e for e in causes if str(e) != "stopped"), None)
         first = first or next((e for e in errors if e is not None), None)
         if first is not None:
+            for _, item in todo:
+                if "scores" not in item:
+                    item.update(scores=None, replies=[], error=f"not graded: {first}", cached=False)
             raise first
-    failed = sum(item["scores"] is None for item in items)
-    return {"items": len(items), "graded": len(items) - failed, "failed": failed,
-            "cached": len(items) - len(todo), "judged": len(todo)}
+    return counts(items)
+
+
+def counts(items) -> dict:
+    """{'items', 'graded', 'failed', 'cached', 'judged' (not from the cache)} of items that grade_all went through."""
+    failed = sum(item.get("scores") is None for item in items)
+    cached = sum(bool(item.get("cached")) for item in items)
+    return {"items": len(items), "graded": len(items) - failed, "failed": failed, "cached": cached,
+            "judged": len(items) - cached}
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -352,17 +437,24 @@ def summarize(items) -> dict:
     return {c: mean_ci([s[c] for s in graded]) for c in CRITERIA}
 
 
-def compare(a: dict, b: dict) -> dict:
-    """Two result files (the --output JSON), paired by (id, beginning): {criterion: mean_ci of b - a over the
-    prompts graded in both}, plus 'pairs'."""
+def compare(a: dict, b: dict, names=("A", "B")) -> dict:
+    """Two result files (the --output JSON; names: their paths), paired by (id, beginning): {criterion: mean_ci
+    of b - a over the prompts graded in both}, plus 'pairs'. A file with no graded item is named with its first
+    error: that, not the pairing, is what to fix."""
     def by_prompt(res):
         return {(it["id"], it["beginning"]): it["scores"] for it in res["items"] if it.get("scores")}
 
     sa, sb = by_prompt(a), by_prompt(b)
+    for res, graded, name in ((a, sa, names[0]), (b, sb, names[1])):
+        if res["items"] and not graded:
+            first = next((it for it in res["items"] if it.get("error")), None)
+            why = f"the first error, on {first['id']}: {first['error']}" if first else "no item has grades"
+            raise ConfigError(f"every item of {name} failed ({why}); fix that, grade its completions again with "
+                              f"`python scripts/eval_stories.py --completions {name}`, and compare the new file")
     common = [k for k in sa if k in sb]
     if not common:
-        raise ValueError("the two result files have no graded prompt in common (same id and beginning); "
-                         "compare runs made on the same prompts file")
+        raise ConfigError("the two result files have no graded prompt in common (same id and beginning); "
+                          "compare runs made on the same prompts file")
     out = {c: mean_ci([sb[k][c] - sa[k][c] for k in common]) for c in CRITERIA}
     out["pairs"] = len(common)
     return out

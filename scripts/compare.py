@@ -23,8 +23,10 @@ any later evaluation's record, by its key (a nested number as key/sub); a later 
 overrides an earlier one of the same name. The wandb names (val/bpb, final/core) are accepted too.
 
 An argument that is not a run (no log.jsonl: the wandb/ folder under an out root) is left out with a
-note. Refused with a named error, never averaged: an unfinished or diverged run (without --step), a run
-without the metric at the step, two runs of one seed in a group, groups on other data or tokenizers.
+note. Refused with a named error, never averaged: an unfinished run (without --step), a diverged one (its
+log's error record, or a NaN or inf value at the step), a run without the metric at the step, two runs of
+one seed in a group, groups on other data or tokenizers. Notes and warnings go to stderr: with --json,
+stdout is the JSON object alone.
 A warning names seeds without a partner in the baseline and groups compared at different steps.
 """
 
@@ -72,7 +74,8 @@ def direction(metric, lower=(), higher=()):
 
 def load_run(path, keys):
     """A run directory (or its log.jsonl) -> {"dir", "header", "setting", "name", "seed", "data_seed",
-    "values": {step: {metric: value}}, "max_iters", "last_step", "diverged", "warnings"}."""
+    "values": {step: {metric: value}}, "nonfinite": {step: {metric: NaN or inf}}, "max_iters", "last_step",
+    "diverged" (the step of its error record), "warnings"}."""
     if os.path.exists(path) and not os.path.isdir(path) and not path.endswith(".jsonl"):  # missing: read_run names it
         raise CompareError(f"{path}: not a run directory or a log.jsonl; pass train.py out_dirs")
     run = read_run(path)
@@ -85,28 +88,32 @@ def load_run(path, keys):
     if setting.changed_keys(first, items):
         warnings.append(f"{path}: its setting changed at a resume ({', '.join(setting.changed_keys(first, items))}); "
                         f"grouped by the last one")
-    values, diverged = {}, None
+    values, nonfinite, diverged = {}, {}, None
     for r in records:
         kind = r.get("type")
         if kind == "error":
             diverged = r.get("step")
         if kind in ("config", "resume", "train", "error") or not isinstance(r.get("step"), int):
             continue
-        row = values.setdefault(r["step"], {})
+        row, bad = values.setdefault(r["step"], {}), nonfinite.setdefault(r["step"], {})
+        flat = {}
         for key, v in r.items():
-            if key in NOT_METRICS:
-                continue
-            if isinstance(v, dict):
-                row.update({f"{key}/{k}": x for k, x in v.items() if _number(x)})
-            elif _number(v):
-                row[key] = v
+            if key not in NOT_METRICS:
+                flat.update({f"{key}/{k}": x for k, x in v.items()} if isinstance(v, dict) else {key: v})
+        for name, x in flat.items():  # a later record's value replaces an earlier one, finite or not
+            if _number(x):
+                row[name] = x
+                bad.pop(name, None)
+            elif isinstance(x, float):  # NaN or inf: the run diverged there (json reads NaN, Infinity)
+                bad[name] = x
+                row.pop(name, None)
     data_seed = header.get("data_seed", header.get("seed"))
     if data_seed == -1:  # a header written before the run resolved it
         data_seed = header.get("seed")
     return {"dir": path, "header": header, "setting": items, "name": setting.setting_name(items),
             "seed": header.get("seed"), "data_seed": data_seed, "values": values,
             "max_iters": header.get("max_iters"), "last_step": max(values, default=None), "diverged": diverged,
-            "warnings": warnings}
+            "nonfinite": nonfinite, "warnings": warnings}
 
 
 def _number(v):
@@ -182,14 +189,14 @@ def _matches(value, text):
 
 def values_at(group, metric, step):
     """{(seed, data_seed): the metric at step (None: at the run's end)} -> ({pair: value}, step). Refuses an
-    unfinished or diverged run (at its end), a run without the metric there, and mixed steps."""
+    unfinished run (at its end), a diverged one (at its end, at or past its error record, or where the metric
+    is NaN or inf), a run without the metric there, and mixed steps."""
     out, steps = {}, set()
     for run in group["runs"]:
         at = step
         if at is None:
             if run["diverged"] is not None:
-                raise CompareError(f"{run['dir']} diverged at step {run['diverged']} (its log's error record); "
-                                   f"leave it out and report it, or compare at an earlier --step")
+                raise diverged_error(run, metric, run["diverged"], "its log's error record")
             if run["last_step"] is None or run["max_iters"] is None or run["last_step"] < run["max_iters"]:
                 raise CompareError(f"{run['dir']} is unfinished: its last eval is at step {run['last_step']} of "
                                    f"max_iters {run['max_iters']} (still running, or stopped); finish it with the "
@@ -197,6 +204,10 @@ def values_at(group, metric, step):
                                    f"reached with --step")
             at = run["max_iters"]
         row = run["values"].get(at, {})
+        if metric in run["nonfinite"].get(at, {}):
+            raise diverged_error(run, metric, at, f"its {metric} is {run['nonfinite'][at][metric]}, not finite")
+        if metric not in row and run["diverged"] is not None and at >= run["diverged"]:
+            raise diverged_error(run, metric, run["diverged"], "its log's error record")
         if metric not in row:
             have = sorted(s for s, r in run["values"].items() if metric in r)
             raise CompareError(f"{run['dir']} has no {metric} at step {at} (it has {metric} at steps "
@@ -207,6 +218,15 @@ def values_at(group, metric, step):
         raise CompareError(f"group {group['label']}: its runs end at different steps {sorted(steps)}; pick one "
                            f"with --step")
     return out, steps.pop()
+
+
+def diverged_error(run, metric, step, why):
+    """The refusal of a run that diverged at step (why: what says so): like an unfinished run, it is left out
+    and reported, or compared at a step before."""
+    earlier = [s for s, r in run["values"].items() if metric in r and s < step]
+    return CompareError(f"{run['dir']} diverged at step {step} ({why}); leave it out and report it as diverged"
+                        + (f", or compare at an earlier --step (its last finite {metric} is at step {max(earlier)})"
+                           if earlier else ""))
 
 
 def paired(values, base, confidence):

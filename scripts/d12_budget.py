@@ -10,6 +10,7 @@ byte budget is the token budget times the train split's bytes per token (with do
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -17,8 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import hc  # noqa: E402
-from common import HelpFormatter, run_cli  # noqa: E402
+from common import HelpFormatter, positive_int, run_cli  # noqa: E402
 from data import tokenizer as toklib  # noqa: E402
+from errors import ConfigError  # noqa: E402
 from data.loader import load_meta  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from optim import ratio_steps  # noqa: E402
@@ -38,20 +40,42 @@ def d12_params(vocab_size, scheme):
     return model.num_params(non_embedding=False)
 
 
+def positive_number(text):
+    """argparse type: a finite number > 0 (a ratio of 0, a negative or inf one gives no budget)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def read_meta(d):
+    """A prepared dataset's meta.json; a ConfigError naming the directory and the fix."""
+    if os.path.isfile(d):
+        raise ConfigError(f"{d} is a file; pass prepared dataset directories (data/prepare.py's --out-dir, e.g. "
+                          f"data/pydocs)")
+    try:
+        return load_meta(d)
+    except ValueError as e:  # a damaged or foreign meta.json: its message says how to prepare it again
+        raise ConfigError(str(e)) from None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("data_dirs", nargs="+", help="prepared dataset directories (data/prepare.py)")
-    ap.add_argument("--ratio", type=float, default=20.0, help="tokens per parameter (nanochat: 20)")
-    ap.add_argument("--batch-tokens", type=int, default=524_288, help="tokens per step (nanochat: 524,288)")
+    ap.add_argument("--ratio", type=positive_number, default=20.0, help="tokens per parameter (nanochat: 20)")
+    ap.add_argument("--batch-tokens", type=positive_int, default=524_288, help="tokens per step (nanochat: 524,288)")
     ap.add_argument("--schemes", nargs="+", default=list(hc.SCHEMES), choices=hc.SCHEMES)
     args = ap.parse_args(argv)
 
     def body():
+        metas = [(d, read_meta(d)) for d in args.data_dirs]  # every directory checked before the table starts
         print("| data | tokenizer | vocab | val bytes/token (w/o, with BOS) | train bytes/token (w/o, with) |")
         print("|---|---|---:|---|---|")
         rows = []
-        for d in args.data_dirs:
-            meta = load_meta(d)
+        for d, meta in metas:
             name = toklib.describe(meta.get("tokenizer")).split(" (")[0]
             v, t = bytes_per_token(meta["splits"]["val"]), bytes_per_token(meta["splits"]["train"])
             print(f"| {d} | {name} | {meta['vocab_size']:,} | {v[0]:.3f}, {v[1]:.3f} | {t[0]:.3f}, {t[1]:.3f} |")

@@ -35,10 +35,12 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import runtime  # noqa: E402
 from checkpoint import load_model, load_tokenizer, resolve as resolve_ckpt  # noqa: E402
-from common import HelpFormatter, out_file_error, run_cli  # noqa: E402
+from common import HelpFormatter, run_cli  # noqa: E402
+from errors import ConfigError  # noqa: E402
 from evals.core import (EVAL_BUNDLE_URL, core_line, default_bundle_dir, download_bundle, evaluate_core,  # noqa: E402
                         load_bundle, select_tasks)
 from evals.results import save_core  # noqa: E402
+from rundir import check_output  # noqa: E402
 
 
 def main(argv=None):
@@ -56,9 +58,10 @@ def main(argv=None):
     ckpt = resolve_ckpt(args.ckpt)
     if args.out is None and ckpt.is_file():  # a missing checkpoint is named later
         args.out = ckpt.parent / "core.json"
-    why = out_file_error(args.out)  # now, not after the evaluation
-    if why:
-        ap.error(f"argument --out: {why}")
+    try:  # now, not after the evaluation; never a file of the run but its own
+        check_output(args.out, own=("core.json",))
+    except ConfigError as e:
+        ap.error(f"argument --out: {e}")
     if args.max_per_task == 0 or args.max_per_task < -1:
         ap.error(f"argument --max-per-task: must be >= 1, or -1 for all items, got {args.max_per_task}")
     return run_cli(lambda: _main(args), "eval_core.py")
@@ -75,7 +78,7 @@ def _main(args):
             dist.barrier()
         labels = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks is not None else None
         if labels == []:
-            raise ValueError("--tasks: no task labels given; pass e.g. --tasks hellaswag,piqa or leave it out for all")
+            raise ConfigError("--tasks: no task labels given; pass e.g. --tasks hellaswag,piqa or leave it out for all")
         select_tasks(load_bundle(bundle)[0], labels, bundle)  # a bad bundle or label fails before the model loads
         model, meta = load_model(args.ckpt, device)
         enc = load_tokenizer(meta)

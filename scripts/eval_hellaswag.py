@@ -35,9 +35,11 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import runtime  # noqa: E402
 from checkpoint import load_model, load_tokenizer, resolve as resolve_ckpt  # noqa: E402
-from common import HelpFormatter, out_file_error, positive_int, run_cli  # noqa: E402
+from common import HelpFormatter, positive_int, run_cli  # noqa: E402
+from errors import ConfigError  # noqa: E402
 from evals.hellaswag import download, evaluate_hellaswag, load_examples  # noqa: E402
 from evals.results import save_hellaswag  # noqa: E402
+from rundir import check_output  # noqa: E402
 
 
 def main(argv=None):
@@ -55,9 +57,10 @@ def main(argv=None):
     ckpt = resolve_ckpt(args.ckpt)
     if args.out is None and ckpt.is_file():  # a missing checkpoint is named later
         args.out = ckpt.parent / "hellaswag.json"
-    why = out_file_error(args.out)  # now, not after the evaluation
-    if why:
-        ap.error(f"argument --out: {why}")
+    try:  # now, not after the evaluation; never a file of the run but its own
+        check_output(args.out, own=("hellaswag.json",))
+    except ConfigError as e:
+        ap.error(f"argument --out: {e}")
     return run_cli(lambda: _main(args), "eval_hellaswag.py")
 
 

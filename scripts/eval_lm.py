@@ -13,7 +13,8 @@ SIQA; it prints each task's metric (acc_norm for HellaSwag, ARC-challenge and Op
 the others: evals.harness.COMMONSENSE) and their average.
 
 Results: lm-eval's results JSON beside the checkpoint (lm_eval_<tasks>_step<step>.json, or
---output), a "lm_eval" record in the run's log.jsonl with metrics named lm_eval/<task>/<metric>,
+--output: checked before anything is loaded, and never the run's log.jsonl, a checkpoint or another
+tool's results), a "lm_eval" record in the run's log.jsonl with metrics named lm_eval/<task>/<metric>,
 and the same metrics in the run's wandb run if it had one (--no-wandb to skip).
 Datasets come from the Hugging Face hub into its cache; on a node without network fill the cache
 elsewhere with --download-only and run with HF_DATASETS_OFFLINE=1 (docs/lm-eval.md).
@@ -33,6 +34,7 @@ import runtime  # noqa: E402
 from common import HelpFormatter, non_negative_int, positive_int, run_cli  # noqa: E402
 import checkpoint  # noqa: E402
 import rundir  # noqa: E402
+from errors import ConfigError  # noqa: E402
 
 
 def main(argv=None):
@@ -53,6 +55,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.ckpt is None and not args.download_only:
         ap.error("the checkpoint is required (or pass --download-only to fetch the datasets)")
+    if not args.download_only:  # the results file, before lm-eval, the checkpoint and the evaluation
+        ckpt = checkpoint.resolve(args.ckpt)
+        out = args.output
+        if out is None and ckpt.is_file():  # its step is read with the checkpoint: here its folder is checked
+            out = default_output(ckpt, args.tasks, "N", args.num_fewshot, args.limit)
+        try:
+            rundir.check_output(out, own=("lm_eval_*.json",))
+        except ConfigError as e:
+            ap.error(f"argument --output: {e}")
     return run_cli(lambda: _main(args), "eval_lm.py")
 
 
@@ -68,7 +79,7 @@ def default_output(ckpt, spec, step, num_fewshot, limit):
 
 def _main(args):
     if int(os.environ.get("RANK", -1)) != -1:
-        raise ValueError("eval_lm.py runs in one process: start it with python, not torchrun")
+        raise ConfigError("eval_lm.py runs in one process: start it with python, not torchrun")
     from evals import harness  # lm-eval is needed from here on (a one-line error with the pip command if it is missing)
     tasks = harness.expand_tasks(args.tasks)
     harness.check_tasks(tasks, args.include_path)  # before the checkpoint is read: a typo fails at once
@@ -86,14 +97,16 @@ def _main(args):
     cfg = meta.get("config") or {}
     use_wandb = bool(meta.get("wandb_id")) and cfg.get("wandb_log") and not args.no_wandb
     if use_wandb:  # online without an API key: say so now, not after the evaluation
-        from errors import ConfigError
         from tracking import WandbConfig, check_wandb
         try:
             check_wandb(WandbConfig(wandb_log=True, wandb_mode=cfg.get("wandb_mode", "online")))
-        except ConfigError:
-            raise ValueError(f"the checkpoint's run logs to wandb run {meta['wandb_id']} online, but no wandb API key "
-                             f"was found: run `wandb login`, set WANDB_MODE=offline (sync later with `wandb sync`), "
-                             f"or pass --no-wandb") from None
+        except ConfigError as e:   # the fixes that work here: not train.py's --wandb_mode flag
+            if "no wandb API key" not in str(e):   # a bad WANDB_INIT_TIMEOUT, WANDB_DIR, ...: wandb's own cause
+                raise ConfigError(f"the checkpoint's run logs to wandb run {meta['wandb_id']}, but {e}; or pass "
+                                  f"--no-wandb to evaluate without wandb") from None
+            raise ConfigError(f"the checkpoint's run logs to wandb run {meta['wandb_id']} online, but no wandb API "
+                              f"key was found: run `wandb login`, set WANDB_MODE=offline (sync later with `wandb "
+                              f"sync`), or pass --no-wandb") from None
     dtype = rt.dtype
     mc = model.config
     info = {"hcgpt_ckpt": str(ckpt), "step": meta.get("step"), "tokens": meta.get("tokens"), "arch": mc.arch,

@@ -14,14 +14,18 @@ from OPENAI_API_KEY) reads --rubric (data/tinystories_rubric.md) with the beginn
 completion, and answers one JSON object {"grammar", "creativity", "consistency", "plot"} of integers
 1-10. A reply that is not exactly that is asked for again (--parse-retries), then the item counts as a
 failure: it is reported, written out, and left out of the means; it is never a 0. Rate limits and
-timeouts are retried with backoff (--retries). Grades are cached by (judge model, rubric, judge
+timeouts are retried with backoff (--retries). The grading stops, writes what was graded and names the
+cause when the judge cannot be used: --judge-give-up requests in a row without a reply (a server that
+accepts connections but does not answer), an HTML page instead of the API (a wrong --judge-base-url),
+a refused key or model, or --judge-deadline passed. Grades are cached by (judge model, rubric, judge
 temperature, beginning, completion) in --cache ($HCGPT_CACHE_DIR/story_grades.jsonl, i.e.
 ~/.cache/hcgpt/story_grades.jsonl): a rerun, or another checkpoint with the same completion, costs
 nothing. Prints each criterion's mean with its 95 % Student-t interval and writes every prompt,
 completion, raw judge reply and grade to --output (default <run dir>/stories_<judge model>.json).
 --completions grades the completions of such a file again (another judge or rubric) without a model;
---compare prints the paired difference of two such files, prompt by prompt. Exit status 1 when any
-item failed (after the output is written).
+--compare prints the paired difference of two such files, prompt by prompt. Every path is checked
+before the model or the judge is used (the output: never a run's log.jsonl, checkpoint or another
+tool's results). Exit status 1 when any item failed (after the output is written).
 """
 
 import argparse
@@ -34,8 +38,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: spinning OpenMP threads starve a shared CPU
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import rundir  # noqa: E402
 import runtime  # noqa: E402
 from common import HelpFormatter, non_negative_int, positive_int, run_cli  # noqa: E402
+from errors import ConfigError  # noqa: E402
 from evals import results, stories  # noqa: E402
 
 
@@ -59,6 +65,11 @@ def main(argv=None):
                     help="an OpenAI-compatible API, e.g. http://localhost:8000/v1 (default: OpenAI's)")
     ap.add_argument("--judge-temperature", type=float, default=0.0)
     ap.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per request")
+    ap.add_argument("--judge-deadline", type=float, default=None, metavar="SECONDS",
+                    help="for the whole grading, then it stops and writes what was graded (default: twice the "
+                         "time of every call waiting --judge-timeout, --concurrency at a time; at least 600)")
+    ap.add_argument("--judge-give-up", type=positive_int, default=3, metavar="N",
+                    help="stop when N requests in a row get no reply within --judge-timeout")
     ap.add_argument("--rubric", default=str(stories.DEFAULT_RUBRIC),
                     help="the judge's instructions, with {beginning} and {completion}")
     ap.add_argument("--concurrency", type=positive_int, default=4, help="judge requests in flight")
@@ -81,7 +92,45 @@ def main(argv=None):
         ap.error(f"argument --temperature: must be >= 0 (0: greedy), got {args.temperature}")
     if not args.judge_timeout > 0:
         ap.error(f"argument --judge-timeout: must be > 0 seconds, got {args.judge_timeout}")
+    if args.judge_deadline is not None and not args.judge_deadline > 0:
+        ap.error(f"argument --judge-deadline: must be > 0 seconds, got {args.judge_deadline}")
+    if not args.compare:
+        check_paths(ap, args)
     return run_cli(lambda: _main(args), "eval_stories.py")
+
+
+def check_paths(ap, args):
+    """The files this run writes, before any work: the results file (never a run's own file, nor one of this
+    run's inputs) and the grade cache, which is appended to while the judge is paid."""
+    source = Path(args.completions) if args.completions else Path(args.ckpt)
+    if args.output is None and (source.is_file() or source.is_dir()):  # a missing source is named later
+        args.output = default_output(args)
+    args.cache = None if args.no_cache else Path(args.cache) if args.cache else stories.cache_file()
+    try:
+        rundir.check_output(args.output, own=("stories_*.json",))
+    except ConfigError as e:
+        ap.error(f"argument --output: {e}")
+    if args.output is not None:
+        for flag, path in (("--cache", args.cache), ("--prompts", args.prompts), ("--rubric", args.rubric)):
+            if path is not None and Path(path).resolve() == Path(args.output).resolve():
+                ap.error(f"argument --output: {args.output} is the {flag} file, which the results would replace; "
+                         f"pass another --output")
+    if args.cache is None:
+        return
+    folder = args.cache.parent
+    while not folder.exists():  # the cache's folder is made at its first grade
+        folder = folder.parent
+    try:
+        if folder == args.cache.parent:
+            rundir.check_output(args.cache)
+        elif not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+            raise ConfigError(f"cannot make {args.cache.parent}: {folder} is not a writable directory; pass "
+                              f"another --cache, or --no-cache")
+        if args.cache.is_file() and not os.access(args.cache, os.W_OK):
+            raise ConfigError(f"{args.cache} is read-only, and grades are appended to it; pass another --cache, "
+                              f"or --no-cache")
+    except ConfigError as e:
+        ap.error(f"argument --cache: {e}")
 
 
 def read_results(path):
@@ -93,12 +142,12 @@ def read_results(path):
             raise ValueError("an item without id, beginning or completion")
         return res
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: not a results file of eval_stories.py ({type(e).__name__}: {e}); pass the "
-                         f"JSON that --output wrote") from None
+        raise ConfigError(f"{path}: not a results file of eval_stories.py ({type(e).__name__}: {e}); pass the "
+                          f"JSON that --output wrote") from None
 
 
 def print_compare(a_path, b_path):
-    diff = stories.compare(read_results(a_path), read_results(b_path))
+    diff = stories.compare(read_results(a_path), read_results(b_path), (a_path, b_path))
     print(f"B - A over {diff['pairs']} prompts graded in both (A: {a_path}, B: {b_path})")
     for c in stories.CRITERIA:
         print(stories.format_row(c, diff[c]))
@@ -148,11 +197,8 @@ def default_output(args):
 def _main(args):
     if args.compare:
         return print_compare(*args.compare)
+    # every input and the cache are read before the model or the judge is used
     rubric = stories.load_rubric(args.rubric)
-    judge = None if args.dry_run else stories.Judge(
-        args.judge_model, args.judge_base_url, temperature=args.judge_temperature, timeout=args.judge_timeout,
-        retries=args.retries, parse_retries=args.parse_retries)  # no key: an error before any generation
-    output = Path(args.output) if args.output else default_output(args)
     if args.completions:
         res = read_results(args.completions)
         items = [{k: it[k] for k in ("id", "beginning", "completion", "new_tokens", "ended") if k in it}
@@ -161,21 +207,36 @@ def _main(args):
                   if k in res}
         source["completions_from"] = str(args.completions)
     else:
-        items, source = generate(args, stories.load_prompts(args.prompts))
-    cache_path = None if args.no_cache else Path(args.cache) if args.cache else stories.cache_file()
-    cache = stories.GradeCache(cache_path)
+        prompts = stories.load_prompts(args.prompts)
+    cache = stories.GradeCache(args.cache)
+    judge = None if args.dry_run else stories.Judge(
+        args.judge_model, args.judge_base_url, temperature=args.judge_temperature, timeout=args.judge_timeout,
+        retries=args.retries, parse_retries=args.parse_retries, give_up=args.judge_give_up)  # no key: said now
+    if not args.completions:
+        items, source = generate(args, prompts)
+    output = Path(args.output) if args.output else default_output(args)
     keys = [stories.cache_key(args.judge_model, rubric, args.judge_temperature, it["beginning"], it["completion"])
             for it in items]
     cached = sum(cache.get(k) is not None for k in keys)
-    where = args.judge_base_url or "the OpenAI API"
-    print(f"judge {args.judge_model} at {where}: {len(items) - cached} calls to make for {len(items)} completions "
-          f"({cached} graded already in {cache_path or 'no cache'}; a reply that does not parse is asked for again "
-          f"up to {args.parse_retries} times)", flush=True)
+    calls = len(items) - cached
+    deadline = args.judge_deadline or stories.default_deadline(calls, args.concurrency, args.judge_timeout)
+    where = judge.where if judge else args.judge_base_url or "the OpenAI API"
+    print(f"judge {args.judge_model} at {where}: {calls} calls to make for {len(items)} completions "
+          f"({cached} graded already in {args.cache or 'no cache'}; a reply that does not parse is asked for again "
+          f"up to {args.parse_retries} times; the grading stops after {deadline:g} s, or when "
+          f"{args.judge_give_up} requests in a row get no reply)", flush=True)
     if args.dry_run:
-        return {"calls": len(items) - cached, "cached": cached, "items": len(items)}
+        return {"calls": calls, "cached": cached, "items": len(items)}
 
-    counts = stories.grade_all(items, rubric, args.judge_model, args.judge_temperature, cache, judge,
-                               args.concurrency)
+    stopped = None
+    try:
+        stories.grade_all(items, rubric, args.judge_model, args.judge_temperature, cache, judge, args.concurrency,
+                          deadline=deadline)
+    except stories.JudgeError as e:  # the judge cannot go on: what was graded is still written
+        stopped = e
+    counts = stories.counts(items)
+    if stopped is not None and not counts["graded"]:
+        raise stopped  # nothing to keep: an earlier results file at --output stays as it was
     summary = stories.summarize(items)
     counts["truncated"] = sum(1 for it in items if it.get("ended") is False)
     result = {**source,
@@ -183,21 +244,22 @@ def _main(args):
                         "temperature": args.judge_temperature, "rubric": str(args.rubric),
                         "rubric_sha256": stories.sha256(rubric)},
               "summary": summary, "counts": counts, "items": items}
-    output.parent.mkdir(parents=True, exist_ok=True)
     results.save(output, result)
 
     print(f"{counts['graded']}/{counts['items']} graded ({counts['cached']} from the cache, {counts['judged']} judged)"
           + (f"; {counts['truncated']} completions ran into --max-new-tokens" if counts["truncated"] else ""))
     for c in stories.CRITERIA:
         print(stories.format_row(c, summary[c]))
+    print(f"wrote {output}")
+    if stopped is not None:
+        raise stories.JudgeError(f"{stopped} ({counts['graded']} of {counts['items']} items graded, written to "
+                                 f"{output})")
     if counts["failed"]:
         for it in items:
             if it["scores"] is None:
                 print(f"failed {it['id']}: {it['error']}", file=sys.stderr)
         print(f"eval_stories.py: {counts['failed']} of {counts['items']} items failed and are not in the means; "
               f"rerun the same command to ask again (the graded ones come from the cache)", file=sys.stderr)
-    print(f"wrote {output}")
-    if counts["failed"]:
         raise SystemExit(1)
     return result
 

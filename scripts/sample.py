@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import runtime  # noqa: E402
 from checkpoint import load_model, load_tokenizer  # noqa: E402
 from common import HelpFormatter, positive_int, run_cli  # noqa: E402
+from errors import ConfigError  # noqa: E402
 
 
 def decode(enc, ids):
@@ -36,7 +37,7 @@ def sample(model, enc, prompt, num_samples, max_new_tokens, temperature, top_k, 
            progress=True):
     """-> list of num_samples generated texts (prompt excluded); progress: a bar on stderr."""
     if temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
+        raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
     ids = enc.encode_ordinary(prompt) if prompt else [enc.eot_token]
     block_size = model.config.block_size
     if len(ids) > block_size:
@@ -82,7 +83,7 @@ def _main(args):
         try:
             prompt = Path(prompt[5:]).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"--prompt {args.prompt}: cannot read the prompt file ({e}); pass a readable "
+            raise ConfigError(f"--prompt {args.prompt}: cannot read the prompt file ({e}); pass a readable "
                              f"UTF-8 text file after FILE:") from None
     model, meta = load_model(args.ckpt, device)
     cfg = meta["model_config"]

@@ -11,7 +11,8 @@ last train loss, and the HellaSwag, CORE and lm-eval results it has; --full-summ
 the summary instead (the diagnostics too: 261 keys for the quickstart model with kromhc).
 
 A run resumed offline writes one offline-run-* directory per start, all with the same run id: it is
-listed once, from its latest start. The records are read by tracking.read_offline_run.
+listed once, from its latest start. A run file without its run record (its process killed at the start) is
+left out with a note. The records are read by tracking.read_offline_run.
 """
 
 import argparse
@@ -23,7 +24,8 @@ from pathlib import Path
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import tracking  # noqa: E402
-from common import HelpFormatter  # noqa: E402
+from common import HelpFormatter, run_cli  # noqa: E402
+from errors import ConfigError, NotFound  # noqa: E402
 
 # the summary keys --summary shows, in this order (then every lm_eval/ key)
 SUMMARY = ["tokens", "val/loss", "val/bpb", "train/loss", "train/loss_ema", "val/hellaswag_acc_norm",
@@ -40,9 +42,31 @@ def run_files(paths):
             pattern = "run-*.wandb" if p.name.startswith("offline-run-") else "**/offline-run-*/run-*.wandb"
             files += p.glob(pattern)
         else:
-            raise FileNotFoundError(f"{p}: no such file or directory; pass a wandb directory (WANDB_DIR/wandb) or "
-                                    f"an offline-run-* directory")
+            raise NotFound(f"{p}: no such file or directory; pass a wandb directory (WANDB_DIR/wandb) or an "
+                           f"offline-run-* directory")
+    if not files:
+        online = [p for p in map(Path, paths) if p.is_dir() and (p.name.startswith("run-") or any(p.glob("run-*")))]
+        raise ConfigError(f"no offline run files (offline-run-*/run-*.wandb) under {' '.join(paths)}"
+                          + ("; its run-* folders are online runs, already on the wandb server" if online else "")
+                          + "; pass the wandb folder of runs trained with --wandb_mode=offline (WANDB_DIR/wandb, "
+                            "./wandb by default)")
     return sorted(set(files), key=lambda f: f.parent.name)  # offline-run-<date>_<time>-<id>: in time order
+
+
+def read_runs(files):
+    """The runs of the files, one per run id (its latest start wins), each with "file" and "starts"."""
+    runs = {}
+    for f in files:
+        run = tracking.read_offline_run(str(f))
+        if not run["id"]:  # wandb writes the run record first: its process died before that
+            print(f"wandb_offline.py: note: {f}: no run record (the run stopped as it started); left out",
+                  file=sys.stderr)
+            continue
+        runs[run["id"]] = {**run, "file": str(f), "starts": runs.get(run["id"], {}).get("starts", 0) + 1}
+    if not runs:
+        raise ConfigError(f"none of the {len(files)} run file(s) holds a run record; pass the wandb folder of runs "
+                          f"that started")
+    return runs
 
 
 def brief(run):
@@ -64,30 +88,26 @@ def fmt(v):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("paths", nargs="+", help="wandb directories, offline-run-* directories or run-*.wandb files")
-    p.add_argument("--summary", action="store_true", help="also print each run's results (step, tokens, val loss "
-                                                          "and BPB, train loss, HellaSwag, CORE, lm-eval)")
-    p.add_argument("--full-summary", action="store_true", help="also print every key of each run's summary")
-    p.add_argument("--json", action="store_true", help="print the runs as one JSON object")
+    summary = p.add_mutually_exclusive_group()
+    summary.add_argument("--summary", action="store_true", help="also print each run's results (step, tokens, val "
+                                                                "loss and BPB, train loss, HellaSwag, CORE, lm-eval)")
+    summary.add_argument("--full-summary", action="store_true", help="also print every key of each run's summary")
+    p.add_argument("--json", action="store_true", help="print the runs as one JSON object (their whole summaries)")
     args = p.parse_args(argv)
-    try:
-        files = run_files(args.paths)
-        runs = {}
-        for f in files:  # the latest start of each run id wins
-            run = tracking.read_offline_run(str(f))
-            runs[run["id"]] = {**run, "file": str(f), "starts": runs.get(run["id"], {}).get("starts", 0) + 1}
-    except (OSError, ValueError) as e:
-        print(f"wandb_offline.py: error: {e}", file=sys.stderr)
-        return 1
-    if not runs:
-        print(f"wandb_offline.py: error: no offline run files under {' '.join(args.paths)}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: report(args), "wandb_offline.py")
+
+
+def report(args):
+    """The runs of main's arguments, printed: one line each (with --summary its results), then the groups -> 0."""
+    runs = read_runs(run_files(args.paths))
     # in start order; runs started in the same second (the directory names' resolution) by name
     runs = sorted(runs.values(), key=lambda r: ((Path(r["file"]).parent.name.split("-") + ["", "", ""])[2], r["name"]))
     if args.json:
         print(json.dumps(runs, indent=1))
         return 0
     for r in runs:
-        print(f"{r['id']}  {r['name']}  group={r['group']}  job_type={r['job_type']}  tags={','.join(r['tags'])}"
+        print(f"{r['id']}  {r['name'] or '-'}  group={r['group'] or '-'}  job_type={r['job_type'] or '-'}  "
+              f"tags={','.join(r['tags']) or '-'}"
               + (f"  ({r['starts']} starts)" if r["starts"] > 1 else ""))
         if args.full_summary:
             for k, v in sorted(r["summary"].items()):
@@ -97,7 +117,7 @@ def main(argv=None):
                 print(f"    {k} = {fmt(v)}")
     groups = {}
     for r in runs:
-        groups.setdefault(r["group"], []).append(r["name"])
+        groups.setdefault(r["group"] or "(no group)", []).append(r["name"] or r["id"])
     print(f"\n{len(groups)} group(s):")
     for g, names in groups.items():
         print(f"  {g}: {', '.join(names)}")

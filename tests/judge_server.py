@@ -8,7 +8,8 @@ Run as a script it answers every request with grades computed from surface featu
 (heuristic_grades: sentence punctuation, distinct words, words shared with the beginning, whether it
 ends on a full stop); such grades only show that the pipeline works, not how good a story is. The tests
 give JudgeServer their own `respond(body, n)`, which scripts each reply: text, malformed JSON, a 429
-with Retry-After, a delay past the client's timeout, any status.
+with Retry-After, a delay past the client's timeout, any status, no answer at all (hang), an HTML page
+(html). --mode hang / html runs the last two by hand.
 """
 
 import argparse
@@ -29,12 +30,27 @@ def reply(content, status=200, headers=None, delay=0.0):
     return {"content": content, "status": status, "headers": headers or {}, "delay": delay}
 
 
+def hang():
+    """No answer: the request is read and the connection held open until the server closes (a judge that
+    accepts connections but is stuck)."""
+    return {"hang": True}
+
+
+LOGIN_PAGE = "<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body><form>Password</form></body></html>\n"
+
+
+def html(page=LOGIN_PAGE, status=200):
+    """An HTML page instead of the API's JSON: what a proxy or a login page answers at a wrong URL."""
+    return {"raw": page, "status": status, "headers": {}, "delay": 0.0}
+
+
 class JudgeServer:
     """ThreadingHTTPServer on a free port of 127.0.0.1 in a daemon thread. respond(body, n) -> reply(...)
     for the n-th request (0-based, in arrival order); `requests` holds every request body."""
 
     def __init__(self, respond, port=0):
         self.respond, self.requests, self.lock = respond, [], threading.Lock()
+        self.closed = threading.Event()  # releases the requests that hang()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,6 +62,11 @@ class JudgeServer:
                 if not self.path.endswith("/chat/completions"):
                     return self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}}, {})
                 r = server.respond(body, n)
+                if r.get("hang"):
+                    server.closed.wait()
+                    return
+                if "raw" in r:
+                    return self._send(r["status"], r["raw"], r["headers"], "text/html; charset=utf-8")
                 time.sleep(r["delay"])
                 if r["status"] != 200:
                     return self._send(r["status"], {"error": {"message": str(r["content"]), "type": "scripted"}},
@@ -57,11 +78,11 @@ class JudgeServer:
                                  "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}},
                            r["headers"])
 
-            def _send(self, status, obj, headers):
-                data = json.dumps(obj).encode()
+            def _send(self, status, obj, headers, content_type="application/json"):
+                data = (obj if isinstance(obj, str) else json.dumps(obj)).encode()
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(data)))
                     for k, v in headers.items():
                         self.send_header(k, v)
@@ -80,6 +101,7 @@ class JudgeServer:
         self.thread.start()
 
     def close(self):
+        self.closed.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -131,9 +153,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port", type=int, default=8011)
     ap.add_argument("--rubric", default=str(stories.DEFAULT_RUBRIC), help="the rubric eval_stories.py sends")
+    ap.add_argument("--mode", default="grades", choices=["grades", "hang", "html"],
+                    help="grades: heuristic grades; hang: never answer; html: answer a login page")
     args = ap.parse_args(argv)
-    server = JudgeServer(heuristic_judge(stories.load_rubric(args.rubric)), port=args.port)
-    print(f"scripted stand-in judge (surface heuristics, not an LLM) at {server.url}; Ctrl-C stops it", flush=True)
+    respond = {"grades": heuristic_judge(stories.load_rubric(args.rubric)), "hang": lambda body, n: hang(),
+               "html": lambda body, n: html()}[args.mode]
+    server = JudgeServer(respond, port=args.port)
+    print(f"scripted stand-in judge ({args.mode}; not an LLM) at {server.url}; Ctrl-C stops it", flush=True)
     try:
         server.thread.join()
     except KeyboardInterrupt:

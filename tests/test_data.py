@@ -83,7 +83,7 @@ def fineweb_dir(enc, corpus, tmp_path_factory):
 
 def split_stream(data_dir, split):
     meta = load_meta(data_dir)
-    parts = [shards.read_shard(Path(data_dir) / s["file"]) for s in meta["splits"][split]["shards"]]
+    parts = [shards.open_shard(Path(data_dir) / s["file"]) for s in meta["splits"][split]["shards"]]
     return np.concatenate(parts).astype(np.int64)
 
 
@@ -164,7 +164,7 @@ def test_header_round_trip(tmp_path):
     header = np.fromfile(p, dtype="<i4", count=256)
     assert header[0] == 20240520 and header[1] == 1 and header[2] == 5 and not header[3:].any()
     assert shards.read_header(p) == 5
-    np.testing.assert_array_equal(shards.read_shard(p), tokens)
+    np.testing.assert_array_equal(shards.open_shard(p), tokens)
     assert not list(tmp_path.glob("*.tmp"))
     shards.write_shard(tmp_path / "empty.bin", np.zeros(0, dtype=np.int64))
     assert shards.read_header(tmp_path / "empty.bin") == 0
@@ -224,7 +224,7 @@ def test_prepare_fineweb_edu_local_parquet(enc, corpus, fineweb_dir):
         assert all(n == SHARD_TOKENS for n in sizes[:-1]) and 0 < sizes[-1] <= SHARD_TOKENS
         assert [s["file"] for s in info["shards"]] == [f"{split}_{i:06d}.bin" for i in range(len(sizes))]
     assert len(meta["splits"]["train"]["shards"]) >= 5
-    starts = [shards.read_shard(fineweb_dir / s["file"])[0] for s in meta["splits"]["train"]["shards"]]
+    starts = [shards.open_shard(fineweb_dir / s["file"])[0] for s in meta["splits"]["train"]["shards"]]
     assert any(t != tok.EOT for t in starts)  # some shard begins mid-document
     assert not (fineweb_dir / "progress.json").exists()
     assert prep.verify(fineweb_dir)["splits"] == meta["splits"]

@@ -19,7 +19,7 @@ def test_no_import_cycle_and_the_library_imports_no_script():
     assert evals <= set(g)
     # the evaluations read no config and no run directory; the package's __init__ imports none of its modules
     assert not {d for m in evals for d in g[m]} & {"configurator", "train", "rundir"}
-    assert g["evals"] == []
+    assert not [d for d in g["evals"] if d.startswith("evals.")]
     assert import_graph.cycles(g) == []
     assert import_graph.library_imports_of_scripts(g) == []
     # the reference path never imports its safety net; the check depends on what it checks

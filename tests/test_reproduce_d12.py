@@ -211,7 +211,7 @@ def test_tokenizer_from_checkpoint_is_checked(bpe, bpe_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(bpe_data, data)
     (data / "tokenizer.tiktoken").write_bytes(b"AAAA 0\n")
-    with pytest.raises(ConfigError, match=r"tokenizer\.tiktoken: sha256 .*--tokenizer FILE --restart"):
+    with pytest.raises(ConfigError, match=r"tokenizer\.tiktoken: sha256 .*--tokenizer \S+pydocs-4096\.tiktoken --out-dir \S+ --restart"):
         train.main(tiny_args(data, tmp_path / "new", "--max_iters=2"))
     assert not (tmp_path / "new").exists()
 

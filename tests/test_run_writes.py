@@ -286,7 +286,10 @@ def test_check_output_guards_a_runs_files(base_run, tmp_path):
         with pytest.raises(ConfigError, match=rf"{base_run / name} is a file of the run in {base_run}"):
             rundir.check_output(str(base_run / name))
     rundir.check_output(str(base_run / "core.json"), own=("core.json",))   # the tool's own results file
-    rundir.check_output(str(base_run / "lm_eval_results.json"))            # a new file beside the run
+    rundir.check_output(str(base_run / "lm_eval_x.json"), own=("lm_eval_*.json",))   # eval_lm's, by pattern
+    with pytest.raises(ConfigError, match="is a file of the run"):
+        rundir.check_output(str(base_run / "stories_judge.json"), own=("lm_eval_*.json",))
+    rundir.check_output(str(base_run / "notes.json"))            # a new file beside the run
     rundir.check_output(str(tmp_path / "ckpt.pt"))    # a folder that is not a run (no log.jsonl): nothing to guard
     with pytest.raises(ConfigError, match="does not exist; create it"):
         rundir.check_output(str(tmp_path / "missing" / "out.json"))

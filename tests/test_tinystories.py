@@ -49,7 +49,7 @@ def write_parquet(path, stories):
 
 def stream(out, split):
     meta = load_meta(out)
-    return np.concatenate([shards.read_shard(Path(out) / s["file"]) for s in meta["splits"][split]["shards"]])
+    return np.concatenate([shards.open_shard(Path(out) / s["file"]) for s in meta["splits"][split]["shards"]])
 
 
 def expected(enc, stories):
@@ -148,6 +148,25 @@ def test_hub_path_reads_the_published_parquet_splits(tmp_path, enc, monkeypatch)
     np.testing.assert_array_equal(stream(tmp_path / "out", "train"), expected(enc, TRAIN))
 
 
+def test_tokenizer_trains_on_the_train_split_only(tmp_path, monkeypatch, capsys):
+    """`tokenizer.py train tinystories` reads the published train split, none of the validation stories."""
+    import datasets
+    from data import tokenizer as tok
+
+    def fake_load_dataset(name, split=None, data_files=None, **kw):
+        return datasets.Dataset.from_dict({"text": VAL if "validation" in data_files else TRAIN})
+
+    def texts_only(texts, vocab_size, name):
+        seen.extend(texts)
+        raise ValueError("the texts are all this test needs")
+
+    seen = []
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(tok, "train_bpe", texts_only)
+    assert tok.main(["train", "tinystories", "--out", str(tmp_path / "t.tiktoken")]) == 1
+    assert "the texts are all this test needs" in capsys.readouterr().err and seen == TRAIN
+
+
 def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch):
     import datasets
 
@@ -159,7 +178,7 @@ def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch):
         prep.prepare("tinystories", out_dir=tmp_path / "out", workers=1, progress=False, log=lambda *a: None)
 
 
-def test_config_and_sweep_preset(capsys):
+def test_config_and_sweep_preset(capsys, tmp_path):
     import config
     import configurator
     import hc
@@ -169,7 +188,7 @@ def test_config_and_sweep_preset(capsys):
     assert (cfg["dataset"], cfg["block_size"], cfg["n_layer"], cfg["n_embd"], cfg["n_head"]) == \
         ("tinystories", 512, 8, 512, 16)
     assert cfg["total_batch_tokens"] % (cfg["batch_size"] * cfg["block_size"] * 8) == 0  # 1 to 8 GPUs
-    assert sweep.main(["--preset", "tinystories", "--nproc", "1"]) == 0
+    assert sweep.main(["--preset", "tinystories", "--nproc", "1", "--out_root", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(hc.SCHEMES) and all("configs/tinystories.py" in line for line in lines)
     assert {line.split("--scheme=")[1].split()[0] for line in lines} == set(hc.SCHEMES)

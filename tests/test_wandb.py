@@ -169,3 +169,76 @@ def test_the_name_mapping_and_the_tags_override():
     header = dict(config.DEFAULTS, n_streams=4, scheme="mhc", tokenizer="gpt2")
     assert tracking.wandb_tags(header) == ["mhc", "n4", "gpt2", "adamw", "pydocs", "tokenizer:gpt2"]
     assert tracking.wandb_tags(dict(header, wandb_tags="ablation, v2, ablation,")) == ["ablation", "v2"]  # each once
+
+
+def test_the_users_values_are_checked_before_wandb_starts(tmp_path, monkeypatch):
+    """A long tag, a timeout wandb refuses and a folder wandb cannot write in are each one line naming the key
+    and the fix, said by check_wandb (train.py calls it before building anything); nothing starts wandb."""
+    import wandb
+    from errors import ConfigError
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
+    # wandb's own limit (its settings' validation, offline): 64 characters a tag
+    wandb.Settings(run_tags=("t" * tracking.TAG_MAX,))
+    with pytest.raises(ValueError, match="65 characters"):
+        wandb.Settings(run_tags=("t" * (tracking.TAG_MAX + 1),))
+    ok = dict(wandb_log=True, wandb_mode="offline")
+    tracking.check_wandb(tracking.WandbConfig(**ok, wandb_tags="a, " + "t" * 64))
+    with pytest.raises(ConfigError, match="config key 'wandb_tags': the tag 't{65}' has 65 characters, but wandb "
+                                          "takes at most 64; shorten it"):
+        tracking.check_wandb(tracking.WandbConfig(**ok, wandb_tags="a, " + "t" * 65))
+    with pytest.raises(ConfigError, match="'wandb_tags'"):  # start_wandb's tags, without check_wandb
+        tracking.wandb_tags(dict(config.DEFAULTS, wandb_tags="t" * 65))
+    for value in ("inf", "nan", "0", "-3", "soon"):
+        monkeypatch.setenv("WANDB_INIT_TIMEOUT", value)
+        with pytest.raises(ConfigError, match=f"WANDB_INIT_TIMEOUT={value!r} in the environment is not a finite "
+                                              f"number of seconds > 0; set it to one"):
+            tracking.check_wandb(tracking.WandbConfig(**ok))
+        tracking.check_wandb(tracking.WandbConfig())  # without wandb_log nothing of wandb's is checked
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "120")
+    assert tracking.init_timeout() == 120.0
+    (tmp_path / "f").write_text("")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "f"))  # a file: wandb would move the run to the temp folder
+    with pytest.raises(ConfigError, match=f"wandb writes its run files in {tmp_path / 'f' / 'wandb'} \\(under "
+                                          f"WANDB_DIR\\), but {tmp_path / 'f'} is not a writable folder; set WANDB_DIR"):
+        tracking.check_wandb(tracking.WandbConfig(**ok))
+    tracking.check_wandb(tracking.WandbConfig(wandb_log=True, wandb_mode="disabled"))  # writes no files
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "new" / "dir"))  # missing: wandb makes it
+    tracking.check_wandb(tracking.WandbConfig(**ok))
+
+
+def test_a_failed_start_is_said_by_its_cause(tmp_path, monkeypatch):
+    """wandb.init raising (monkeypatched: no service, no network): offline is never blamed on the network or the
+    key; a file error names the folder, a refused value the keys, a rejected key the login."""
+    import wandb
+    from wandb.errors import AuthenticationError, CommError
+    from errors import ConfigError
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")  # a guard: were wandb.init not replaced, no network either
+    for var in ("WANDB_INIT_TIMEOUT", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        wandb.Settings(run_tags=("t" * 65,))
+    except ValueError as e:
+        refused = e  # pydantic's ValidationError, as wandb.init raises it
+    network = "check the network and the key"
+    for mode, exc, needle in [
+            ("offline", RuntimeError("service died"), "wandb could not start the offline run (RuntimeError: service "
+                                                      "died; offline mode uses no network)"),
+            ("offline", PermissionError(13, "Permission denied", str(tmp_path / "wandb")),
+             f"could not write its run files in {tmp_path / 'wandb'} (PermissionError"),
+            ("online", NotADirectoryError(20, "Not a directory", str(tmp_path / "wandb" / "run-x")), "set WANDB_DIR"),
+            ("offline", refused, "wandb refused a value of the run (ValidationError: 1 validation error for "
+                                 "Settings run_tags "),  # pydantic's cause, below its first line, is kept
+            ("online", AuthenticationError("invalid API key"), "wandb rejected the API key (AuthenticationError: "
+                                                                "invalid API key); run `wandb login --relogin`"),
+            ("online", CommError("timed out"), f"could not start the run at https://api.wandb.ai within 60 s "
+                                               f"(CommError: timed out); {network}")]:
+        def init(*args, exc=exc, **kwargs):
+            raise exc
+        monkeypatch.setattr(wandb, "init", init)
+        with pytest.raises(ConfigError) as e:
+            tracking.init_run(project="p", mode=mode)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+        assert exc is not refused or "65 characters" in str(e.value)
+        assert (network in str(e.value)) == (type(exc) is CommError)  # online, and no other cause

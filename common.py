@@ -7,7 +7,6 @@
     rng_state          every random stream of a process, saved in checkpoints for exact resume
     run_cli            a script's body: a user's mistake ends in one line and exit status 1
     HelpFormatter      a script's --help: its docstring as written, every option's default
-    out_file_error     a results file that cannot be written, said before the work that produces it
 """
 
 import argparse
@@ -181,21 +180,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             action = copy.copy(action)
             action.help = f"{text} (default: {str(default).replace('%', '%%')})".lstrip()
         return super()._format_action(action)
-
-
-def out_file_error(path):
-    """Why a script cannot write its results file at path, or None ("-" or None: no file). Checked
-    when the script starts: a long evaluation must not end in a missing folder."""
-    if path in (None, "-"):
-        return None
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return f"{path} is a directory; pass a file path"
-    if not os.path.isdir(parent):
-        return f"the folder {parent} does not exist; create it, or pass another path"
-    if not os.access(parent, os.W_OK):
-        return f"cannot write in {parent}; pass another path"
-    return None
 
 
 def run_cli(main_body, prog):

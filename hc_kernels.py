@@ -450,10 +450,8 @@ def _kernel(fn, device):
     key = (fn, device.type, _interpreting())
     if key not in _KERNELS:
         interpret = device.type == "cpu" or _interpreting()   # fixed PRE_CPU tiles there
-        if fn in (_pre_mix_fwd_kernel, _pre_mix_bwd_kernel) and not interpret:
-            _KERNELS[key] = autotuned(fn)
-        else:
-            _KERNELS[key] = _jit(fn, interpret)
+        tuned = fn in (_pre_mix_fwd_kernel, _pre_mix_bwd_kernel) and not interpret
+        _KERNELS[key] = autotuned(fn) if tuned else _jit(fn, interpret)
     return _KERNELS[key]
 
 
@@ -500,33 +498,77 @@ def _rows(t, *tail):
 # ----------------------------------------------------------------------------------------
 # custom ops and their autograd
 
-@torch.library.custom_op("hcgpt::pre_mix", mutates_args=())
-def pre_mix(h: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, gate_scale: torch.Tensor,
-            gate_bias: torch.Tensor, per_stream: bool, tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(a): h (..., n, C) -> m (..., R) [(..., n, R) per stream], rstd (...) [(..., n)], x_in (..., C)."""
+def _empty(t, dtype=None):
+    return torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def _pre_outputs(h, R, per_stream):
+    """Empty m (..., R) [(..., n, R) per stream] and rstd (...) [(..., n)] in fp32, x_in (..., C)."""
+    *lead, n, C = h.shape
+    mshape = (*lead, n, R) if per_stream else (*lead, R)
+    return (h.new_empty(mshape, dtype=torch.float32), h.new_empty(mshape[:-1], dtype=torch.float32),
+            h.new_empty((*lead, C)))
+
+
+def _pre_mix_fwd(h, weight, gain, gate_scale, gate_bias, per_stream, tf32, post=None):
+    """pre_mix of h, or with post = (y, H_res, H_post) post_pre_mix -> h_new (None without post), m, rstd, x_in."""
     *lead, n, C = h.shape
     R = weight.shape[1]
     hr = _rows(h, n, C)
     M = hr.shape[0]
-    mshape = (*lead, n, R) if per_stream else (*lead, R)
-    m = h.new_empty(mshape, dtype=torch.float32)
-    rstd = h.new_empty(mshape[:-1], dtype=torch.float32)
-    x_in = h.new_empty((*lead, C))
+    h_new = None if post is None else _empty(h)
+    m, rstd, x_in = _pre_outputs(h, R, per_stream)
     if M > 0:
+        hs = hr if post is None else h_new.view(M, n, C)   # the streams (a) reads (POST writes them first)
         _launch_pre(_pre_mix_fwd_kernel, M, h.device,
-                    hr, weight.contiguous(), gain.contiguous(), gate_scale, gate_bias.contiguous(), m, rstd, x_in,
-                    hr, x_in, m, m,                      # no POST: unused
-                    M, C, R, *hr.stride(), 0, 0, 0, EPS, N=n, N_PAD=_pow2(n), R_PAD=_pow2(R, 16), HC=per_stream,
-                    POST=False, PRECISION="tf32" if tf32 else "ieee")
-    return m, rstd, x_in
+                    hs, weight.contiguous(), gain.contiguous(), gate_scale, gate_bias.contiguous(), m, rstd, x_in,
+                    hr, *((x_in, m, m) if post is None else (t.contiguous() for t in post)),   # no POST: unused
+                    M, C, R, *hs.stride(), *(hr.stride() if post is not None else (0, 0, 0)), EPS,
+                    N=n, N_PAD=_pow2(n), R_PAD=_pow2(R, 16), HC=per_stream, POST=post is not None,
+                    PRECISION="tf32" if tf32 else "ieee")
+    return h_new, m, rstd, x_in
+
+
+def _pre_mix_bwd(hs, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, grad_hs, per_stream, tf32,
+                 post=None):
+    """The backward of (a) on the streams hs it read, grad_hs (None: none) their gradient from beyond (a), added in
+    -> grad hs, G, dL/dH_pre. With post = (h, y, H_res, H_post), hs = H_res h + H_post y (post_pre_mix) and its
+    gradient goes on through (b) on chip -> grad h, G, dL/dH_pre, grad y, grad H_res, grad H_post (fp32)."""
+    *lead, n, C = hs.shape
+    R = weight.shape[1]
+    hr = _rows(hs, n, C)
+    M = hr.shape[0]
+    grad_h, dH = _empty(hs), hs.new_empty((*lead, n), dtype=torch.float32)
+    G = torch.zeros(weight.shape, dtype=torch.float32, device=hs.device)
+    if post is None:
+        grads_b, b_args, hp_strides = (), (hr, grad_x, dH, dH, grad_x, dH, dH), (0, 0, 0)   # no POST: unused
+    else:
+        h, y, H_res, H_post = post
+        hp = _rows(h, n, C)
+        grads_b = (_empty(y), _empty(H_res, torch.float32), _empty(H_post, torch.float32))
+        b_args, hp_strides = (hp, y.contiguous(), H_res.contiguous(), H_post.contiguous(), *grads_b), hp.stride()
+    if M > 0:
+        gu = torch.empty((1,) if per_stream else (M, R), dtype=torch.float32, device=hs.device)
+        _launch_pre(_pre_mix_bwd_kernel, M, hs.device,
+                    hr, weight.contiguous(), gain.contiguous(), gate_scale, gate_bias.contiguous(), m, rstd,
+                    m if grad_m is None else grad_m.contiguous(), grad_x.contiguous(),
+                    grad_h if grad_hs is None else grad_hs.contiguous(), grad_h, G, dH, gu, *b_args,
+                    M, C, R, *hr.stride(), *hp_strides,
+                    N=n, N_PAD=_pow2(n), R_PAD=_pow2(R, 16), HC=per_stream, HAS_GM=grad_m is not None,
+                    HAS_GA=grad_hs is not None, POST=post is not None, PRECISION="tf32" if tf32 else "ieee")
+    return (grad_h, G, dH, *grads_b)
+
+
+@torch.library.custom_op("hcgpt::pre_mix", mutates_args=())
+def pre_mix(h: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, gate_scale: torch.Tensor,
+            gate_bias: torch.Tensor, per_stream: bool, tf32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a): h (..., n, C) -> m (..., R) [(..., n, R) per stream], rstd (...) [(..., n)], x_in (..., C)."""
+    return _pre_mix_fwd(h, weight, gain, gate_scale, gate_bias, per_stream, tf32)[1:]
 
 
 @pre_mix.register_fake
 def _(h, weight, gain, gate_scale, gate_bias, per_stream, tf32):
-    *lead, n, C = h.shape
-    mshape = (*lead, n, weight.shape[1]) if per_stream else (*lead, weight.shape[1])
-    return (h.new_empty(mshape, dtype=torch.float32), h.new_empty(mshape[:-1], dtype=torch.float32),
-            h.new_empty((*lead, C)))
+    return _pre_outputs(h, weight.shape[1], per_stream)
 
 
 @torch.library.custom_op("hcgpt::pre_mix_backward", mutates_args=())
@@ -536,31 +578,13 @@ def pre_mix_backward(h: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, 
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> grad h (+ grad_h_post, h's gradient from (b), when given), G = Σ_tokens x ⊗ grad_u (K, R) fp32,
     dL/dH_pre (..., n) fp32."""
-    *lead, n, C = h.shape
-    R = weight.shape[1]
-    hr = _rows(h, n, C)
-    M = hr.shape[0]
-    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-    G = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
-    dH = h.new_empty((*lead, n), dtype=torch.float32)
-    if M > 0:
-        gu = torch.empty((1,) if per_stream else (M, R), dtype=torch.float32, device=h.device)
-        gm = grad_m.contiguous() if grad_m is not None else m
-        _launch_pre(_pre_mix_bwd_kernel, M, h.device,
-                    hr, weight.contiguous(), gain.contiguous(), gate_scale, gate_bias.contiguous(), m, rstd, gm,
-                    grad_x.contiguous(), grad_h if grad_h_post is None else grad_h_post.contiguous(),
-                    grad_h, G, dH, gu,
-                    hr, grad_x, dH, dH, grad_x, dH, dH,  # no POST: unused
-                    M, C, R, *hr.stride(), 0, 0, 0,
-                    N=n, N_PAD=_pow2(n), R_PAD=_pow2(R, 16), HC=per_stream, HAS_GM=grad_m is not None,
-                    HAS_GA=grad_h_post is not None, POST=False, PRECISION="tf32" if tf32 else "ieee")
-    return grad_h, G, dH
+    return _pre_mix_bwd(h, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, grad_h_post, per_stream,
+                        tf32)
 
 
 @pre_mix_backward.register_fake
 def _(h, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, grad_h_post, per_stream, tf32):
-    return (torch.empty_like(h, memory_format=torch.contiguous_format),
-            weight.new_empty(weight.shape, dtype=torch.float32), h.new_empty(h.shape[:-1], dtype=torch.float32))
+    return _empty(h), _empty(weight, torch.float32), h.new_empty(h.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("hcgpt::post_pre_mix", mutates_args=())
@@ -569,31 +593,12 @@ def post_pre_mix(h: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: 
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(b) of one connection and (a) of the next in one kernel: h (..., n, C), y (..., C), H_res (..., n, n),
     H_post (..., n) -> h_new = H_res h + H_post y (h's dtype), and pre_mix(h_new): m, rstd, x_in."""
-    *lead, n, C = h.shape
-    R = weight.shape[1]
-    hr = _rows(h, n, C)
-    M = hr.shape[0]
-    mshape = (*lead, n, R) if per_stream else (*lead, R)
-    h_new = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-    m = h.new_empty(mshape, dtype=torch.float32)
-    rstd = h.new_empty(mshape[:-1], dtype=torch.float32)
-    x_in = h.new_empty((*lead, C))
-    if M > 0:
-        hn = h_new.view(M, n, C)
-        _launch_pre(_pre_mix_fwd_kernel, M, h.device,
-                    hn, weight.contiguous(), gain.contiguous(), gate_scale, gate_bias.contiguous(), m, rstd, x_in,
-                    hr, y.contiguous(), H_res.contiguous(), H_post.contiguous(),
-                    M, C, R, *hn.stride(), *hr.stride(), EPS, N=n, N_PAD=_pow2(n), R_PAD=_pow2(R, 16),
-                    HC=per_stream, POST=True, PRECISION="tf32" if tf32 else "ieee")
-    return h_new, m, rstd, x_in
+    return _pre_mix_fwd(h, weight, gain, gate_scale, gate_bias, per_stream, tf32, (y, H_res, H_post))
 
 
 @post_pre_mix.register_fake
 def _(h, y, H_res, H_post, weight, gain, gate_scale, gate_bias, per_stream, tf32):
-    *lead, n, C = h.shape
-    mshape = (*lead, n, weight.shape[1]) if per_stream else (*lead, weight.shape[1])
-    return (torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(mshape, dtype=torch.float32),
-            h.new_empty(mshape[:-1], dtype=torch.float32), h.new_empty((*lead, C)))
+    return (_empty(h), *_pre_outputs(h, weight.shape[1], per_stream))
 
 
 @torch.library.custom_op("hcgpt::post_pre_mix_backward", mutates_args=())
@@ -606,39 +611,17 @@ def post_pre_mix_backward(h: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor,
     """The backward of post_pre_mix, one kernel: h_new's gradient (from (a), plus grad_h_new from beyond it)
     is formed on chip and taken through (b) -> grad h, grad y, grad H_res, grad H_post, and pre_mix_backward's
     G, dL/dH_pre."""
-    *lead, n, C = h.shape
-    R = weight.shape[1]
-    hr = _rows(h, n, C)
-    M = hr.shape[0]
-    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-    grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    grad_res = torch.empty(H_res.shape, dtype=torch.float32, device=h.device)
-    grad_post = torch.empty(H_post.shape, dtype=torch.float32, device=h.device)
-    G = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
-    dH = h.new_empty((*lead, n), dtype=torch.float32)
-    if M > 0:
-        hn = h_new.reshape(M, n, C)
-        gu = torch.empty((1,) if per_stream else (M, R), dtype=torch.float32, device=h.device)
-        gm = grad_m.contiguous() if grad_m is not None else m
-        _launch_pre(_pre_mix_bwd_kernel, M, h.device,
-                    hn, weight.contiguous(), gain.contiguous(), gate_scale, gate_bias.contiguous(), m, rstd, gm,
-                    grad_x.contiguous(), hn if grad_h_new is None else grad_h_new.contiguous(),
-                    grad_h, G, dH, gu,
-                    hr, y.contiguous(), H_res.contiguous(), H_post.contiguous(), grad_y, grad_res, grad_post,
-                    M, C, R, *hn.stride(), *hr.stride(),
-                    N=n, N_PAD=_pow2(n), R_PAD=_pow2(R, 16), HC=per_stream, HAS_GM=grad_m is not None,
-                    HAS_GA=grad_h_new is not None, POST=True, PRECISION="tf32" if tf32 else "ieee")
+    grad_h, G, dH, grad_y, grad_res, grad_post = _pre_mix_bwd(
+        h_new, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, grad_h_new, per_stream, tf32,
+        (h, y, H_res, H_post))
     return grad_h, grad_y, grad_res.to(H_res.dtype), grad_post.to(H_post.dtype), G, dH
 
 
 @post_pre_mix_backward.register_fake
 def _(h, y, H_res, H_post, h_new, weight, gain, gate_scale, gate_bias, m, rstd, grad_m, grad_x, grad_h_new,
       per_stream, tf32):
-    return (torch.empty_like(h, memory_format=torch.contiguous_format),
-            torch.empty_like(y, memory_format=torch.contiguous_format),
-            torch.empty_like(H_res, memory_format=torch.contiguous_format),
-            torch.empty_like(H_post, memory_format=torch.contiguous_format),
-            weight.new_empty(weight.shape, dtype=torch.float32), h.new_empty(h.shape[:-1], dtype=torch.float32))
+    return (_empty(h), _empty(y), _empty(H_res), _empty(H_post), _empty(weight, torch.float32),
+            h.new_empty(h.shape[:-1], dtype=torch.float32))
 
 
 def _post_pre_mix_setup(ctx, inputs, output):
@@ -718,7 +701,7 @@ def post_mix(h: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: torc
     *lead, n, C = h.shape
     hr = _rows(h, n, C)
     M = hr.shape[0]
-    out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    out = _empty(h)
     if M > 0:
         BLOCK_M, BLOCK_C = _post_blocks(C, h.device.type == "cpu" or _interpreting())
         _launch(_post_mix_fwd_kernel, (triton.cdiv(M, BLOCK_M),), h.device,
@@ -729,7 +712,7 @@ def post_mix(h: torch.Tensor, y: torch.Tensor, H_res: torch.Tensor, H_post: torc
 
 @post_mix.register_fake
 def _(h, y, H_res, H_post):
-    return torch.empty_like(h, memory_format=torch.contiguous_format)
+    return _empty(h)
 
 
 @torch.library.custom_op("hcgpt::post_mix_backward", mutates_args=())
@@ -738,10 +721,8 @@ def post_mix_backward(grad_out: torch.Tensor, h: torch.Tensor, y: torch.Tensor, 
     *lead, n, C = h.shape
     hr = _rows(h, n, C)
     M = hr.shape[0]
-    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-    grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    grad_res = torch.empty(H_res.shape, dtype=torch.float32, device=h.device)
-    grad_post = torch.empty(H_post.shape, dtype=torch.float32, device=h.device)
+    grad_h, grad_y = _empty(h), _empty(y)
+    grad_res, grad_post = _empty(H_res, torch.float32), _empty(H_post, torch.float32)
     if M > 0:
         BLOCK_M, BLOCK_C = _post_blocks(C, h.device.type == "cpu" or _interpreting())
         _launch(_post_mix_bwd_kernel, (triton.cdiv(M, BLOCK_M),), h.device,
@@ -753,10 +734,7 @@ def post_mix_backward(grad_out: torch.Tensor, h: torch.Tensor, y: torch.Tensor, 
 
 @post_mix_backward.register_fake
 def _(grad_out, h, y, H_res, H_post):
-    return (torch.empty_like(h, memory_format=torch.contiguous_format),
-            torch.empty_like(y, memory_format=torch.contiguous_format),
-            torch.empty_like(H_res, memory_format=torch.contiguous_format),
-            torch.empty_like(H_post, memory_format=torch.contiguous_format))
+    return _empty(h), _empty(y), _empty(H_res), _empty(H_post)
 
 
 def _post_mix_setup(ctx, inputs, output):
@@ -779,7 +757,7 @@ def sinkhorn_op(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """(c): doubly stochastic (..., n, n) from fp32 logits; the iteration of hc.SinkhornLog."""
     n = logits.shape[-1]
     z = _rows(logits, n, n).contiguous()
-    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    out = _empty(logits)
     if z.shape[0] > 0:
         B = _sinkhorn_block(n)
         _launch(_sinkhorn_fwd_kernel, (triton.cdiv(z.shape[0], B),), z.device, z, out, z.shape[0], iters,
@@ -789,14 +767,14 @@ def sinkhorn_op(logits: torch.Tensor, iters: int) -> torch.Tensor:
 
 @sinkhorn_op.register_fake
 def _(logits, iters):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return _empty(logits)
 
 
 @torch.library.custom_op("hcgpt::sinkhorn_backward", mutates_args=())
 def sinkhorn_backward(logits: torch.Tensor, grad_out: torch.Tensor, iters: int) -> torch.Tensor:
     n = logits.shape[-1]
     z = _rows(logits, n, n).contiguous()
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = _empty(logits)
     M = z.shape[0]
     if M > 0:
         B = _sinkhorn_block(n)
@@ -808,7 +786,7 @@ def sinkhorn_backward(logits: torch.Tensor, grad_out: torch.Tensor, iters: int) 
 
 @sinkhorn_backward.register_fake
 def _(logits, grad_out, iters):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return _empty(logits)
 
 
 def _sinkhorn_setup(ctx, inputs, output):
@@ -913,10 +891,6 @@ def kind_key(conn, h):
     return (type(conn).__name__, conn.n, conn.dim, projection_columns(conn), str(h.dtype), *extra)
 
 
-def sinkhorn_key(logits):
-    return ("Sinkhorn", logits.shape[-1])
-
-
 def kind_name(k):
     if k[0] == "Sinkhorn":
         return f"Sinkhorn n={k[1]}"
@@ -926,7 +900,7 @@ def kind_name(k):
 def verified(t, conn):
     """Whether fused = 'auto' may run the kernels for conn on t (conn None: Sinkhorn logits t): only
     where hc_verify.verify_fused checked them on this device and they passed."""
-    k = sinkhorn_key(t) if conn is None else kind_key(conn, t)
+    k = ("Sinkhorn", t.shape[-1]) if conn is None else kind_key(conn, t)
     verdict = VERDICTS.get(k)
     if verdict is None:
         if k not in _WARNED:
@@ -977,8 +951,7 @@ class _PostMix(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_y, grad_res, grad_post = post_mix_backward(grad_out, *ctx.saved_tensors)
-        return None, grad_h, grad_y, grad_res, grad_post
+        return None, *post_mix_backward(grad_out, *ctx.saved_tensors)
 
 
 class _PostPreMix(torch.autograd.Function):
@@ -1021,16 +994,14 @@ def chain_forward(conns, h, branches):
     next: post_pre_mix) and (b) of the last."""
     tf32 = tf32_enabled()   # as the torch path's matmul would on CUDA (the interpreter reads it too)
     with torch.autocast(h.device.type, enabled=False):
-        *proj, per_stream = _projection(conns[0])
-        m, x_in, link = _PreMix.apply(h, *proj, per_stream, tf32)
+        m, x_in, link = _PreMix.apply(h, *_projection(conns[0]), tf32)
         H_post, H_res = _gates(conns[0], m)
     for branch, nxt in zip(branches, [*conns[1:], None]):
         y = branch(x_in)
         if nxt is None:
             return _PostMix.apply(h, link, y, H_res, H_post)
         with torch.autocast(h.device.type, enabled=False):
-            *proj, per_stream = _projection(nxt)
-            h, m, x_in, link = _PostPreMix.apply(h, link, y, H_res, H_post, *proj, per_stream, tf32)
+            h, m, x_in, link = _PostPreMix.apply(h, link, y, H_res, H_post, *_projection(nxt), tf32)
             H_post, H_res = _gates(nxt, m)
 
 

@@ -48,11 +48,9 @@ def setup_error(sc, dim, device_type, stream_dtype=torch.float32):
     import hc_kernels
     probe = torch.empty(1, 1, sc.n_streams, dim, device=device_type, dtype=stream_dtype)
     why = hc_kernels.unsupported(conn, probe)
-    if why is not None:
-        return (f"config key 'fused' is 'on' but the fused kernels cannot run {sc.scheme} at "
-                f"n_streams={sc.n_streams} here: {why}; use fused='auto' (the kernels where they pass their check, "
-                f"else the torch path) or 'off'")
-    return None
+    return None if why is None else (
+        f"config key 'fused' is 'on' but the fused kernels cannot run {sc.scheme} at n_streams={sc.n_streams} "
+        f"here: {why}; use fused='auto' (the kernels where they pass their check, else the torch path) or 'off'")
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,14 +160,6 @@ def check_connection(conn, tokens=4096, stream_dtype=torch.float32, autocast_dty
 # ----------------------------------------------------------------------------------------
 # every kind of connection of a model, all ranks agreeing
 
-def _connections(model_or_connections):
-    if hasattr(model_or_connections, "connections"):
-        return list(model_or_connections.connections())
-    if isinstance(model_or_connections, hc.Connection):
-        return [model_or_connections]
-    return list(model_or_connections)
-
-
 def verify_fused(model_or_connections, tokens=4096, stream_dtype=None, autocast_dtype=None, seed=0):
     """Check the fused kernels for every kind of connection of a model (or a list of connections)
     on their device, following their `fused`; record the verdicts that hc._kernels consults.
@@ -180,7 +170,12 @@ def verify_fused(model_or_connections, tokens=4096, stream_dtype=None, autocast_
     "checks": [{"kind", "ok", "reason", "max_err_fused", "max_err_torch"}]}.
     Raises FusedCheckError when fused = "on" and a check fails.
     """
-    conns = [c for c in _connections(model_or_connections) if not isinstance(c, hc.Plain)]
+    conns = model_or_connections
+    if hasattr(conns, "connections"):
+        conns = conns.connections()
+    elif isinstance(conns, hc.Connection):
+        conns = [conns]
+    conns = [c for c in conns if not isinstance(c, hc.Plain)]
     if stream_dtype is None:  # a GPT knows its streams' torch dtype (stream_dtype="bfloat16_hc" is bf16 or fp32 by n)
         stream_dtype = getattr(model_or_connections, "stream_dtype", torch.float32)
     if not conns:
@@ -232,8 +227,5 @@ def verify_fused(model_or_connections, tokens=4096, stream_dtype=None, autocast_
             reasons.append(f"{hc_kernels.kind_name(k)}: {reason}")
     n_ok = sum(c["ok"] for c in checks)
     path = "fused" if n_ok == len(checks) > 0 and not reasons else "torch" if n_ok == 0 else "mixed"
-    if path == "fused":
-        reason = f"verified on {device} ({', '.join(c['kind'] for c in checks)})"
-    else:
-        reason = "; ".join(reasons)
+    reason = f"verified on {device} ({', '.join(c['kind'] for c in checks)})" if path == "fused" else "; ".join(reasons)
     return {"path": path, "reason": reason, "checks": checks}

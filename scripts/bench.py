@@ -46,7 +46,7 @@ import hc  # noqa: E402
 import hc_verify  # noqa: E402
 import optim  # noqa: E402
 from scripts import peers  # noqa: E402  (imports no peer until a row needs it)
-from common import HelpFormatter, bf16_peak, flag_nonfinite  # noqa: E402
+from common import HelpFormatter, bf16_peak, flag_nonfinite, positive_int  # noqa: E402
 from errors import ConfigError  # noqa: E402
 from model import GPT, GPTConfig, RECOMPUTE  # noqa: E402
 from optim import OptimConfig  # noqa: E402
@@ -70,6 +70,14 @@ def device_name(device):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def release(device):
+    """Free a row's memory and compiled graphs: the next row compiles afresh, as a separate run would."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
 
 
 class Marks:
@@ -164,36 +172,24 @@ def bench_one(scheme, recompute, args, device, peer=None, fused=None):
     tokens_per_s = args.batch_size * args.seq_len / dt
     peak = bf16_peak(device_name(device))
     flops_per_token = model.estimate_flops_per_token(args.seq_len)
-    result.update(
-        ms_per_step=1e3 * dt,
-        fwd_ms=marks.mean_ms(0, 1),
-        bwd_ms=marks.mean_ms(1, 2),
-        tokens_per_s=tokens_per_s,
-        mfu=flops_per_token * tokens_per_s / peak if peak else None,
-        peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        loss=loss.item(),
-    )
+    result.update(ms_per_step=1e3 * dt, fwd_ms=marks.mean_ms(0, 1), bwd_ms=marks.mean_ms(1, 2),
+                  tokens_per_s=tokens_per_s, mfu=flops_per_token * tokens_per_s / peak if peak else None,
+                  peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                  loss=loss.item())
     del model, optimizer, forward
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    torch._dynamo.reset()  # a fresh compile per scheme, as separate runs would have
+    release(device)
     return result
 
 
 def run(args):
     device = torch.device(args.device)
-    if device.type == "cuda":  # as train.py
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     results = []
     runs = [("plain", "none")] + [(s, r) for s in args.schemes for r in args.recompute if (s, r) != ("plain", "none")]
     for scheme, recompute in runs:   # plain without recomputation first: the baseline of every ratio
         try:
             results.append(bench_one(scheme, recompute, args, device))
         except torch.cuda.OutOfMemoryError:
-            gc.collect()
-            torch.cuda.empty_cache()
+            release(device)
             results.append(dict(scheme=scheme, n_streams=args.n_streams, recompute=recompute, error="out of memory"))
     base = results[0]
     for r in results:
@@ -204,8 +200,7 @@ def run(args):
     config = dict(device=device_name(device), torch=torch.__version__, model=args.model, **MODELS[args.model],
                   batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, stream_dtype=args.stream_dtype,
                   compile=args.compile, fused=args.fused, recompute=args.recompute, sync_compare=args.sync_compare,
-                  sinkhorn_iters=args.sinkhorn_iters,
-                  warmup=args.warmup, steps=args.steps,
+                  sinkhorn_iters=args.sinkhorn_iters, warmup=args.warmup, steps=args.steps,
                   peak_bf16_flops=bf16_peak(device_name(device)))
     return dict(config=config, results=results)
 
@@ -213,9 +208,6 @@ def run(args):
 def run_peers(args):
     """plain; hcgpt torch and fused per scheme; each peer: rows named as the table prints them."""
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     plan = [("plain", "plain", "off", None)]
     plan += [(f"hcgpt {s} {path}", s, fused, None) for s in args.schemes if s != "plain"
              for path, fused in (("torch", "off"), ("fused", "on"))]
@@ -232,10 +224,7 @@ def run_peers(args):
             rows.append(dict(row, path=r["path"], ms=r["ms_per_step"], fwd_ms=r["fwd_ms"], bwd_ms=r["bwd_ms"],
                              peak_gib=r["peak_mem_gib"], params=r["params"], loss=r["loss"]))
         except Exception as e:   # one row's failure (out of memory, a peer that does not compile) is that row's
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            torch._dynamo.reset()
+            release(device)
             msg = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else f"{type(e).__name__}: {e}"
             rows.append(dict(row, error=msg.strip().splitlines()[0][:300]))
     base = rows[0]
@@ -316,10 +305,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--schemes", nargs="+", default=["hc", "mhc", "mhc_lite", "kromhc"], choices=hc.SCHEMES,
                     help="schemes to compare with plain (always run first)")
-    ap.add_argument("--n-streams", type=int, default=4)
+    ap.add_argument("--n-streams", type=positive_int, default=4)
     ap.add_argument("--model", default=None, choices=sorted(MODELS), help="default: 124M on CUDA, tiny on CPU")
-    ap.add_argument("--batch-size", type=int, default=None, help="default: 16 on CUDA, 4 on CPU")
-    ap.add_argument("--seq-len", type=int, default=None, help="default: 1024 on CUDA, 64 on CPU")
+    ap.add_argument("--batch-size", type=positive_int, default=None, help="default: 16 on CUDA, 4 on CPU")
+    ap.add_argument("--seq-len", type=positive_int, default=None, help="default: 1024 on CUDA, 64 on CPU")
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default: 20 on CUDA, 3 on CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on CUDA, 1 on CPU)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -360,19 +349,18 @@ def main(argv=None):
         ap.error(f"argument --device: {args.device!r} is not a device name; use cpu, cuda or cuda:N")
     if cuda and not torch.cuda.is_available():
         ap.error(f"argument --device: {args.device}: this machine has no CUDA device; use --device cpu")
+    if cuda:  # as train.py
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     defaults = dict(model="124M" if cuda else "tiny", batch_size=16 if cuda else 4, seq_len=1024 if cuda else 64,
                     steps=20 if cuda else 3, warmup=5 if cuda else 1, compile=cuda,
                     dtype="bfloat16" if cuda else "float32")
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.stream_dtype is None:
-        args.stream_dtype = args.dtype
+    args.stream_dtype = args.stream_dtype or args.dtype
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
-    for k in ("n_streams", "batch_size", "seq_len"):
-        if getattr(args, k) < 1:
-            ap.error(f"argument --{k.replace('_', '-')}: must be >= 1, got {getattr(args, k)}")
     args.verify_tokens = 4096 if cuda else 32   # the fused path's start check (32 tokens: the CPU's interpreter)
     if not cuda and (args.peers or args.tiny):
         # the fused kernels and Liger's run on a CPU only in Triton's interpreter, chosen at Triton's first import

@@ -266,10 +266,12 @@ def main(argv=None):
     if args.interpret:   # before Triton's first import, which builds its library for one mode or the other
         os.environ["TRITON_INTERPRET"] = "1"
     sys.path.insert(0, REPO)
-    from common import out_file_error
-    why = out_file_error(args.out)  # now, not after the checks
-    if why:
-        ap.error(f"argument --out: {why}")
+    import rundir
+    from errors import ConfigError
+    try:
+        rundir.check_output(args.out)  # now, not after the checks
+    except ConfigError as e:
+        ap.error(f"argument --out: {e}")
     import torch
     if not args.interpret and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it on a GPU node, or "
@@ -282,12 +284,11 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     try:
         import triton
-        triton_version = triton.__version__
     except ImportError as e:
         print(f"gpu_check: Triton is not importable ({e}); the fused kernels need it: pip install triton", file=sys.stderr)
         return 2
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
-              "torch": torch.__version__, "triton": triton_version, "interpret": args.interpret, "parts": {}}
+              "torch": torch.__version__, "triton": triton.__version__, "interpret": args.interpret, "parts": {}}
     parts = {"tests": lambda: part_tests(args.interpret),
              "compare": lambda: part_compare(shapes, torch.bfloat16),
              "training": lambda: part_training(shapes, device),
@@ -305,13 +306,14 @@ def main(argv=None):
         result["seconds"] = round(time.perf_counter() - t0, 1)
         report["parts"][name] = result
         log(f"gpu_check: {name} {'PASS' if result['ok'] else 'FAIL: ' + str(result['reason'])} ({result['seconds']} s)")
-    for table in report["parts"].get("bench", {}).get("tables", []):
+    bench_part = report["parts"].get("bench", {})
+    for table in bench_part.get("tables", []):
         log("\n" + table)
     failed = [name for name, r in report["parts"].items() if not r["ok"]]
     report["verdict"] = "FAIL" if failed else "PASS"
     report["failed"] = failed
-    missed = [t for t in report["parts"].get("bench", {}).get("targets", []) if not t["met"]]
-    n_targets = len(report["parts"].get("bench", {}).get("targets", []))
+    n_targets = len(bench_part.get("targets", []))
+    missed = [t for t in bench_part.get("targets", []) if not t["met"]]
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     line = f"gpu_check: {report['verdict']}" + (f" ({', '.join(failed)} failed)" if failed else

@@ -1,8 +1,8 @@
 """
-A grid of training runs: every (config, scheme, n_streams, seed), one torchrun command each,
-with distinct run names (<config>-<scheme>-n<n>[-<key>=<value>...]-s<seed>[-d<data_seed>]) and out
-dirs (<out_root>/<run name>). Prints the commands (default), or runs them one after another with
---run ("run k/N" before each); then the scripts/compare.py and plot_runs.py commands for the runs.
+A grid of training runs: every (config, scheme, n_streams, seed), one train.py command each, with
+distinct run names (<config>-<scheme>-n<n>[-<key>=<value>...]-s<seed>[-d<data_seed>]) and out dirs
+(<out_root>/<run name>). Prints the commands (default), or runs them one after another with --run
+("run k/N" before each, a summary after); then the scripts/compare.py and plot_runs.py commands.
 
     python scripts/sweep.py --configs configs/fwe_s.py configs/fwe_m.py \\
         --schemes plain hc mhc mhc_lite kromhc mhc_v4 --n 4 --seeds 3 --nproc 8
@@ -12,13 +12,31 @@ dirs (<out_root>/<run name>). Prints the commands (default), or runs them one af
     python scripts/sweep.py --preset tinystories --seeds 0 1 2                        # them on configs/tinystories.py
     python scripts/sweep.py --schemes mhc mhc_v4 --configs configs/fwe_m.py --out_root out/hc_head -- --readout=hc_head
 
+A sweep is finished by running the same command again (after Ctrl-C, a failed run, a lost job):
+each run's out_dir is read first, and a finished run (its log has the eval at its max_iters, which
+a run writes at its end) is skipped, a started one (ckpt.pt, not finished) resumed with --resume,
+one stopped before its first checkpoint (a log, no ckpt.pt) restarted with --overwrite=True, a
+missing one started. An out_dir holding a run of another setting (a config file edited since) is an
+error before anything runs: pick another --out_root. The printed commands say which is which in a
+comment (a finished run is a comment alone); --run ends with a summary: skipped, resumed, restarted,
+started, or failed with its exit status. A failed run does not stop the others unless
+--stop-on-failure; the exit status is 1 if any failed. Ctrl-C reaches the run in progress, which
+stops as train.py does (its last checkpoint kept); the sweep stops after it (exit status 130) and
+says so: rerun the same command to continue.
+
+The commands run this Python (sys.executable; `sys.executable -m torch.distributed.run` for
+torchrun), so a job script needs no activated venv. Relative --configs and --out_root are from the
+current directory, where --run starts the runs. A config is named by its file name, with its parent
+folders where two configs share one (a/base.py, b/base.py -> a_base, b_base).
+
 --seeds K runs seeds 0..K-1 of every setting; --seeds A:B the seeds A..B-1; two or more values are
 the seeds themselves. The seeds vary the init (and dropout) while every run of the sweep sees the
-same batches in the same order (--data_seed, default the first seed): the scheme-vs-scheme
-differences are then paired by seed, which scripts/compare.py uses. --vary-data gives every seed
-its own data order too (data_seed = seed). The runs of one setting differ only in their seeds, named
-alike: -s<seed>-d<data_seed> on every run of a sweep with one data order (-s0-d0, -s1-d0, ...), and
--s<seed> on every run with --vary-data (data_seed = seed, as train.py names a run).
+same batches in the same order (--data_seed; default: the config file's own data_seed where it sets
+one, else the first seed): the scheme-vs-scheme differences are then paired by seed, which
+scripts/compare.py uses. --data_seed and --vary-data replace a config file's data_seed, with a note.
+--vary-data gives every seed its own data order too (data_seed = seed). The runs of one setting differ only in
+their seeds, named alike: -s<seed>-d<data_seed> on every run of a sweep with one data order (-s0-d0,
+-s1-d0, ...), and -s<seed> on every run with --vary-data (data_seed = seed, as train.py names a run).
 
 --preset names a published experiment (PRESETS: its schemes and n, and its configs where it has
 them; --schemes / --n / --configs override them). plain always runs with n = 1 (once per config and
@@ -27,12 +45,13 @@ out with a note. Arguments after `--` are passed to every run as extra overrides
 takes the n-stream schemes only); those of keys in a run's setting (setting.py: the model, data,
 optimisation, e.g. --n_layer=2, --dataset=tinystories; data_dir by its folder name) are in the run
 names, so a sweep with another model or data does not take the names of an earlier one. A key the
-sweep sets for each run (scheme, n_streams, seed, data_seed, wandb_run_name, out_dir) is refused
-after `--`, naming the flag that sets it, and every run's config is checked with train.py's value
-rules before anything prints. With --nnodes > 1 the commands use c10d rendezvous at
-$MASTER_ADDR:$MASTER_PORT; run each one on every node. The process count per node is this machine's
-GPU count unless --nproc says (0, a plain `python train.py`, without CUDA or for CPU configs), and a
-global batch that does not divide over the processes is an error before anything prints.
+sweep sets for each run (scheme, n_streams, seed, data_seed, wandb_run_name, out_dir, and resume /
+overwrite) is refused after `--`, naming the flag that sets it, and every run's command is checked
+with train.py's own rules (configurator.py, config.py) before anything prints. With --nnodes > 1
+the commands use c10d rendezvous at $MASTER_ADDR:$MASTER_PORT; run each one on every node. The
+process count per node is this machine's GPU count unless --nproc says (0, a plain `python
+train.py`, without CUDA or for CPU configs), and a global batch that does not divide over the
+processes is an error before anything prints.
 """
 
 import argparse
@@ -41,21 +60,28 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import config  # noqa: E402
 import configurator  # noqa: E402
 import hc  # noqa: E402
+import rundir  # noqa: E402
 import setting  # noqa: E402
-from common import HelpFormatter, non_negative_int, positive_int  # noqa: E402
+from common import HelpFormatter, non_negative_int, positive_int, run_cli  # noqa: E402
 from errors import ConfigError  # noqa: E402
 
+TRAIN = os.path.join(REPO, "train.py")
 # the keys the sweep sets for every run: after `--` they would make runs of the grid the same run
 SWEEP_KEYS = {"scheme": "--schemes", "n_streams": "--n", "seed": "--seeds", "data_seed": "--data_seed / --vary_data",
               "out_dir": "--out_root", "wandb_run_name": None}
+RUN_DIR_KEYS = ("resume", "resume_from", "overwrite")  # the sweep chooses them per run from its out_dir
+RESOLVED = {"vocab_size": 0, "max_iters": -1}  # values a run resolves itself: its log has the result, not these
+PASS_ON_S = 10  # a SIGINT the run has not ended on by then is passed on (one sent to the sweep alone)
 MAX_SEED_COUNT = 32  # --seeds K above this is more likely a seed than a count: refused with the fix
 
 
@@ -119,32 +145,66 @@ def name_parts(extra):
     return parts
 
 
-def run_name(config, scheme, n, seed, data_seed=None, extra=()):
+def run_name(config_name, scheme, n, seed, data_seed=None, extra=()):
     """data_seed None: the seed's own data order (-s<seed>); else one data order for the sweep (-s<seed>-d<data_seed>
     on every run, also where the two are equal)."""
-    config_name = os.path.splitext(os.path.basename(config))[0]
     return setting.run_name(config_name, scheme, n, seed, seed if data_seed is None else data_seed, name_parts(extra),
                             always_data_seed=data_seed is not None)
 
 
-def command(config, scheme, n, seed, nproc=8, nnodes=1, out_root="out", extra=(), data_seed=None):
-    """data_seed None: the seed's own data order (train.py's default)."""
-    name = run_name(config, scheme, n, seed, data_seed, extra)
-    data_seed = seed if data_seed is None else data_seed
+def config_names(paths):
+    """{config path: its name in the run names}: the file name, with as many parent folders as tell apart
+    configs of one file name (a/base.py, b/base.py -> a_base, b_base)."""
+    parts = {p: os.path.splitext(os.path.abspath(p))[0].split(os.sep)[1:] for p in paths}
+    depth = dict.fromkeys(paths, 1)
+    while True:
+        names = {p: "_".join(parts[p][-depth[p]:]) for p in paths}
+        clash = [p for p in paths if list(names.values()).count(names[p]) > 1 and depth[p] < len(parts[p])]
+        if not clash:
+            return names
+        for p in clash:
+            depth[p] += 1
+
+
+def shown(path):
+    """A file of this repo as the commands name it: relative to the current directory when under it, else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
+def launcher(nproc=8, nnodes=1, name="run"):
+    """The start of a run's command, with this Python (a job script need not activate the venv)."""
     if nproc == 0:
-        launcher = ["python", "train.py"]
-    elif nnodes == 1:
-        launcher = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
-    else:
-        launcher = ["torchrun", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
-                    "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT", f"--rdzv_id={name}", "train.py"]
-    return launcher + [config, f"--scheme={scheme}", f"--n_streams={n}", f"--seed={seed}", f"--data_seed={data_seed}",
-                       f"--wandb_run_name={name}", f"--out_dir={os.path.join(out_root, name)}", *extra]
+        return [sys.executable, shown(TRAIN)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    if nnodes == 1:
+        return torchrun + ["--standalone", f"--nproc_per_node={nproc}", shown(TRAIN)]
+    return torchrun + [f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+                       "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT", f"--rdzv_id={name}", shown(TRAIN)]
+
+
+def train_args(config, scheme, n, seed, data_seed, name, out_dir, extra=()):
+    """train.py's arguments for one run of the grid."""
+    return [config, f"--scheme={scheme}", f"--n_streams={n}", f"--seed={seed}", f"--data_seed={data_seed}",
+            f"--wandb_run_name={name}", f"--out_dir={out_dir}", *extra]
 
 
 def load_configs(configs, extra):
     """{config: its train.py config with the extra overrides}, or a ConfigError."""
     return {c: configurator.load(config.KEYS, [c, *extra]) for c in configs}
+
+
+def data_seeds(cfgs, seeds, data_seed, vary_data):
+    """{config: the data order of its runs, None for each seed's own}: --vary_data or --data_seed, else the config
+    file's own data_seed, else the first seed (one data order for the sweep: the differences pair by seed)."""
+    out = {}
+    for path, cfg in cfgs.items():
+        own = cfg["data_seed"] if cfg["data_seed"] != config.KEYS["data_seed"].default else None
+        if own is not None and (vary_data or data_seed is not None):
+            flag = "--vary_data" if vary_data else f"--data_seed {data_seed}"
+            print(f"sweep: note: {path} sets data_seed = {own}; {flag} replaces it", file=sys.stderr)
+        out[path] = None if vary_data else data_seed if data_seed is not None else own if own is not None else seeds[0]
+    return out
 
 
 def passthrough_error(extra):
@@ -156,6 +216,10 @@ def passthrough_error(extra):
             fix = (f"pass {flag} to the sweep instead" if flag else
                    "drop it: the sweep names each run <config>-<scheme>-n<n>-s<seed> (and its out_dir after it)")
             return f"{arg} after `--` would give every run of the sweep the same {key}; {fix}"
+        if key in RUN_DIR_KEYS:
+            return (f"{arg} after `--`: the sweep resumes a started run, restarts one stopped before its first "
+                    f"checkpoint and skips a finished one by itself; drop it (to redo a finished run, move its "
+                    f"out_dir away)")
     return None
 
 
@@ -181,44 +245,139 @@ def check_batch(cfgs, world_size):
     return None
 
 
+# -----------------------------------------------------------------------------
+# what is in a run's out_dir, and running the runs
+
+ACTIONS = {"start": [], "resume": ["--resume"], "restart": ["--overwrite=True"], "skip": None}  # train.py's flags
+DONE = {"start": "started", "resume": "resumed", "restart": "restarted"}
+
+
+def run_state(out_dir):
+    """What a run's out_dir holds -> (action, why, its log's last header or {}): "start" (no run there), "skip"
+    (finished: its log has the eval at its max_iters, the last thing a run writes), "resume" (a ckpt.pt, not
+    finished), "restart" (stopped before its first checkpoint: nothing to resume, its log is replaced)."""
+    files = rundir.run_files(out_dir)
+    if not files:
+        return "start", "new", {}
+    ckpt = "ckpt.pt" in files
+    records = rundir.read_log(os.path.join(out_dir, "log.jsonl")) if "log.jsonl" in files else []
+    last = max((i for i, r in enumerate(records) if r.get("type") in ("config", "resume")), default=-1)
+    header, after = (records[last], records[last + 1:]) if last >= 0 else ({}, [])
+    target = header.get("max_iters")
+    if any(r.get("type") == "eval" and r.get("step") == target for r in after):
+        return "skip", f"finished at step {target}", header
+    reached = max([header.get("step", 0), *(r["step"] for r in after if isinstance(r.get("step"), int))])
+    where = f"stopped at step {reached} of {target}" if header else "stopped (no log header)"
+    return ("resume", where, header) if ckpt else ("restart", f"{where} without a checkpoint", header)
+
+
+def setting_changes(header, cfg):
+    """The setting keys (setting.py) in which the run in an out_dir (its log header) differs from the run the
+    sweep would make there (cfg: its flat config), as 'key: X there, Y now'."""
+    names = [name for name, k in config.KEYS.items()
+             if k.setting is True and not (name in RESOLVED and cfg[name] == RESOLVED[name])]
+    was = {name: header.get(name, config.KEYS[name].default) for name in names}
+    now = {name: cfg[name] for name in names}
+    return [f"{k}: {was[k]!r} there, {now[k]!r} now" for k in setting.changed_keys(was, now)]
+
+
+def foreground():
+    """Whether the sweep is in its terminal's foreground process group, where a Ctrl-C reaches its run too."""
+    for f in (sys.stdin, sys.stderr, sys.stdout):
+        try:
+            if f.isatty() and os.tcgetpgrp(f.fileno()) == os.getpgrp():
+                return True
+        except (AttributeError, OSError, ValueError):
+            pass
+    return False
+
+
+def launch(cmd):
+    """Run one command to its end -> (exit status, whether a SIGINT came meanwhile). A Ctrl-C in the terminal
+    reaches the run itself (one process group); a SIGINT the run did not get (one sent to the sweep alone) is
+    passed on once PASS_ON_S later if the run still goes. The run stops as train.py does on Ctrl-C (checkpoint
+    and log kept), the sweep waiting for it: no run is killed mid-write, none gets the signal twice at once."""
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(time.monotonic()))
+    try:
+        child, passed_on = subprocess.Popen(cmd), False
+        while True:
+            try:
+                return child.wait(timeout=1), bool(interrupted)
+            except subprocess.TimeoutExpired:
+                if interrupted and not passed_on and time.monotonic() - interrupted[0] >= PASS_ON_S and \
+                        not foreground():
+                    print(f"sweep: passing the interrupt on to the run (pid {child.pid})", file=sys.stderr, flush=True)
+                    child.send_signal(signal.SIGINT)
+                    passed_on = True
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def failure(rc):
+    """A failed run's outcome: its exit status, or the signal that killed it (Popen's negative status)."""
+    if rc >= 0:
+        return f"failed (exit status {rc})"
+    return f"failed (killed by {signal.Signals(-rc).name if -rc in signal.valid_signals() else f'signal {-rc}'})"
+
+
+def shell(cmd):
+    return " ".join(a if "$" in a else shlex.quote(a) for a in cmd)
+
+
+# -----------------------------------------------------------------------------
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    again = shell([sys.executable, shown(os.path.abspath(__file__)), *argv])  # how to continue an unfinished sweep
     extra = []
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--configs", nargs="+", help="config files (default: the preset's)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--configs", nargs="+", help="config files, from the current directory (default: the preset's)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="schemes and n of a published experiment")
     p.add_argument("--schemes", nargs="+", choices=hc.SCHEMES, help="default: all, or the preset's")
     p.add_argument("--n", nargs="+", type=int, help="n_streams for the non-plain schemes (default: 4, or the preset's)")
     p.add_argument("--seeds", nargs="+", default=["1"],
                    help="K: seeds 0..K-1 of every setting; A:B: seeds A..B-1; several values: those seeds (default: 1)")
     p.add_argument("--data_seed", "--data-seed", type=int, default=None,
-                   help="the data order of every run (default: the first seed), so differences pair by seed")
+                   help="the data order of every run (default: the config's data_seed, else the first seed), so "
+                        "differences pair by seed")
     p.add_argument("--vary_data", "--vary-data", action="store_true",
                    help="a data order of its own for every seed (data_seed = seed) instead of a shared one")
     p.add_argument("--nproc", type=non_negative_int, default=None,
                    help="processes (GPUs) per node; 0 runs plain `python train.py`; default: this machine's GPUs, "
                         "or 0 without CUDA")
     p.add_argument("--nnodes", type=positive_int, default=1)
-    p.add_argument("--out_root", default="out")
+    p.add_argument("--out_root", default="out", help="the runs' out dirs are <out_root>/<run name>")
     p.add_argument("--run", action="store_true", help="run the commands one after another (default: print them)")
+    p.add_argument("--stop_on_failure", "--stop-on-failure", action="store_true",
+                   help="with --run, stop at the first failed run (default: go on with the others)")
     args = p.parse_args(argv)
     if not args.configs:  # the preset's, as paths from here like any --configs
-        args.configs = [os.path.relpath(os.path.join(REPO, c)) for c in PRESETS.get(args.preset, {}).get("configs", [])]
+        args.configs = [shown(os.path.join(REPO, c)) for c in PRESETS.get(args.preset, {}).get("configs", [])]
     if not args.configs:
         p.error("--configs is required (only a preset that names its configs goes without)")
     try:
         args.seeds = parse_seeds(args.seeds)
     except ValueError as e:
         p.error(str(e) if str(e).startswith("--seeds") else f"--seeds: not integers ({e})")
+    for flag, key, values in (("--seeds", "seed", args.seeds), ("--data_seed", "data_seed", [args.data_seed])):
+        whys = [why for v in values if v is not None for why in [config.KEYS[key].problem(v)] if why]
+        if whys:  # train.py's own rule, said of the flag (each run's whole config is checked below)
+            p.error(f"{flag}: config key {key!r} must be {whys[0]}")
     if args.vary_data and args.data_seed is not None:
         p.error("--vary_data gives every seed its own data order; --data_seed sets one for all: pass one of them")
-    data_seed = None if args.vary_data else (args.seeds[0] if args.data_seed is None else args.data_seed)
+    if args.data_seed == -1:  # train.py's "-1 -> seed", which --vary_data names as such
+        p.error("--data_seed -1 would give every seed its own data order; pass --vary_data for that")
     for c in args.configs:
         if not os.path.exists(c):
-            p.error(f"config file {c} not found")
+            p.error(f"config file {c} not found (relative paths are from the current directory, {os.getcwd()})")
+    once = {}
+    for c in args.configs:  # each file once, however it is spelled
+        once.setdefault(os.path.realpath(c), c)
+    args.configs = list(once.values())
     if args.run and args.nnodes > 1:
         p.error("--run launches on this machine only; print the multi-node commands and start them on every node")
     error = passthrough_error(extra)
@@ -240,9 +399,9 @@ def main(argv=None):
         p.error(f"{head[0]}: readout 'hc_head' weighs n streams and plain has one; name the n-stream schemes with "
                 f"--schemes (e.g. --schemes {' '.join(s for s in hc.SCHEMES if s != 'plain')})")
     ns = args.n or preset.get("n") or [4]
+    names, orders = config_names(args.configs), data_seeds(cfgs, args.seeds, args.data_seed, args.vary_data)
     runs, left_out = [], {}
-    for run in grid(args.configs, schemes, ns, args.seeds):
-        scheme, n = run[1], run[2]
+    for path, scheme, n, seed in grid(args.configs, schemes, ns, args.seeds):
         if scheme == "mhc_lite" and n > hc.MAX_PERM_SIZE:  # in an n-scaling sweep the other schemes go on
             left_out[n] = f"sweep: leaving out mhc_lite at n={n}: it takes n_streams <= {hc.MAX_PERM_SIZE} " \
                           f"(n! = {math.factorial(n):,} permutation logits); kromhc and mhc take larger n"
@@ -250,28 +409,67 @@ def main(argv=None):
         reason = unbuildable(scheme, n)
         if reason:
             p.error(f"{scheme} at n={n}: {reason}")
-        try:  # train.py's value rules on the run's own config (e.g. a seed out of range)
-            config.build({**cfgs[run[0]], "scheme": scheme, "n_streams": n, "seed": run[3]})
+        name = run_name(names[path], scheme, n, seed, orders[path], extra)
+        out_dir = os.path.join(args.out_root, name)
+        targs = train_args(path, scheme, n, seed, seed if orders[path] is None else orders[path], name, out_dir, extra)
+        try:  # the run's command as train.py reads it, by train.py's rules (e.g. a seed out of range)
+            cfg = config.flat(config.build(configurator.load(config.KEYS, targs), names[path]))
+            action, why, header = run_state(out_dir)
         except ConfigError as e:
-            p.error(f"{run_name(*run, data_seed, extra)}: {e}")
-        runs.append(run)
+            p.error(f"{name}: {e}")
+        changes = setting_changes(header, cfg) if header and action in ("skip", "resume") else []
+        if changes:
+            p.error(f"{out_dir} holds a run of another setting ({'; '.join(changes)}); pick another --out_root, or "
+                    f"move {out_dir} away to start it afresh")
+        cmd = None if action == "skip" else launcher(args.nproc, args.nnodes, name) + targs + ACTIONS[action]
+        runs.append(dict(out_dir=out_dir, action=action, why=why, cmd=cmd))
     for note in left_out.values():
         print(note, file=sys.stderr)
     if not runs:
         p.error("no runs left to make: every (scheme, n) was left out")
-    cmds = [command(*run, nproc=args.nproc, nnodes=args.nnodes, out_root=args.out_root, extra=extra, data_seed=data_seed)
-            for run in runs]
-    for k, cmd in enumerate(cmds, 1):
-        line = " ".join(a if "$" in a else shlex.quote(a) for a in cmd)
-        print(f"sweep: run {k}/{len(cmds)}: {line}" if args.run else line, flush=True)
-        if args.run:
-            rc = subprocess.call(cmd, cwd=REPO)
-            if rc != 0:
-                print(f"sweep: command failed with exit code {rc}: {line}", file=sys.stderr)
-                return rc
-    # printed commands stay alone on stdout (a job file); what to run next goes beside them
-    print(f"sweep: {len(cmds)} run(s) {'done' if args.run else 'printed'}; then compare and plot them:",
-          *next_commands(args.out_root, schemes, args.seeds), sep="\n  ", file=sys.stdout if args.run else sys.stderr)
+    if not args.run:  # the commands alone on stdout (a job file), each saying what it does; the rest on stderr
+        for r in runs:
+            print(f"# skip, {r['why']}: {r['out_dir']}" if r["cmd"] is None else
+                  f"{shell(r['cmd'])}  # {r['action']}" + ("" if r["action"] == "start" else f": {r['why']}"))
+        counts = {a: sum(r["action"] == a for r in runs) for a in ACTIONS}
+        print(f"sweep: {len(runs)} run(s): {counts['start']} to start, {counts['resume']} to resume, "
+              f"{counts['restart']} to restart, {counts['skip']} finished (skipped); then compare and plot them:",
+              *next_commands(args.out_root, schemes, args.seeds), sep="\n  ", file=sys.stderr)
+        return 0
+    return run_all(runs, args, schemes, again)
+
+
+def run_all(runs, args, schemes, again):
+    """--run: the runs one after another, then a summary; -> the exit status (1 if any failed, 130 on Ctrl-C)."""
+    outcomes, stopped, interrupted = [], None, False
+    for k, r in enumerate(runs, 1):
+        if stopped:
+            outcomes.append("not run")
+        elif r["cmd"] is None:
+            print(f"sweep: run {k}/{len(runs)}: skip, {r['why']}: {r['out_dir']}", flush=True)
+            outcomes.append(f"skipped, {r['why']}")
+        else:
+            why = "" if r["action"] == "start" else f" ({r['why']})"
+            print(f"sweep: run {k}/{len(runs)}: {r['action']}{why}: {shell(r['cmd'])}", flush=True)
+            rc, interrupted = launch(r["cmd"])
+            outcomes.append("interrupted" if interrupted and rc != 0 else DONE[r["action"]] if rc == 0 else failure(rc))
+            if interrupted:  # the sweep stops with the run
+                stopped = f"sweep: interrupted at run {k}/{len(runs)} ({r['out_dir']}); to continue, rerun {again}"
+            elif rc != 0 and args.stop_on_failure:
+                stopped = f"sweep: stopped at the failed run {k}/{len(runs)} (--stop-on-failure)"
+    width = max(map(len, outcomes))
+    print(f"sweep: {len(runs)} run(s) under {args.out_root}:",
+          *(f"{o.ljust(width)}  {r['out_dir']}" for o, r in zip(outcomes, runs)), sep="\n  ", flush=True)
+    failed = sum(o.startswith("failed") for o in outcomes)
+    if stopped:
+        print(stopped, file=sys.stderr)
+    if failed:
+        print(f"sweep: {failed} run(s) failed (their errors are above); fix the cause and rerun {again}: finished "
+              f"runs are skipped, started ones resumed", file=sys.stderr)
+    if stopped or failed:
+        return 130 if interrupted else 1
+    print("sweep: every run finished; compare and plot them:", *next_commands(args.out_root, schemes, args.seeds),
+          sep="\n  ")
     return 0
 
 
@@ -279,10 +477,12 @@ def next_commands(out_root, schemes, seeds):
     """The scripts/compare.py and plot_runs.py commands for the runs under out_root."""
     runs = shlex.quote(os.path.normpath(out_root)) + "/*"
     plots = shlex.quote(os.path.join("plots", os.path.basename(os.path.normpath(out_root))))
+    python = shlex.quote(sys.executable)
     base = " --baseline scheme=plain" if "plain" in schemes else ""
-    return [f"python scripts/compare.py {runs}{base}",
-            f"python scripts/plot_runs.py {runs}{' --groups' if len(seeds) > 1 else ''} --out-dir {plots}"]
+    return [f"{python} {shlex.quote(shown(os.path.join(REPO, 'scripts', 'compare.py')))} {runs}{base}",
+            f"{python} {shlex.quote(shown(os.path.join(REPO, 'scripts', 'plot_runs.py')))} {runs}"
+            f"{' --groups' if len(seeds) > 1 else ''} --out-dir {plots}"]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "sweep"))

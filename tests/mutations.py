@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOP = "tests/test_train_loop.py"
 DDP = ["tests/test_train_ddp.py", "-k", "accum"]
 BAD = "tests/test_bad_input.py"
+WRITES = "tests/test_run_writes.py"
 
 # (name, [(file, function, pattern, replacement), ...], pytest arguments)
 MUTATIONS = [
@@ -253,6 +254,31 @@ MUTATIONS = [
          'return row["hellaswag"] is not None and row["hellaswag_n"] != HELLASWAG_ITEMS',
          'return row["hellaswag"] is not None and bool(row["hellaswag_n"]) and row["hellaswag_n"] != HELLASWAG_ITEMS')],
      ["tests/test_tools_runs.py", "-k", "hellaswag"]),
+    # ---- a sweep that can be finished
+    ("a finished sweep run not recognised", [("scripts/sweep.py", "run_state",
+                                              'if any(r.get("type") == "eval" and r.get("step") == target for r in after):',
+                                              "if False:")], ["tests/test_sweep.py"]),
+    ("a started sweep run not resumed", [("scripts/sweep.py", None, '"resume": ["--resume"]', '"resume": []')],
+     ["tests/test_sweep.py"]),
+    ("sweep runs python from PATH", [("scripts/sweep.py", "launcher", "return [sys.executable, shown(TRAIN)]",
+                                      'return ["python", shown(TRAIN)]')], ["tests/test_sweep.py"]),
+    ("sweep runs in the repo directory", [("scripts/sweep.py", "launch", "subprocess.Popen(cmd)",
+                                           "subprocess.Popen(cmd, cwd=REPO)")], ["tests/test_sweep.py"]),
+    # ---- a run's files: never mixed, lost or loaded damaged
+    ("a checkpoint's CRCs not checked", [("checkpoint.py", "load", "damaged = z.testzip()", "damaged = None")],
+     [WRITES, "-k", "damaged"]),
+    ("non-finite checkpoint values loaded", [("checkpoint.py", "load", "if bad:", "if False:")],
+     [WRITES, "-k", "nonfinite_checkpoint"]),
+    ("a NaN val loss checkpointed", [("train.py", "train", 'if not math.isfinite(record["val_loss"]):', "if False:")],
+     [WRITES, "-k", "val_loss"]),
+    ("--resume_from continued into another run's out_dir", [
+        ("rundir.py", "RunDir.check", "if (self.resume and here) or not", "if self.resume or not")],
+     [WRITES, "-k", "another_run"]),
+    ("ranks' settings not compared", [("runtime.py", "Runtime.check_same", "if not self.ddp:", "if True:")],
+     [WRITES, "-k", "ranks_with"]),
+    ("a failed log write is a traceback", [("rundir.py", "RunDir.log", "except OSError as e:",
+                                            "except ValueError as e:")],
+     [WRITES, "-k", "mid_run"]),
 ]
 
 

@@ -317,7 +317,7 @@ def test_sweep_schemes_preset_in_both_setups(capsys):
     assert sweep.main(["--preset", "schemes", "--configs", "configs/fwe_s.py", "configs/nanochat_d12.py",
                        "--nproc", "8"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    runs = [(line.split()[4], line.split("--scheme=")[1].split()[0]) for line in lines]
+    runs = [(line.split(" train.py ")[1].split()[0], line.split("--scheme=")[1].split()[0]) for line in lines]
     assert runs == [(c, s) for c in ("configs/fwe_s.py", "configs/nanochat_d12.py") for s in hc.SCHEMES]
     assert sum("--scheme=mhc_v4 --n_streams=4" in line for line in lines) == 2
     with pytest.raises(SystemExit):
@@ -325,7 +325,7 @@ def test_sweep_schemes_preset_in_both_setups(capsys):
     assert "readout 'hc_head' weighs n streams and plain has one" in capsys.readouterr().err
     assert sweep.main(["--schemes", "mhc", "mhc_v4", "--configs", "configs/fwe_s.py", "--nproc", "8", "--",
                        "--readout=hc_head"]) == 0
-    assert all(line.endswith("--readout=hc_head") for line in capsys.readouterr().out.splitlines())
+    assert all(line.endswith("--readout=hc_head  # start") for line in capsys.readouterr().out.splitlines())
 
 
 # ---------------------------------------------------------------------------------------

@@ -211,16 +211,21 @@ def test_cli_error_is_one_line(tmp_path):
 
 
 def test_sweep_prints_distinct_runs(capsys):
+    import shlex
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     import sweep
     assert sweep.main(["--configs", "configs/owt_s.py", "configs/fwe_s.py", "--schemes", "plain", "mhc", "kromhc",
                        "--n", "4", "6", "--seeds", "0", "1", "--nproc", "8", "--", "--max_iters=100"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert all(line.endswith("  # start") for line in printed)  # what each command does (no runs there)
+    lines = [line[:-len("  # start")] for line in printed]
     assert len(lines) == 2 * 2 * (1 + 2 + 2)  # configs x seeds x (plain once + mhc and kromhc at n = 4, 6)
     names = [next(a for a in line.split() if a.startswith("--wandb_run_name=")) for line in lines]
     outs = [next(a for a in line.split() if a.startswith("--out_dir=")) for line in lines]
     assert len(set(names)) == len(set(outs)) == len(lines)
-    assert all(line.startswith("torchrun --standalone --nproc_per_node=8 train.py ") for line in lines)
+    # this Python's torchrun: a job script need not activate the venv
+    torchrun = f"{shlex.quote(sys.executable)} -m torch.distributed.run --standalone --nproc_per_node=8 train.py "
+    assert all(line.startswith(torchrun) for line in lines)
     assert all(line.endswith("--max_iters=100") for line in lines)
     # the seeds share the first seed's data order, and every run's name says so alike (-d0 also on seed 0);
     # the override of a setting key is in the names (max_iters: another sweep with another one gets others)
@@ -236,6 +241,7 @@ def test_sweep_names_progress_and_next_commands(capsys, monkeypatch):
     """Overrides of the model or data are in the run names (a second sweep on other data gets other names),
     bookkeeping ones are not; --vary-data names every run -s<seed>; --run says run k/N and ends with the
     compare and plot commands of its out root (printed commands keep stdout to themselves)."""
+    import shlex
     from scripts import sweep
 
     def names(*extra):
@@ -251,15 +257,18 @@ def test_sweep_names_progress_and_next_commands(capsys, monkeypatch):
     other = names("--", "--dataset=tinystories", "--n_layer=2", "--data_dir=/scratch/ts/", "--bias")
     assert other[0] == "quickstart-plain-n1-dataset=tinystories-n_layer=2-data_dir=ts-bias=True-s0-d0"
     ran = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda cmd, cwd: ran.append(cmd) or 0)
+    monkeypatch.setattr(sweep, "launch", lambda cmd: ran.append(cmd) or (0, False))
     assert sweep.main(["--configs", "configs/quickstart.py", "--schemes", "plain", "kromhc", "--seeds", "2",
                        "--out_root", "out/x", "--run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(ran) == 4
-    assert [line.split(": python")[0] for line in out[:4]] == [f"sweep: run {k}/4" for k in range(1, 5)]
-    assert out[4:] == ["sweep: 4 run(s) done; then compare and plot them:",
-                       "  python scripts/compare.py out/x/* --baseline scheme=plain",
-                       "  python scripts/plot_runs.py out/x/* --groups --out-dir plots/x"]
+    python = shlex.quote(sys.executable)
+    assert [line.split(f": {python}")[0] for line in out[:4]] == [f"sweep: run {k}/4: start" for k in range(1, 5)]
+    assert out[4:] == ["sweep: 4 run(s) under out/x:", *(f"  started  out/x/quickstart-{s}-s{seed}-d0"
+                                                          for seed in (0, 1) for s in ("plain-n1", "kromhc-n4")),
+                       "sweep: every run finished; compare and plot them:",
+                       f"  {python} scripts/compare.py out/x/* --baseline scheme=plain",
+                       f"  {python} scripts/plot_runs.py out/x/* --groups --out-dir plots/x"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

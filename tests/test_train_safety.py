@@ -406,13 +406,16 @@ def test_fmt_time():
                                                                              "2h02m"]
 
 
-def test_sweep_process_count_and_divisibility(capsys, monkeypatch):
+def test_sweep_process_count_and_divisibility(capsys, monkeypatch, tmp_path):
+    import shlex
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     import sweep
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert sweep.main(["--configs", "configs/quickstart.py", "--schemes", "plain", "kromhc"]) == 0
+    assert sweep.main(["--configs", "configs/quickstart.py", "--schemes", "plain", "kromhc", "--out_root",
+                       str(tmp_path)]) == 0  # an empty out root: every command starts its run
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and all(line.startswith("python train.py configs/quickstart.py ") for line in lines)
+    python = shlex.quote(sys.executable)  # this Python: a job script need not activate the venv
+    assert len(lines) == 2 and all(line.startswith(f"{python} train.py configs/quickstart.py ") for line in lines)
     with pytest.raises(SystemExit) as e:
         sweep.main(["--configs", "configs/quickstart.py", "--schemes", "plain", "--nproc", "8"])
     assert e.value.code == 2
@@ -423,9 +426,11 @@ def test_sweep_process_count_and_divisibility(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a 4-GPU node: GPU configs use every GPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert sweep.main(["--configs", "configs/fwe_s.py", "--schemes", "plain"]) == 0
-    assert capsys.readouterr().out.startswith("torchrun --standalone --nproc_per_node=4 train.py configs/fwe_s.py ")
-    assert sweep.main(["--configs", "configs/quickstart.py", "--schemes", "plain"]) == 0  # a CPU config: one process
-    assert capsys.readouterr().out.startswith("python train.py configs/quickstart.py ")
+    assert capsys.readouterr().out.startswith(f"{python} -m torch.distributed.run --standalone --nproc_per_node=4 "
+                                              f"train.py configs/fwe_s.py ")
+    assert sweep.main(["--configs", "configs/quickstart.py", "--schemes", "plain", "--out_root", str(tmp_path)]) == 0
+    # a CPU config: one process
+    assert capsys.readouterr().out.startswith(f"{python} train.py configs/quickstart.py ")
 
 
 def test_cli_bad_input_is_one_line(data_dir, tmp_path):

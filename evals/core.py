@@ -13,14 +13,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from errors import ConfigError, NotFound
 from evals import cache_root, crop, eval_mode, fetch, forward_logits, jsonl_items, model_block_size
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
-TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
-
 ITEM_FIELDS = {"multiple_choice": ("query", "choices", "gold"), "schema": ("context_options", "continuation", "gold"),
                "language_modeling": ("context", "continuation")}  # what each task type's items must hold
+TASK_TYPES = tuple(ITEM_FIELDS)
 
 CORE_TASKS = (  # the 22 tasks of DCLM's core aggregate
     "hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa",
@@ -92,17 +92,21 @@ def batch_schema(enc, prompts):
 def batch_lm(enc, prompts):
     without, with_ = encode(enc, prompts)
     if not (len(without) < len(with_) and with_[:len(without)] == without):
-        raise ValueError("language_modeling item: the prompt without the continuation does not tokenize "
-                         "to a prefix of the prompt with it")
+        raise ConfigError("language_modeling item: the prompt without the continuation does not tokenize "
+                          "to a prefix of the prompt with it")
     return [with_], [len(without)], [len(with_)]
+
+
+TASK_SCORING = {"multiple_choice": (render_prompts_mc, batch_mc), "schema": (render_prompts_schema, batch_schema),
+                "language_modeling": (render_prompts_lm, batch_lm)}  # a task type's prompts and scored spans
 
 
 # scoring
 
 @torch.no_grad()
 def forward_losses(model, tokens, pad, device, ctx=None):
-    """Right-pad and forward -> (losses (B, T), argmax predictions (B, T)); position i scores
-    token i + 1, the last column is nan."""
+    """Right-pad and forward -> (losses (B, T), argmax predictions (B, T), the padded tokens); position i
+    scores token i + 1, the last column is nan."""
     logits, idx = forward_logits(model, tokens, device, ctx, pad)
     logits = logits.float()
     target = torch.roll(idx, -1, dims=1)
@@ -118,15 +122,9 @@ def evaluate_example(idx, model, enc, data, device, task, ctx=None):
     if task["num_fewshot"] > 0:
         others = [i for i in range(len(data)) if i != idx]
         fewshot = [data[i] for i in random.Random(1234 + idx).sample(others, task["num_fewshot"])]
-    delim, kind = task["continuation_delimiter"], task["task_type"]
-    if kind == "multiple_choice":
-        tokens, starts, ends = batch_mc(enc, render_prompts_mc(item, delim, fewshot))
-    elif kind == "schema":
-        tokens, starts, ends = batch_schema(enc, render_prompts_schema(item, delim, fewshot))
-    elif kind == "language_modeling":
-        tokens, starts, ends = batch_lm(enc, render_prompts_lm(item, delim, fewshot))
-    else:
-        raise ValueError(f"unsupported task type {kind!r}; choose one of {TASK_TYPES}")
+    kind = task["task_type"]
+    render, batch = TASK_SCORING[kind]
+    tokens, starts, ends = batch(enc, render(item, task["continuation_delimiter"], fewshot))
     tokens, starts, ends = crop(tokens, starts, ends, model_block_size(model))
     losses, preds, ids = forward_losses(model, tokens, bos_token(enc), device, ctx)  # padded with BOS, as nanochat
     if kind == "language_modeling":
@@ -138,10 +136,9 @@ def evaluate_example(idx, model, enc, data, device, task, ctx=None):
     return pred == item["gold"], {"idx": idx, "gold": item["gold"], "pred": pred, "mean_losses": mean_losses}
 
 
-def evaluate_task(model, enc, data, device, task, ctx=None, rank=None, world_size=None):
+def evaluate_task(model, enc, data, device, task, ctx=None):
     """Accuracy over data; under torch.distributed every rank takes every world_size-th item."""
-    if rank is None or world_size is None:
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
     for idx in range(rank, len(data), world_size):
         correct[idx] = float(evaluate_example(idx, model, enc, data, device, task, ctx)[0])
@@ -197,11 +194,12 @@ def download_bundle(dest=None, url=EVAL_BUNDLE_URL):
             with zipfile.ZipFile(zpath) as z:
                 z.extractall(tmp)
         except zipfile.BadZipFile as e:
-            raise RuntimeError(f"{url}: the download is not a readable zip ({e}); run again, or unzip a good "
-                               f"copy into {dest} (or pass --bundle-dir)") from None
+            raise ConfigError(f"{url}: the download is not a readable zip ({e}); run again, or unzip a good "
+                              f"copy into {dest} (or pass --bundle-dir)") from None
         found = next(Path(tmp).rglob("core.yaml"), None)
         if found is None:
-            raise RuntimeError(f"{url}: the archive holds no core.yaml")
+            raise ConfigError(f"{url}: the archive holds no core.yaml; unpack a good eval_bundle (core.yaml, "
+                              f"eval_meta_data.csv, eval_data/) into {dest}, or pass --bundle-dir")
         os.replace(found.parent, dest)
     return dest
 
@@ -209,7 +207,7 @@ def download_bundle(dest=None, url=EVAL_BUNDLE_URL):
 def load_bundle(bundle_dir):
     """-> (tasks, random baselines in percent): tasks are dicts with label, task_type,
     dataset (path), num_fewshot, continuation_delimiter, in core.yaml's order. A damaged bundle is a
-    FileNotFoundError / ValueError naming the file and the fix."""
+    NotFound / ConfigError naming the file and the fix."""
     import yaml
     bundle_dir = Path(bundle_dir)
     config, meta = bundle_dir / "core.yaml", bundle_dir / "eval_meta_data.csv"
@@ -217,32 +215,32 @@ def load_bundle(bundle_dir):
            f"empty --bundle-dir)")
     for p in (config, meta):
         if not p.is_file():
-            raise FileNotFoundError(f"{p} not found: {bundle_dir} is not an unpacked eval bundle (core.yaml, "
-                                    f"eval_meta_data.csv, eval_data/); {fix}")
+            raise NotFound(f"{p} not found: {bundle_dir} is not an unpacked eval bundle (core.yaml, "
+                           f"eval_meta_data.csv, eval_data/); {fix}")
     try:
         spec = yaml.safe_load(config.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config}: not a readable YAML file ({str(e)[:300]}); fix the file or restore it: "
-                         f"{fix}") from None
+        raise ConfigError(f"{config}: not a readable YAML file ({str(e)[:300]}); fix the file or restore it: "
+                          f"{fix}") from None
     entries = spec.get("icl_tasks") if isinstance(spec, dict) else None
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{config}: no 'icl_tasks' list; {fix}")
+        raise ConfigError(f"{config}: no 'icl_tasks' list; {fix}")
     tasks = []
     for i, t in enumerate(entries):
         where = f"{config}: icl_tasks[{i}]"
         missing = [k for k in ("label", "dataset_uri", "num_fewshot", "icl_task_type")
                    if not isinstance(t, dict) or k not in t]
         if missing:
-            raise ValueError(f"{where} lacks {', '.join(missing)}; every task needs label, dataset_uri, "
-                             f"num_fewshot and icl_task_type ({fix})")
+            raise ConfigError(f"{where} lacks {', '.join(missing)}; every task needs label, dataset_uri, "
+                              f"num_fewshot and icl_task_type ({fix})")
         if t["icl_task_type"] not in TASK_TYPES:
-            raise ValueError(f"{where} ({t['label']}): task type {t['icl_task_type']!r} is not one of {TASK_TYPES}; "
-                             f"only these are scored: remove the task from core.yaml")
+            raise ConfigError(f"{where} ({t['label']}): task type {t['icl_task_type']!r} is not one of {TASK_TYPES}; "
+                              f"only these are scored: remove the task from core.yaml")
         shots = t["num_fewshot"]
         shots = shots[0] if isinstance(shots, list) and shots else shots
         if type(shots) is not int or shots < 0:
-            raise ValueError(f"{where} ({t['label']}): num_fewshot {t['num_fewshot']!r} is not a count >= 0 "
-                             f"(e.g. [0] or [5])")
+            raise ConfigError(f"{where} ({t['label']}): num_fewshot {t['num_fewshot']!r} is not a count >= 0 "
+                              f"(e.g. [0] or [5])")
         tasks.append({"label": str(t["label"]), "task_type": t["icl_task_type"],
                       "dataset": bundle_dir / "eval_data" / str(t["dataset_uri"]),
                       "num_fewshot": shots, "continuation_delimiter": t.get("continuation_delimiter", " ")})
@@ -250,11 +248,11 @@ def load_bundle(bundle_dir):
         with open(meta, encoding="utf-8", newline="") as f:
             baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
     except (KeyError, ValueError, TypeError) as e:  # a missing column, a value that is not a number
-        raise ValueError(f"{meta}: needs the columns 'Eval Task' and 'Random baseline' (in percent) with a "
-                         f"number on every row ({type(e).__name__}: {e}); {fix}") from None
+        raise ConfigError(f"{meta}: needs the columns 'Eval Task' and 'Random baseline' (in percent) with a "
+                          f"number on every row ({type(e).__name__}: {e}); {fix}") from None
     missing = [t["label"] for t in tasks if t["label"] not in baselines]
     if missing:
-        raise ValueError(f"{meta}: no random baseline for {missing}; add their rows or use the bundle's own file")
+        raise ConfigError(f"{meta}: no random baseline for {missing}; add their rows or use the bundle's own file")
     return tasks, baselines
 
 
@@ -265,7 +263,7 @@ def select_tasks(tasks, labels, bundle_dir):
     known = [t["label"] for t in tasks]
     unknown = [label for label in labels if label not in known]
     if unknown:
-        raise ValueError(f"--tasks: {unknown} not in {Path(bundle_dir) / 'core.yaml'}; choose among {known}")
+        raise ConfigError(f"--tasks: {unknown} not in {Path(bundle_dir) / 'core.yaml'}; choose among {known}")
     return [t for t in tasks if t["label"] in labels]
 
 
@@ -275,25 +273,25 @@ def load_task_data(task, max_per_task=-1):
     path = task["dataset"]
     fix = "restore the eval bundle (unzip eval_bundle.zip again, or --download into an empty --bundle-dir)"
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found (task {task['label']}): {fix}")
+        raise NotFound(f"{path} not found (task {task['label']}): {fix}")
     fields = ITEM_FIELDS[task["task_type"]]
     data = []
     for lineno, item in jsonl_items(path, fix):
         if not isinstance(item, dict) or any(k not in item for k in fields):
-            raise ValueError(f"{path}:{lineno}: a {task['task_type']} item needs {', '.join(fields)}; {fix}")
+            raise ConfigError(f"{path}:{lineno}: a {task['task_type']} item needs {', '.join(fields)}; {fix}")
         options = item.get("choices", item.get("context_options"))
         if "gold" in fields and not (type(item["gold"]) is int and 0 <= item["gold"] < len(options)):
-            raise ValueError(f"{path}:{lineno}: gold {item['gold']!r} is not the index of one of the "
-                             f"{len(options)} options; {fix}")
+            raise ConfigError(f"{path}:{lineno}: gold {item['gold']!r} is not the index of one of the "
+                              f"{len(options)} options; {fix}")
         data.append(item)
     if not data:  # the mean over no items would be nan
-        raise ValueError(f"{path}: no items (task {task['label']}); {fix}, or leave the task out with --tasks")
+        raise ConfigError(f"{path}: no items (task {task['label']}); {fix}, or leave the task out with --tasks")
     random.Random(1337).shuffle(data)  # the files are often ordered; a crop should be a fair sample
     data = data[:max_per_task] if max_per_task > 0 else data
     if task["num_fewshot"] >= len(data):
-        raise ValueError(f"task {task['label']} takes {task['num_fewshot']} solved examples from the other items, "
-                         f"but {len(data)} item(s) are used ({path}); raise --max-per-task above "
-                         f"{task['num_fewshot']} or leave the task out with --tasks")
+        raise ConfigError(f"task {task['label']} takes {task['num_fewshot']} solved examples from the other items, "
+                          f"but {len(data)} item(s) are used ({path}); raise --max-per-task above "
+                          f"{task['num_fewshot']} or leave the task out with --tasks")
     return data
 
 

@@ -1,35 +1,23 @@
 """hcgpt checkpoints in EleutherAI's lm-evaluation-harness (lm-eval 0.4.13): every task of the
-harness, scored by the harness's own evaluator; scripts/eval_lm.py is its command line.
-
-    HcgptLM           a GPT and its run's tokenizer as an lm_eval model: loglikelihood,
-                      loglikelihood_rolling, generate_until
-    COMMONSENSE       the commonsense-reasoning suite (--tasks commonsense) and the metric of each task
-    task_manager      lm-eval's task index (+ a local task directory), checked for files that do not parse
-    evaluate          lm_eval.simple_evaluate on tasks; clear errors for unknown tasks and missing datasets
-    flat_metrics      a results dict -> {"lm_eval/<task>/<metric>": value}: the names in log.jsonl and wandb
-    crosscheck_hellaswag   lm-eval's HellaSwag next to evals/hellaswag.py's on the same items
-
-Scoring follows lm-eval's Hugging Face model (lm_eval/models/huggingface.py): a continuation's
-log-probability is the sum of log softmax(logits) at its tokens, over the model's whole output
-vocabulary (as train.py's loss); a context and continuation longer than block_size + 1 tokens lose
-tokens on the left; rolling log-likelihoods use lm-eval's disjoint windows of block_size tokens,
-the first one after <|endoftext|>; generation is greedy, its context cut on the left to leave room
-for max_gen_toks. Text is encoded by checkpoint.load_tokenizer's encoding (special tokens written in the
-text are read as such, as Hugging Face tokenizers do), and its end-of-text token is the prefix of an
-empty context and the stop of every generation.
+harness, scored by the harness's own evaluator; scripts/eval_lm.py is its command line. The model
+is scored as lm-eval scores a Hugging Face model (lm_eval/models/huggingface.py), in the run's own
+tokenizer: docs/lm-eval.md, "How the model is scored".
 
 Training never imports this module (nor lm_eval): only the evaluation scripts do.
 """
 
 import difflib
 import functools
+import importlib
 import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import yaml
 
+from errors import ConfigError, NotFound
 from evals import forward_logits
 from evals.hellaswag import evaluate_hellaswag
 from evals.results import save
@@ -37,13 +25,14 @@ from evals.results import save
 try:
     import lm_eval
     from lm_eval.api.model import TemplateLM
+    from lm_eval.api.task import ALL_OUTPUT_TYPES
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
     from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window
 except ImportError as e:  # not installed, or another version whose modules moved
-    raise RuntimeError(f"lm-evaluation-harness is not installed or not the version hcgpt uses ({e}); install it "
-                       f"with `pip install lm-eval==0.4.13` (it is in requirements.txt)") from None
+    raise ConfigError(f"lm-evaluation-harness is not installed or not the version hcgpt uses ({e}); install it "
+                      f"with `pip install lm-eval==0.4.13` (it is in requirements.txt)") from None
 
 # The suite averaged in the KromHC paper's Table 4 (commonsense reasoning): the paper's text at hand
 # does not list its tasks or metrics, so this is the list the paper's column names suggest, scored
@@ -99,10 +88,6 @@ class HcgptLM(TemplateLM):
 
     # -- scoring --------------------------------------------------------------------------------
     @torch.no_grad()
-    def _logits(self, rows):
-        """Logits (len(rows), T, V) of token rows right-padded to the longest, T = its length."""
-        return forward_logits(self.model, rows, self._device, self.ctx)[0]
-
     def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
         """[(cache key, context tokens, continuation tokens)] -> [(log P(continuation | context), greedy)].
         The model reads the last block_size + 1 tokens of context + continuation less the last one
@@ -110,8 +95,8 @@ class HcgptLM(TemplateLM):
         rows = []
         for _, context, continuation in requests:
             if len(continuation) > self.max_length:
-                raise ValueError(f"a continuation of {len(continuation)} tokens is longer than the model's block_size "
-                                 f"{self.max_length}: it cannot be scored in one window; shorten the task's targets")
+                raise ConfigError(f"a continuation of {len(continuation)} tokens is longer than the model's block_size "
+                                  f"{self.max_length}: it cannot be scored in one window; shorten the task's targets")
             whole = (context + continuation)[-(self.max_length + 1):]
             rows.append((whole[:-1], whole[-len(continuation):]))
         # longest first: the batches hold rows of similar length (little padding), and memory runs out at once if at all
@@ -119,7 +104,7 @@ class HcgptLM(TemplateLM):
         out = [None] * len(rows)
         for b in range(0, len(order), self.batch_size):
             chunk = order[b:b + self.batch_size]
-            logits = self._logits([rows[i][0] for i in chunk])
+            logits = forward_logits(self.model, [rows[i][0] for i in chunk], self._device, self.ctx)[0]
             for j, i in enumerate(chunk):
                 inp, cont = rows[i]
                 # logits at position t predict token t + 1: the continuation's are the last len(cont) of the row
@@ -154,8 +139,7 @@ class HcgptLM(TemplateLM):
         first of the task's `until` strings or <|endoftext|> and cut there."""
         groups = {}  # requests with the same generation settings share batches
         for i, req in enumerate(requests):
-            context, gen_kwargs = req.args
-            groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         out = [None] * len(requests)
         eos = self.tok_decode([self.eot_token_id])
         for members in groups.values():
@@ -166,12 +150,12 @@ class HcgptLM(TemplateLM):
             temperature = temperature if do_sample else 0.0
             top_k = kwargs.pop("top_k", None)
             if kwargs:
-                raise ValueError(f"generation_kwargs {sorted(kwargs)} are not supported by hcgpt's lm_eval model "
-                                 f"(it supports until, max_gen_toks, do_sample, temperature, top_k); remove them "
-                                 f"from the task's generation_kwargs")
+                raise ConfigError(f"generation_kwargs {sorted(kwargs)} are not supported by hcgpt's lm_eval model "
+                                  f"(it supports until, max_gen_toks, do_sample, temperature, top_k); remove them "
+                                  f"from the task's generation_kwargs")
             if max_gen >= self.max_length:
-                raise ValueError(f"the task asks for up to {max_gen} generated tokens, but the model's block_size is "
-                                 f"{self.max_length}; set generation_kwargs max_gen_toks below {self.max_length}")
+                raise ConfigError(f"the task asks for up to {max_gen} generated tokens, but the model's block_size is "
+                                  f"{self.max_length}; set generation_kwargs max_gen_toks below {self.max_length}")
             max_ctx = self.max_length - max_gen  # the context is cut on the left to leave room for the generation
             contexts = [self.tok_encode(requests[i].args[0])[-max_ctx:] or [self.prefix_token_id] for i in members]
             order = sorted(range(len(members)), key=lambda j: -len(contexts[j]))
@@ -189,12 +173,11 @@ class HcgptLM(TemplateLM):
         """Generated text of each context (rows of different lengths in one batch: each row's next token
         is read at its own last position, so the padding after it is never seen)."""
         seqs = [list(c) for c in contexts]
-        new = [[] for _ in seqs]
         live = list(range(len(seqs)))
         for _ in range(max_gen):
             if not live:
                 break
-            logits = self._logits([seqs[i] for i in live])
+            logits = forward_logits(self.model, [seqs[i] for i in live], self._device, self.ctx)[0]
             last = torch.stack([logits[j, len(seqs[i]) - 1] for j, i in enumerate(live)]).float()
             if temperature > 0:
                 last = last / temperature
@@ -206,9 +189,8 @@ class HcgptLM(TemplateLM):
                 nxt = last.argmax(-1).tolist()
             for i, t in zip(live, nxt):
                 seqs[i].append(t)
-                new[i].append(t)
-            live = [i for i in live if not any(s and s in self.tok_decode(new[i]) for s in until)]
-        return [self.tok_decode(n) for n in new]
+            live = [i for i in live if not any(s and s in self.tok_decode(seqs[i][len(contexts[i]):]) for s in until)]
+        return [self.tok_decode(s[len(c):]) for s, c in zip(seqs, contexts)]
 
 
 # -----------------------------------------------------------------------------
@@ -218,34 +200,70 @@ def expand_tasks(spec):
     """"a,b,commonsense" -> ["a", "b", <the commonsense tasks>] (in order, each once)."""
     names = []
     for name in (s.strip() for s in spec.split(",")):
+        if name.endswith((".yaml", ".yml")):
+            raise ConfigError(f"--tasks {name}: --tasks takes task names, not files; pass the file's folder and "
+                              f"its task's name: --include-path {Path(name).parent} --tasks <its 'task:' value>")
         for task in SUITES.get(name, [name] if name else []):
             if task not in names:
                 names.append(task)
     if not names:
-        raise ValueError(f"--tasks {spec!r} names no task; pass e.g. --tasks commonsense or --tasks hellaswag,piqa")
+        raise ConfigError(f"--tasks {spec!r} names no task; pass e.g. --tasks commonsense or --tasks hellaswag,piqa")
     return names
 
 
 def check_task_dir(path):
-    """Every *.yaml under a local task directory must parse as lm-eval reads it: the harness
-    itself skips a broken file silently, and the task would then look unknown."""
+    """Every *.yaml under a local task directory must be a task lm-eval can build: the harness skips a file
+    that does not parse silently (the task then looks unknown), and imports a `!function` module only when
+    it builds the task, after the checkpoint is read."""
     root = Path(path)
+    if root.is_file():
+        raise ConfigError(f"--include-path {path} is a file; pass its directory: --include-path {root.parent}")
     if not root.is_dir():
-        raise FileNotFoundError(f"--include-path {path}: no such directory; pass a directory of lm-eval task "
-                                f"YAML files")
+        raise NotFound(f"--include-path {path}: no such directory; pass a directory of lm-eval task YAML files")
     files = sorted(root.glob("**/*.yaml"))
     if not files:
-        raise ValueError(f"--include-path {path}: no *.yaml task files in it; pass a directory of lm-eval task YAMLs")
+        raise ConfigError(f"--include-path {path}: no *.yaml task files in it; pass a directory of lm-eval task YAMLs")
     for f in files:
         try:
             cfg = load_yaml(f, resolve_func=False, recursive=True)
         except Exception as e:
             why = " ".join(str(e).split())[:300]
-            raise ValueError(f"--include-path: {f} is not a task file lm-eval can read ({type(e).__name__}: {why}); "
-                             f"fix the YAML (see lm-eval's docs/task_guide.md)") from None
-        if not isinstance(cfg, dict) or not ({"task", "group", "tag"} & set(cfg) or "include" in cfg):
-            raise ValueError(f"--include-path: {f} is YAML but not an lm-eval task (no 'task:' or 'group:' key); "
-                             f"fix it or move it out of {path}")
+            raise ConfigError(f"--include-path: {f} is not a task file lm-eval can read ({type(e).__name__}: "
+                              f"{why}); fix the YAML (see lm-eval's docs/task_guide.md)") from None
+        if not {"task", "group"} & set(cfg):
+            raise ConfigError(f"--include-path: {f} is YAML but not an lm-eval task (no 'task:' or 'group:' key); "
+                              f"fix it or move it out of {path}")
+        if cfg.get("output_type") not in (None, *ALL_OUTPUT_TYPES):
+            raise ConfigError(f"--include-path: {f}: output_type {cfg['output_type']!r} is not one of lm-eval's "
+                              f"{', '.join(ALL_OUTPUT_TYPES)}; set one of them")
+        check_functions(f)
+
+
+def check_functions(task_file):
+    """Each `!function module.fn` of a task file names a function lm-eval can import: from module.py beside
+    the file, else from an importable module (lm-eval's order)."""
+    refs = []
+
+    class Loader(yaml.SafeLoader):  # collects the tags instead of importing them
+        pass
+    Loader.add_constructor("!function", lambda loader, node: refs.append(loader.construct_scalar(node)))
+    yaml.load(task_file.read_bytes(), Loader)
+    for ref in refs:
+        module, _, fn = ref.rpartition(".")
+        local = task_file.parent / f"{module.replace('.', '/')}.py"
+        if not module:
+            raise ConfigError(f"{task_file}: `!function {ref}` names no module; write `!function utils.{fn}` and "
+                              f"define {fn} in {task_file.parent / 'utils.py'}")
+        if local.is_file():
+            continue
+        try:
+            found = importlib.import_module(module)
+        except ImportError:
+            found = None
+        if not hasattr(found, fn):
+            other = f" (the module {module!r} Python finds elsewhere has no {fn!r})" if found else ""
+            raise ConfigError(f"{task_file}: `!function {ref}` needs {local}, which does not exist{other}; create "
+                              f"it with a function {fn}, or correct the module name in the tag")
 
 
 @functools.lru_cache(maxsize=4)
@@ -258,7 +276,7 @@ def task_manager(include_path=None):
 
 
 def check_tasks(names, include_path=None):
-    """Every name a task, group or tag of lm-eval or of include_path, else a ValueError with close matches.
+    """Every name a task, group or tag of lm-eval or of include_path, else a ConfigError with close matches.
     -> the task manager that knows them."""
     tm = task_manager(str(include_path) if include_path is not None else None)
     known = set(tm.all_tasks)
@@ -266,9 +284,9 @@ def check_tasks(names, include_path=None):
         if name not in known and not tm.match_tasks([name]):
             close = difflib.get_close_matches(name, known, n=3)
             where = f"lm-eval {lm_eval.__version__}'s tasks" + (f" or {include_path}" if include_path else "")
-            raise ValueError(f"unknown task {name!r}: not in {where}"
-                             + (f" (did you mean {', '.join(close)}?)" if close else "")
-                             + "; `lm-eval ls tasks` lists them, and --include-path DIR adds local task YAMLs")
+            raise ConfigError(f"unknown task {name!r}: not in {where}"
+                              + (f" (did you mean {', '.join(close)}?)" if close else "")
+                              + "; `lm-eval ls tasks` lists them, and --include-path DIR adds local task YAMLs")
     return tm
 
 
@@ -280,10 +298,10 @@ def evaluate(lm, tasks, num_fewshot=None, limit=None, include_path=None, log_sam
                                        limit=limit, batch_size=lm.batch_size, device=str(lm._device),
                                        log_samples=log_samples, task_manager=tm)
     except ConnectionError as e:  # datasets says "Couldn't reach 'Rowan/hellaswag' on the Hub (...)"
-        raise RuntimeError(f"a task's dataset is not in the Hugging Face cache and cannot be downloaded here ({e}); on "
-                           f"a machine with network run `python scripts/eval_lm.py --download-only --tasks "
-                           f"{','.join(tasks)}`, copy its ~/.cache/huggingface (or $HF_HOME) to this machine and "
-                           f"run again with HF_DATASETS_OFFLINE=1 (docs/lm-eval.md)") from None
+        raise NotFound(f"a task's dataset is not in the Hugging Face cache and cannot be downloaded here ({e}); on "
+                       f"a machine with network run `python scripts/eval_lm.py --download-only --tasks "
+                       f"{','.join(tasks)}`, copy its ~/.cache/huggingface (or $HF_HOME) to this machine and "
+                       f"run again with HF_DATASETS_OFFLINE=1 (docs/lm-eval.md)") from None
 
 
 def download(tasks, include_path=None):
@@ -325,12 +343,8 @@ def suite_rows(results, suite="commonsense"):
 
 def suite_averages(results):
     """The unweighted mean of each suite's metrics, for suites whose every task was run."""
-    out = {}
-    for suite, tasks in SUITES.items():
-        rows = suite_rows(results, suite)
-        if len(rows) == len(tasks):
-            out[suite] = sum(v for _, _, v in rows) / len(rows)
-    return out
+    rows = {suite: suite_rows(results, suite) for suite in SUITES}
+    return {suite: sum(v for _, _, v in r) / len(r) for suite, r in rows.items() if len(r) == len(SUITES[suite])}
 
 
 # -----------------------------------------------------------------------------
@@ -339,25 +353,19 @@ def suite_averages(results):
 def crosscheck_hellaswag(lm, task="hellaswag", limit=None, include_path=None):
     """lm-eval's `task` (HellaSwag, or a local task with the same ctx/endings/label fields) and
     evals.hellaswag.evaluate_hellaswag on the same items and model. -> {"items": per-item records, and each
-    side's acc / acc_norm, each recomputed from its own definition}.
-
-    lm-eval scores the prompt its task builds (for hellaswag: the activity label, the cleaned
-    context) with " " + ending, and its acc_norm divides each ending's log-likelihood by the
-    ending's length in characters (len(str), the bytes of ASCII text; the leading space is not
-    counted). evals/hellaswag.py (llm.c) scores the raw "ctx" with " " + ending, and its acc_norm divides
-    the ending's summed loss by its number of tokens. Both acc pick the largest summed log-likelihood."""
+    side's acc / acc_norm, each recomputed from its own definition (scripts/crosscheck_hellaswag.py says how the
+    two differ: the prompt, and acc_norm's division by characters or by tokens)}."""
     results = evaluate(lm, [task], limit=limit, include_path=include_path, log_samples=True)
     samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
     docs = [{"ctx": s["doc"]["ctx"], "endings": list(s["doc"]["endings"]), "label": int(s["doc"]["label"])}
             for s in samples]
     preds = []
     mine = evaluate_hellaswag(lm.model, docs, lm._device, enc=lm.enc, batch_size=lm.batch_size, ctx=lm.ctx,
-                                    rank=0, world_size=1, predictions=preds)
+                              rank=0, world_size=1, predictions=preds)
     items = []
     for s, doc, p in zip(samples, docs, sorted(preds, key=lambda p: p["index"])):
         lls = [float(r[0][0]) for r in s["resps"]]
-        choices = [a[1] for a in s["arguments"]]  # " " + ending: the continuation lm-eval scored
-        chars = [len(c.removeprefix(" ")) for c in choices]
+        chars = [len(a[1].removeprefix(" ")) for a in s["arguments"]]  # a[1]: the continuation, " " + ending
         ntok = [len(lm.enc.encode_ordinary(" " + e)) for e in doc["endings"]]  # render_example's ending tokens
         items.append({
             "doc_id": s["doc_id"], "label": doc["label"],

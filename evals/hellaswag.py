@@ -1,12 +1,14 @@
 """HellaSwag (the official jsonl, github.com/rowanz/hellaswag) as nanoGPT and llm.c score it: each of 4 endings
 appended to the context and scored by the mean (acc_norm) or sum (acc) of its tokens' cross-entropy."""
 
+import itertools
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from errors import ConfigError, NotFound
 from evals import cache_root, crop, eval_mode, fetch, forward_logits, jsonl_items, model_block_size
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -18,15 +20,14 @@ def hellaswag_dir():
     return cache_root() / "hellaswag"
 
 
-def download(split="val", dest_dir=None):
+def download(split="val"):
     """Path of hellaswag_<split>.jsonl, downloaded once (atomically) if not already there."""
     if split not in NUM_ITEMS:
-        raise ValueError(f"unknown HellaSwag split {split!r}; choose one of {list(NUM_ITEMS)}")
-    dest_dir = Path(dest_dir) if dest_dir is not None else hellaswag_dir()
-    path = dest_dir / f"hellaswag_{split}.jsonl"
+        raise ConfigError(f"unknown HellaSwag split {split!r}; choose one of {list(NUM_ITEMS)}")
+    path = hellaswag_dir() / f"hellaswag_{split}.jsonl"
     if path.is_file():
         return path
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fetch(URL.format(split=split), path, f"copy hellaswag_{split}.jsonl from a machine that has it to {path}, or "
                                          f"pass --data-file /path/to/hellaswag_{split}.jsonl")
     return path
@@ -35,32 +36,30 @@ def download(split="val", dest_dir=None):
 def load_examples(path=None, split="val", limit=None):
     """The items of a HellaSwag jsonl file (downloaded if path is None), in file order; the
     first limit items if limit is given (>= 1). Each item keeps the official fields; scoring
-    uses "ctx", "endings" and "label". A malformed item is a ValueError naming file and line."""
+    uses "ctx", "endings" and "label". A malformed item is a ConfigError naming file and line."""
     if limit is not None and limit < 1:
-        raise ValueError(f"HellaSwag limit must be >= 1 (or None for all items), got {limit}")
+        raise ConfigError(f"HellaSwag limit must be >= 1 (or None for all items), got {limit}")
     if path is None:
         path = download(split)
     fix = (f"use the official hellaswag_{split}.jsonl (github.com/rowanz/hellaswag; the test split has no "
            f"labels), or delete {path} if it is a damaged download")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"HellaSwag data file {path} not found: pass --data-file with the path of "
-                                f"hellaswag_{split}.jsonl, or leave it out to download the file once")
+        raise NotFound(f"HellaSwag data file {path} not found: pass --data-file with the path of "
+                       f"hellaswag_{split}.jsonl, or leave it out to download the file once")
     examples = []
-    for lineno, ex in jsonl_items(path, fix):
+    for lineno, ex in itertools.islice(jsonl_items(path, fix), limit):
         endings = ex.get("endings") if isinstance(ex, dict) else None
         if not (isinstance(ex, dict) and isinstance(ex.get("ctx"), str) and isinstance(endings, list)
                 and len(endings) == 4 and all(isinstance(e, str) for e in endings)
                 and type(ex.get("label")) is int):
-            raise ValueError(f"{path}:{lineno}: not a labelled HellaSwag item (needs a string 'ctx', 4 "
-                             f"string 'endings' and an integer 'label'); {fix}")
+            raise ConfigError(f"{path}:{lineno}: not a labelled HellaSwag item (needs a string 'ctx', 4 "
+                              f"string 'endings' and an integer 'label'); {fix}")
         if not 0 <= ex["label"] < 4:  # scored as a miss otherwise: a silently wrong accuracy
-            raise ValueError(f"{path}:{lineno}: label {ex['label']} is not the index of one of the 4 "
-                             f"endings (0-3); {fix}")
+            raise ConfigError(f"{path}:{lineno}: label {ex['label']} is not the index of one of the 4 "
+                              f"endings (0-3); {fix}")
         examples.append(ex)
-        if limit is not None and len(examples) >= limit:
-            break
     if not examples:
-        raise ValueError(f"{path}: no HellaSwag items; {fix}")
+        raise ConfigError(f"{path}: no HellaSwag items; {fix}")
     return examples
 
 
@@ -68,10 +67,7 @@ def render_example(example, enc):
     """-> (rows, label): for each ending the full token row (context + ending) and the index
     of the ending's first token in it."""
     ctx_tokens = enc.encode_ordinary(example["ctx"])
-    rows = []
-    for ending in example["endings"]:
-        end_tokens = enc.encode_ordinary(" " + ending)
-        rows.append((ctx_tokens + end_tokens, len(ctx_tokens)))
+    rows = [(ctx_tokens + enc.encode_ordinary(" " + ending), len(ctx_tokens)) for ending in example["endings"]]
     return rows, int(example["label"])
 
 
@@ -92,12 +88,8 @@ def score_rows(model, rows, device, block_size=None, ctx=None):
 
 def evaluate_hellaswag(model, examples, device, enc=None, batch_size=8, ctx=None, rank=None, world_size=None,
                        predictions=None):
-    """Accuracy of model on examples (a list of HellaSwag items).
-
-    model: a GPT (or anything whose forward(idx) returns logits or (logits, ...)); pass the
-    uncompiled, unwrapped model from a training loop. Under torch.distributed each rank scores
-    every world_size-th item and the counts are all-reduced, so every rank must call this.
-    batch_size: items per forward (4 rows each). ctx: e.g. a bf16 autocast context.
+    """Accuracy of model (whose forward(idx) returns logits or (logits, ...)) on examples (HellaSwag items); under
+    torch.distributed each rank scores every world_size-th item. batch_size: items per forward (4 rows each).
     predictions: a list to append, for this rank's items, {"index", "label", "pred", "pred_norm",
     "sum_loss", "mean_loss"} to. Returns {"acc_norm", "acc", "n", "correct_norm", "correct"}.
     """

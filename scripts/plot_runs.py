@@ -5,49 +5,53 @@ Figures and a results table from train.py run directories (their log.jsonl).
     python scripts/plot_runs.py out/a out/b --labels "mHC n=4" "KromHC n=4" --formats png svg --step 200
     python scripts/plot_runs.py out/seeds_pydocs-* --groups --out-dir plots    # seeds: a mean and a band
 
-An argument that is not a run (no log.jsonl: the wandb/ folder under an out root) is left out with a
-note, unless --labels names every argument.
+An argument that is not a run (no log.jsonl: the wandb/ folder under an out root) is left out with a note,
+unless --labels names every argument.
 
 Writes into --out-dir:
-    curves.{png,svg}          train loss, val loss and val BPB vs tokens, all runs on each panel
-                              (and HellaSwag acc_norm when the eval records carry
-                              "hellaswag_acc_norm"); with --groups one curve per setting
-                              (setting.py: the runs that differ only in their seeds), the mean of
-                              its seeds at each step with a band: the 95% Student-t interval of
-                              that mean (unpaired: scripts/compare.py gives the paired differences),
-                              each panel from step 0 with an inset on the last 70% of the tokens;
-                              every run or setting has its own dashes and hollow markers
-    hres_<run>.{png,svg}      the token-averaged H_res of every connection (rows: attention, MLP;
-                              columns: layers) and the composite through the whole stack, at the
-                              last eval (or --step)
-    depth.{png,svg}           Amax gain (forward: max |row sum|, backward: max |column sum|) of each
-                              connection's H_res and of the composite up to that depth, and the
-                              doubly-stochastic error max(|row sum - 1|, |col sum - 1|) vs depth
-    results.md                markdown table: final val loss and BPB, HellaSwag acc_norm (with its item
-                              count when fewer than the 10,042 of the validation set) and CORE
-                              (from <run>/hellaswag.json and core.json when they exist), training
-                              tokens/s, parameters and the residual scheme's extra parameters
+    curves.{png,svg}      train loss, val loss and val BPB vs tokens, all runs on each panel (and HellaSwag
+                          acc_norm when the eval records carry "hellaswag_acc_norm"); with --groups one curve
+                          per setting (setting.py: the runs that differ only in their seeds), the mean of its
+                          seeds at each step with a band: the 95% Student-t interval of that mean (unpaired:
+                          scripts/compare.py gives the paired differences), each panel from step 0 with an
+                          inset on the last 70% of the tokens; every run or setting has its own dashes and
+                          hollow markers
+    hres_<run>.{png,svg}  the token-averaged H_res of every connection (rows: attention, MLP; columns:
+                          layers) and the composite through the whole stack, at the last eval (or --step)
+    depth.{png,svg}       Amax gain (forward: max |row sum|, backward: max |column sum|) of each connection's
+                          H_res and of the composite up to that depth, and the doubly-stochastic error
+                          max(|row sum - 1|, |col sum - 1|) vs depth
+    results.md            markdown table: final val loss and BPB, HellaSwag acc_norm (with its item count
+                          when fewer than the 10,042 of the validation set) and CORE (from <run>/hellaswag.json
+                          and core.json when they exist), training tokens/s, parameters and the residual
+                          scheme's extra parameters
 
-The composite-by-depth curve multiplies the logged token-averaged matrices (H_L ... H_1), which is
-not the same as averaging the per-token products; the exact composite of the whole stack, as
-logged by train.py, is drawn as a marker at the last depth. Plain runs have no H_res: they appear
-in the curves and the table only.
+The composite-by-depth curve multiplies the logged token-averaged matrices (H_L ... H_1), which is not the
+same as averaging the per-token products; the exact composite of the whole stack, as logged by train.py, is
+drawn as a marker at the last depth. Plain runs have no H_res: they appear in the curves and the table only.
 """
 
 import argparse
+import itertools
 import math
 import re
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import config  # noqa: E402
 import rundir  # noqa: E402
-from common import HelpFormatter  # noqa: E402
+from common import HelpFormatter, run_cli  # noqa: E402
 from errors import ConfigError  # noqa: E402
 
 
@@ -58,9 +62,7 @@ def read_run(path, label=None):
     """A run from its directory (or its log.jsonl: rundir.read_run) -> dict with its config (the merged headers),
     train and eval records, and the HellaSwag / CORE results found next to it."""
     run = rundir.read_run(path, skip_damaged=True)
-    config = {}
-    for h in run["headers"]:
-        config.update({k: v for k, v in h.items() if k not in ("type", "step")})
+    config = {k: v for h in run["headers"] for k, v in h.items() if k not in ("type", "step")}
     train = [r for r in run["records"] if r.get("type") == "train" and isinstance(r.get("tokens"), (int, float))]
     evals = [r for r in run["records"] if r.get("type") == "eval" and isinstance(r.get("tokens"), (int, float))
              and isinstance(r.get("step"), int)]
@@ -80,13 +82,10 @@ def default_label(config, run_dir):
 def unique_labels(runs):
     """Tell runs with the same label apart: by directory name, else by position."""
     for attempt in (lambda r, i: f"{r['label']} ({r['dir'].name})", lambda r, i: f"{r['label']} #{i + 1}"):
-        groups = {}
+        counts = Counter(r["label"] for r in runs)
         for i, r in enumerate(runs):
-            groups.setdefault(r["label"], []).append(i)
-        for idxs in groups.values():
-            if len(idxs) > 1:
-                for i in idxs:
-                    runs[i]["label"] = attempt(runs[i], i)
+            if counts[r["label"]] > 1:
+                r["label"] = attempt(r, i)
 
 
 def extra_params(config):
@@ -97,8 +96,6 @@ def extra_params(config):
     if scheme is None or scheme == "plain":
         return 0 if scheme == "plain" else None
     opts = {k: config.get(k) for k in ("sinkhorn_iters", "res_logit_init", "gate_init", "kron_factors")}
-    if opts["kron_factors"] is not None:
-        opts["kron_factors"] = tuple(opts["kron_factors"])
     with torch.device("meta"):
         conns = [hc.make_connection(scheme, config["n_embd"], config["n_streams"], i, **opts)
                  for i in range(2 * config["n_layer"])]
@@ -111,8 +108,8 @@ def pick_eval(run, step=None):
     if step is not None:
         match = [e for e in evals if e["step"] == step]
         if not match:
-            raise ValueError(f"--step: {run['dir']} has no eval at step {step}; its evals are at "
-                             f"{[e['step'] for e in evals]}")
+            raise ConfigError(f"--step: {run['dir']} has no eval at step {step}; its evals are at "
+                              f"{[e['step'] for e in evals]}")
         return match[-1]
     with_hres = [e for e in evals if e.get("hres")]
     return (with_hres or evals or [None])[-1]
@@ -120,13 +117,6 @@ def pick_eval(run, step=None):
 
 # -----------------------------------------------------------------------------
 # plotting helpers
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
 
 def fmt_tokens(x, _pos=None):
     for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
@@ -136,12 +126,10 @@ def fmt_tokens(x, _pos=None):
 
 
 def save(fig, out_dir, name, formats):
-    paths = []
-    for ext in formats:
-        p = Path(out_dir) / f"{name}.{ext}"
+    paths = [Path(out_dir) / f"{name}.{ext}" for ext in formats]
+    for p in paths:
         fig.savefig(p, dpi=150, bbox_inches="tight")
-        paths.append(p)
-    _plt().close(fig)
+    plt.close(fig)
     return paths
 
 
@@ -151,13 +139,8 @@ def ema_alpha(n, alpha=None):
 
 
 def ema(values, alpha=None):
-    """Exponential moving average; alpha None: a window of about 1/25 of the points."""
     alpha = ema_alpha(len(values), alpha)
-    out, s = [], None
-    for v in values:
-        s = v if s is None else alpha * s + (1 - alpha) * v
-        out.append(s)
-    return out
+    return list(itertools.accumulate(values, lambda s, v: alpha * s + (1 - alpha) * v))
 
 
 def focus_ylim(ax, series, skip_frac=0.1):
@@ -165,9 +148,7 @@ def focus_ylim(ax, series, skip_frac=0.1):
     squash everything else)."""
     lo, hi = math.inf, -math.inf
     for xs, ys in series:
-        if not xs:
-            continue
-        cut = skip_frac * max(xs)
+        cut = skip_frac * max(xs, default=0)
         kept = [y for x, y in zip(xs, ys) if x >= cut and math.isfinite(y)] or [y for y in ys if math.isfinite(y)]
         if kept:
             lo, hi = min(lo, min(kept)), max(hi, max(kept))
@@ -190,20 +171,32 @@ def style(i):
     return dict(ls=LINE_STYLES[i % len(LINE_STYLES)], marker=MARKERS[i % len(MARKERS)], mfc="none", alpha=0.85)
 
 
+def points(records, key):
+    """(tokens, values) of the records that hold a key."""
+    kept = [r for r in records if r.get(key) is not None]
+    return [r["tokens"] for r in kept], [r[key] for r in kept]
+
+
+def curve_axes(runs):
+    """-> (figure, its axes, the EVAL_PANELS the runs logged): the train loss panel, then one per eval metric."""
+    evals = [p for p in EVAL_PANELS if any(e.get(p[0]) is not None for r in runs for e in r["eval"])]
+    fig, axes = plt.subplots(1, 1 + len(evals), figsize=(5 * (1 + len(evals)), 4.2), squeeze=False)
+    for ax, ylabel in zip(axes[0], ["nats / token"] + [y for _, _, y in evals]):
+        ax.set(xlabel="tokens", ylabel=ylabel)
+        ax.xaxis.set_major_formatter(fmt_tokens)
+        ax.grid(alpha=0.3)
+    return fig, axes[0], evals
+
+
 def plot_curves(runs, out_dir, formats, smooth=None):
     """One panel per metric, every run on each: train loss (raw, faint, and EMA), then the eval
     metrics present in the logs."""
-    plt = _plt()
-    from matplotlib.ticker import FuncFormatter
-    evals = [p for p in EVAL_PANELS if any(e.get(p[0]) is not None for r in runs for e in r["eval"])]
-    fig, axes = plt.subplots(1, 1 + len(evals), figsize=(5 * (1 + len(evals)), 4.2), squeeze=False)
-    axes = axes[0]
+    fig, axes, evals = curve_axes(runs)
     series = [[] for _ in axes]
     smoothed = False  # "EMA" in the title only when some curve is smoothed (few points: none is)
     for i, run in enumerate(runs):
         color = run.get("color", f"C{i % 10}")
-        tr = [r for r in run["train"] if r.get("loss") is not None]
-        xs, ys = [r["tokens"] for r in tr], [r["loss"] for r in tr]
+        xs, ys = points(run["train"], "loss")
         if xs:
             if ema_alpha(len(ys), smooth) > 0:
                 smoothed = True
@@ -211,21 +204,16 @@ def plot_curves(runs, out_dir, formats, smooth=None):
             axes[0].plot(xs, ema(ys, smooth), color=color, lw=1.6, ls=style(i)["ls"], alpha=0.85, label=run["label"])
             series[0].append((xs, ys))
         for j, (key, _, _) in enumerate(evals, 1):
-            ev = [e for e in run["eval"] if e.get(key) is not None]
-            xs, ys = [e["tokens"] for e in ev], [e[key] for e in ev]
+            xs, ys = points(run["eval"], key)
             if xs:
                 axes[j].plot(xs, ys, color=color, ms=4, lw=1.6, label=run["label"], **style(i))
                 series[j].append((xs, ys))
-    titles = [("train loss" + (" (EMA)" if smoothed else ""), "nats / token")] + [(t, y) for _, t, y in evals]
-    for j, (ax, (title, ylabel), ser) in enumerate(zip(axes, titles, series)):
+    titles = ["train loss" + (" (EMA)" if smoothed else "")] + [t for _, t, _ in evals]
+    for j, (ax, title, ser) in enumerate(zip(axes, titles, series)):
         ax.set_title(title)
-        ax.set_xlabel("tokens")
-        ax.set_ylabel(ylabel)
-        ax.xaxis.set_major_formatter(FuncFormatter(fmt_tokens))
-        ax.grid(alpha=0.3)
         if j == 0:  # the noisy train loss: its first steps (~ ln(vocab)) would squash the rest
             focus_ylim(ax, ser)
-        elif ylabel != "accuracy":  # the few eval points, step 0 included, all in view
+        elif ax.get_ylabel() != "accuracy":  # the few eval points, step 0 included, all in view
             focus_ylim(ax, ser, skip_frac=0.0)
         if ser:
             ax.legend(fontsize=8)
@@ -268,47 +256,33 @@ def plot_group_curves(groups, out_dir, formats, smooth=None, zoom=0.3):
     """curves.* with one curve per group: the mean over its seeds (train loss: of each seed's EMA) and a band.
     Each panel shows the whole run, step 0 included; an inset zooms on the tokens after the first zoom fraction,
     where the curves separate (not on accuracies)."""
-    plt = _plt()
-    from matplotlib.ticker import FuncFormatter
     runs = [r for g in groups for r in g["runs"]]
-    evals = [p for p in EVAL_PANELS if any(e.get(p[0]) is not None for r in runs for e in r["eval"])]
-    fig, axes = plt.subplots(1, 1 + len(evals), figsize=(5 * (1 + len(evals)), 4.2), squeeze=False)
-    axes = axes[0]
-    ylabels = ["nats / token"] + [y for _, _, y in evals]
-    insets = {j: ax.inset_axes([0.42, 0.42, 0.55, 0.5]) for j, ax in enumerate(axes) if ylabels[j] != "accuracy"}
+    fig, axes, evals = curve_axes(runs)
+    insets = {j: ax.inset_axes([0.42, 0.42, 0.55, 0.5]) for j, ax in enumerate(axes) if ax.get_ylabel() != "accuracy"}
     series = [[] for _ in axes]
     for i, g in enumerate(groups):
-        per_run = []
-        for r in g["runs"]:
-            tr = [t for t in r["train"] if t.get("loss") is not None]
-            per_run.append(([t["tokens"] for t in tr], ema([t["loss"] for t in tr], smooth)))
-        panels = [per_run] + [[([e["tokens"] for e in r["eval"] if e.get(key) is not None],
-                                [e[key] for e in r["eval"] if e.get(key) is not None]) for r in g["runs"]]
-                              for key, _, _ in evals]
+        train = [points(r["train"], "loss") for r in g["runs"]]
+        panels = [[(xs, ema(ys, smooth)) for xs, ys in train]] + [[points(r["eval"], key) for r in g["runs"]]
+                                                                  for key, _, _ in evals]
         for j, (ax, per) in enumerate(zip(axes, panels)):
             if not all(xs for xs, _ in per):
                 continue
             xs, mean, lo, hi = mean_band(per)
-            for target in [ax] + [insets[j]] * (j in insets):
+            for target in [ax] + ([insets[j]] if j in insets else []):
                 target.plot(xs, mean, color=g["color"], ms=4, lw=1.6, label=g["label"],
                             **dict(style(i), marker=None if j == 0 else style(i)["marker"]))
                 target.fill_between(xs, lo, hi, color=g["color"], alpha=0.2, lw=0)
-            series[j].append((xs, lo + hi))
+            series[j] += [(xs, lo), (xs, hi)]
     smoothed = any(ema_alpha(len(r["train"]), smooth) > 0 for r in runs)
     titles = [f"train loss ({'EMA, ' if smoothed else ''}mean of seeds)"] + [t for _, t, _ in evals]
-    for j, (ax, title, ylabel, ser) in enumerate(zip(axes, titles, ylabels, series)):
+    for j, (ax, title, ser) in enumerate(zip(axes, titles, series)):
         ax.set_title(title + (" (mean, 95% CI)" if j else ""))
-        ax.set_xlabel("tokens")
-        ax.set_ylabel(ylabel)
-        ax.xaxis.set_major_formatter(FuncFormatter(fmt_tokens))
-        ax.grid(alpha=0.3)
-        bands = [(xs, ys[:len(xs)]) for xs, ys in ser] + [(xs, ys[len(xs):]) for xs, ys in ser]  # lo and hi
-        if j in insets and ser:
-            focus_ylim(ax, bands, skip_frac=0.0)  # the whole run: step 0 in view
+        if j in insets and ser:  # ser: the lower and upper edges of the bands
+            focus_ylim(ax, ser, skip_frac=0.0)  # the whole run: step 0 in view
             ins, end = insets[j], max(max(xs) for xs, _ in ser)
             ins.set_xlim(zoom * end, 1.02 * end)
-            focus_ylim(ins, bands, skip_frac=zoom)
-            ins.xaxis.set_major_formatter(FuncFormatter(fmt_tokens))
+            focus_ylim(ins, ser, skip_frac=zoom)
+            ins.xaxis.set_major_formatter(fmt_tokens)
             ins.tick_params(labelsize=7)
             ins.grid(alpha=0.3)
             ins.set_title(f"after {zoom:.0%} of the tokens", fontsize=7)
@@ -334,51 +308,38 @@ def connection_grid(names):
     return math.ceil(len(names) / cols), cols, {n: divmod(i, cols) for i, n in enumerate(names)}
 
 
-def plot_hres(run, out_dir, formats, step=None, annotate=None):
-    """Heatmaps of every connection's token-averaged H_res and of the composite."""
+def plot_hres(run, out_dir, formats, step=None):
+    """Heatmaps of every connection's token-averaged H_res and of the composite, with their values when n <= 4."""
     e = pick_eval(run, step)
     if not e or not e.get("hres"):
         return []
-    plt = _plt()
-    names = list(e["hres"])
-    mats = {k: np.array(v, dtype=float) for k, v in e["hres"].items()}
-    comp = np.array(e["hres_composite"], dtype=float) if e.get("hres_composite") is not None else None
-    rows, cols, where = connection_grid(names)
-    allv = np.concatenate([m.ravel() for m in mats.values()] + ([comp.ravel()] if comp is not None else []))
-    n = next(iter(mats.values())).shape[0]
-    if annotate is None:
-        annotate = n <= 4
+    rows, cols, where = connection_grid(list(e["hres"]))
+    comp = e.get("hres_composite")
+    panels = [(where[name], name, m) for name, m in e["hres"].items()]
+    panels += [((0, cols), "composite", comp)] if comp is not None else []
+    mats = [np.array(m, dtype=float) for _, _, m in panels]
+    allv = np.concatenate([m.ravel() for m in mats])
     if allv.min() < -1e-6:  # HC: unconstrained, signed entries
         vmax = float(np.abs(allv).max())
         cmap, vmin = "RdBu_r", -vmax
     else:
         cmap, vmin, vmax = "viridis", 0.0, max(1.0, float(allv.max()))
-    extra = 1 if comp is not None else 0
-    fig, axes = plt.subplots(rows, cols + extra, figsize=(1.35 * (cols + extra) + 1.0, 1.45 * rows + 0.6),
-                             squeeze=False, layout="constrained")
+    width = cols + (comp is not None)
+    fig, axes = plt.subplots(rows, width, figsize=(1.35 * width + 1.0, 1.45 * rows + 0.6), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    im = None
-
-    def draw(ax, m, title):
-        nonlocal im
+    for ((row, col), title, _), m in zip(panels, mats):
+        ax = axes[row, col]
         ax.axis("on")
         im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
         ax.set_title(title, fontsize=8)
-        if annotate:
+        if len(m) <= 4:
             for (i, j), v in np.ndenumerate(m):
                 r, g, b, _ = im.cmap(im.norm(v))
                 light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5  # text in the contrasting colour
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5.5,
-                        color="black" if light else "white")
-
-    for name in names:
-        r, c = where[name]
-        draw(axes[r, c], mats[name], name)
-    if comp is not None:
-        draw(axes[0, cols], comp, "composite")
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5.5, color="black" if light else "white")
     fig.suptitle(f"{run['label']}: token-averaged H_res (rows = outputs) at step {e['step']:,} "
                  f"({fmt_tokens(e['tokens'])} tokens)", fontsize=10)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, pad=0.02)
@@ -397,9 +358,6 @@ def depth_profile(e):
         a = np.abs(m)
         return a.sum(1).max(), a.sum(0).max()
 
-    def ds_err(m):
-        return max(np.abs(m.sum(1) - 1).max(), np.abs(m.sum(0) - 1).max())
-
     prof = {"names": names, "fwd": [], "bwd": [], "ds_err": [], "comp_fwd": [], "comp_bwd": []}
     P = np.eye(H[0].shape[0])
     for n, m in zip(names, H):
@@ -408,7 +366,9 @@ def depth_profile(e):
         prof["fwd"].append(diag.get(f"{n}/amax_fwd", f))
         prof["bwd"].append(diag.get(f"{n}/amax_bwd", b))
         row, col = diag.get(f"{n}/ds_row_err"), diag.get(f"{n}/ds_col_err")
-        prof["ds_err"].append(max(row, col) if row is not None and col is not None else ds_err(m))
+        if row is None or col is None:  # not logged: from the token-averaged matrix
+            row, col = np.abs(m.sum(1) - 1).max(), np.abs(m.sum(0) - 1).max()
+        prof["ds_err"].append(max(row, col))
         cf, cb = gains(P)
         prof["comp_fwd"].append(cf)
         prof["comp_bwd"].append(cb)
@@ -421,19 +381,16 @@ def plot_depth(runs, out_dir, formats, step=None):
     runs = [(r, e) for r, e in runs if e and e.get("hres")]
     if not runs:
         return []
-    plt = _plt()
-    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     floor = 1e-9
     for i, (run, e) in enumerate(runs):
         color = run.get("color", f"C{i % 10}")
         p = depth_profile(e)
         d = np.arange(1, len(p["names"]) + 1)
-        for ax, key in ((axes[0], "fwd"), (axes[1], "bwd")):
+        for ax, key, exact in zip(axes, ("fwd", "bwd"), p["exact_comp"]):
             # single connections on top, with markers: for a doubly-stochastic H_res both lines sit at 1
             ax.plot(d, p[f"comp_{key}"], "-", color=color, lw=3.0, alpha=0.45, zorder=2, label=run["label"])
             ax.plot(d, p[key], "--", color=color, lw=1, marker="o", ms=3.5, mfc="white", zorder=3)
-            exact = p["exact_comp"][0 if key == "fwd" else 1]
             if exact is not None:
                 ax.plot([d[-1]], [exact], "*", color=color, ms=11, mec="black", mew=0.5)
         axes[2].plot(d, np.maximum(p["ds_err"], floor), "o-", color=color, ms=3, lw=1.4, label=run["label"])
@@ -451,13 +408,12 @@ def plot_depth(runs, out_dir, formats, step=None):
         elif gains:  # near 1 (doubly stochastic): linear, at least 0.95 to 1.05 so float noise stays flat
             ax.set_ylim(min(0.95, 0.98 * min(gains)), max(1.05, 1.02 * max(gains)))
             ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-    axes[2].set_yscale("log")
-    for ax in axes[:2]:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.plot([], [], "k--", lw=1, marker="o", ms=3.5, mfc="white", label="single connection")
         ax.plot([], [], "k-", lw=3.0, alpha=0.45, label="composite up to depth")
         ax.plot([], [], "k*", ms=9, lw=0, label="composite, exact (logged)")
         ax.legend(fontsize=7)
+    axes[2].set_yscale("log")
     axes[2].set_ylabel(f"max(|row sum - 1|, |col sum - 1|), floored at {floor:g}")
     axes[2].legend(fontsize=7)
     steps = sorted({e["step"] for _, e in runs})
@@ -473,9 +429,9 @@ def results_rows(runs):
     rows = []
     for run in runs:
         cfg = run["config"]
-        last = next((e for e in reversed(run["eval"]) if e.get("val_loss") is not None), None)
+        last = next((e for e in reversed(run["eval"]) if e.get("val_loss") is not None), {})
         tps = [r["tok_per_s"] for r in run["train"][1:] if r.get("tok_per_s")]  # the first includes warm-up
-        hs = run["hellaswag"] or (last or {})
+        hs = run["hellaswag"] or last
         hs_acc, hs_n = hs.get("acc_norm", hs.get("hellaswag_acc_norm")), hs.get("n", hs.get("hellaswag_n"))
         core = run["core"] or {}
         try:
@@ -484,9 +440,8 @@ def results_rows(runs):
             extra = None
         rows.append({
             "run": run["label"], "scheme": cfg.get("scheme"), "n": cfg.get("n_streams"),
-            "params": cfg.get("num_params"), "extra_params": extra,
-            "tokens": last["tokens"] if last else None, "val_loss": last["val_loss"] if last else None,
-            "val_bpb": last.get("val_bpb") if last else None, "hellaswag": hs_acc,
+            "params": cfg.get("num_params"), "extra_params": extra, "tokens": last.get("tokens"),
+            "val_loss": last.get("val_loss"), "val_bpb": last.get("val_bpb"), "hellaswag": hs_acc,
             "hellaswag_n": hs_n, "core": core.get("core"), "core_complete": core.get("complete"),
             "tok_per_s": statistics.median(tps) if tps else None,
         })
@@ -546,11 +501,7 @@ def main(argv=None):
         ap.error(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
     if args.smooth is not None and not 0 <= args.smooth < 1:
         ap.error(f"argument --smooth: must be in [0, 1) (0: no smoothing), got {args.smooth}")
-    try:
-        return _main(args)
-    except (OSError, ValueError) as e:  # a missing run, an empty log, an unwritable --out-dir
-        print(f"plot_runs.py: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    return run_cli(lambda: _main(args), "plot_runs.py")
 
 
 def _main(args):
@@ -561,10 +512,8 @@ def _main(args):
         run["color"] = f"C{i % 10}"  # the same colour for a run in every figure
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if args.groups:
-        written = plot_group_curves(group_runs(runs), out, args.formats, args.smooth)
-    else:
-        written = plot_curves(runs, out, args.formats, args.smooth)
+    written = (plot_group_curves(group_runs(runs), out, args.formats, args.smooth) if args.groups
+               else plot_curves(runs, out, args.formats, args.smooth))
     for run in runs:
         written += plot_hres(run, out, args.formats, args.step)
     written += plot_depth(runs, out, args.formats, args.step)

@@ -254,6 +254,9 @@ MUTATIONS = [
          'return row["hellaswag"] is not None and row["hellaswag_n"] != HELLASWAG_ITEMS',
          'return row["hellaswag"] is not None and bool(row["hellaswag_n"]) and row["hellaswag_n"] != HELLASWAG_ITEMS')],
      ["tests/test_tools_runs.py", "-k", "hellaswag"]),
+    ("a missing !function module passes the task check", [("evals/harness.py", "check_functions",
+                                                            "if local.is_file():", "if True:")],
+     ["tests/test_harness_tasks.py"]),
     # ---- a sweep that can be finished
     ("a finished sweep run not recognised", [("scripts/sweep.py", "run_state",
                                               'if any(r.get("type") == "eval" and r.get("step") == target for r in after):',

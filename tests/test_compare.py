@@ -149,8 +149,11 @@ def test_refusals(tmp_path):
         compare.compare(ok + [twin], config.KEYS)
     bad = write_run(tmp_path, "bad", "mhc", seed=0, val_loss=2.9, last_step=40,
                     records=[{"type": "error", "step": 41, "tokens": 41 * 128, "message": "nan"}])
-    with pytest.raises(compare.CompareError, match="bad diverged at step 41"):
+    with pytest.raises(compare.CompareError, match="bad diverged at step 41 \\(its log's error record\\); leave it "
+                                                   "out.*earlier --step \\(its last finite val_loss is at step 40\\)"):
         compare.compare(ok + [bad], config.KEYS)
+    with pytest.raises(compare.CompareError, match="bad diverged at step 41"):  # a step past it: not "missing"
+        compare.compare(ok + [bad], config.KEYS, step=100)
     with pytest.raises(compare.CompareError, match="no hellaswag_acc_norm at step 100"):
         compare.compare(ok, config.KEYS, metrics=["hellaswag_acc_norm"])
     with pytest.raises(compare.CompareError, match="--baseline scheme=mhc matches 0 groups"):
@@ -163,6 +166,38 @@ def test_refusals(tmp_path):
     assert hc["vs_baseline"]["verdict"] == "no common seeds"
     assert any("(7, 7)" in w and "no partner" in w for w in res["warnings"])
     assert "n = 1: none" in compare.text_table(res)
+
+
+def test_a_nonfinite_value_is_a_divergence(tmp_path, capsys):
+    """A NaN or inf val loss (json writes NaN, Infinity) is refused as a diverged run, like an unfinished one,
+    not reported as missing; at an earlier step the run is compared."""
+    ok = [write_run(tmp_path, f"p{s}", seed=s, val_loss=3.0 + 0.01 * s) for s in range(2)]
+    nan = write_run(tmp_path, "nan", "hc", seed=0, val_loss=float("nan"))
+    inf = write_run(tmp_path, "inf", "hc", seed=1, val_loss=float("inf"))
+    assert "NaN" in (tmp_path / "nan" / "log.jsonl").read_text()  # what json.dumps writes for a NaN loss
+    for run, value in ((nan, "nan"), (inf, "inf")):
+        with pytest.raises(compare.CompareError, match=f"{run} diverged at step 100 \\(its val_loss is {value}, not "
+                                                       f"finite\\); leave it out.*its last finite val_loss is at step 0"):
+            compare.compare(ok + [run], config.KEYS)
+    with pytest.raises(compare.CompareError, match="nan diverged at step 100 \\(its val_bpb is nan"):
+        compare.compare(ok + [nan], config.KEYS, metrics=["val_bpb"], step=100)
+    with pytest.raises(SystemExit) as e:  # --json: nothing on stdout, the refusal in one line on stderr
+        compare.main([*ok, nan, "--json"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 1 and out == "" and err.count("\n") == 1 and "diverged at step 100" in err
+    assert compare.main([*ok, nan, inf, "--json", "--step", "0"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [g["metrics"]["val_loss"]["values"] for g in res["groups"]] == [[10.0, 10.0], [10.0, 10.0]]
+
+
+def test_json_stays_json_when_a_log_was_cut_by_a_crash(sweep, capsys):
+    """The note on the dropped line goes to stderr: stdout is one JSON object."""
+    with open(f"{sweep[0]}/log.jsonl", "a") as f:
+        f.write('{"type": "train", "step": 10')  # a crash mid-write: no closing brace, no newline
+    assert compare.main([*sweep, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["metrics"] == ["val_loss", "val_bpb"]
+    assert "dropping its last line, cut by a crash" in err and "cut by a crash" not in out
 
 
 def test_cli_tables_and_json(sweep, capsys):
@@ -230,3 +265,18 @@ def test_plot_runs_groups_show_step_0_and_zoom_on_the_end(sweep, monkeypatch):
     assert inset.get_xlim()[0] > 0 and 2.7 < inset.get_ylim()[0] < inset.get_ylim()[1] < 3.5
     lines = [line for line in val.lines if line.get_label() and not line.get_label().startswith("_")]
     assert len({(line.get_linestyle(), line.get_marker()) for line in lines}) == len(lines) == 3
+
+
+def test_plot_runs_groups_with_hellaswag_at_eval_time(sweep, monkeypatch):
+    """Evals that log hellaswag_acc_norm add an accuracy panel: its groups' means, and no inset (accuracies)."""
+    from scripts import plot_runs
+    figs = []
+    monkeypatch.setattr(plot_runs, "save", lambda fig, *a: figs.append(fig) or [])
+    runs = [plot_runs.read_run(p) for p in sweep]
+    for run in runs:
+        for e in run["eval"]:
+            e["hellaswag_acc_norm"] = 0.25 + e["step"] / 1000
+    plot_runs.plot_group_curves(plot_runs.group_runs(runs), "unused", ["png"])
+    acc = next(ax for ax in figs[0].axes if ax.get_title().startswith("HellaSwag acc_norm"))
+    # the mean of 3 equal float64 values: a few ulp off; approx's default 1e-6 is far below a wrong value
+    assert not acc.child_axes and list(acc.lines[0].get_ydata()) == pytest.approx([0.25, 0.35])

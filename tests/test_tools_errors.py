@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO))
 
 from model import GPT, GPTConfig  # noqa: E402
 import checkpoint  # noqa: E402
+from errors import ConfigError  # noqa: E402
 import evals.core  # noqa: E402
 import evals.hellaswag  # noqa: E402
 from scripts import eval_core, eval_hellaswag, sample  # noqa: E402
@@ -565,7 +566,7 @@ def test_small_vocabulary_checkpoint_is_named(tmp_path, capsys):
 def test_damaged_bundle_download(tmp_path):
     z = tmp_path / "eval_bundle.zip"
     z.write_bytes(os.urandom(1000))
-    with pytest.raises(RuntimeError, match="not a readable zip.*--bundle-dir"):
+    with pytest.raises(ConfigError, match="not a readable zip.*--bundle-dir"):
         evals.core.download_bundle(tmp_path / "b", url="file://" + str(z))
     assert not (tmp_path / "b").exists()
 

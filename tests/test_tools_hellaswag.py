@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from conftest import ByteEnc  # noqa: E402
 import evals.hellaswag  # noqa: E402
+from errors import NotFound  # noqa: E402
 import numerics  # noqa: E402
 import checkpoint  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -178,7 +179,7 @@ def test_download_once_then_cached(tmp_path, monkeypatch):
     assert path.read_bytes() == FIXTURE.read_bytes()
     (src / "hellaswag_val.jsonl").unlink()  # upstream gone: the cached copy is used
     assert evals.hellaswag.load_examples(split="val") == evals.hellaswag.load_examples(FIXTURE)
-    with pytest.raises(RuntimeError, match="--data-file"):
+    with pytest.raises(NotFound, match="--data-file"):  # one line from the scripts (errors.py)
         evals.hellaswag.download("train")  # not cached, and the "network" has no such file
     assert not list((tmp_path / "cache" / "hellaswag").glob("*.tmp*"))
 

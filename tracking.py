@@ -1,14 +1,9 @@
 """A run's record outside out_dir: its first lines on the console, and Weights & Biases (docs/wandb.md).
 
-    announce          what the run is, from its log header: steps, tokens, tokenizer, model, processes,
-                      the residual path
+    announce          what the run is, from its log header
     resolve_mode      the mode wandb runs in: WANDB_MODE in the environment, when set, wins over wandb_mode
-    check_wandb       what wandb.init would refuse, said at start: the tags (64 characters at most),
-                      WANDB_INIT_TIMEOUT, a folder for wandb's files; online mode's API key
-    start_wandb       the wandb run: group = the run's setting, job type = the config, tags; config =
-                      the log header; tokens as the x-axis (resumed with the checkpoint's run id and group);
-                      given up after WANDB_INIT_TIMEOUT seconds (default 60); a failed start said by its
-                      cause (init_run: the network or the key online, the files, a value wandb refused)
+    check_wandb       what wandb.init would refuse, said at start, before the data and the model are built
+    start_wandb       the wandb run, resumed with the checkpoint's run id and group (a failed start: init_run)
     wandb_key         a log.jsonl metric's wandb name (the one mapping, both ways: log_key)
     log_record        one log.jsonl record to wandb (a "final" record also into the run summary)
     hres_image        every connection's token-averaged H_res as one image, logged at each eval
@@ -18,6 +13,7 @@
 train.py imports wandb only when wandb_log is set.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -83,11 +79,10 @@ def resolve_mode(wc):
     if mode is None:
         raise ConfigError(f"WANDB_MODE={env!r} in the environment is not a wandb mode; set it to online, offline "
                           f"or disabled, or unset it to use wandb_mode ({wc.wandb_mode!r})")
-    if mode == wc.wandb_mode:
+    old, wc.wandb_mode = wc.wandb_mode, mode
+    if mode == old:
         return None
-    note = f"WANDB_MODE={env} in the environment overrides wandb_mode={wc.wandb_mode!r}: wandb runs {mode}"
-    wc.wandb_mode = mode
-    return note
+    return f"WANDB_MODE={env} in the environment overrides wandb_mode={old!r}: wandb runs {mode}"
 
 
 def init_timeout():
@@ -121,19 +116,6 @@ def wandb_dir():
     return os.path.join(root, ".wandb" if os.path.isdir(os.path.join(root, ".wandb")) else "wandb")
 
 
-def check_files():
-    """wandb needs a folder it can write in (where it cannot, wandb 0.31 moves the run to the system temp folder,
-    which `wandb sync` and scripts/wandb_offline.py then do not look in)."""
-    folder = wandb_dir()
-    place = folder
-    while not os.path.exists(place):  # wandb makes the missing folders
-        place = os.path.dirname(place)
-    if not (os.path.isdir(place) and os.access(place, os.W_OK | os.X_OK)):
-        where = "WANDB_DIR" if os.environ.get("WANDB_DIR") else "the current folder (WANDB_DIR is unset)"
-        raise ConfigError(f"wandb writes its run files in {folder} (under {where}), but {place} is not a writable "
-                          f"folder; set WANDB_DIR to a writable folder, or --wandb_log=False")
-
-
 def check_wandb(wc):
     """What wandb.init would refuse, said now, not after the data and the model are built (or in a prompt
     on a cluster node): the tags, WANDB_INIT_TIMEOUT, the folder for wandb's files, and online, an API key.
@@ -143,23 +125,25 @@ def check_wandb(wc):
     init_timeout()
     user_tags(wc.wandb_tags)
     if wc.wandb_mode != "disabled":
-        check_files()
-    if wc.wandb_mode != "online":
-        return
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        # else wandb (0.31) moves the run to the system temp folder, where `wandb sync` and wandb_offline.py do not look
+        folder = place = wandb_dir()
+        while not os.path.exists(place):  # wandb makes the missing folders
+            place = os.path.dirname(place)
+        if not (os.path.isdir(place) and os.access(place, os.W_OK | os.X_OK)):
+            where = "WANDB_DIR" if os.environ.get("WANDB_DIR") else "the current folder (WANDB_DIR is unset)"
+            raise ConfigError(f"wandb writes its run files in {folder} (under {where}), but {place} is not a "
+                              f"writable folder; set WANDB_DIR to a writable folder, or --wandb_log=False")
+    if wc.wandb_mode != "online" or os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return
     import netrc
     from urllib.parse import urlparse
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
-    try:
+    with contextlib.suppress(OSError, netrc.NetrcParseError):
         if netrc.netrc(path).authenticators(host):
             return
-    except (OSError, netrc.NetrcParseError):
-        pass
     raise ConfigError(f"config key 'wandb_mode' is 'online' but no wandb API key was found (WANDB_API_KEY, or {host} "
                       f"in {path}); run `wandb login`, or pass --wandb_mode=offline (sync later with `wandb sync`)")
-
 
 
 def wandb_tags(header):
@@ -215,10 +199,9 @@ def start_wandb(header, run_id=None, run_group=None):
     if run_group and not header["wandb_group"] and run_group != header["setting"]:
         print(f"note: this resumed run's setting is now {header['setting']} (a config key changed at resume); "
               f"its wandb run stays in group {run_group}")
-    config = {k: v for k, v in header.items() if k not in ("type", "step")}
-    run = init_run(project=header["wandb_project"], name=header["wandb_run_name"], config=config,
-                   mode=header["wandb_mode"], id=run_id, group=group, job_type=header["config_name"],
-                   tags=wandb_tags(header), allow_val_change=True)
+    run = init_run(project=header["wandb_project"], name=header["wandb_run_name"], mode=header["wandb_mode"],
+                   config={k: v for k, v in header.items() if k not in ("type", "step")}, id=run_id, group=group,
+                   job_type=header["config_name"], tags=wandb_tags(header), allow_val_change=True)
     run.define_metric("tokens")  # the x-axis: runs with other batch sizes line up (the step stays as _step)
     for section in ("train", "val", "diag"):
         run.define_metric(f"{section}/*", step_metric="tokens")
@@ -262,10 +245,9 @@ def wandb_metrics(record):
     for name, v in record.items():
         if name in ("type", "step", "tokens"):
             continue
-        if name == "diag" and isinstance(v, dict):
-            row.update({f"diag/{k}": x for k, x in v.items() if _number(x)})
-        elif isinstance(v, dict):
-            row.update({f"{wandb_key(kind, name)}/{k}": x for k, x in v.items() if _number(x)})
+        if isinstance(v, dict):
+            prefix = "diag" if name == "diag" else wandb_key(kind, name)
+            row.update({f"{prefix}/{k}": x for k, x in v.items() if _number(x)})
         elif _number(v):
             row[wandb_key(kind, name)] = v
     return row
@@ -282,12 +264,13 @@ def log_record(run, record, extra=None):
         run.summary.update({k: v for k, v in row.items() if k != "tokens"})
 
 
-def hres_figure(matrices, composite):
-    """A grid of heatmaps: every connection's token-averaged H_res, then the composite."""
+def hres_image(diag):
+    """wandb.Image of residual_diagnostics' heatmaps: every connection's token-averaged H_res, then the composite."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    items = list(matrices.items()) + [("composite", composite)]
+    import wandb
+    items = list(diag["matrices"].items()) + [("composite", diag["composite"])]
     cols = min(8, len(items))
     rows = math.ceil(len(items) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows), squeeze=False)
@@ -297,19 +280,9 @@ def hres_figure(matrices, composite):
         ax.imshow(np.array(m), vmin=0.0, vmax=1.0, cmap="viridis")
         ax.set_title(name, fontsize=7)
     fig.tight_layout()
-    return fig
-
-
-
-def hres_image(diag):
-    """wandb.Image of residual_diagnostics' matrices and composite."""
-    import matplotlib.pyplot as plt
-    import wandb
-    fig = hres_figure(diag["matrices"], diag["composite"])
     image = wandb.Image(fig)
     plt.close(fig)
     return image
-
 
 
 def log_to_run(project, name, mode, run_id, data, step_metric, run_group=None):
@@ -319,9 +292,8 @@ def log_to_run(project, name, mode, run_id, data, step_metric, run_group=None):
     mode = MODES.get(os.environ.get("WANDB_MODE", "").strip().lower()) or mode
     run = init_run(project=project, name=name or None, id=run_id, mode=mode, group=run_group)
     try:
-        prefix = step_metric.split("/")[0]
         run.define_metric(step_metric, hidden=True)
-        run.define_metric(f"{prefix}/*", step_metric=step_metric)
+        run.define_metric(f"{step_metric.split('/')[0]}/*", step_metric=step_metric)
         run.log(data)
     finally:
         run.finish()
@@ -387,8 +359,7 @@ def read_offline_run(path):
         if kind == "run":
             run.update(id=r.run.run_id, name=r.run.display_name, group=r.run.run_group, job_type=r.run.job_type,
                        tags=list(r.run.tags))
-            run["config"].update({u.key: json.loads(u.value_json) for u in r.run.config.update
-                                  if u.key != "_wandb"})
+            run["config"].update({u.key: json.loads(u.value_json) for u in r.run.config.update if u.key != "_wandb"})
         elif kind == "config":
             run["config"].update({u.key: json.loads(u.value_json) for u in r.config.update if u.key != "_wandb"})
         elif kind == "metric":

@@ -57,15 +57,12 @@ class CompareError(ConfigError):
 
 def direction(metric, lower=(), higher=()):
     """'lower' or 'higher' is better, or None when the name does not say (--lower / --higher tell)."""
-    if metric in lower:
-        return "lower"
-    if metric in higher:
-        return "higher"
-    name = metric.lower()
-    if any(w in name for w in LOWER):
-        return "lower"
-    if any(w in name for w in HIGHER):
-        return "higher"
+    for way, names in (("lower", lower), ("higher", higher)):
+        if metric in names:
+            return way
+    for way, words in (("lower", LOWER), ("higher", HIGHER)):
+        if any(w in metric.lower() for w in words):
+            return way
     return None
 
 
@@ -84,10 +81,9 @@ def load_run(path, keys):
         raise CompareError(f"{path}: no config record in its log.jsonl; not a train.py log")
     header, warnings = run["config"], []  # a resume may change keys (e.g. max_iters): the last header ran last
     items = setting.setting(header, keys)
-    first = setting.setting(headers[0], keys)
-    if setting.changed_keys(first, items):
-        warnings.append(f"{path}: its setting changed at a resume ({', '.join(setting.changed_keys(first, items))}); "
-                        f"grouped by the last one")
+    changed = setting.changed_keys(setting.setting(headers[0], keys), items)
+    if changed:
+        warnings.append(f"{path}: its setting changed at a resume ({', '.join(changed)}); grouped by the last one")
     values, nonfinite, diverged = {}, {}, None
     for r in records:
         kind = r.get("type")
@@ -96,10 +92,8 @@ def load_run(path, keys):
         if kind in ("config", "resume", "train", "error") or not isinstance(r.get("step"), int):
             continue
         row, bad = values.setdefault(r["step"], {}), nonfinite.setdefault(r["step"], {})
-        flat = {}
-        for key, v in r.items():
-            if key not in NOT_METRICS:
-                flat.update({f"{key}/{k}": x for k, x in v.items()} if isinstance(v, dict) else {key: v})
+        flat = {f"{key}/{k}": x for key, v in r.items() if isinstance(v, dict) for k, x in v.items()}
+        flat.update({key: v for key, v in r.items() if not isinstance(v, dict) and key not in NOT_METRICS})
         for name, x in flat.items():  # a later record's value replaces an earlier one, finite or not
             if _number(x):
                 row[name] = x
@@ -120,15 +114,14 @@ def _number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def group_runs(runs, one_per_seed=True):
+def group_runs(runs):
     """The runs (each with its setting's "name" and "setting") by setting, in the order of first appearance:
     [{"name", "setting", "runs", "label" (the keys that vary between the groups, or the name), "keys"}].
-    one_per_seed: two runs of one (seed, data_seed) in a group are an error (a rerun: pass one of them)."""
+    Two runs of one (seed, data_seed) in a group are an error (a rerun: pass one of them)."""
     groups = {}
     for run in runs:
         g = groups.setdefault(run["name"], {"name": run["name"], "setting": run["setting"], "runs": []})
-        twin = one_per_seed and next((r for r in g["runs"] if (r["seed"], r["data_seed"]) ==
-                                      (run["seed"], run["data_seed"])), None)
+        twin = next((r for r in g["runs"] if (r["seed"], r["data_seed"]) == (run["seed"], run["data_seed"])), None)
         if twin:
             raise CompareError(f"{twin['dir']} and {run['dir']} are the same seed ({run['seed']}, data_seed "
                                f"{run['data_seed']}) of one setting ({run['name']}); pass one of them")
@@ -145,8 +138,7 @@ def check_data(groups):
     """Groups on other data or tokenizers measure other numbers: an error naming them."""
     ident = {}
     for g in groups:
-        s = g["setting"]
-        ident.setdefault((s.get("dataset"), s.get("data_id"), s.get("tokenizer")), []).append(g["label"])
+        ident.setdefault(tuple(g["setting"].get(k) for k in ("dataset", "data_id", "tokenizer")), []).append(g["label"])
     if len(ident) > 1:
         where = "; ".join(f"{', '.join(labels)}: dataset {d!r}, data_id {i}, tokenizer {t}"
                           for (d, i, t), labels in ident.items())
@@ -161,14 +153,11 @@ def pick_baseline(groups, spec):
         return groups[0]
     match = [g for g in groups if " ".join(spec) in (g["name"], g["label"])]
     if not match:
-        want = []
-        for s in spec:
-            for part in s.split(","):
-                k, eq, v = part.partition("=")
-                if not eq:
-                    raise CompareError(f"--baseline {part!r}: give KEY=VALUE (e.g. scheme=plain), or a group's name")
-                want.append((k.strip(), v.strip()))
-        match = [g for g in groups if all(_matches(g["setting"].get(k), v) for k, v in want)]
+        want = [part.partition("=") for s in spec for part in s.split(",")]
+        for part, eq, _ in want:
+            if not eq:
+                raise CompareError(f"--baseline {part!r}: give KEY=VALUE (e.g. scheme=plain), or a group's name")
+        match = [g for g in groups if all(_matches(g["setting"].get(k.strip()), v.strip()) for k, _, v in want)]
     if len(match) != 1:
         raise CompareError(f"--baseline {' '.join(spec)} matches {len(match)} groups "
                            f"({', '.join(g['label'] for g in match) or 'none'}); the groups are: "
@@ -221,8 +210,7 @@ def values_at(group, metric, step):
 
 
 def diverged_error(run, metric, step, why):
-    """The refusal of a run that diverged at step (why: what says so): like an unfinished run, it is left out
-    and reported, or compared at a step before."""
+    """The refusal of a run that diverged at step (why: what says so)."""
     earlier = [s for s, r in run["values"].items() if metric in r and s < step]
     return CompareError(f"{run['dir']} diverged at step {step} ({why}); leave it out and report it as diverged"
                         + (f", or compare at an earlier --step (its last finite {metric} is at step {max(earlier)})"
@@ -262,7 +250,8 @@ def verdict(res, good, confidence):
 
 def compare(paths, keys, metrics=None, step=None, baseline=None, confidence=0.95, lower=(), higher=()):
     """The whole comparison as one JSON-able dict: groups, their statistics, the paired differences."""
-    metrics = [_log_name(m) for m in (metrics or DEFAULT_METRICS)]
+    # a wandb name (val/bpb, final/core) -> its log.jsonl name; a log name as it is
+    metrics = [(tracking.log_key(m) or (None, m))[1] for m in (metrics or DEFAULT_METRICS)]
     runs = [load_run(p, keys) for p in paths]
     warnings = [w for r in runs for w in r["warnings"]]
     groups = group_runs(runs)
@@ -297,17 +286,11 @@ def compare(paths, keys, metrics=None, step=None, baseline=None, confidence=0.95
     return out
 
 
-def _log_name(metric):
-    """A wandb name (val/bpb, final/core) -> its log.jsonl name; a log name as it is."""
-    mapped = tracking.log_key(metric)
-    return mapped[1] if mapped else metric
-
-
 # -----------------------------------------------------------------------------
 # tables
 
-def fmt(v, digits=4):
-    return "-" if v is None else f"{v:.{digits}f}"
+def fmt(v):
+    return "-" if v is None else f"{v:.4f}"
 
 
 def fmt_p(p):
@@ -362,12 +345,11 @@ def markdown_table(result):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories (train.py out_dir) or their log.jsonl files")
-    p.add_argument("--metric", nargs="+", default=None,
+    p.add_argument("--metric", nargs="+",
                    help=f"log.jsonl (or wandb) metric names (default: {' '.join(DEFAULT_METRICS)})")
-    p.add_argument("--step", type=int, default=None, help="compare at this step (default: every run's end)")
-    p.add_argument("--baseline", nargs="+", default=None,
-                   help="KEY=VALUE ... selecting the baseline group (e.g. scheme=plain), or its name (default: the "
-                        "first group)")
+    p.add_argument("--step", type=int, help="compare at this step (default: every run's end)")
+    p.add_argument("--baseline", nargs="+", help="KEY=VALUE ... selecting the baseline group (e.g. scheme=plain), "
+                                                 "or its name (default: the first group)")
     p.add_argument("--confidence", type=float, default=0.95, help="of the intervals (default: 0.95)")
     p.add_argument("--lower", nargs="+", default=(), help="metrics where lower is better (beyond loss, bpb, ...)")
     p.add_argument("--higher", nargs="+", default=(), help="metrics where higher is better (beyond acc, core, ...)")

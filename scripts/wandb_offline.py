@@ -39,8 +39,7 @@ def run_files(paths):
         if p.is_file():
             files.append(p)
         elif p.is_dir():
-            pattern = "run-*.wandb" if p.name.startswith("offline-run-") else "**/offline-run-*/run-*.wandb"
-            files += p.glob(pattern)
+            files += p.glob("run-*.wandb" if p.name.startswith("offline-run-") else "**/offline-run-*/run-*.wandb")
         else:
             raise NotFound(f"{p}: no such file or directory; pass a wandb directory (WANDB_DIR/wandb) or an "
                            f"offline-run-* directory")
@@ -70,10 +69,11 @@ def read_runs(files):
 
 
 def brief(run):
-    """The lines of --summary: [(key, value)] of the results a reader looks for, those the run has."""
+    """The lines of --summary: [(key, value for reading)] of the results a reader looks for, those the run has."""
     s = run["summary"]
     keys = [k for k in SUMMARY if k in s] + sorted(k for k in s if k.startswith("lm_eval/"))
-    return [("step", run["step"])] * (run["step"] is not None) + [(k, s[k]) for k in keys]
+    step = [("step", fmt(run["step"]))] if run["step"] is not None else []
+    return step + [(k, fmt(s[k])) for k in keys]
 
 
 def fmt(v):
@@ -107,14 +107,10 @@ def report(args):
         return 0
     for r in runs:
         print(f"{r['id']}  {r['name'] or '-'}  group={r['group'] or '-'}  job_type={r['job_type'] or '-'}  "
-              f"tags={','.join(r['tags']) or '-'}"
-              + (f"  ({r['starts']} starts)" if r["starts"] > 1 else ""))
-        if args.full_summary:
-            for k, v in sorted(r["summary"].items()):
-                print(f"    {k} = {v}")
-        elif args.summary:
-            for k, v in brief(r):
-                print(f"    {k} = {fmt(v)}")
+              f"tags={','.join(r['tags']) or '-'}" + (f"  ({r['starts']} starts)" if r["starts"] > 1 else ""))
+        shown = sorted(r["summary"].items()) if args.full_summary else brief(r) if args.summary else []
+        for k, v in shown:
+            print(f"    {k} = {v}")
     groups = {}
     for r in runs:
         groups.setdefault(r["group"] or "(no group)", []).append(r["name"] or r["id"])

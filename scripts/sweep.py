@@ -1,8 +1,8 @@
 """
-A grid of training runs: every (config, scheme, n_streams, seed), one train.py command each, with
-distinct run names (<config>-<scheme>-n<n>[-<key>=<value>...]-s<seed>[-d<data_seed>]) and out dirs
-(<out_root>/<run name>). Prints the commands (default), or runs them one after another with --run
-("run k/N" before each, a summary after); then the scripts/compare.py and plot_runs.py commands.
+A grid of training runs: one train.py command for every (config, scheme, n_streams, seed), each with
+its own run name, <config>-<scheme>-n<n>[-<key>=<value>...]-s<seed>[-d<data_seed>], and out dir,
+<out_root>/<run name>. Prints the commands, or with --run runs them one after another ("run k/N"
+before each, a summary after); then the scripts/compare.py and plot_runs.py commands for the runs.
 
     python scripts/sweep.py --configs configs/fwe_s.py configs/fwe_m.py \\
         --schemes plain hc mhc mhc_lite kromhc mhc_v4 --n 4 --seeds 3 --nproc 8
@@ -12,49 +12,40 @@ distinct run names (<config>-<scheme>-n<n>[-<key>=<value>...]-s<seed>[-d<data_se
     python scripts/sweep.py --preset tinystories --seeds 0 1 2                        # them on configs/tinystories.py
     python scripts/sweep.py --schemes mhc mhc_v4 --configs configs/fwe_m.py --out_root out/hc_head -- --readout=hc_head
 
-A sweep is finished by running the same command again (after Ctrl-C, a failed run, a lost job):
-each run's out_dir is read first, and a finished run (its log has the eval at its max_iters, which
-a run writes at its end) is skipped, a started one (ckpt.pt, not finished) resumed with --resume,
-one stopped before its first checkpoint (a log, no ckpt.pt) restarted with --overwrite=True, a
-missing one started. An out_dir holding a run of another setting (a config file edited since) is an
-error before anything runs: pick another --out_root. The printed commands say which is which in a
-comment (a finished run is a comment alone); --run ends with a summary: skipped, resumed, restarted,
-started, or failed with its exit status. A failed run does not stop the others unless
---stop-on-failure; the exit status is 1 if any failed. Ctrl-C reaches the run in progress, which
-stops as train.py does (its last checkpoint kept); the sweep stops after it (exit status 130) and
-says so: rerun the same command to continue.
+Running the same command again finishes a sweep (after Ctrl-C, a failed run, a lost job): a finished
+run (its log has the eval at its max_iters, which a run writes at its end) is skipped, a started one
+(ckpt.pt) resumed with --resume, one stopped before its first checkpoint (a log alone) restarted
+with --overwrite=True, a missing one started; each printed command says which in a comment. An
+out_dir holding a run of another setting (its config edited since) is an error before anything runs.
+A failed run does not stop the others unless --stop-on-failure (exit status 1 if any failed). Ctrl-C
+reaches the run in progress, which stops as train.py does (its last checkpoint kept); the sweep
+stops after it (exit status 130) and says how to continue.
 
-The commands run this Python (sys.executable; `sys.executable -m torch.distributed.run` for
-torchrun), so a job script needs no activated venv. Relative --configs and --out_root are from the
-current directory, where --run starts the runs. A config is named by its file name, with its parent
-folders where two configs share one (a/base.py, b/base.py -> a_base, b_base).
+The commands run this Python (sys.executable, `-m torch.distributed.run` for torchrun), so a job
+script needs no activated venv. Relative --configs and --out_root are from the current directory,
+where --run starts the runs. A config is named by its file name, with its parent folders where two
+configs share one (a/base.py, b/base.py -> a_base, b_base).
 
---seeds K runs seeds 0..K-1 of every setting; --seeds A:B the seeds A..B-1; two or more values are
-the seeds themselves. The seeds vary the init (and dropout) while every run of the sweep sees the
-same batches in the same order (--data_seed; default: the config file's own data_seed where it sets
-one, else the first seed): the scheme-vs-scheme differences are then paired by seed, which
-scripts/compare.py uses. --data_seed and --vary-data replace a config file's data_seed, with a note.
---vary-data gives every seed its own data order too (data_seed = seed). The runs of one setting differ only in
-their seeds, named alike: -s<seed>-d<data_seed> on every run of a sweep with one data order (-s0-d0,
--s1-d0, ...), and -s<seed> on every run with --vary-data (data_seed = seed, as train.py names a run).
+The seeds vary the init (and dropout) while every run sees the same batches in the same order
+(--data_seed), so the scheme-vs-scheme differences pair by seed (scripts/compare.py); the runs are
+named -s<seed>-d<data_seed> (-s0-d0, -s1-d0, ...), or -s<seed> with --vary_data (data_seed = seed,
+as train.py names a run). --data_seed and --vary_data replace a config's own data_seed, with a note.
 
 --preset names a published experiment (PRESETS: its schemes and n, and its configs where it has
-them; --schemes / --n / --configs override them). plain always runs with n = 1 (once per config and
-seed, whatever --n says); a scheme that cannot take an n (mhc_lite beyond n = 6: n! logits) is left
-out with a note. Arguments after `--` are passed to every run as extra overrides (readout=hc_head
-takes the n-stream schemes only); those of keys in a run's setting (setting.py: the model, data,
-optimisation, e.g. --n_layer=2, --dataset=tinystories; data_dir by its folder name) are in the run
-names, so a sweep with another model or data does not take the names of an earlier one. A key the
-sweep sets for each run (scheme, n_streams, seed, data_seed, wandb_run_name, out_dir, and resume /
-overwrite) is refused after `--`, naming the flag that sets it, and every run's command is checked
-with train.py's own rules (configurator.py, config.py) before anything prints. With --nnodes > 1
-the commands use c10d rendezvous at $MASTER_ADDR:$MASTER_PORT; run each one on every node. The
-process count per node is this machine's GPU count unless --nproc says (0, a plain `python
-train.py`, without CUDA or for CPU configs), and a global batch that does not divide over the
-processes is an error before anything prints.
+them). plain always runs with n = 1, once per config and seed; a scheme that cannot take an n
+(mhc_lite beyond n = 6: n! logits) is left out with a note. Arguments after `--` go to every run
+(readout=hc_head takes the n-stream schemes only); those of keys in a run's setting (setting.py: the
+model, data, optimisation, e.g. --n_layer=2, --dataset=tinystories; data_dir by its folder name) are
+in the run names, so a sweep with another model or data does not take an earlier one's names. A key
+the sweep sets per run (scheme, n_streams, seed, data_seed, wandb_run_name, out_dir, resume,
+overwrite) is refused after `--`, naming the flag that sets it. Every run's command is checked by
+train.py's rules (configurator.py, config.py), and the global batch must divide over the processes,
+before anything prints. With --nnodes > 1 the commands use c10d rendezvous at
+$MASTER_ADDR:$MASTER_PORT: run each one on every node.
 """
 
 import argparse
+import contextlib
 import itertools
 import math
 import os
@@ -83,8 +74,6 @@ RUN_DIR_KEYS = ("resume", "resume_from", "overwrite")  # the sweep chooses them 
 RESOLVED = {"vocab_size": 0, "max_iters": -1}  # values a run resolves itself: its log has the result, not these
 PASS_ON_S = 10  # a SIGINT the run has not ended on by then is passed on (one sent to the sweep alone)
 MAX_SEED_COUNT = 32  # --seeds K above this is more likely a seed than a count: refused with the fix
-
-
 PRESETS = {
     "kromhc_n": dict(schemes=["kromhc"], n=[4, 8, 16]),      # KromHC's n-scaling (factors of 2)
     "schemes": dict(schemes=list(hc.SCHEMES), n=[4]),        # every scheme at n = 4 (mhc_v4 included)
@@ -92,24 +81,11 @@ PRESETS = {
 }
 
 
-def unbuildable(scheme, n):
-    """None if hc.py builds scheme at n streams, else hc.py's reason."""
-    try:
-        hc.make_connection(scheme, 8, n, 0)
-        return None
-    except ValueError as e:
-        return str(e)
-
-
 def grid(configs, schemes, ns, seeds):
     """[(config, scheme, n, seed)] with plain collapsed to n = 1, no duplicates, seed by seed: every setting's
     first seed, then every setting's second, ..., so a sweep stopped early has its settings at equal n."""
-    runs = []
-    for seed, path, scheme, n in itertools.product(seeds, configs, schemes, ns):
-        run = (path, scheme, 1 if scheme == "plain" else n, seed)
-        if run not in runs:
-            runs.append(run)
-    return runs
+    return list(dict.fromkeys((path, scheme, 1 if scheme == "plain" else n, seed)
+                              for seed, path, scheme, n in itertools.product(seeds, configs, schemes, ns)))
 
 
 def parse_seeds(values):
@@ -131,25 +107,28 @@ def parse_seeds(values):
 
 def name_parts(extra):
     """The overrides after `--` that are part of a run's setting, as 'key=value' parts of its name (data_dir by
-    its folder: the data enter the setting by their identity)."""
+    its folder: the data enter the setting by their identity). A ConfigError for one that sets a key the sweep
+    sets per run."""
     parts = []
     for arg in extra:
         if not arg.startswith("--"):
             continue
         key, eq, value = arg[2:].partition("=")
+        if key in SWEEP_KEYS:
+            flag = SWEEP_KEYS[key]
+            fix = (f"pass {flag} to the sweep instead" if flag else
+                   "drop it: the sweep names each run <config>-<scheme>-n<n>-s<seed> (and its out_dir after it)")
+            raise ConfigError(f"{arg} after `--` would give every run of the sweep the same {key}; {fix}")
+        if key in RUN_DIR_KEYS:
+            raise ConfigError(f"{arg} after `--`: the sweep resumes a started run, restarts one stopped before its "
+                              f"first checkpoint and skips a finished one by itself; drop it (to redo a finished "
+                              f"run, move its out_dir away)")
         if key == "data_dir":
             value = os.path.basename(os.path.normpath(value))
         elif key in config.KEYS and config.KEYS[key].setting is not True:
             continue
         parts.append(f"{key}={re.sub(r'[^A-Za-z0-9_.+-]+', '_', value if eq else 'True').strip('_')}")
     return parts
-
-
-def run_name(config_name, scheme, n, seed, data_seed=None, extra=()):
-    """data_seed None: the seed's own data order (-s<seed>); else one data order for the sweep (-s<seed>-d<data_seed>
-    on every run, also where the two are equal)."""
-    return setting.run_name(config_name, scheme, n, seed, seed if data_seed is None else data_seed, name_parts(extra),
-                            always_data_seed=data_seed is not None)
 
 
 def config_names(paths):
@@ -172,7 +151,7 @@ def shown(path):
     return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
 
 
-def launcher(nproc=8, nnodes=1, name="run"):
+def launcher(nproc, nnodes, name):
     """The start of a run's command, with this Python (a job script need not activate the venv)."""
     if nproc == 0:
         return [sys.executable, shown(TRAIN)]
@@ -181,17 +160,6 @@ def launcher(nproc=8, nnodes=1, name="run"):
         return torchrun + ["--standalone", f"--nproc_per_node={nproc}", shown(TRAIN)]
     return torchrun + [f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
                        "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT", f"--rdzv_id={name}", shown(TRAIN)]
-
-
-def train_args(config, scheme, n, seed, data_seed, name, out_dir, extra=()):
-    """train.py's arguments for one run of the grid."""
-    return [config, f"--scheme={scheme}", f"--n_streams={n}", f"--seed={seed}", f"--data_seed={data_seed}",
-            f"--wandb_run_name={name}", f"--out_dir={out_dir}", *extra]
-
-
-def load_configs(configs, extra):
-    """{config: its train.py config with the extra overrides}, or a ConfigError."""
-    return {c: configurator.load(config.KEYS, [c, *extra]) for c in configs}
 
 
 def data_seeds(cfgs, seeds, data_seed, vary_data):
@@ -207,42 +175,17 @@ def data_seeds(cfgs, seeds, data_seed, vary_data):
     return out
 
 
-def passthrough_error(extra):
-    """An error message for an override after `--` that sets a key the sweep sets per run, else None."""
-    for arg in extra:
-        key = arg[2:].partition("=")[0] if arg.startswith("--") else None
-        if key in SWEEP_KEYS:
-            flag = SWEEP_KEYS[key]
-            fix = (f"pass {flag} to the sweep instead" if flag else
-                   "drop it: the sweep names each run <config>-<scheme>-n<n>-s<seed> (and its out_dir after it)")
-            return f"{arg} after `--` would give every run of the sweep the same {key}; {fix}"
-        if key in RUN_DIR_KEYS:
-            return (f"{arg} after `--`: the sweep resumes a started run, restarts one stopped before its first "
-                    f"checkpoint and skips a finished one by itself; drop it (to redo a finished run, move its "
-                    f"out_dir away)")
-    return None
-
-
-def default_nproc(cfgs):
-    """This machine's GPUs (0, one plain process, without CUDA or for configs that ask for the CPU)."""
-    import torch
-    if not torch.cuda.is_available() or all(cfg["device"] == "cpu" for cfg in cfgs.values()):
-        return 0
-    return torch.cuda.device_count()
-
-
 def check_batch(cfgs, world_size):
-    """An error message for the first config whose batch does not divide over world_size processes, naming
-    the numbers and the process counts that would work; None if all divide (train.py's own check)."""
+    """A ConfigError for the first config whose batch does not divide over world_size processes, naming the
+    numbers and the process counts that would work (train.py's own check)."""
     for path, cfg in cfgs.items():
         micro = cfg["batch_size"] * cfg["block_size"]
         if cfg["total_batch_tokens"] % (micro * world_size):
             fits = [n for n in (1, 2, 4, 8, 16, 32, 64) if cfg["total_batch_tokens"] % (micro * n) == 0]
-            return (f"{path}: total_batch_tokens ({cfg['total_batch_tokens']}) is not divisible by batch_size x "
-                    f"block_size x processes = {cfg['batch_size']} x {cfg['block_size']} x {world_size}; pass "
-                    f"--nproc (x --nnodes) for {' or '.join(map(str, fits)) or 'no'} process(es) in all, or change "
-                    f"total_batch_tokens / batch_size after `--`")
-    return None
+            raise ConfigError(f"{path}: total_batch_tokens ({cfg['total_batch_tokens']}) is not divisible by "
+                              f"batch_size x block_size x processes = {cfg['batch_size']} x {cfg['block_size']} x "
+                              f"{world_size}; pass --nproc (x --nnodes) for {' or '.join(map(str, fits)) or 'no'} "
+                              f"process(es) in all, or change total_batch_tokens / batch_size after `--`")
 
 
 # -----------------------------------------------------------------------------
@@ -259,7 +202,6 @@ def run_state(out_dir):
     files = rundir.run_files(out_dir)
     if not files:
         return "start", "new", {}
-    ckpt = "ckpt.pt" in files
     records = rundir.read_log(os.path.join(out_dir, "log.jsonl")) if "log.jsonl" in files else []
     last = max((i for i, r in enumerate(records) if r.get("type") in ("config", "resume")), default=-1)
     header, after = (records[last], records[last + 1:]) if last >= 0 else ({}, [])
@@ -268,7 +210,7 @@ def run_state(out_dir):
         return "skip", f"finished at step {target}", header
     reached = max([header.get("step", 0), *(r["step"] for r in after if isinstance(r.get("step"), int))])
     where = f"stopped at step {reached} of {target}" if header else "stopped (no log header)"
-    return ("resume", where, header) if ckpt else ("restart", f"{where} without a checkpoint", header)
+    return ("resume", where, header) if "ckpt.pt" in files else ("restart", f"{where} without a checkpoint", header)
 
 
 def setting_changes(header, cfg):
@@ -284,11 +226,9 @@ def setting_changes(header, cfg):
 def foreground():
     """Whether the sweep is in its terminal's foreground process group, where a Ctrl-C reaches its run too."""
     for f in (sys.stdin, sys.stderr, sys.stdout):
-        try:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
             if f.isatty() and os.tcgetpgrp(f.fileno()) == os.getpgrp():
                 return True
-        except (AttributeError, OSError, ValueError):
-            pass
     return False
 
 
@@ -330,10 +270,8 @@ def shell(cmd):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     again = shell([sys.executable, shown(os.path.abspath(__file__)), *argv])  # how to continue an unfinished sweep
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    i = argv.index("--") if "--" in argv else len(argv)
+    argv, extra = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--configs", nargs="+", help="config files, from the current directory (default: the preset's)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="schemes and n of a published experiment")
@@ -341,22 +279,21 @@ def main(argv=None):
     p.add_argument("--n", nargs="+", type=int, help="n_streams for the non-plain schemes (default: 4, or the preset's)")
     p.add_argument("--seeds", nargs="+", default=["1"],
                    help="K: seeds 0..K-1 of every setting; A:B: seeds A..B-1; several values: those seeds (default: 1)")
-    p.add_argument("--data_seed", "--data-seed", type=int, default=None,
-                   help="the data order of every run (default: the config's data_seed, else the first seed), so "
-                        "differences pair by seed")
+    p.add_argument("--data_seed", "--data-seed", type=int, help="the data order of every run (default: the "
+                   "config's data_seed, else the first seed), so differences pair by seed")
     p.add_argument("--vary_data", "--vary-data", action="store_true",
                    help="a data order of its own for every seed (data_seed = seed) instead of a shared one")
-    p.add_argument("--nproc", type=non_negative_int, default=None,
-                   help="processes (GPUs) per node; 0 runs plain `python train.py`; default: this machine's GPUs, "
-                        "or 0 without CUDA")
+    p.add_argument("--nproc", type=non_negative_int, help="processes (GPUs) per node; 0 runs plain `python "
+                   "train.py`; default: this machine's GPUs, or 0 without CUDA")
     p.add_argument("--nnodes", type=positive_int, default=1)
     p.add_argument("--out_root", default="out", help="the runs' out dirs are <out_root>/<run name>")
     p.add_argument("--run", action="store_true", help="run the commands one after another (default: print them)")
     p.add_argument("--stop_on_failure", "--stop-on-failure", action="store_true",
                    help="with --run, stop at the first failed run (default: go on with the others)")
     args = p.parse_args(argv)
+    preset = PRESETS.get(args.preset, {})
     if not args.configs:  # the preset's, as paths from here like any --configs
-        args.configs = [shown(os.path.join(REPO, c)) for c in PRESETS.get(args.preset, {}).get("configs", [])]
+        args.configs = [shown(os.path.join(REPO, c)) for c in preset.get("configs", [])]
     if not args.configs:
         p.error("--configs is required (only a preset that names its configs goes without)")
     try:
@@ -364,35 +301,30 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e) if str(e).startswith("--seeds") else f"--seeds: not integers ({e})")
     for flag, key, values in (("--seeds", "seed", args.seeds), ("--data_seed", "data_seed", [args.data_seed])):
-        whys = [why for v in values if v is not None for why in [config.KEYS[key].problem(v)] if why]
-        if whys:  # train.py's own rule, said of the flag (each run's whole config is checked below)
-            p.error(f"{flag}: config key {key!r} must be {whys[0]}")
+        for why in filter(None, (config.KEYS[key].problem(v) for v in values if v is not None)):
+            p.error(f"{flag}: config key {key!r} must be {why}")  # train.py's rule, said of the flag
     if args.vary_data and args.data_seed is not None:
         p.error("--vary_data gives every seed its own data order; --data_seed sets one for all: pass one of them")
     if args.data_seed == -1:  # train.py's "-1 -> seed", which --vary_data names as such
         p.error("--data_seed -1 would give every seed its own data order; pass --vary_data for that")
-    for c in args.configs:
-        if not os.path.exists(c):
-            p.error(f"config file {c} not found (relative paths are from the current directory, {os.getcwd()})")
     once = {}
     for c in args.configs:  # each file once, however it is spelled
+        if not os.path.exists(c):
+            p.error(f"config file {c} not found (relative paths are from the current directory, {os.getcwd()})")
         once.setdefault(os.path.realpath(c), c)
     args.configs = list(once.values())
     if args.run and args.nnodes > 1:
         p.error("--run launches on this machine only; print the multi-node commands and start them on every node")
-    error = passthrough_error(extra)
-    if error:
-        p.error(error)
     try:
-        cfgs = load_configs(args.configs, extra)
+        parts = name_parts(extra)
+        cfgs = {c: configurator.load(config.KEYS, [c, *extra]) for c in args.configs}
+        if args.nproc is None:  # this machine's GPUs; one plain process without CUDA or for configs on the CPU
+            import torch
+            cpu = not torch.cuda.is_available() or all(cfg["device"] == "cpu" for cfg in cfgs.values())
+            args.nproc = 0 if cpu else torch.cuda.device_count()
+        check_batch(cfgs, max(1, args.nproc) * args.nnodes)
     except ConfigError as e:
         p.error(str(e))
-    if args.nproc is None:
-        args.nproc = default_nproc(cfgs)
-    error = check_batch(cfgs, max(1, args.nproc) * args.nnodes)
-    if error:
-        p.error(error)
-    preset = PRESETS.get(args.preset, {})
     schemes = args.schemes or preset.get("schemes") or list(hc.SCHEMES)
     head = [c for c, cfg in cfgs.items() if cfg["readout"] == "hc_head"]
     if "plain" in schemes and head:
@@ -406,12 +338,16 @@ def main(argv=None):
             left_out[n] = f"sweep: leaving out mhc_lite at n={n}: it takes n_streams <= {hc.MAX_PERM_SIZE} " \
                           f"(n! = {math.factorial(n):,} permutation logits); kromhc and mhc take larger n"
             continue
-        reason = unbuildable(scheme, n)
-        if reason:
-            p.error(f"{scheme} at n={n}: {reason}")
-        name = run_name(names[path], scheme, n, seed, orders[path], extra)
+        try:
+            hc.make_connection(scheme, 8, n, 0)
+        except ValueError as e:
+            p.error(f"{scheme} at n={n}: {e}")
+        data_seed = seed if orders[path] is None else orders[path]
+        name = setting.run_name(names[path], scheme, n, seed, data_seed, parts,
+                                always_data_seed=orders[path] is not None)
         out_dir = os.path.join(args.out_root, name)
-        targs = train_args(path, scheme, n, seed, seed if orders[path] is None else orders[path], name, out_dir, extra)
+        targs = [path, f"--scheme={scheme}", f"--n_streams={n}", f"--seed={seed}", f"--data_seed={data_seed}",
+                 f"--wandb_run_name={name}", f"--out_dir={out_dir}", *extra]
         try:  # the run's command as train.py reads it, by train.py's rules (e.g. a seed out of range)
             cfg = config.flat(config.build(configurator.load(config.KEYS, targs), names[path]))
             action, why, header = run_state(out_dir)
@@ -475,13 +411,11 @@ def run_all(runs, args, schemes, again):
 
 def next_commands(out_root, schemes, seeds):
     """The scripts/compare.py and plot_runs.py commands for the runs under out_root."""
-    runs = shlex.quote(os.path.normpath(out_root)) + "/*"
+    python, runs = shlex.quote(sys.executable), shlex.quote(os.path.normpath(out_root)) + "/*"
+    compare, plot = (shlex.quote(shown(os.path.join(REPO, "scripts", f))) for f in ("compare.py", "plot_runs.py"))
     plots = shlex.quote(os.path.join("plots", os.path.basename(os.path.normpath(out_root))))
-    python = shlex.quote(sys.executable)
-    base = " --baseline scheme=plain" if "plain" in schemes else ""
-    return [f"{python} {shlex.quote(shown(os.path.join(REPO, 'scripts', 'compare.py')))} {runs}{base}",
-            f"{python} {shlex.quote(shown(os.path.join(REPO, 'scripts', 'plot_runs.py')))} {runs}"
-            f"{' --groups' if len(seeds) > 1 else ''} --out-dir {plots}"]
+    return [f"{python} {compare} {runs}" + (" --baseline scheme=plain" if "plain" in schemes else ""),
+            f"{python} {plot} {runs}{' --groups' if len(seeds) > 1 else ''} --out-dir {plots}"]
 
 
 if __name__ == "__main__":

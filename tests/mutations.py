@@ -231,8 +231,8 @@ MUTATIONS = [
     ("a resumed wandb run leaves its group", [("tracking.py", "start_wandb", 'group = header["wandb_group"] or run_group or',
                                                'group = header["wandb_group"] or')],
      ["tests/test_wandb.py", "-k", "resumed"]),
-    ("sweep run names without the model and data overrides", [("scripts/sweep.py", "run_name",
-                                                                "data_seed, name_parts(extra),", "data_seed, (),")],
+    ("sweep run names without the model and data overrides", [("scripts/sweep.py", "main",
+                                                                "parts = name_parts(extra)", "parts = ()")],
      ["tests/test_train.py", "-k", "sweep"]),
     # ---- the evaluations (evals/)
     ("val BPB counts the nats of special tokens", [("evals/val.py", "val_loss_bpb", "(loss * (nbytes > 0)).sum()", "loss.sum()")],
@@ -257,6 +257,20 @@ MUTATIONS = [
     ("a missing !function module passes the task check", [("evals/harness.py", "check_functions",
                                                             "if local.is_file():", "if True:")],
      ["tests/test_harness_tasks.py"]),
+    # ---- recompute
+    ("stream recompute without its selective policy", [
+        ("model.py", "GPT.run_blocks",
+         'partial(create_selective_checkpoint_contexts, BRANCH_OPS) if mode == "streams" else noop_context_fn',
+         "noop_context_fn")], ["tests/test_recompute.py", "-k", "matmul"]),
+    ("stream recompute groups not the paper's L_r", [
+        ("model.py", "GPT.recompute_group", "c.n_streams * c.n_layer / (c.n_streams + 2)", "c.n_layer / 2")],
+     ["tests/test_recompute.py", "-k", "papers_rule"]),
+    ("stream recompute's groups ignored", [("model.py", "GPT.run_blocks", 'size = 1 if mode == "blocks" else',
+                                            "size = 1 if True else")],
+     ["tests/test_recompute.py", "-k", "keeps_no_stream"]),
+    ("bf16 streams keep an fp32 copy", [("hc.py", "Connection.forward",
+                                         "(self.recompute or h.dtype != torch.float32)", "self.recompute")],
+     ["tests/test_recompute.py", "-k", "fp32_copy"]),
     # ---- a sweep that can be finished
     ("a finished sweep run not recognised", [("scripts/sweep.py", "run_state",
                                               'if any(r.get("type") == "eval" and r.get("step") == target for r in after):',

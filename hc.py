@@ -197,7 +197,9 @@ class Connection(nn.Module):
                 f"got {tuple(h.shape)}; build the streams with expand_streams(x, {self.n})")
 
     # True: recompute the coefficients and the pre-mix in backward rather than save their n x C
-    # intermediates (normalised streams, fp32 copies); model.GPTConfig.recompute="connections" sets it
+    # intermediates (normalised streams, fp32 copies); model.GPTConfig.recompute="connections" sets it.
+    # Streams held in bf16 always do: their fp32 copy would otherwise be kept beside them (6 bytes a value
+    # where fp32 streams keep 4)
     recompute = False
 
     def forward(self, h, branch):
@@ -205,7 +207,7 @@ class Connection(nn.Module):
         kernels = _kernels(h, self, self.fused)
         if kernels:   # the kernels save only h and recompute the rest already
             return kernels.connection_forward(self, h, branch)
-        if self.recompute and torch.is_grad_enabled():
+        if (self.recompute or h.dtype != torch.float32) and torch.is_grad_enabled():
             x_in, H_post, H_res = checkpoint(self.pre_mix, h, use_reentrant=False)
         else:
             x_in, H_post, H_res = self.pre_mix(h)

@@ -39,11 +39,12 @@ softmax; a tokenizer of 65,536 or 4,096 tokens has none).
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 import hc
 from errors import ConfigError
@@ -194,7 +195,13 @@ class NanochatBlock(nn.Module):
 # residual x = x + f(x) stays fp32.
 STREAM_DTYPES = ("float32", "bfloat16", "bfloat16_hc")
 READOUTS = ("mean", "norm_sum", "hc_head")
-RECOMPUTE = ("none", "connections", "blocks")
+RECOMPUTE = ("none", "connections", "blocks", "streams")
+# recompute="streams" keeps these ops' outputs (every matmul, the attention) and recomputes the rest: the
+# streams, the coefficients, the reads, the norms and activations; never a matmul or the attention
+BRANCH_OPS = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              *(getattr(torch.ops.aten, op).default for op in (
+                  "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"))]
 GPT2_VOCAB = 50304  # GPT-2's 50,257 tokens padded up to a multiple of 64
 
 
@@ -221,8 +228,12 @@ class GPTConfig(hc.SchemeConfig):
                              applies={"scheme": ("hc", "mhc")})
     hc_branch_init_scale_sqrt_n: bool = key(False, "HC paper: output projections' init std x sqrt(n)",
                                             applies={"scheme": hc.NOT_PLAIN})
-    recompute: str = key("none", "none | connections | blocks: recompute activations in backward instead of saving "
-                         "them (connections: the coefficients and pre-mix; blocks: whole blocks)", choices=RECOMPUTE)
+    recompute: str = key("none", "none | connections | blocks | streams: recompute activations in backward instead of "
+                         "saving them (connections: the coefficients and pre-mix; blocks: whole blocks; streams: "
+                         "the mHC paper's stream recompute, no matmul again)", choices=RECOMPUTE)
+    recompute_group: int = key(0, "recompute=streams: blocks per group (the streams are kept at each group's start); "
+                               "0 -> the mHC paper's L_r = round(sqrt(n n_layer / (n + 2)))", at_least=0,
+                               applies={"recompute": ("streams",)})
     nanochat_init: str = key("e1770a3", "arch nanochat: e1770a3 (normal, zero unembedding) | 48abd7d (uniform; from "
                              "2026-01-01)", choices=NANOCHAT_INITS, applies={"arch": ("nanochat",)})
     embedding_dtype: str = key("float32", "arch nanochat: float32 | bfloat16 (token embedding stored in bf16: "
@@ -250,6 +261,12 @@ class GPTConfig(hc.SchemeConfig):
         if self.embedding_dtype != "float32" and self.arch != "nanochat":
             raise ConfigError(f"embedding_dtype {self.embedding_dtype!r} is nanochat's (arch='nanochat'); GPT-2's "
                               f"embedding is tied to lm_head: keep embedding_dtype='float32'")
+
+
+def run_group(blocks, h, *args):
+    for block in blocks:
+        h = block(h, *args)
+    return h
 
 
 class GPT(nn.Module):
@@ -350,12 +367,29 @@ class GPT(nn.Module):
     def connection_names(self):
         return [f"L{i:02d}.{s}" for i in range(self.config.n_layer) for s in ("attn", "mlp")]
 
-    def run_block(self, block, h, *args):
-        """block(h, *args); with recompute="blocks" only h is kept for backward and the block's
-        activations are recomputed there (any block class: the wrapper does not look inside)."""
-        if self.config.recompute == "blocks" and torch.is_grad_enabled():
-            return checkpoint(block, h, *args, use_reentrant=False)
-        return block(h, *args)
+    def run_blocks(self, h, *args):
+        """h through every block (block(h, *args)). recompute="blocks": each block under checkpoint, only its
+        input streams kept for backward. recompute="streams" (mHC paper Sec. 4.3.2, Eq. 20): groups of
+        recompute_group blocks under selective checkpointing that keeps the group's input streams and the
+        outputs of BRANCH_OPS (every matmul and the attention: each branch's output F(x) among them), and
+        recomputes in backward the streams, the coefficients, the reads and their norms, never a matmul.
+        Any block class: the wrappers do not look inside."""
+        blocks, mode = self.transformer.h, self.config.recompute
+        if mode not in ("blocks", "streams") or not torch.is_grad_enabled():
+            for block in blocks:
+                h = block(h, *args)
+            return h
+        size = 1 if mode == "blocks" else self.recompute_group()
+        keep = partial(create_selective_checkpoint_contexts, BRANCH_OPS) if mode == "streams" else noop_context_fn
+        for i in range(0, len(blocks), size):
+            h = checkpoint(run_group, blocks[i:i + size], h, *args, use_reentrant=False, context_fn=keep)
+        return h
+
+    def recompute_group(self):
+        """recompute="streams"'s blocks per group: recompute_group, or the mHC paper's L_r = sqrt(n L / (n + 2))
+        (Eq. 20: the n C streams kept once per group against the C of each layer's branch output), rounded."""
+        c = self.config
+        return c.recompute_group or max(1, min(c.n_layer, round(math.sqrt(c.n_streams * c.n_layer / (c.n_streams + 2)))))
 
     def num_params(self, non_embedding=True):
         """Number of parameters; non_embedding subtracts the embeddings that cost no matmul: gpt2's
@@ -389,8 +423,7 @@ class GPT(nn.Module):
         pos_emb = self.transformer.wpe(pos)  # (t, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
         h = hc.expand_streams(x, self.config.n_streams).to(self.stream_dtype)
-        for block in self.transformer.h:
-            h = self.run_block(block, h)
+        h = self.run_blocks(h)
         return self.lm_head(self.read_out(h, self.transformer.ln_f))
 
     def nanochat_logits(self, idx):
@@ -398,8 +431,7 @@ class GPT(nn.Module):
         cos, sin = self.rotary_cos[:t], self.rotary_sin[:t]
         x = norm(self.transformer.wte(idx))  # norm after the token embedding
         h = hc.expand_streams(x, self.config.n_streams).to(self.stream_dtype)
-        for block in self.transformer.h:
-            h = self.run_block(block, h, cos, sin)
+        h = self.run_blocks(h, cos, sin)
         logits = self.lm_head(self.read_out(h, norm)).float()  # norm before the unembedding; the cap in fp32
         return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)  # soft cap: |logit| < 15
 

@@ -102,7 +102,8 @@ def build(c, rt, run, meta):
         ckpt = run.resume_checkpoint(meta, c.optim.max_iters, same)
         saved = {**asdict(replace(c.model, **{k: v for k, v in ckpt["model_config"].items()
                                               if k in config.KEYS}))}   # keys newer than the checkpoint: this run's
-        changed = [k for k, v in asdict(c.model).items() if k not in ("recompute", "fused") and saved[k] != v
+        free = ("recompute", "recompute_group", "fused")   # how it computes, not what: may change on resume
+        changed = [k for k, v in asdict(c.model).items() if k not in free and saved[k] != v
                    and config.KEYS[k].applies_to(c.model)]   # e.g. kron_factors of an mhc model: not part of it
         if changed:
             raise ConfigError(f"resume: the model config differs from the checkpoint's in {changed}")

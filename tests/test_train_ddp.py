@@ -114,9 +114,11 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
     single = tmp_path / "single"
     train.main(args(data_dir, single))
     ddp = tmp_path / "ddp"
-    torchrun(*args(data_dir, ddp))
+    # the ranks with the mHC paper's stream recompute: it replays the same ops, so the same bounds hold
+    torchrun(*args(data_dir, ddp), "--recompute=streams", "--recompute_group=1")
 
     one, two = records(single), records(ddp)
+    assert (one[0]["recompute"], two[0]["recompute"]) == ("none", "streams")
     assert (one[0]["world_size"], one[0]["grad_accum"]) == (1, 2)
     assert (two[0]["world_size"], two[0]["grad_accum"]) == (2, 1)
     rel_loss, rel_norm, rel_grad = bounds(4, 128, 640)

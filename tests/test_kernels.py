@@ -797,3 +797,22 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, "-c", COMPILE_SM90], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("scheme", ["hc", "kromhc"])
+def test_stream_recompute_on_the_fused_path(scheme):
+    """recompute="streams" over the fused kernels (custom ops, recomputed in backward from the group's input
+    streams): the same loss and gradients as recompute="none" on the fused path, bit for bit (the same kernels
+    replayed on the same inputs)."""
+    from model import GPT, GPTConfig
+    results = {}
+    for mode in ("none", "streams"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, scheme=scheme,
+                              fused="on", recompute=mode, recompute_group=2))
+        x = torch.randint(64, (2, 16), generator=torch.Generator().manual_seed(1))
+        loss = model(x, x)[1]
+        loss.backward()
+        results[mode] = loss.item(), {n: p.grad for n, p in model.named_parameters()}
+    (loss, grads), (other_loss, other) = results["none"], results["streams"]
+    assert other_loss == loss and all(torch.equal(other[n], g) for n, g in grads.items())

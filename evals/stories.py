@@ -3,18 +3,6 @@
 separator and the completion, and grades the completion's grammar, creativity, consistency with the
 beginning and plot, each an integer from 1 to 10.
 
-    load_prompts        the story beginnings (JSON lines {"id", "beginning"}, or plain text, one a line)
-    load_rubric         the judge's instructions, with {beginning} and {completion} in them
-    complete            one completion of a beginning, stopping at the end-of-text token
-    Judge               an OpenAI-compatible chat API, with retries and backoff; a reply that is not one JSON
-                        object of four integer grades in 1..10 is asked for again, then a failure (never a 0);
-                        a judge that does not answer, answers HTML or outlasts the deadline stops the grading
-    GradeCache          grades already paid for, keyed by (judge model, rubric, temperature, beginning, completion)
-    grade_all           every item through the cache and the judge, --concurrency requests at once, by a deadline
-    default_deadline    the grading's deadline when none is given
-    summarize           each criterion's mean with a 95 % Student-t interval
-    compare             two result files paired by prompt: the mean difference with its paired 95 % interval
-
 scripts/eval_stories.py is the command line; docs/tinystories.md the page.
 """
 
@@ -33,7 +21,7 @@ from pathlib import Path
 import torch
 
 from errors import ConfigError
-from evals import cache_root
+from setting import mean_interval
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PROMPTS = REPO / "data" / "tinystories_prompts.jsonl"
@@ -51,14 +39,19 @@ class JudgeError(ConfigError):
 
 # ----------------------------------------------------------------------------- inputs
 
+def read_text(path, flag, fix) -> str:
+    """A UTF-8 input file's text; ConfigError naming the flag, the cause and `fix` when it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{flag} {path}: cannot read it ({e}); {fix}") from None
+
+
 def load_prompts(path) -> list[dict]:
     """[{'id', 'beginning'}] from a .jsonl file (one {"id": ..., "beginning": ...} object a line; id optional)
     or any other text file (one beginning a line, its line number as id). ConfigError naming the line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--prompts {path}: cannot read it ({e}); pass a UTF-8 .jsonl or text file") from None
+    text = read_text(path, "--prompts", "pass a UTF-8 .jsonl or text file")
     fix = 'each line one JSON object {"id": "...", "beginning": "..."}'
     items, seen = [], set()
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -71,8 +64,7 @@ def load_prompts(path) -> list[dict]:
                 raise ConfigError(f"{path}:{lineno}: not a JSON line ({e}); {fix}") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("beginning"), str) or not obj["beginning"].strip():
                 raise ConfigError(f"{path}:{lineno}: no non-empty string 'beginning'; {fix}")
-            pid = str(obj.get("id", lineno))
-            beginning = obj["beginning"]
+            pid, beginning = str(obj.get("id", lineno)), obj["beginning"]
         else:
             pid, beginning = str(lineno), line
         if pid in seen:
@@ -85,11 +77,7 @@ def load_prompts(path) -> list[dict]:
 
 
 def load_rubric(path) -> str:
-    path = Path(path)
-    try:
-        rubric = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--rubric {path}: cannot read it ({e}); pass a UTF-8 text file") from None
+    rubric = read_text(path, "--rubric", "pass a UTF-8 text file")
     for name in ("beginning", "completion"):
         if rubric.count("{" + name + "}") != 1:
             raise ConfigError(f"--rubric {path}: needs {{{name}}} exactly once (where the judge reads the "
@@ -121,10 +109,7 @@ def complete(model, enc, beginning: str, max_new_tokens=400, temperature=0.0, to
     """One completion of a beginning: {'completion', 'new_tokens', 'ended'} (ended: the model produced the
     end-of-text token, which is not part of the text; otherwise it ran into max_new_tokens). The context is
     <|endoftext|> + beginning, as every training document starts after one. temperature 0 is greedy."""
-    ids = [enc.eot_token] + enc.encode_ordinary(beginning)
-    block_size = model.config.block_size
-    if len(ids) > block_size:
-        ids = ids[-block_size:]
+    ids = ([enc.eot_token] + enc.encode_ordinary(beginning))[-model.config.block_size:]
     x = torch.tensor(ids, dtype=torch.long, device=device)[None]
     gen = torch.Generator(device=device).manual_seed(prompt_seed(seed, beginning))
     with ctx or nullcontext():
@@ -153,24 +138,22 @@ def parse_grades(reply) -> dict | None:
         obj = json.loads(text)
     except ValueError:
         return None
-    if not isinstance(obj, dict) or set(obj) != set(CRITERIA):
-        return None
-    if not all(type(obj[c]) is int and 1 <= obj[c] <= 10 for c in CRITERIA):  # bool, float, "7": refused
-        return None
-    return {c: obj[c] for c in CRITERIA}
+    if isinstance(obj, dict) and set(obj) == set(CRITERIA) and \
+            all(type(obj[c]) is int and 1 <= obj[c] <= 10 for c in CRITERIA):  # bool, float, "7": refused
+        return {c: obj[c] for c in CRITERIA}
+    return None
 
 
 class Judge:
     """Grades through an OpenAI-compatible chat-completions API with the `openai` client.
 
-    Rate limits (429), timeouts, dropped connections and server errors (5xx) are retried up to `retries`
-    times, waiting the server's Retry-After or an exponential backoff (backoff * 2^k, jittered, at most
-    max_wait s). A reply that does not parse is asked for again up to `parse_retries` times. Either way the
-    item then counts as a failure. Errors every request would repeat raise JudgeError and stop the run: a bad
-    key, an unknown model, a refused request, a judge still unreachable after the retries, an HTML page
-    instead of the API's JSON, and `give_up` requests in a row without a reply (a server that accepts
-    connections but never answers would otherwise cost (retries + 1) x timeout per item). `until` (a
-    time.monotonic() deadline, set by grade_all) cuts requests and waits short, then stops the run too."""
+    Rate limits (429), timeouts, dropped connections and server errors (5xx) are retried up to `retries` times,
+    waiting the server's Retry-After or backoff * 2^k (jittered, at most max_wait s); a reply that does not parse
+    is asked for again up to `parse_retries` times; then the item fails. Errors every request would repeat (a bad
+    key or model, a refused request, a judge unreachable after the retries, an HTML page instead of the API's
+    JSON), `give_up` requests in a row without a reply (a server that accepts connections but never answers
+    would otherwise cost (retries + 1) x timeout per item) and the passing of `until` (grade_all's
+    time.monotonic() deadline, which also cuts requests and waits short) raise JudgeError and stop the run."""
 
     def __init__(self, model=DEFAULT_JUDGE, base_url=None, api_key=None, temperature=0.0, timeout=60.0,
                  retries=6, parse_retries=2, backoff=1.0, max_wait=60.0, max_tokens=100, give_up=3):
@@ -202,14 +185,13 @@ class Judge:
 
     def _wait(self, attempt, error):
         headers = getattr(getattr(error, "response", None), "headers", None) or {}
-        wait = None
         for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
             try:
                 wait = float(headers[name]) * scale
                 break
             except (KeyError, TypeError, ValueError):
-                continue
-        if wait is None:
+                pass
+        else:  # no usable Retry-After
             wait = self.backoff * 2 ** attempt * (0.5 + random.random())
         left = self._left()
         self.stop.wait(min(max(wait, 0.0), self.max_wait, math.inf if left is None else left))
@@ -293,11 +275,6 @@ class TransientFailure(Exception):
 
 # ----------------------------------------------------------------------------- cache
 
-def cache_file() -> Path:
-    """The default grade cache: $HCGPT_CACHE_DIR/story_grades.jsonl (~/.cache/hcgpt/story_grades.jsonl)."""
-    return cache_root() / "story_grades.jsonl"
-
-
 def cache_key(judge_model: str, rubric: str, temperature: float, beginning: str, completion: str) -> str:
     """What a grade depends on. The server's URL is not in it: a model name means the same judge anywhere."""
     return sha256(json.dumps([judge_model, sha256(rubric), float(temperature), beginning, completion]))
@@ -315,12 +292,7 @@ class GradeCache:
         if self.path is None or not self.path.exists():
             return
         fix = "pass another --cache, or --no-cache"
-        if self.path.is_dir():
-            raise ConfigError(f"--cache {self.path} is a directory; pass a file path (it is made), or --no-cache")
-        try:
-            lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--cache {self.path}: cannot read it ({e}); {fix}") from None
+        lines = [line for line in read_text(self.path, "--cache", fix).splitlines() if line.strip()]
         for line in lines:
             try:
                 e = json.loads(line)
@@ -332,9 +304,6 @@ class GradeCache:
             raise ConfigError(f"--cache {self.path} is not a grade cache of eval_stories.py (none of its "
                               f"{len(lines)} lines is a grade, and grades would be appended to it); {fix}")
 
-    def get(self, key):
-        return self.entries.get(key)
-
     def put(self, key, entry):
         entry = {"key": key, **entry}
         with self.lock:
@@ -343,7 +312,6 @@ class GradeCache:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-                    f.flush()
 
 
 def default_deadline(calls, concurrency, timeout) -> float:
@@ -352,22 +320,19 @@ def default_deadline(calls, concurrency, timeout) -> float:
     return max(600.0, 2.0 * timeout * math.ceil(calls / max(1, concurrency)))
 
 
-def grade_all(items, rubric, judge_model, temperature, cache, judge=None, concurrency=4, log=print,
-              deadline=None) -> dict:
+def grade_all(items, rubric, judge_model, temperature, cache, judge, concurrency=4, log=print, deadline=None) -> dict:
     """Grade every item ({'beginning', 'completion', ...}) in place: adds 'scores', 'replies', 'error', 'cached'.
-    Cached items first; the rest through `judge` (None: only the cache is read), within `deadline` seconds
-    (None: no limit). -> counts. When the judge stops the run (JudgeError), every item it did not grade gets
-    the cause as its error, then the JudgeError is raised: the caller can still write what was graded."""
+    Cached items first; the rest through `judge`, within `deadline` seconds (None: no limit). -> counts. When the
+    judge stops the run (JudgeError), every item it did not grade gets the cause as its error, then the
+    JudgeError is raised: the caller can still write what was graded."""
     todo = []
     for item in items:
         key = cache_key(judge_model, rubric, temperature, item["beginning"], item["completion"])
-        hit = cache.get(key)
+        hit = cache.entries.get(key)
         if hit is not None:
             item.update(scores=hit["scores"], replies=hit["replies"], error=None, cached=True)
         else:
             todo.append((key, item))
-    if todo and judge is None:
-        raise JudgeError(f"{len(todo)} items are not in the cache and there is no judge to ask")
     if todo and deadline is not None:
         judge.until, judge.deadline = time.monotonic() + deadline, deadline
     done, causes, lock = [0], [], threading.Lock()
@@ -413,22 +378,13 @@ def counts(items) -> dict:
 
 # ----------------------------------------------------------------------------- statistics
 
-def mean_ci(values, confidence=0.95) -> dict:
-    """{'mean', 'ci95': [lo, hi], 'n'}: the mean and its Student-t interval (scipy.stats.t); no interval from
-    fewer than 2 values, a zero-width one when they are all equal."""
-    from scipy import stats
-
-    n = len(values)
-    if n == 0:
+def mean_ci(values) -> dict:
+    """{'mean', 'ci95': [lo, hi], 'n'}: the mean and its Student-t interval (setting.mean_interval); no interval
+    from fewer than 2 values, a zero-width one when they are all equal."""
+    if not values:
         return {"mean": None, "ci95": None, "n": 0}
-    mean = sum(values) / n
-    if n < 2:
-        return {"mean": mean, "ci95": None, "n": n}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    if sd == 0:
-        return {"mean": mean, "ci95": [mean, mean], "n": n}
-    lo, hi = stats.t.interval(confidence, n - 1, loc=mean, scale=sd / math.sqrt(n))
-    return {"mean": mean, "ci95": [float(lo), float(hi)], "n": n}
+    mean, _, n, ci = mean_interval(values)
+    return {"mean": mean, "ci95": [float(ci[0]), float(ci[1])] if ci else None, "n": n}
 
 
 def summarize(items) -> dict:

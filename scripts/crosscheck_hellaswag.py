@@ -47,9 +47,8 @@ def _main(args):
     from evals import harness, results
     check_output(args.output)   # now, not after the scoring; never over a run's own files
     rt = runtime.for_script(args.device, args.dtype)
-    device = rt.device
-    model, meta = load_model(args.ckpt, device)
-    lm = harness.HcgptLM(model, load_tokenizer(meta), device, args.batch_size, rt.autocast())
+    model, meta = load_model(args.ckpt, rt.device)
+    lm = harness.HcgptLM(model, load_tokenizer(meta), rt.device, args.batch_size, rt.autocast())
     res = harness.crosscheck_hellaswag(lm, args.task, args.limit, args.include_path)
     print(f"{res['n']} items of lm-eval task {res['task']}, checkpoint step {meta.get('step')}")
     print(f"{'':28s} {'acc':>7s} {'acc_norm':>9s}")

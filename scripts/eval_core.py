@@ -30,8 +30,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import runtime  # noqa: E402
 from checkpoint import load_model, load_tokenizer, resolve as resolve_ckpt  # noqa: E402
@@ -39,8 +37,7 @@ from common import HelpFormatter, run_cli  # noqa: E402
 from errors import ConfigError  # noqa: E402
 from evals.core import (EVAL_BUNDLE_URL, core_line, default_bundle_dir, download_bundle, evaluate_core,  # noqa: E402
                         load_bundle, select_tasks)
-from evals.results import save_core  # noqa: E402
-from rundir import check_output  # noqa: E402
+from evals.results import check_path, save_core  # noqa: E402
 
 
 def main(argv=None):
@@ -58,10 +55,7 @@ def main(argv=None):
     ckpt = resolve_ckpt(args.ckpt)
     if args.out is None and ckpt.is_file():  # a missing checkpoint is named later
         args.out = ckpt.parent / "core.json"
-    try:  # now, not after the evaluation; never a file of the run but its own
-        check_output(args.out, own=("core.json",))
-    except ConfigError as e:
-        ap.error(f"argument --out: {e}")
+    check_path(ap, "--out", args.out, "core.json")
     if args.max_per_task == 0 or args.max_per_task < -1:
         ap.error(f"argument --max-per-task: must be >= 1, or -1 for all items, got {args.max_per_task}")
     return run_cli(lambda: _main(args), "eval_core.py")
@@ -69,29 +63,26 @@ def main(argv=None):
 
 def _main(args):
     rt = runtime.for_script(args.device, args.dtype)
-    device, rank, world_size = rt.device, rt.rank, rt.world_size
     try:
         bundle = Path(args.bundle_dir) if args.bundle_dir else default_bundle_dir()
-        if args.download and rank == 0:
+        if args.download and rt.master:
             download_bundle(bundle)
-        if world_size > 1:
-            dist.barrier()
+        rt.barrier()
         labels = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks is not None else None
         if labels == []:
             raise ConfigError("--tasks: no task labels given; pass e.g. --tasks hellaswag,piqa or leave it out for all")
         select_tasks(load_bundle(bundle)[0], labels, bundle)  # a bad bundle or label fails before the model loads
-        model, meta = load_model(args.ckpt, device)
+        model, meta = load_model(args.ckpt, rt.device)
         enc = load_tokenizer(meta)
-        res = evaluate_core(model, enc, device, bundle, args.max_per_task, labels, rt.autocast(),
-                            log=print if rank == 0 else None)
-        if rank == 0:
+        res = evaluate_core(model, enc, rt.device, bundle, args.max_per_task, labels, rt.autocast(),
+                            log=print if rt.master else None)
+        if rt.master:
             print(f"{core_line(res)} | step {meta.get('step')}")
             if args.out != "-":
                 save_core(args.out, res, bundle, meta.get("step"), meta.get("tokens"), resolve_ckpt(args.ckpt))
         return res
     finally:
-        if world_size > 1:
-            dist.destroy_process_group()
+        rt.close()
 
 
 if __name__ == "__main__":

@@ -30,16 +30,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import runtime  # noqa: E402
 from checkpoint import load_model, load_tokenizer, resolve as resolve_ckpt  # noqa: E402
 from common import HelpFormatter, positive_int, run_cli  # noqa: E402
-from errors import ConfigError  # noqa: E402
 from evals.hellaswag import download, evaluate_hellaswag, load_examples  # noqa: E402
-from evals.results import save_hellaswag  # noqa: E402
-from rundir import check_output  # noqa: E402
+from evals.results import check_path, save_hellaswag  # noqa: E402
 
 
 def main(argv=None):
@@ -57,10 +54,7 @@ def main(argv=None):
     ckpt = resolve_ckpt(args.ckpt)
     if args.out is None and ckpt.is_file():  # a missing checkpoint is named later
         args.out = ckpt.parent / "hellaswag.json"
-    try:  # now, not after the evaluation; never a file of the run but its own
-        check_output(args.out, own=("hellaswag.json",))
-    except ConfigError as e:
-        ap.error(f"argument --out: {e}")
+    check_path(ap, "--out", args.out, "hellaswag.json")
     return run_cli(lambda: _main(args), "eval_hellaswag.py")
 
 
@@ -70,8 +64,7 @@ def _main(args):
     try:
         if args.data_file is None and rank == 0:
             download(args.split)  # one process downloads, the others wait at the barrier
-        if world_size > 1:
-            dist.barrier()
+        rt.barrier()
         examples = load_examples(args.data_file, args.split, args.limit)
         model, meta = load_model(args.ckpt, device)
         if args.compile:
@@ -79,17 +72,15 @@ def _main(args):
         t0 = time.time()
         res = evaluate_hellaswag(model, examples, device, enc=load_tokenizer(meta), batch_size=args.batch_size,
                                  ctx=rt.autocast(), rank=rank, world_size=world_size)
-        dt = time.time() - t0
         if rank == 0:
             print(f"hellaswag {args.split}: {res['n']} items | acc_norm {res['acc_norm']:.4f} | acc {res['acc']:.4f} "
-                  f"| step {meta.get('step')} | {dt:.1f}s on {world_size} process(es)")
+                  f"| step {meta.get('step')} | {time.time() - t0:.1f}s on {world_size} process(es)")
             if args.out != "-":
                 save_hellaswag(args.out, res, args.split, args.data_file or download(args.split), meta.get("step"),
                                meta.get("tokens"), resolve_ckpt(args.ckpt))
         return res
     finally:
-        if world_size > 1:
-            dist.destroy_process_group()
+        rt.close()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from common import HelpFormatter, non_negative_int, positive_int, run_cli  # noq
 import checkpoint  # noqa: E402
 import rundir  # noqa: E402
 from errors import ConfigError  # noqa: E402
+from evals.results import check_path  # noqa: E402
 
 
 def main(argv=None):
@@ -60,10 +61,7 @@ def main(argv=None):
         out = args.output
         if out is None and ckpt.is_file():  # its step is read with the checkpoint: here its folder is checked
             out = default_output(ckpt, args.tasks, "N", args.num_fewshot, args.limit)
-        try:
-            rundir.check_output(out, own=("lm_eval_*.json",))
-        except ConfigError as e:
-            ap.error(f"argument --output: {e}")
+        check_path(ap, "--output", out, "lm_eval_*.json")
     return run_cli(lambda: _main(args), "eval_lm.py")
 
 
@@ -90,9 +88,8 @@ def _main(args):
               "node without network and run there with HF_DATASETS_OFFLINE=1")
         return None
     rt = runtime.for_script(args.device, args.dtype)
-    device = rt.device
     ckpt = checkpoint.resolve(args.ckpt)
-    model, meta = checkpoint.load_model(ckpt, device)
+    model, meta = checkpoint.load_model(ckpt, rt.device)
     enc = checkpoint.load_tokenizer(meta)
     cfg = meta.get("config") or {}
     use_wandb = bool(meta.get("wandb_id")) and cfg.get("wandb_log") and not args.no_wandb
@@ -107,17 +104,14 @@ def _main(args):
             raise ConfigError(f"the checkpoint's run logs to wandb run {meta['wandb_id']} online, but no wandb API "
                               f"key was found: run `wandb login`, set WANDB_MODE=offline (sync later with `wandb "
                               f"sync`), or pass --no-wandb") from None
-    dtype = rt.dtype
     mc = model.config
     info = {"hcgpt_ckpt": str(ckpt), "step": meta.get("step"), "tokens": meta.get("tokens"), "arch": mc.arch,
             "scheme": mc.scheme, "n_streams": mc.n_streams, "n_params": model.num_params(non_embedding=False),
-            "block_size": mc.block_size, "tokenizer": enc.name, "dtype": dtype}
-    lm = harness.HcgptLM(model, enc, device, args.batch_size, rt.autocast(), info)
+            "block_size": mc.block_size, "tokenizer": enc.name, "dtype": rt.dtype}
+    lm = harness.HcgptLM(model, enc, rt.device, args.batch_size, rt.autocast(), info)
     t0 = time.time()
-    results = harness.evaluate(lm, tasks, args.num_fewshot, args.limit, args.include_path,
-                               model_args=f"ckpt={ckpt}")
-    dt = time.time() - t0
-    report(harness, results, tasks, meta, dt)
+    results = harness.evaluate(lm, tasks, args.num_fewshot, args.limit, args.include_path, model_args=f"ckpt={ckpt}")
+    report(harness, results, tasks, meta, time.time() - t0)
 
     step = meta.get("step")
     out = default_output(ckpt, args.tasks, step, args.num_fewshot, args.limit) if args.output is None else args.output

@@ -38,11 +38,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: spinning OpenMP threads starve a shared CPU
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import rundir  # noqa: E402
 import runtime  # noqa: E402
 from common import HelpFormatter, non_negative_int, positive_int, run_cli  # noqa: E402
 from errors import ConfigError  # noqa: E402
-from evals import results, stories  # noqa: E402
+from evals import cache_root, results, stories  # noqa: E402
 
 
 def main(argv=None):
@@ -105,11 +104,8 @@ def check_paths(ap, args):
     source = Path(args.completions) if args.completions else Path(args.ckpt)
     if args.output is None and (source.is_file() or source.is_dir()):  # a missing source is named later
         args.output = default_output(args)
-    args.cache = None if args.no_cache else Path(args.cache) if args.cache else stories.cache_file()
-    try:
-        rundir.check_output(args.output, own=("stories_*.json",))
-    except ConfigError as e:
-        ap.error(f"argument --output: {e}")
+    args.cache = None if args.no_cache else Path(args.cache) if args.cache else cache_root() / "story_grades.jsonl"
+    results.check_path(ap, "--output", args.output, "stories_*.json")
     if args.output is not None:
         for flag, path in (("--cache", args.cache), ("--prompts", args.prompts), ("--rubric", args.rubric)):
             if path is not None and Path(path).resolve() == Path(args.output).resolve():
@@ -120,17 +116,14 @@ def check_paths(ap, args):
     folder = args.cache.parent
     while not folder.exists():  # the cache's folder is made at its first grade
         folder = folder.parent
-    try:
-        if folder == args.cache.parent:
-            rundir.check_output(args.cache)
-        elif not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
-            raise ConfigError(f"cannot make {args.cache.parent}: {folder} is not a writable directory; pass "
-                              f"another --cache, or --no-cache")
-        if args.cache.is_file() and not os.access(args.cache, os.W_OK):
-            raise ConfigError(f"{args.cache} is read-only, and grades are appended to it; pass another --cache, "
-                              f"or --no-cache")
-    except ConfigError as e:
-        ap.error(f"argument --cache: {e}")
+    if folder == args.cache.parent:
+        results.check_path(ap, "--cache", args.cache)
+    elif not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+        ap.error(f"argument --cache: cannot make {args.cache.parent}: {folder} is not a writable directory; pass "
+                 f"another --cache, or --no-cache")
+    if args.cache.is_file() and not os.access(args.cache, os.W_OK):
+        ap.error(f"argument --cache: {args.cache} is read-only, and grades are appended to it; pass another "
+                 f"--cache, or --no-cache")
 
 
 def read_results(path):
@@ -144,14 +137,6 @@ def read_results(path):
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{path}: not a results file of eval_stories.py ({type(e).__name__}: {e}); pass the "
                           f"JSON that --output wrote") from None
-
-
-def print_compare(a_path, b_path):
-    diff = stories.compare(read_results(a_path), read_results(b_path), (a_path, b_path))
-    print(f"B - A over {diff['pairs']} prompts graded in both (A: {a_path}, B: {b_path})")
-    for c in stories.CRITERIA:
-        print(stories.format_row(c, diff[c]))
-    return diff
 
 
 def generate(args, prompts):
@@ -187,16 +172,19 @@ def generate(args, prompts):
 
 
 def default_output(args):
-    judge = re.sub(r"[^A-Za-z0-9._-]+", "_", args.judge_model)
-    if args.completions:
-        return Path(args.completions).parent / f"stories_{judge}.json"
     from checkpoint import resolve
-    return Path(resolve(args.ckpt)).parent / f"stories_{judge}.json"
+    source = Path(args.completions) if args.completions else resolve(args.ckpt)
+    return source.parent / f"stories_{re.sub(r'[^A-Za-z0-9._-]+', '_', args.judge_model)}.json"
 
 
 def _main(args):
     if args.compare:
-        return print_compare(*args.compare)
+        a, b = args.compare
+        diff = stories.compare(read_results(a), read_results(b), (a, b))
+        print(f"B - A over {diff['pairs']} prompts graded in both (A: {a}, B: {b})")
+        for c in stories.CRITERIA:
+            print(stories.format_row(c, diff[c]))
+        return diff
     # every input and the cache are read before the model or the judge is used
     rubric = stories.load_rubric(args.rubric)
     if args.completions:
@@ -217,7 +205,7 @@ def _main(args):
     output = Path(args.output) if args.output else default_output(args)
     keys = [stories.cache_key(args.judge_model, rubric, args.judge_temperature, it["beginning"], it["completion"])
             for it in items]
-    cached = sum(cache.get(k) is not None for k in keys)
+    cached = sum(k in cache.entries for k in keys)
     calls = len(items) - cached
     deadline = args.judge_deadline or stories.default_deadline(calls, args.concurrency, args.judge_timeout)
     where = judge.where if judge else args.judge_base_url or "the OpenAI API"

@@ -376,6 +376,14 @@ def check_output(path, own=()):
         raise ConfigError(f"cannot write in {folder}; pass another path")
 
 
+def check_output_arg(ap, flag, path, *own):
+    """check_output for a script's flag: its refusal is argparse's error (`argument --out: ...`, exit status 2)."""
+    try:
+        check_output(path, own=own)
+    except ConfigError as e:
+        ap.error(f"argument {flag}: {e}")
+
+
 def append_log(out_dir, record):
     """Append one record to out_dir/log.jsonl (one write of one line: a run still training there
     appends its own records between ours)."""

@@ -201,6 +201,18 @@ def save(c, rt, run, step, tokens, model, optimizer, train_loader, meta, tokeniz
         if c.rundir.checkpoint else False
 
 
+def logger(rt, run, wandb_run):
+    """log(record, wandb_extra=None), called on every rank: rank 0 writes log.jsonl and wandb (the same metric
+    names, tracking.wandb_key), and its failed write (a WriteError) stops every rank."""
+    def log(record, wandb_extra=None):
+        def write():
+            run.log(record)
+            if wandb_run is not None:
+                tracking.log_record(wandb_run, record, wandb_extra)
+        rt.on_rank0(write)
+    return log
+
+
 # -----------------------------------------------------------------------------
 # training
 
@@ -224,18 +236,10 @@ def train(c, user, rt, scope):
     header, wandb_run = start_log(c, rt, run, scope, model, meta, ckpt, notes, fused, grad_accum, tokens)
     if rt.master:
         tracking.announce(header, meta, horizon, final["skipped"])
-
-    def log(record, wandb_extra=None):  # on every rank: rank 0's failed write (WriteError) stops them all
-        def write():  # the same metric names in log.jsonl and wandb (tracking.wandb_key)
-            run.log(record)
-            if wandb_run is not None:
-                tracking.log_record(wandb_run, record, wandb_extra)
-        rt.on_rank0(write)
-
+    log = logger(rt, run, wandb_run)
     peak, last_ckpt_step, result = peak_flops(rt.device_type), start_step if ckpt is not None else None, {}
     nonfinite = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=rt.device)  # 1st bad step, loss, norm
-    t_last = t_start = time.perf_counter()
-    steps_since = 0
+    t_last, t_start, steps_since = time.perf_counter(), time.perf_counter(), 0
     ddp_model.train()
     while True:
         # evaluate (and checkpoint) every eval_interval steps and at the end

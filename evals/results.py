@@ -5,19 +5,6 @@ import json
 import os
 from pathlib import Path
 
-from errors import ConfigError
-from rundir import check_output
-
-
-def check_path(ap, flag, path, *own):
-    """The results path (None or '-': none) checked when the tool starts, not after the evaluation: an argparse
-    error for a file of the run other than `own` (the names or fnmatch patterns this tool writes), a directory
-    or an unwritable folder."""
-    try:
-        check_output(path, own=own)
-    except ConfigError as e:
-        ap.error(f"argument {flag}: {e}")
-
 
 def save(path, content, indent=1, default=None):
     """content as indented JSON (UTF-8, a final newline) at path, atomically: written to <path>.tmp, then

@@ -37,7 +37,8 @@ from common import HelpFormatter, run_cli  # noqa: E402
 from errors import ConfigError  # noqa: E402
 from evals.core import (EVAL_BUNDLE_URL, core_line, default_bundle_dir, download_bundle, evaluate_core,  # noqa: E402
                         load_bundle, select_tasks)
-from evals.results import check_path, save_core  # noqa: E402
+from evals.results import save_core  # noqa: E402
+from rundir import check_output_arg  # noqa: E402
 
 
 def main(argv=None):
@@ -55,7 +56,7 @@ def main(argv=None):
     ckpt = resolve_ckpt(args.ckpt)
     if args.out is None and ckpt.is_file():  # a missing checkpoint is named later
         args.out = ckpt.parent / "core.json"
-    check_path(ap, "--out", args.out, "core.json")
+    check_output_arg(ap, "--out", args.out, "core.json")
     if args.max_per_task == 0 or args.max_per_task < -1:
         ap.error(f"argument --max-per-task: must be >= 1, or -1 for all items, got {args.max_per_task}")
     return run_cli(lambda: _main(args), "eval_core.py")

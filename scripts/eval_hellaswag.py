@@ -36,7 +36,8 @@ import runtime  # noqa: E402
 from checkpoint import load_model, load_tokenizer, resolve as resolve_ckpt  # noqa: E402
 from common import HelpFormatter, positive_int, run_cli  # noqa: E402
 from evals.hellaswag import download, evaluate_hellaswag, load_examples  # noqa: E402
-from evals.results import check_path, save_hellaswag  # noqa: E402
+from evals.results import save_hellaswag  # noqa: E402
+from rundir import check_output_arg  # noqa: E402
 
 
 def main(argv=None):
@@ -54,7 +55,7 @@ def main(argv=None):
     ckpt = resolve_ckpt(args.ckpt)
     if args.out is None and ckpt.is_file():  # a missing checkpoint is named later
         args.out = ckpt.parent / "hellaswag.json"
-    check_path(ap, "--out", args.out, "hellaswag.json")
+    check_output_arg(ap, "--out", args.out, "hellaswag.json")
     return run_cli(lambda: _main(args), "eval_hellaswag.py")
 
 

@@ -35,7 +35,7 @@ from common import HelpFormatter, non_negative_int, positive_int, run_cli  # noq
 import checkpoint  # noqa: E402
 import rundir  # noqa: E402
 from errors import ConfigError  # noqa: E402
-from evals.results import check_path  # noqa: E402
+from rundir import check_output_arg  # noqa: E402
 
 
 def main(argv=None):
@@ -61,7 +61,7 @@ def main(argv=None):
         out = args.output
         if out is None and ckpt.is_file():  # its step is read with the checkpoint: here its folder is checked
             out = default_output(ckpt, args.tasks, "N", args.num_fewshot, args.limit)
-        check_path(ap, "--output", out, "lm_eval_*.json")
+        check_output_arg(ap, "--output", out, "lm_eval_*.json")
     return run_cli(lambda: _main(args), "eval_lm.py")
 
 

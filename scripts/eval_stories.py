@@ -42,6 +42,7 @@ import runtime  # noqa: E402
 from common import HelpFormatter, non_negative_int, positive_int, run_cli  # noqa: E402
 from errors import ConfigError  # noqa: E402
 from evals import cache_root, results, stories  # noqa: E402
+from rundir import check_output_arg  # noqa: E402
 
 
 def main(argv=None):
@@ -105,7 +106,7 @@ def check_paths(ap, args):
     if args.output is None and (source.is_file() or source.is_dir()):  # a missing source is named later
         args.output = default_output(args)
     args.cache = None if args.no_cache else Path(args.cache) if args.cache else cache_root() / "story_grades.jsonl"
-    results.check_path(ap, "--output", args.output, "stories_*.json")
+    check_output_arg(ap, "--output", args.output, "stories_*.json")
     if args.output is not None:
         for flag, path in (("--cache", args.cache), ("--prompts", args.prompts), ("--rubric", args.rubric)):
             if path is not None and Path(path).resolve() == Path(args.output).resolve():
@@ -117,7 +118,7 @@ def check_paths(ap, args):
     while not folder.exists():  # the cache's folder is made at its first grade
         folder = folder.parent
     if folder == args.cache.parent:
-        results.check_path(ap, "--cache", args.cache)
+        check_output_arg(ap, "--cache", args.cache)
     elif not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
         ap.error(f"argument --cache: cannot make {args.cache.parent}: {folder} is not a writable directory; pass "
                  f"another --cache, or --no-cache")

@@ -1,7 +1,9 @@
 """Shared fixtures: the real GPT-2 encoding, one prepared pydocs dataset, tiny train.py runs."""
 
+import hashlib
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -66,3 +68,17 @@ def tiny_args(data_dir, out_dir, *extra):
 def read_log(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path):
+    """A copy of the test module's finished run (its base_run fixture), for a test to change."""
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    return out
+
+
+def snapshot(out_dir):
+    """Every file of a run directory (the lock file aside) with the sha256 of its bytes."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out_dir.iterdir())
+            if p.name != ".train.lock"}

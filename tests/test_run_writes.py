@@ -4,10 +4,8 @@ a run stopped before its first checkpoint (advice that works when followed), a f
 non-finite val loss (never checkpointed), ranks started with different settings, a tool's output path on
 a run's own file."""
 
-import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +19,7 @@ import rendezvous
 import rundir
 import train
 from common import nonfinite_message
-from conftest import read_log, tiny_args
+from conftest import read_log, snapshot, tiny_args
 from errors import CheckpointError, ConfigError, DistributedSetupError, Diverged, WriteError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,18 +31,6 @@ def base_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("writes") / "run"
     train.main(tiny_args(data_dir, out, "--max_iters=4", "--eval_interval=2"))
     return out
-
-
-@pytest.fixture
-def run_copy(base_run, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(base_run, out)
-    return out
-
-
-def snapshot(out_dir):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out_dir.iterdir())
-            if p.name != ".train.lock"}
 
 
 # ---- continuing a run into another's out_dir ----

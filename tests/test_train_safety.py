@@ -4,7 +4,6 @@ checkpoint write, a log cut by a crash, bad config files, checkpoints, data and 
 sweep.py's process count."""
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import rundir
 import tracking
 import train
 from errors import ConfigError, WriteError
-from conftest import read_log, tiny_args
+from conftest import read_log, snapshot, tiny_args
 from data import shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,19 +33,6 @@ def base_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("base") / "run"
     train.main(tiny_args(data_dir, out, "--max_iters=5"))
     return out
-
-
-@pytest.fixture
-def run_copy(base_run, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(base_run, out)
-    return out
-
-
-def snapshot(out_dir):
-    """Every file of a run directory (the lock file aside) with the sha256 of its bytes."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out_dir.iterdir())
-            if p.name != ".train.lock"}
 
 
 def data_copy(data_dir, tmp_path):

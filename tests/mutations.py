@@ -271,6 +271,11 @@ MUTATIONS = [
     ("bf16 streams keep an fp32 copy", [("hc.py", "Connection.forward",
                                          "(self.recompute or h.dtype != torch.float32)", "self.recompute")],
      ["tests/test_recompute.py", "-k", "fp32_copy"]),
+    ("bench --memory counts freed storages", [("scripts/bench.py", "kept_for_backward", "if not ref.expired() and",
+                                                "if True and")], ["tests/test_memory.py"]),
+    ("bench --memory's models group as they like", [("scripts/bench.py", "memory_one",
+                                                     "shape = {} if group is None else dict(recompute_group=group)",
+                                                     "shape = {}")], ["tests/test_memory.py"]),
     # ---- a sweep that can be finished
     ("a finished sweep run not recognised", [("scripts/sweep.py", "run_state",
                                               'if any(r.get("type") == "eval" and r.get("step") == target for r in after):',

@@ -10,6 +10,7 @@ import pytest
 
 # tests import the top-level modules (hc, model, train, data, scripts) from the repo root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import optim  # noqa: E402
 
 
 def pytest_configure(config):
@@ -82,3 +83,13 @@ def snapshot(out_dir):
     """Every file of a run directory (the lock file aside) with the sha256 of its bytes."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out_dir.iterdir())
             if p.name != ".train.lock"}
+
+
+def muon(model, **kw):
+    """optim.build's Muon + AdamW with the values of the former GPT.configure_muon's defaults where OptimConfig's
+    differ (AdamW betas (0.8, 0.95), eps 1e-10, no weight decay); kw: other OptimConfig values."""
+    oc = dict(optimizer="muon", matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, learning_rate=6e-4,
+              hc_optimizer="adamw", weight_decay=0.0, muon_weight_decay=0.0, beta1=0.8, beta2=0.95, adam_eps=1e-10,
+              muon_momentum=0.95)
+    oc.update(kw)
+    return optim.build(model, optim.OptimConfig(**oc), "cpu")

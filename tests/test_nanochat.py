@@ -20,7 +20,7 @@ import train
 from errors import ConfigError
 import fp32_muon
 import numerics
-from conftest import read_log, tiny_args
+from conftest import muon, read_log, tiny_args
 from model import GPT, GPTConfig, apply_rotary, rotary_tables
 import optim
 
@@ -34,16 +34,6 @@ def tiny(**kw):
     cfg = dict(arch="nanochat", block_size=16, vocab_size=96, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False)
     cfg.update(kw)
     return GPTConfig(**cfg)
-
-
-def muon(model, **kw):
-    """optim.build's Muon + AdamW with the values of the former GPT.configure_muon's defaults where OptimConfig's
-    differ (AdamW betas (0.8, 0.95), eps 1e-10, no weight decay); kw: other OptimConfig values."""
-    oc = dict(optimizer="muon", matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, learning_rate=6e-4,
-              hc_optimizer="adamw", weight_decay=0.0, muon_weight_decay=0.0, beta1=0.8, beta2=0.95, adam_eps=1e-10,
-              muon_momentum=0.95)
-    oc.update(kw)
-    return optim.build(model, optim.OptimConfig(**oc), "cpu")
 
 
 # ----------------------------------------------------------------------------- the model

@@ -19,7 +19,7 @@ import numerics
 import checkpoint
 import train
 from common import LossEMA
-from conftest import read_log, tiny_args
+from conftest import muon, read_log, tiny_args
 from errors import CheckpointError, ConfigError
 from data import prepare as prep
 from data import sources
@@ -265,16 +265,6 @@ def test_max_iters_from_param_data_ratio(data_dir, tmp_path):
 def tiny(**kw):
     return GPTConfig(**{**dict(arch="nanochat", block_size=16, vocab_size=128, n_layer=2, n_head=2, n_embd=32,
                                bias=False), **kw})
-
-
-def muon(model, **kw):
-    """optim.build's Muon + AdamW with the values of the former GPT.configure_muon's defaults where OptimConfig's
-    differ (AdamW betas (0.8, 0.95), eps 1e-10, no weight decay); kw: other OptimConfig values."""
-    oc = dict(optimizer="muon", matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, learning_rate=6e-4,
-              hc_optimizer="adamw", weight_decay=0.0, muon_weight_decay=0.0, beta1=0.8, beta2=0.95, adam_eps=1e-10,
-              muon_momentum=0.95)
-    oc.update(kw)
-    return optim.build(model, optim.OptimConfig(**oc), "cpu")
 
 
 def test_softcap_in_fp32_under_bf16_autocast():

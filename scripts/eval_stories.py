@@ -90,8 +90,8 @@ def main(argv=None):
         ap.error("pass a checkpoint (CKPT) or --completions FILE (one of them)")
     if not args.temperature >= 0:
         ap.error(f"argument --temperature: must be >= 0 (0: greedy), got {args.temperature}")
-    if not args.judge_timeout > 0:
-        ap.error(f"argument --judge-timeout: must be > 0 seconds, got {args.judge_timeout}")
+    if not 0 < args.judge_timeout < float("inf"):   # an endless wait would defeat the give-up after timeouts
+        ap.error(f"argument --judge-timeout: must be a finite number of seconds > 0, got {args.judge_timeout}")
     if args.judge_deadline is not None and not args.judge_deadline > 0:
         ap.error(f"argument --judge-deadline: must be > 0 seconds, got {args.judge_deadline}")
     if not args.compare:

@@ -263,3 +263,12 @@ def test_compare_names_why_a_file_has_no_grades(tmp_path, capsys):
         err = refused(eval_stories.main, ["--compare", str(pair[0]), str(pair[1])], capsys, code=1)
         assert f"every item of {a} failed (the first error, on q0: no valid grades in 1 replies" in err
         assert f"--completions {a}" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
+def test_judge_timeout_must_be_finite_and_positive(value, capsys):
+    """An endless (or nonsensical) per-request timeout would let a judge that never answers hold the grading."""
+    from scripts import eval_stories
+    with pytest.raises(SystemExit) as e:
+        eval_stories.main(["--completions", "x.json", "--judge-timeout", value])
+    assert e.value.code == 2 and "--judge-timeout: must be a finite number of seconds > 0" in capsys.readouterr().err
